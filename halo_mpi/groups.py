@@ -1,0 +1,44 @@
+"""Neuron groups: the partial SwiGLU MLP of a set of groups.
+
+A group g of an MLP layer holds gate rows, up rows and down columns for the same slice of the
+intermediate dimension, so `GroupMLP` over disjoint group sets sums to the full MLP output:
+    partial_S(x) = down[:, S] @ (silu(gate[S] x) * up[S] x)
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .linear import Linear
+
+
+class GroupMLP:
+    """The SwiGLU MLP restricted to a set of neuron groups (all of them in the reference model)."""
+
+    def __init__(self, groups: np.ndarray, ids=None, dtype: torch.dtype = torch.float32):
+        # groups: (n, 3, group_size, dim) as stored (see store.py); ids: their global group ids
+        n, _, gs, dim = groups.shape
+        self.ids = np.arange(n) if ids is None else np.asarray(ids)
+        self.group_size, self.hidden = gs, n * gs
+        w = torch.from_numpy(np.ascontiguousarray(groups))
+        # gate and up fused so that a token costs one matmul: (2*n*gs, dim)
+        self.gate_up = Linear(torch.cat([w[:, 0].reshape(n * gs, dim), w[:, 1].reshape(n * gs, dim)]), dtype)
+        self.down = Linear(w[:, 2].reshape(n * gs, dim).T, dtype)       # W_down[:, S]: (dim, n*gs)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, dim) -> (T, dim), the sum of the held groups' contributions."""
+        gate, up = self.gate_up(x).split(self.hidden, dim=-1)   # (T, n*gs) each
+        return self.down(F.silu(gate).mul_(up))
+
+    def per_group(self, x: torch.Tensor) -> torch.Tensor:
+        """Each group's own contribution: (T, dim) -> (T, n, dim). For importance statistics."""
+        gate, up = self.gate_up(x).split(self.hidden, dim=-1)
+        act = (F.silu(gate) * up).view(x.shape[0], -1, self.group_size)          # (T, n, gs)
+        w_down = self.down.w_t if self.down.dtype == torch.float32 else self.down.w.T.float()
+        down = w_down.reshape(-1, self.group_size, x.shape[-1])                   # (n, gs, dim)
+        return torch.einsum("tng,ngd->tnd", act, down.float())
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
