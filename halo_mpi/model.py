@@ -134,9 +134,14 @@ class Transformer:
                    norm=store.final_norm() if head else None, output=out, dtype=dtype)
 
     def new_cache(self, max_len: int) -> KVCache:
-        if max_len > self._cos.shape[0]:
-            self._cos, self._sin = rope_tables(self.args, max(max_len, 2 * self._cos.shape[0]))
         return KVCache(self.args, max_len, self.blocks.keys())
+
+    def rope(self, pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, hd) for positions pos .. pos+T-1; the tables grow by doubling."""
+        if pos + T > self._cos.shape[0]:
+            size = min(max(pos + T, 2 * self._cos.shape[0], 256), max(self.args.max_seq_len, pos + T))
+            self._cos, self._sin = rope_tables(self.args, size)
+        return self._cos[pos:pos + T], self._sin[pos:pos + T]
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.embedding is None:
@@ -149,7 +154,7 @@ class Transformer:
         if cache.pos + T > cache.max_len:
             raise HaloError(f"sequence of {cache.pos + T} tokens overflows the KV cache of "
                             f"{cache.max_len}")
-        cos, sin = self._cos[cache.pos:cache.pos + T], self._sin[cache.pos:cache.pos + T]
+        cos, sin = self.rope(cache.pos, T)
         for layer in (self.blocks if layer_ids is None else layer_ids):
             h = self.blocks[layer](h, cache, cos, sin)
         return h

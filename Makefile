@@ -1,0 +1,46 @@
+# halo-mpi: `make demo` and `make test` each set up everything they need on a fresh machine
+# (venv, packages, MPI from PyPI, the model's weights) and then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HALO := $(VENV)/bin/halo-mpi
+MPIEXEC := $(VENV)/bin/mpiexec
+GGUF := weights/SmolLM2-135M-Instruct.Q4_1.gguf
+STORE := weights/smollm2-135m.h5
+MLP_GROUPS ?= 24
+# the CPU wheel of torch 2.13.0 lies in /opt/wheels on the dev machines
+PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+export HALO_REQUIRE_WEIGHTS := 1
+
+.PHONY: demo test test-serial test-mpi install weights clean
+
+demo: $(STORE)
+	$(MPIEXEC) -n 1 $(HALO) generate --weights $(STORE) --prompt "The capital of France is" \
+		--max-new-tokens 32 --temperature 0
+
+test: test-serial test-mpi
+
+test-serial: $(STORE)
+	$(PY) -m pytest -m "not mpi" tests
+
+test-mpi: $(STORE)
+	$(PY) tests/mpi_run.py 2 -q -m mpi tests
+	$(PY) tests/mpi_run.py 4 -q -m mpi tests
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check $(PIP_FLAGS) -e '.[test]'
+	touch $@
+
+weights: $(STORE)
+
+$(GGUF): | $(VENV)/.installed
+	$(HALO) fetch-weights --dir weights
+
+$(STORE): $(GGUF)
+	$(HALO) convert $(GGUF) -o $(STORE) --mlp-groups $(MLP_GROUPS)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

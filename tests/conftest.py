@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny synthetic store (built per process) and the real SmolLM2 store.
+
+Tests that need the real model are marked `slow`; without the files they skip, unless
+HALO_REQUIRE_WEIGHTS=1 (set by `make test` and CI), where a missing file is a failure.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL_STORE = ROOT / "weights" / "smollm2-135m.h5"
+REAL_GGUF = ROOT / "weights" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+HALO = [sys.executable, "-m", "halo_mpi.cli"]
+
+
+def _require(path: Path):
+    if path.exists():
+        return path
+    msg = f"{path} is missing: run `make weights`"
+    if os.environ.get("HALO_REQUIRE_WEIGHTS") == "1":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def real_store_path():
+    return _require(REAL_STORE)
+
+
+@pytest.fixture(scope="session")
+def real_gguf_path():
+    return _require(REAL_GGUF)
+
+
+@pytest.fixture(scope="session")
+def real_store(real_store_path):
+    from halo_mpi.store import Store
+    with Store(str(real_store_path)) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def real_model(real_store):
+    from halo_mpi.model import Transformer
+    return Transformer.from_store(real_store)
+
+
+@pytest.fixture(scope="session")
+def tiny_store_path(tmp_path_factory):
+    """A 2-layer random-weight model with 8 MLP groups (per process: ranks do not share it)."""
+    from halo_mpi.convert import write_synthetic
+    path = tmp_path_factory.mktemp("tiny") / "tiny.h5"
+    write_synthetic("tiny", str(path), mlp_groups=8, seed=1, progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_store_path):
+    from halo_mpi.store import Store
+    with Store(str(tiny_store_path)) as s:
+        yield s

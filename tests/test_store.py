@@ -1,0 +1,75 @@
+"""The HDF5 layout: groups reassemble the original matrices, subsets read the right rows."""
+import h5py
+import numpy as np
+import pytest
+
+from halo_mpi.config import ModelArgs
+from halo_mpi.convert import cut_attn_groups, cut_mlp_groups, unpermute_rope
+from halo_mpi.errors import HaloError
+
+
+def llama_cpp_permute(w, n_heads):
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows, the inverse of unpermute_rope."""
+    return (w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    w = np.random.default_rng(0).standard_normal((9 * 64, 20)).astype(np.float32)
+    assert np.array_equal(unpermute_rope(llama_cpp_permute(w, 9), 9), w)
+    assert not np.array_equal(llama_cpp_permute(w, 9), w)
+
+
+def test_mlp_groups_reassemble_matrices():
+    args = ModelArgs(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=12, vocab_size=4, mlp_groups=3)
+    rng = np.random.default_rng(0)
+    gate, up, down = rng.standard_normal((12, 8)), rng.standard_normal((12, 8)), rng.standard_normal((8, 12))
+    g = cut_mlp_groups(args, gate, up, down)
+    assert g.shape == (3, 3, 4, 8)
+    assert np.array_equal(g[1, 0], gate[4:8]) and np.array_equal(g[1, 1], up[4:8])
+    assert np.array_equal(g[1, 2], down[:, 4:8].T)
+
+
+def test_attn_groups_hold_their_heads():
+    args = ModelArgs(dim=8, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=4, vocab_size=4)
+    rng = np.random.default_rng(0)
+    wq, wk, wv, wo = (rng.standard_normal(s) for s in [(8, 8), (4, 8), (4, 8), (8, 8)])
+    g = cut_attn_groups(args, wq, wk, wv, wo)       # hd = 2, n_rep = 2
+    assert g.shape == (2, 12, 8)
+    assert np.array_equal(g[1, :4], wq[4:8])        # query heads 2, 3 belong to KV head 1
+    assert np.array_equal(g[1, 4:6], wk[2:4]) and np.array_equal(g[1, 6:8], wv[2:4])
+    assert np.array_equal(g[1, 8:], wo[:, 4:8].T)
+
+
+def test_store_attributes_round_trip(tiny_store):
+    a = tiny_store.args
+    assert (a.dim, a.n_layers, a.mlp_groups, a.group_size) == (64, 2, 8, 32)
+    with h5py.File(tiny_store.path, "r") as f:
+        assert f["layers/001/mlp_groups"].shape == (8, 3, 32, 64)
+        assert f["layers/001/attn_groups"].shape == (2, (2 * 2 + 2) * 16, 64)
+        assert f["layers/001/mlp_groups"].chunks is None        # contiguous: one group, one read
+
+
+@pytest.mark.parametrize("ids", [[2, 3, 4], [6, 1, 3], [7]])
+def test_reading_a_subset_of_groups(tiny_store, ids):
+    every = tiny_store.mlp_groups(0)
+    assert np.array_equal(tiny_store.mlp_groups(0, ids), every[ids])
+
+
+def test_reading_groups_not_held_is_an_error(tiny_store):
+    with pytest.raises(HaloError, match="does not hold"):
+        tiny_store.mlp_groups(0, [8])
+
+
+def test_groups_that_do_not_divide_the_intermediate_size():
+    with pytest.raises(HaloError, match="does not divide the intermediate size 1536"):
+        ModelArgs(dim=576, n_layers=1, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=10,
+                  mlp_groups=7)
+
+
+def test_real_store_shapes(real_store):
+    a = real_store.args
+    assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.hidden_dim, a.vocab_size) == \
+        (576, 30, 9, 3, 1536, 49152)
+    assert a.tied_embeddings and a.rope_theta == 100000.0
+    assert 134e6 < a.n_params() < 135e6
