@@ -89,6 +89,19 @@ def cmd_generate(a):
         print(tok.decode(result.tokens))
 
 
+def cmd_bench(a):
+    from .bench import bench_single, write_json
+    from .runtime import configure_threads
+    configure_threads(a.threads)
+    modes = a.modes.split(",")
+    unknown = set(modes) - {"single"}
+    if unknown:
+        raise HaloError(f"bench modes {', '.join(sorted(unknown))} are not available yet; use single")
+    rows = bench_single(a.weights, a.dtypes.split(","), a.tokens, a.warmup, a.profile)
+    if a.json:
+        write_json(rows, a.json)
+
+
 def read_prompt(a) -> str:
     if (a.prompt is None) == (a.prompt_file is None):
         raise HaloError("give exactly one of --prompt TEXT or --prompt-file FILE")
@@ -189,6 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true",
                    help="print only the generated text at the end, no streaming")
     g.set_defaults(func=cmd_generate)
+    b = sub.add_parser("bench", help="measure decode speed (ms/token) and where the time goes",
+                       description="Benchmark decoding: median and p95 ms/token over --tokens steps "
+                                   "after --warmup untimed ones, per dtype; --profile adds a "
+                                   "breakdown of one decode step.")
+    b.add_argument("--weights", default=DEFAULT_WEIGHTS, help="HDF5 store (default: %(default)s)")
+    b.add_argument("--modes", default="single", help="comma list of modes; single = one process "
+                                                     "(default: %(default)s)")
+    b.add_argument("--dtypes", default="float32,float16",
+                   help=f"comma list of weight dtypes among {', '.join(DTYPES)} (default: %(default)s)")
+    b.add_argument("--tokens", type=positive_int, default=64, help="timed decode steps (default: %(default)s)")
+    b.add_argument("--warmup", type=int, default=16, help="untimed decode steps first (default: %(default)s)")
+    b.add_argument("--profile", action="store_true", help="also profile one decode step")
+    b.add_argument("--threads", type=int, default=0, help="torch threads; 0 = all cores (default: %(default)s)")
+    b.add_argument("--json", help="also write the results to this JSON file")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

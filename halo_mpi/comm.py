@@ -1,0 +1,335 @@
+"""The transport between rank 0 and the workers.
+
+One small interface, two implementations:
+- `MPITransport`: mpi4py, one posted `Irecv` per peer, `Isend`s tracked until complete, and
+  `poll` that waits with `Testsome` plus short sleeps (never a busy loop: ranks outnumber cores);
+- `LocalHub` / `LocalTransport`: queues between threads of one process, the twin used in tests.
+
+Every message carries a fixed header (kind, step, layer, shape, send time), so a late message is
+recognised and discarded by its receiver, never mixed into a later step. Messages between a pair
+are delivered in order, as over one TCP connection.
+
+Loss emulation (`LinkLoss`) lives here too, below the engine: a message of k packets (MTU 1500 B)
+on a lossy link is held back by one retransmission timeout (200 ms, doubling when the same packet
+is lost again) per lost packet, in both directions between rank 0 and the lossy rank. Holding is
+on the sender's side and never blocks the sender's compute; later messages on the same link wait
+behind a held one (head-of-line blocking, as in TCP).
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+
+from .errors import HaloError
+
+MTU = 1500           # bytes of payload per emulated packet
+RTO = 0.200          # Linux TCP minimum retransmission timeout, seconds
+NAP = 1e-4           # sleep between polls: ~0.15 ms real on Linux, ~2% of a core while waiting
+TAG = 7              # one tag: order per pair is what identifies nothing; the header does
+
+
+class Kind(IntEnum):
+    INPUT = 1     # rank 0 -> worker: normalized hidden state x (T, dim) for (step, layer)
+    PARTIAL = 2   # worker -> rank 0: the worker's partial MLP sum (T, dim) for (step, layer)
+    STOP = 3      # rank 0 -> worker: finish; reply with DONE
+    DONE = 4      # worker -> rank 0: the worker's statistics (JSON), its last message
+    PLAN = 5      # rank 0 -> worker: new group ids for a layer (payload: ids)
+
+
+# kind, step, layer, rows, cols, send time (seconds, sender's clock)
+HEADER = np.dtype([("kind", "<i4"), ("step", "<i4"), ("layer", "<i4"), ("rows", "<i4"),
+                   ("cols", "<i4"), ("pad", "<i4"), ("sent_at", "<f8")])
+
+
+@dataclass
+class Message:
+    source: int
+    kind: Kind
+    step: int
+    layer: int
+    payload: np.ndarray     # float32 (rows, cols); for DONE, uint8 JSON bytes
+    sent_at: float
+
+    def json(self) -> dict:
+        return json.loads(self.payload.tobytes().decode())
+
+
+def encode(kind: Kind, step: int, layer: int, payload: np.ndarray, sent_at: float) -> bytes:
+    if kind == Kind.DONE:
+        rows, cols, body = len(payload), 1, np.ascontiguousarray(payload, np.uint8)
+    else:
+        body = np.ascontiguousarray(payload, np.float32)
+        rows, cols = body.shape if body.ndim == 2 else (body.shape[0], 1)
+    head = np.array([(int(kind), step, layer, rows, cols, 0, sent_at)], HEADER)
+    return head.tobytes() + body.tobytes()
+
+
+def decode(source: int, data) -> Message:
+    head = np.frombuffer(data, HEADER, count=1)[0]
+    kind, rows, cols = Kind(int(head["kind"])), int(head["rows"]), int(head["cols"])
+    body = np.frombuffer(data, np.uint8 if kind == Kind.DONE else np.float32, offset=HEADER.itemsize,
+                         count=rows * cols if kind != Kind.DONE else rows)
+    payload = body.copy() if kind == Kind.DONE else body.reshape(rows, cols).copy()
+    return Message(source, kind, int(head["step"]), int(head["layer"]), payload, float(head["sent_at"]))
+
+
+def json_payload(obj) -> np.ndarray:
+    return np.frombuffer(json.dumps(obj).encode(), np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# loss emulation
+
+@dataclass
+class LinkLoss:
+    """Per-packet loss on the links between rank 0 and chosen ranks, TCP-like consequences."""
+    loss: dict[int, float]       # rank -> packet loss probability on its link with rank 0
+    seed: int = 0
+    mtu: int = MTU
+    rto: float = RTO
+
+    def __post_init__(self):
+        self._rng = {}
+
+    def link_of(self, src: int, dst: int) -> int:
+        return dst if src == 0 else src
+
+    def delay(self, src: int, dst: int, nbytes: int) -> float:
+        """Seconds a message is held back: one RTO per lost packet, doubling per repeat loss."""
+        p = self.loss.get(self.link_of(src, dst), 0.0)
+        if p <= 0:
+            return 0.0
+        rng = self._rng.get((src, dst))
+        if rng is None:  # deterministic per direction with --seed
+            rng = self._rng[(src, dst)] = np.random.default_rng([self.seed, src, dst])
+        packets = max(1, -(-nbytes // self.mtu))
+        losses = rng.geometric(1.0 - p, size=packets) - 1   # failed tries of each packet
+        return float(self.rto * np.sum(2.0 ** losses - 1.0))
+
+
+def parse_link_loss(spec: str | None, size: int) -> dict[int, float]:
+    """'2:0.05,3:0.05' -> {2: 0.05, 3: 0.05}; one clear error for anything else."""
+    out: dict[int, float] = {}
+    if not spec:
+        return out
+    for item in spec.split(","):
+        try:
+            rank_s, p_s = item.split(":")
+            rank, p = int(rank_s), float(p_s)
+        except ValueError:
+            raise HaloError(f"--link-loss item {item!r} is not RANK:P (e.g. 2:0.05)") from None
+        if not 1 <= rank < size:
+            raise HaloError(f"--link-loss names rank {rank}, but the workers are ranks 1..{size - 1}")
+        if not 0 <= p < 1:
+            raise HaloError(f"--link-loss probability {p} for rank {rank} is not in [0, 1)")
+        out[rank] = p
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the interface
+
+@dataclass
+class TransportStats:
+    sent: int = 0
+    received: int = 0
+    held: int = 0                  # messages held back by emulated loss
+    held_seconds: float = 0.0      # their total extra delay
+    drained_at_close: int = 0      # messages that arrived after the receiver stopped using them
+    wait_seconds: float = 0.0      # time spent inside poll
+
+
+@dataclass
+class _Held:
+    release_at: float
+    dest: int
+    data: bytes
+
+
+class Transport:
+    """Base: framing, emulated loss with in-order holding, and the polling loop."""
+
+    def __init__(self, rank: int, size: int, loss: LinkLoss | None = None):
+        self.rank, self.size, self.loss = rank, size, loss
+        self.stats = TransportStats()
+        self._held: dict[int, deque[_Held]] = {}
+
+    # -- what subclasses provide
+    def _post(self, dest: int, data: bytes): ...
+    def _arrived(self) -> list[tuple[int, bytes]]: ...
+    def _idle(self, seconds: float): time.sleep(seconds)
+    def pending_requests(self) -> int: return 0
+
+    # -- the interface
+    def send(self, dest: int, kind: Kind, step: int, layer: int, payload: np.ndarray):
+        now = time.perf_counter()
+        data = encode(kind, step, layer, payload, now)
+        self.stats.sent += 1
+        queue = self._held.get(dest)
+        d = self.loss.delay(self.rank, dest, len(data)) if self.loss else 0.0
+        if d > 0 or queue:
+            if queue is None:
+                queue = self._held[dest] = deque()
+            release = max(now + d, queue[-1].release_at if queue else 0.0)  # in order, like TCP
+            queue.append(_Held(release, dest, data))
+            self.stats.held += d > 0
+            self.stats.held_seconds += release - now
+            self.pump()
+        else:
+            self._post(dest, data)
+
+    def pump(self, flush: bool = False):
+        """Post the held messages whose time has come (all of them with flush)."""
+        now = time.perf_counter()
+        for dest, queue in self._held.items():
+            while queue and (flush or queue[0].release_at <= now):
+                self._post(dest, queue.popleft().data)
+
+    def next_release(self) -> float | None:
+        times = [q[0].release_at for q in self._held.values() if q]
+        return min(times) if times else None
+
+    def poll(self, timeout: float) -> list[Message]:
+        """Messages that arrived, waiting up to `timeout` s for the first one (without spinning)."""
+        t0 = time.perf_counter()
+        end = t0 + max(0.0, timeout)
+        while True:
+            self.pump()
+            got = self._arrived()
+            if got or time.perf_counter() >= end:
+                break
+            self._idle(min(NAP, max(0.0, end - time.perf_counter())))
+        self.stats.wait_seconds += time.perf_counter() - t0
+        self.stats.received += len(got)
+        return [decode(src, data) for src, data in got]
+
+    def close(self) -> int:
+        """Flush held messages, complete sends, cancel receives; returns requests still pending."""
+        self.pump(flush=True)
+        return self.pending_requests()
+
+
+# ---------------------------------------------------------------------------------------------
+# MPI
+
+class MPITransport(Transport):
+    """Rank 0 talks to every worker; a worker talks to rank 0 only."""
+
+    def __init__(self, comm, max_bytes: int, loss: LinkLoss | None = None):
+        super().__init__(comm.Get_rank(), comm.Get_size(), loss)
+        from mpi4py import MPI
+        self.MPI, self.comm, self.max_bytes = MPI, comm, max_bytes
+        self.peers = list(range(1, self.size)) if self.rank == 0 else [0]
+        self._bufs = {p: np.empty(max_bytes, np.uint8) for p in self.peers}
+        self._recvs = [self._irecv(p) for p in self.peers]
+        self._sends: list[tuple[object, bytes]] = []   # (request, buffer kept alive until done)
+
+    def _irecv(self, peer: int):
+        return self.comm.Irecv([self._bufs[peer], self.MPI.BYTE], source=peer, tag=TAG)
+
+    def _post(self, dest: int, data: bytes):
+        if len(data) > self.max_bytes:
+            raise HaloError(f"message of {len(data)} bytes exceeds the transport's buffer of "
+                            f"{self.max_bytes}; lower --prefill-chunk")
+        self._sends.append((self.comm.Isend([data, self.MPI.BYTE], dest=dest, tag=TAG), data))
+
+    def _arrived(self) -> list[tuple[int, bytes]]:
+        if self._sends:
+            self._sends = [(r, b) for r, b in self._sends if not r.Test()]
+        out = []
+        statuses = [self.MPI.Status() for _ in self._recvs]
+        done = self.MPI.Request.Testsome(self._recvs, statuses)
+        # requests complete in posting order per peer; each completed one is reposted at once
+        for i in sorted(done or []):
+            peer, n = self.peers[i], statuses[i].Get_count(self.MPI.BYTE)
+            out.append((peer, bytes(self._bufs[peer][:n])))
+            self._recvs[i] = self._irecv(peer)
+        return out
+
+    def pending_requests(self) -> int:
+        return sum(1 for r in self._recvs if r != self.MPI.REQUEST_NULL) + len(self._sends)
+
+    def close(self, timeout: float = 10.0) -> int:
+        self.pump(flush=True)
+        end = time.perf_counter() + timeout
+        while self._sends and time.perf_counter() < end:
+            self._sends = [(r, b) for r, b in self._sends if not r.Test()]
+            self._idle(NAP)
+        for i, req in enumerate(self._recvs):
+            if req == self.MPI.REQUEST_NULL:
+                continue
+            req.Cancel()
+            status = self.MPI.Status()
+            req.Wait(status)
+            if not status.Is_cancelled():
+                self.stats.drained_at_close += 1   # a message matched: it arrived, unused
+            self._recvs[i] = self.MPI.REQUEST_NULL
+        return self.pending_requests()
+
+
+# ---------------------------------------------------------------------------------------------
+# the single-process twin
+
+class LocalHub:
+    """N transports connected by in-memory queues, for ranks run as threads of one process."""
+
+    def __init__(self, size: int, loss: LinkLoss | None = None):
+        import queue
+        self.size = size
+        self.inboxes = [queue.SimpleQueue() for _ in range(size)]
+        self.transports = [LocalTransport(self, r, loss) for r in range(size)]
+
+
+class LocalTransport(Transport):
+    def __init__(self, hub: LocalHub, rank: int, loss: LinkLoss | None):
+        super().__init__(rank, hub.size, loss)
+        self.hub = hub
+
+    def _post(self, dest: int, data: bytes):
+        self.hub.inboxes[dest].put((self.rank, data))
+
+    def _arrived(self) -> list[tuple[int, bytes]]:
+        inbox, out = self.hub.inboxes[self.rank], []
+        while not inbox.empty():
+            out.append(inbox.get_nowait())
+        return out
+
+    def close(self) -> int:
+        self.pump(flush=True)
+        return 0
+
+
+@dataclass
+class LinkEstimate:
+    """Online estimate of one link's normal round-trip latency, from on-time arrivals."""
+    window: int = 64
+    quantile: float = 0.9
+    factor: float = 1.5          # deadline = factor * quantile + margin
+    margin: float = 0.002        # seconds
+    initial: float = 0.050       # deadline before enough samples exist
+    samples: deque = field(default_factory=lambda: deque(maxlen=64))
+    on_time: int = 0
+    late: int = 0
+
+    def deadline(self) -> float:
+        if len(self.samples) < 8:
+            return self.initial
+        return self.factor * float(np.quantile(np.fromiter(self.samples, float), self.quantile)) + self.margin
+
+    def record(self, latency: float | None):
+        """latency of an on-time arrival, or None for a partial that missed its deadline."""
+        if latency is None:
+            self.late += 1
+        else:
+            self.on_time += 1
+            self.samples.append(latency)
+
+    @property
+    def on_time_rate(self) -> float:
+        n = self.on_time + self.late
+        return self.on_time / n if n else 1.0
