@@ -49,44 +49,84 @@ def cmd_info(a):
 
 
 def cmd_generate(a):
+    if a.parallel == "tensor":
+        from .engine import run_generate
+        return run_generate(a)
+    if a.parallel == "pipeline":
+        from .pipeline import run_generate
+        return run_generate(a)
+    from .runtime import world_size
+    if world_size() > 1:
+        raise HaloError(f"this run has {world_size()} MPI ranks; choose --parallel tensor or "
+                        f"--parallel pipeline, or launch with -n 1")
+    return generate_single(a)
+
+
+def generate_single(a):
+    """One process, the reference model: each prompt in turn."""
     import torch
 
     from .generate import LocalSession, Sampler, generate
     from .model import Transformer
-    from .runtime import configure_threads, world_size
+    from .runtime import configure_threads
     from .store import Store
     from .tokenizer import Tokenizer
 
-    if world_size() > 1:
-        raise HaloError(f"this run has {world_size()} MPI ranks, but single-process generation "
-                        f"runs on one; launch with -n 1")
     configure_threads(a.threads)
-    prompt = read_prompt(a)
+    prompts = read_prompts(a)
     with Store(a.weights) as store:
         tok = Tokenizer.from_store(store)
-        text = tok.chat(prompt, a.system) if a.chat else prompt
-        ids = tok.encode(text)
-        max_new = check_lengths(len(ids), a.max_new_tokens, store.args.max_seq_len)
+        encoded = [encode_prompt(tok, p, a, store.args.max_seq_len) for p in prompts]
         model = Transformer.from_store(store, dtype=a.dtype)
-    session = LocalSession(model, len(ids) + max_new)
-    stream = tok.streamer()
-    if not a.quiet:
-        sys.stdout.write(prompt if not a.chat else "")
-        sys.stdout.flush()
+    results = []
+    for index, (prompt, (ids, max_new)) in enumerate(zip(prompts, encoded)):
+        session = LocalSession(model, len(ids) + max_new)
+        printer = TokenPrinter(tok, prompt if not a.chat else "", a.quiet,
+                               label=f"[{index}] " if len(prompts) > 1 else "")
+        with torch.inference_mode():
+            result = generate(session, ids, max_new, Sampler(a.temperature, a.top_p, a.seed),
+                              tok.stop_ids, printer)
+        printer.close(result.tokens)
+        print(result.summary(), file=sys.stderr)
+        results.append(result)
+    if a.stats_json:
+        write_stats(a.stats_json, {"mode": "single", "sequences": [r.as_dict() for r in results],
+                                   "ms_per_token_median": results[-1].ms_per_token_median,
+                                   "ranks": [{"rank": 0}]})
 
-    def on_token(t):
-        if not a.quiet:
-            sys.stdout.write(stream.push(t))
+
+class TokenPrinter:
+    """Streams a sequence's text to stdout as tokens come (or prints it whole with --quiet)."""
+
+    def __init__(self, tok, prefix: str, quiet: bool, label: str = ""):
+        self.tok, self.quiet, self.stream = tok, quiet, tok.streamer()
+        if not quiet:
+            sys.stdout.write(label + prefix)
             sys.stdout.flush()
 
-    with torch.inference_mode():
-        result = generate(session, ids, max_new, Sampler(a.temperature, a.top_p, a.seed),
-                          tok.stop_ids, on_token)
-    if not a.quiet:
-        sys.stdout.write(stream.flush() + "\n")
-    print(result.summary(), file=sys.stderr)
-    if a.quiet:
-        print(tok.decode(result.tokens))
+    def __call__(self, token: int):
+        if not self.quiet:
+            sys.stdout.write(self.stream.push(token))
+            sys.stdout.flush()
+
+    def close(self, tokens: list[int]):
+        if self.quiet:
+            print(self.tok.decode(tokens))
+        else:
+            sys.stdout.write(self.stream.flush() + "\n")
+            sys.stdout.flush()
+
+
+def encode_prompt(tok, prompt: str, a, context: int) -> tuple[list[int], int]:
+    """Token ids of one prompt (ChatML-wrapped with --chat) and how many tokens to generate."""
+    ids = tok.encode(tok.chat(prompt, a.system) if a.chat else prompt)
+    return ids, check_lengths(len(ids), a.max_new_tokens, context)
+
+
+def write_stats(path: str, stats: dict):
+    import json
+    with open(path, "w") as f:
+        json.dump(stats, f, indent=2)
 
 
 def cmd_bench(a):
@@ -102,16 +142,20 @@ def cmd_bench(a):
         write_json(rows, a.json)
 
 
-def read_prompt(a) -> str:
-    if (a.prompt is None) == (a.prompt_file is None):
-        raise HaloError("give exactly one of --prompt TEXT or --prompt-file FILE")
-    if a.prompt is not None:
-        return a.prompt
+def read_prompts(a) -> list[str]:
+    """--prompt (repeatable) or --prompt-file (one prompt per line, blank lines skipped)."""
+    if bool(a.prompt) == bool(a.prompt_file):
+        raise HaloError("give --prompt TEXT (repeatable) or --prompt-file FILE (one prompt per line)")
+    if a.prompt:
+        return list(a.prompt)
     try:
         with open(a.prompt_file, encoding="utf-8") as f:
-            return f.read()
+            prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
     except OSError as e:
         raise HaloError(f"cannot read --prompt-file {a.prompt_file}: {e.strerror}") from None
+    if not prompts:
+        raise HaloError(f"--prompt-file {a.prompt_file} holds no prompt")
+    return prompts
 
 
 def check_lengths(n_prompt: int, max_new: int, context: int) -> int:
@@ -135,6 +179,30 @@ def positive_int(s: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return v
+
+
+def add_tensor_arguments(g):
+    t = g.add_argument_group("tensor-parallel mode (--parallel tensor)")
+    t.add_argument("--sync", choices=["strict", "halo"], default="halo",
+                   help="strict: wait for every partial (the blocking-allreduce baseline); halo: "
+                        "wait for critical partials, for the rest only until a deadline "
+                        "(default: %(default)s)")
+    t.add_argument("--link-loss", metavar="RANK:P,...",
+                   help="emulate packet loss P on the link between rank 0 and RANK, both ways, "
+                        "with TCP retransmission delays (e.g. 2:0.05,3:0.05)")
+    t.add_argument("--unstable-ranks", metavar="R,...",
+                   help="ranks on unreliable links: they get the least important groups and are "
+                        "not waited for past their deadline (default: the ranks in --link-loss)")
+    t.add_argument("--critical-share", type=float, default=0.5,
+                   help="halo: partials are waited for until this share of the layer's importance "
+                        "has arrived, those of stable ranks always (default: %(default)s)")
+    t.add_argument("--deadline-factor", type=float, default=1.5,
+                   help="halo: a link's deadline is this factor times the 90th percentile of its "
+                        "recent on-time round trips, plus --deadline-margin-ms (default: %(default)s)")
+    t.add_argument("--deadline-margin-ms", type=float, default=2.0,
+                   help="halo: added to every deadline (default: %(default)s)")
+    t.add_argument("--prefill-chunk", type=positive_int, default=64,
+                   help="prompt tokens per message during prefill (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,8 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate text, streaming tokens as they are made; prints "
                                    "prefill time, ms/token and tokens/s at the end (on stderr).")
     g.add_argument("--weights", default=DEFAULT_WEIGHTS, help="HDF5 store (default: %(default)s)")
-    g.add_argument("--prompt", help="the prompt text")
-    g.add_argument("--prompt-file", help="read the prompt from this file instead")
+    g.add_argument("--prompt", action="append",
+                   help="a prompt; repeat for several sequences (pipeline mode runs them together)")
+    g.add_argument("--prompt-file",
+                   help="read prompts from this file instead, one per line (write \\n for a newline)")
+    g.add_argument("--parallel", choices=["none", "tensor", "pipeline"], default="none",
+                   help="none: one process; tensor: HALO tensor parallelism, MLP neuron groups on "
+                        "every rank; pipeline: MDI-LLM layer blocks on a ring (default: %(default)s)")
+    g.add_argument("--num-sequences", type=positive_int, default=None,
+                   help="pipeline mode: sequences in flight at once (default: the number of "
+                        "prompts)")
+    g.add_argument("--stats-json", help="write run statistics (per rank) to this JSON file")
     g.add_argument("--max-new-tokens", type=positive_int, default=64,
                    help="tokens to generate at most (default: %(default)s)")
     g.add_argument("--temperature", type=float, default=0.7,
@@ -201,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads per rank; 0 = cores / ranks on this node (default: %(default)s)")
     g.add_argument("--quiet", action="store_true",
                    help="print only the generated text at the end, no streaming")
+    add_tensor_arguments(g)
     g.set_defaults(func=cmd_generate)
     b = sub.add_parser("bench", help="measure decode speed (ms/token) and where the time goes",
                        description="Benchmark decoding: median and p95 ms/token over --tokens steps "

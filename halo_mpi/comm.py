@@ -39,11 +39,13 @@ class Kind(IntEnum):
     STOP = 3      # rank 0 -> worker: finish; reply with DONE
     DONE = 4      # worker -> rank 0: the worker's statistics (JSON), its last message
     PLAN = 5      # rank 0 -> worker: new group ids for a layer (payload: ids)
+    ACTIVATION = 6  # pipeline mode: hidden states (T, dim) of sequence `seq` entering stage `layer`
+    TOKEN = 7       # pipeline mode: a sampled token, back to the stage that embeds it
 
 
-# kind, step, layer, rows, cols, send time (seconds, sender's clock)
+# kind, step, layer, rows, cols, seq (sequence id in pipeline mode), send time (sender's clock)
 HEADER = np.dtype([("kind", "<i4"), ("step", "<i4"), ("layer", "<i4"), ("rows", "<i4"),
-                   ("cols", "<i4"), ("pad", "<i4"), ("sent_at", "<f8")])
+                   ("cols", "<i4"), ("seq", "<i4"), ("sent_at", "<f8")])
 
 
 @dataclass
@@ -54,18 +56,19 @@ class Message:
     layer: int
     payload: np.ndarray     # float32 (rows, cols); for DONE, uint8 JSON bytes
     sent_at: float
+    seq: int = 0
 
     def json(self) -> dict:
         return json.loads(self.payload.tobytes().decode())
 
 
-def encode(kind: Kind, step: int, layer: int, payload: np.ndarray, sent_at: float) -> bytes:
+def encode(kind: Kind, step: int, layer: int, payload: np.ndarray, sent_at: float, seq: int = 0) -> bytes:
     if kind == Kind.DONE:
         rows, cols, body = len(payload), 1, np.ascontiguousarray(payload, np.uint8)
     else:
         body = np.ascontiguousarray(payload, np.float32)
         rows, cols = body.shape if body.ndim == 2 else (body.shape[0], 1)
-    head = np.array([(int(kind), step, layer, rows, cols, 0, sent_at)], HEADER)
+    head = np.array([(int(kind), step, layer, rows, cols, seq, sent_at)], HEADER)
     return head.tobytes() + body.tobytes()
 
 
@@ -75,7 +78,8 @@ def decode(source: int, data) -> Message:
     body = np.frombuffer(data, np.uint8 if kind == Kind.DONE else np.float32, offset=HEADER.itemsize,
                          count=rows * cols if kind != Kind.DONE else rows)
     payload = body.copy() if kind == Kind.DONE else body.reshape(rows, cols).copy()
-    return Message(source, kind, int(head["step"]), int(head["layer"]), payload, float(head["sent_at"]))
+    return Message(source, kind, int(head["step"]), int(head["layer"]), payload,
+                   float(head["sent_at"]), int(head["seq"]))
 
 
 def json_payload(obj) -> np.ndarray:
@@ -166,9 +170,9 @@ class Transport:
     def pending_requests(self) -> int: return 0
 
     # -- the interface
-    def send(self, dest: int, kind: Kind, step: int, layer: int, payload: np.ndarray):
+    def send(self, dest: int, kind: Kind, step: int, layer: int, payload: np.ndarray, seq: int = 0):
         now = time.perf_counter()
-        data = encode(kind, step, layer, payload, now)
+        data = encode(kind, step, layer, payload, now, seq)
         self.stats.sent += 1
         queue = self._held.get(dest)
         d = self.loss.delay(self.rank, dest, len(data)) if self.loss else 0.0
@@ -218,13 +222,16 @@ class Transport:
 # MPI
 
 class MPITransport(Transport):
-    """Rank 0 talks to every worker; a worker talks to rank 0 only."""
+    """Point-to-point with a fixed set of peers: by default a star (rank 0 talks to every worker,
+    a worker to rank 0 only); pipeline mode passes its ring neighbours."""
 
-    def __init__(self, comm, max_bytes: int, loss: LinkLoss | None = None):
+    def __init__(self, comm, max_bytes: int, loss: LinkLoss | None = None, peers=None):
         super().__init__(comm.Get_rank(), comm.Get_size(), loss)
         from mpi4py import MPI
         self.MPI, self.comm, self.max_bytes = MPI, comm, max_bytes
-        self.peers = list(range(1, self.size)) if self.rank == 0 else [0]
+        if peers is None:
+            peers = list(range(1, self.size)) if self.rank == 0 else [0]
+        self.peers = sorted(set(peers) - {self.rank})
         self._bufs = {p: np.empty(max_bytes, np.uint8) for p in self.peers}
         self._recvs = [self._irecv(p) for p in self.peers]
         self._sends: list[tuple[object, bytes]] = []   # (request, buffer kept alive until done)

@@ -67,6 +67,12 @@ class GenerationResult:
         total = sum(self.decode_s)
         return len(self.decode_s) / total if total else float("nan")
 
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "tokens": self.tokens,
+                "prefill_s": self.prefill_s, "decode_s": self.decode_s,
+                "ms_per_token_median": self.ms_per_token_median, "tokens_per_s": self.tokens_per_s,
+                "stopped_by": self.stopped_by}
+
     def summary(self) -> str:
         return (f"prompt {self.prompt_tokens} tokens, prefill {self.prefill_s * 1e3:.0f} ms "
                 f"({self.prompt_tokens / max(self.prefill_s, 1e-9):.0f} tok/s); generated "
