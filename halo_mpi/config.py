@@ -81,6 +81,9 @@ SHAPES = {
     # tiny: a few layers, for unit and MPI tests (runs in milliseconds)
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, vocab_size=512,
                  rope_theta=10000.0, max_seq_len=256),
+    # tiny-8l: tiny with 8 layers, so that pipeline tests can give every one of 4 ranks 2 blocks
+    "tiny-8l": dict(dim=64, n_layers=8, n_heads=4, n_kv_heads=2, hidden_dim=256, vocab_size=512,
+                    rope_theta=10000.0, max_seq_len=256),
     # the real SmolLM2-135M shape, with random weights
     "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536,
                          vocab_size=49152, rope_theta=100000.0, max_seq_len=8192),
