@@ -262,6 +262,8 @@ class Conductor:
             logits = self.stage.model.head(torch.from_numpy(msg.payload))[0]   # (1, dim) -> (vocab,)
             token = seq.sampler(logits)
         self._record(seq, logits)
+        if seq.max_new == 0:
+            return self.finish(seq, "max-new-tokens")
         if token in self.options.stop_ids:
             return self.finish(seq, "end-of-sequence token")
         seq.result.tokens.append(token)
