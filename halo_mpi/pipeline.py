@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .comm import HEADER, NAP, Kind, LocalHub, Message, MPITransport, json_payload
+from .comm import HEADER, Kind, LocalHub, Message, MPITransport, json_payload
 from .config import ModelArgs
 from .errors import HaloError
 from .generate import GenerationResult, Sampler
@@ -45,6 +45,7 @@ from .model import KVCache, Transformer
 from .split import Device, read_device_profile, split_layers, stage_costs
 
 WAIT = 0.05             # longest single wait for a message before checking for cancellation, s
+BARRIER_NAP = 1e-3      # sleep between tests of a gentle barrier, s
 DONE_BYTES = 1 << 16    # room for a DONE message's JSON
 NO_ROWS = np.zeros((0, 1), np.float32)
 
@@ -461,7 +462,7 @@ def gentle_barrier(comm):
     """A barrier that sleeps while it waits: MPI's own spins a core, slowing ranks still loading."""
     req = comm.Ibarrier()
     while not req.Test():
-        time.sleep(10 * NAP)
+        time.sleep(BARRIER_NAP)
 
 
 def collectively(comm, fn):
