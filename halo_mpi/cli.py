@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+import numpy as np
+
 from .errors import HaloError
 
 DEFAULT_WEIGHTS = os.path.join("weights", "smollm2-135m.h5")
@@ -50,7 +52,7 @@ def cmd_info(a):
 
 def cmd_generate(a):
     if a.parallel == "tensor":
-        from .engine import run_generate
+        from .tp import run_generate
         return run_generate(a)
     if a.parallel == "pipeline":
         from .pipeline import run_generate
@@ -127,6 +129,53 @@ def write_stats(path: str, stats: dict):
     import json
     with open(path, "w") as f:
         json.dump(stats, f, indent=2)
+
+
+def cmd_calibrate(a):
+    import torch
+
+    from .importance import group_contributions, static_importance
+    from .model import Transformer
+    from .runtime import configure_threads
+    from .store import Store, write_calibration
+    from .texts import calibration_text, read_text
+    from .tokenizer import Tokenizer
+
+    configure_threads(a.threads)
+    text = read_text(a.text) if a.text else calibration_text()
+    with Store(a.weights) as store:
+        ids = Tokenizer.from_store(store).encode(text)[: a.tokens]
+        if len(ids) < 16:
+            raise HaloError(f"calibration text gives {len(ids)} tokens; give a longer --text")
+        model = Transformer.from_store(store)
+        args = store.args
+    torch.manual_seed(a.seed)
+    imp = static_importance(group_contributions(model, ids, progress=not a.quiet))
+    write_calibration(a.weights, {"static_importance": imp},
+                      {"static_tokens": len(ids), "static_text": a.text or "pydoc_data.topics (calibration set)"})
+    low = np.sort(imp, 1)[:, : args.mlp_groups // 2].sum(1)
+    print(f"wrote /calibration/static_importance ({args.n_layers} x {args.mlp_groups}) to {a.weights} "
+          f"from {len(ids)} tokens; per layer, the least important half of the groups holds "
+          f"{100 * np.median(low):.0f}% of the importance (median over layers), most/least important "
+          f"group {np.median(imp.max(1) / imp.min(1)):.2f}x")
+
+
+def cmd_shard(a):
+    from .placement import describe
+    from .store import Store, write_shard
+    from .tp import make_plan
+
+    os.makedirs(a.out, exist_ok=True)
+    with Store(a.weights) as store:
+        plan = make_plan(store, a.ranks, link_loss=a.link_loss, unstable_ranks=a.unstable_ranks)
+        base = os.path.splitext(os.path.basename(a.weights))[0]
+        for rank in range(a.ranks):
+            path = os.path.join(a.out, f"{base}.rank{rank}.h5")
+            write_shard(store, path, rank, a.ranks, [p[rank] for p in plan.placement])
+            print(f"wrote {path} ({os.path.getsize(path) / 1e6:.0f} MB)")
+    print(describe(plan.placement, plan.importance))
+    print(f"run with: --weights '{os.path.join(a.out, base)}.rank{{rank}}.h5' (and the same "
+          f"--link-loss / --unstable-ranks)")
 
 
 def cmd_bench(a):
@@ -280,6 +329,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print only the generated text at the end, no streaming")
     add_tensor_arguments(g)
     g.set_defaults(func=cmd_generate)
+    k = sub.add_parser("calibrate", help="measure each MLP group's static importance on real text",
+                       description="Run the reference model over calibration text (default: a fixed "
+                                   "set of pydoc_data.topics entries shipped with Python) and store "
+                                   "each MLP group's mean contribution norm, per layer normalised to "
+                                   "1, as /calibration/static_importance in the store.")
+    k.add_argument("--weights", default=DEFAULT_WEIGHTS, help="HDF5 store to calibrate (default: %(default)s)")
+    k.add_argument("--text", help="a text file or a folder of .txt/.md files instead of the default")
+    k.add_argument("--tokens", type=positive_int, default=2048,
+                   help="calibration tokens to use at most (default: %(default)s)")
+    k.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    k.add_argument("--threads", type=int, default=0, help="torch threads; 0 = all cores (default: %(default)s)")
+    k.add_argument("--quiet", action="store_true", help="no progress bar")
+    k.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("shard", help="write one store file per rank for nodes without shared storage",
+                       description="Write per-rank shard files holding only the MLP groups each "
+                                   "rank computes in tensor-parallel mode (rank 0's also holds "
+                                   "embedding, attention, norms and tokenizer). The placement "
+                                   "depends on --ranks, --link-loss and --unstable-ranks: run "
+                                   "generate with the same values.")
+    s.add_argument("--weights", default=DEFAULT_WEIGHTS, help="HDF5 store to cut (default: %(default)s)")
+    s.add_argument("--ranks", type=positive_int, required=True, help="number of ranks")
+    s.add_argument("-o", "--out", default="weights/shards", help="output folder (default: %(default)s)")
+    s.add_argument("--link-loss", metavar="RANK:P,...", help="as for generate (sets the unstable ranks)")
+    s.add_argument("--unstable-ranks", metavar="R,...", help="as for generate")
+    s.set_defaults(func=cmd_shard)
+
     b = sub.add_parser("bench", help="measure decode speed (ms/token) and where the time goes",
                        description="Benchmark decoding: median and p95 ms/token over --tokens steps "
                                    "after --warmup untimed ones, per dtype; --profile adds a "
@@ -299,18 +375,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .launch import CollectiveError
+    from .runtime import rank, world_size
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except CollectiveError as e:          # every rank has it: rank 0 says it once
+        if e.rank == 0:
+            print(f"halo-mpi: error: {e}", file=sys.stderr)
+        return e.exit_code
     except HaloError as e:
         print(f"halo-mpi: error: {e}", file=sys.stderr)
+        abort_others(e.exit_code)
         return e.exit_code
     except KeyboardInterrupt:
-        print("halo-mpi: interrupted", file=sys.stderr)
+        print(f"halo-mpi: interrupted{f' (rank {rank()})' if world_size() > 1 else ''}", file=sys.stderr)
+        abort_others(130)
         return 130
     except BrokenPipeError:
         return 0
+    except Exception:
+        if world_size() > 1:              # a bug on one rank must not leave the others waiting
+            import traceback
+            traceback.print_exc()
+            abort_others(1)
+        raise
     return 0
+
+
+def abort_others(code: int):
+    """In a multi-rank run, an error on this rank ends all ranks (MPI_Abort) within seconds."""
+    import sys as _sys
+    from .runtime import world_size
+    if world_size() > 1 and "mpi4py.MPI" in _sys.modules:
+        _sys.stderr.flush()
+        _sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(code)
 
 
 if __name__ == "__main__":

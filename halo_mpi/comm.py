@@ -18,6 +18,7 @@ behind a held one (head-of-line blocking, as in TCP).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,7 +30,19 @@ from .errors import HaloError
 
 MTU = 1500           # bytes of payload per emulated packet
 RTO = 0.200          # Linux TCP minimum retransmission timeout, seconds
-NAP = 1e-4           # sleep between polls: ~0.15 ms real on Linux, ~2% of a core while waiting
+# Waiting sleeps between polls, doubling from the shortest to the longest nap while nothing
+# arrives, so a reply due soon is seen quickly and an idle rank wakes at most ~1000 times a second.
+# When ranks outnumber cores, every early wake-up takes the core from a rank that computes, so the
+# naps start longer there. Fixed naps measured at -n 4 on 2 cores: 0.1 ms cost each idle worker
+# ~11% of a core; 1 ms added up to 1 ms of latency per layer. HALO_NAP_MIN_S / HALO_NAP_MAX_S
+# override the defaults for experiments.
+def nap_bounds() -> tuple[float, float]:
+    from .runtime import oversubscribed
+    lo, hi = (2e-4, 2e-3) if oversubscribed() else (2e-5, 1e-3)
+    return (float(os.environ.get("HALO_NAP_MIN_S", lo)), float(os.environ.get("HALO_NAP_MAX_S", hi)))
+
+
+NAP = 1e-4  # a short sleep for loops outside poll()
 TAG = 7              # one tag: order per pair is what identifies nothing; the header does
 
 
@@ -162,6 +175,7 @@ class Transport:
         self.rank, self.size, self.loss = rank, size, loss
         self.stats = TransportStats()
         self._held: dict[int, deque[_Held]] = {}
+        self.nap_min, self.nap_max = nap_bounds()
 
     # -- what subclasses provide
     def _post(self, dest: int, data: bytes): ...
@@ -202,12 +216,16 @@ class Transport:
         """Messages that arrived, waiting up to `timeout` s for the first one (without spinning)."""
         t0 = time.perf_counter()
         end = t0 + max(0.0, timeout)
+        nap = self.nap_min
         while True:
             self.pump()
             got = self._arrived()
-            if got or time.perf_counter() >= end:
+            now = time.perf_counter()
+            if got or now >= end:
                 break
-            self._idle(min(NAP, max(0.0, end - time.perf_counter())))
+            release = self.next_release()   # wake up for a held message's release, too
+            self._idle(max(0.0, min(nap, end - now, (release - now) if release else nap)))
+            nap = min(2 * nap, self.nap_max)
         self.stats.wait_seconds += time.perf_counter() - t0
         self.stats.received += len(got)
         return [decode(src, data) for src, data in got]
@@ -248,13 +266,13 @@ class MPITransport(Transport):
     def _arrived(self) -> list[tuple[int, bytes]]:
         if self._sends:
             self._sends = [(r, b) for r, b in self._sends if not r.Test()]
-        out = []
         statuses = [self.MPI.Status() for _ in self._recvs]
-        done = self.MPI.Request.Testsome(self._recvs, statuses)
-        # requests complete in posting order per peer; each completed one is reposted at once
-        for i in sorted(done or []):
-            peer, n = self.peers[i], statuses[i].Get_count(self.MPI.BYTE)
-            out.append((peer, bytes(self._bufs[peer][:n])))
+        done = self.MPI.Request.Testsome(self._recvs, statuses) or []
+        # statuses[k] belongs to the k-th completed request, done[k]; each is reposted at once
+        out = []
+        for i, status in zip(done, statuses):
+            peer = self.peers[i]
+            out.append((peer, bytes(self._bufs[peer][:status.Get_count(self.MPI.BYTE)])))
             self._recvs[i] = self._irecv(peer)
         return out
 
@@ -266,7 +284,7 @@ class MPITransport(Transport):
         end = time.perf_counter() + timeout
         while self._sends and time.perf_counter() < end:
             self._sends = [(r, b) for r, b in self._sends if not r.Test()]
-            self._idle(NAP)
+            self._idle(self.nap_min)
         for i, req in enumerate(self._recvs):
             if req == self.MPI.REQUEST_NULL:
                 continue
@@ -313,28 +331,38 @@ class LocalTransport(Transport):
 
 @dataclass
 class LinkEstimate:
-    """Online estimate of one link's normal round-trip latency, from on-time arrivals."""
-    window: int = 64
-    quantile: float = 0.9
+    """Online estimate of one link's normal round-trip latency, and its on-time record.
+
+    Samples are the round trips (input sent -> partial back) of partials that arrived while their
+    layer was still open. Retransmission stalls are not normal latency: samples above 3x the
+    median are left out before the quantile is taken.
+    """
     factor: float = 1.5          # deadline = factor * quantile + margin
     margin: float = 0.002        # seconds
-    initial: float = 0.050       # deadline before enough samples exist
-    samples: deque = field(default_factory=lambda: deque(maxlen=64))
+    initial: float = 0.100       # deadline until there are enough samples
+    quantile: float = 0.9
+    window: int = 64
     on_time: int = 0
     late: int = 0
 
-    def deadline(self) -> float:
-        if len(self.samples) < 8:
-            return self.initial
-        return self.factor * float(np.quantile(np.fromiter(self.samples, float), self.quantile)) + self.margin
+    def __post_init__(self):
+        self.samples: deque = deque(maxlen=self.window)
 
-    def record(self, latency: float | None):
-        """latency of an on-time arrival, or None for a partial that missed its deadline."""
-        if latency is None:
-            self.late += 1
-        else:
+    def add_latency(self, seconds: float):
+        self.samples.append(seconds)
+
+    def add_outcome(self, on_time: bool):
+        if on_time:
             self.on_time += 1
-            self.samples.append(latency)
+        else:
+            self.late += 1
+
+    def deadline(self) -> float:
+        if len(self.samples) < 4:
+            return self.initial
+        s = np.fromiter(self.samples, float)
+        normal = s[s <= 3.0 * np.median(s) + self.margin]
+        return self.factor * float(np.quantile(normal, self.quantile)) + self.margin
 
     @property
     def on_time_rate(self) -> float:

@@ -118,7 +118,9 @@ class Transformer:
 
     @classmethod
     def from_store(cls, store, layers: Iterable[int] | None = None, embedding: bool = True,
-                   head: bool = True, dtype: str | torch.dtype = torch.float32) -> "Transformer":
+                   head: bool = True, dtype: str | torch.dtype = torch.float32,
+                   mlp: Callable[[int], Callable] | None = None) -> "Transformer":
+        """Load the given layers (all by default); `mlp(layer)` may supply each block's MLP."""
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         args = store.args
         layers = range(args.n_layers) if layers is None else layers
@@ -127,7 +129,7 @@ class Transformer:
             attn_norm, ffn_norm = store.layer_norms(layer)
             blocks[layer] = Block(args, layer, attn_norm, ffn_norm,
                                   Attention(args, store.attn_groups(layer), dtype),
-                                  GroupMLP(store.mlp_groups(layer), dtype=dtype))
+                                  mlp(layer) if mlp else GroupMLP(store.mlp_groups(layer), dtype=dtype))
         emb = store.embedding() if embedding or (head and args.tied_embeddings) else None
         out = (emb if args.tied_embeddings else store.output()) if head else None
         return cls(args, blocks, embedding=emb if embedding else None,

@@ -16,6 +16,13 @@ def world_size() -> int:
     return 1
 
 
+def rank() -> int:
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
 def local_ranks() -> int:
     for var in _LOCAL_SIZE_VARS:
         if os.environ.get(var, "").isdigit():
@@ -23,11 +30,19 @@ def local_ranks() -> int:
     return world_size()
 
 
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def oversubscribed() -> bool:
+    """More ranks on this node than cores: waiting ranks must leave the cores to computing ones."""
+    return local_ranks() > cores()
+
+
 def configure_threads(threads: int = 0) -> int:
     """Give each rank its share of this node's cores (more threads than cores thrash)."""
     import torch
     if threads <= 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        threads = max(1, (cores or 1) // max(1, local_ranks()))
+        threads = max(1, cores() // max(1, local_ranks()))
     torch.set_num_threads(threads)
     return threads

@@ -20,6 +20,11 @@ Layout (layout_version 1), as `h5dump -H` shows it:
     /layers/000/mlp_group_ids (G_local,) int32   only in shard files: which groups this file holds
     /tokenizer/tokens       (vocab_size,) utf-8 strings;  /tokenizer/token_type (vocab_size,) int32
     /tokenizer/merges       (n_merges,) utf-8 strings;    attrs: bos_id, eos_id, chat_template
+    /calibration/static_importance (n_layers, G) float32   mean contribution norm of each MLP group
+                              on calibration text, each layer's row summing to 1 (`halo-mpi calibrate`)
+
+A shard file (`halo-mpi shard`) has the same layout and attributes plus shard_rank/shard_size;
+a worker's shard holds only its MLP groups (with mlp_group_ids) and the calibration.
 
 Everything is float32 (the dequantized GGUF values), stored contiguously (no chunking) so that
 a hyperslab of consecutive groups is a single read.
@@ -168,10 +173,13 @@ class Store:
         if np.any(rows >= len(held)) or np.any(held[np.minimum(rows, len(held) - 1)] != ids):
             raise HaloError(f"{self.path}: layer {layer} does not hold MLP groups "
                             f"{sorted(set(ids.tolist()) - set(held.tolist()))}")
-        if len(rows) and np.all(np.diff(rows) == 1):
+        shape = (len(rows),) + self.f[name].shape[1:]
+        if len(rows) == 0:
+            return np.empty(shape, np.float32)
+        if np.all(np.diff(rows) == 1):
             return self._read(name, np.s_[rows[0]:rows[-1] + 1])
         order = np.argsort(rows)                            # h5py wants increasing indices
-        out = np.empty_like(self._read(name, np.s_[0:0]), shape=(len(rows),) + self.f[name].shape[1:])
+        out = np.empty(shape, np.float32)
         out[order] = self._read(name, rows[order].tolist())
         return out
 
@@ -187,6 +195,50 @@ class Store:
 
     def has_tokenizer(self) -> bool:
         return "tokenizer" in self.f
+
+    def calibration(self, name: str) -> np.ndarray | None:
+        p = f"calibration/{name}"
+        return np.asarray(self.f[p][()], dtype=np.float32) if p in self.f else None
+
+
+def write_calibration(path: str, arrays: dict[str, np.ndarray], attrs: dict | None = None):
+    """Add or replace datasets under /calibration of an existing store."""
+    open_store_file(path).close()
+    with h5py.File(path, "r+") as f:
+        g = f.require_group("calibration")
+        for name, arr in arrays.items():
+            if name in g:
+                del g[name]
+            g.create_dataset(name, data=arr)
+        g.attrs.update(attrs or {})
+
+
+def write_shard(store: "Store", path: str, rank: int, size: int, groups_per_layer: list):
+    """A per-rank copy of a store holding only `groups_per_layer[l]` of each MLP layer.
+
+    Rank 0's shard also keeps the embedding, norms, attention groups and tokenizer.
+    """
+    a = store.args
+    with store_writer(path, a, name=store.name, source=f"shard {rank}/{size} of {store.path}") as w:
+        w.f.attrs.update(shard_rank=rank, shard_size=size)
+        if rank == 0:
+            w.put("embedding", store.embedding())
+            w.put("norm", store.final_norm())
+            if not a.tied_embeddings:
+                w.put("output", store.output())
+            w.put_tokenizer(**store.tokenizer_data())
+        for layer, ids in enumerate(groups_per_layer):
+            ids = np.sort(np.asarray(ids, dtype=np.int64))
+            p = layer_path(layer)
+            if rank == 0:
+                attn_norm, ffn_norm = store.layer_norms(layer)
+                w.put(f"{p}/attn_norm", attn_norm)
+                w.put(f"{p}/ffn_norm", ffn_norm)
+                w.put(f"{p}/attn_groups", store.attn_groups(layer))
+            w.f.create_dataset(f"{p}/mlp_groups", data=store.mlp_groups(layer, ids))
+            w.f.create_dataset(f"{p}/mlp_group_ids", data=ids.astype(np.int32))
+        if "calibration" in store.f:
+            store.f.copy("calibration", w.f)
 
 
 def open_store_file(path: str) -> h5py.File:

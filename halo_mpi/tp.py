@@ -1,0 +1,253 @@
+"""Tensor parallelism applied to the reference model from outside, and the run on every rank.
+
+    mpiexec -n 4 halo-mpi generate --parallel tensor --sync halo --link-loss 2:0.05,3:0.05 ...
+
+Every rank opens the store itself (or its own shard: `--weights 'shards/m.rank{rank}.h5'`),
+computes the same placement from the store's static importance, and loads only its own MLP
+groups. Rank 0 builds the model with `DistributedMLP`s in place of the MLPs and runs the usual
+generation loop; the others serve partial sums until rank 0 stops them.
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .comm import HEADER, LinkLoss, LocalHub, MPITransport, parse_link_loss
+from .engine import Coordinator, DistributedMLP, SyncPolicy, TensorParallelSession, Worker
+from .errors import HaloError
+from .groups import GroupMLP
+from .importance import uniform_importance
+from .launch import collective
+from .linear import DTYPES
+from .model import Transformer
+from .placement import Placement, describe, static_placement
+from .store import Store
+
+
+@dataclass
+class TensorPlan:
+    size: int
+    importance: np.ndarray        # (n_layers, G), each row sums to 1
+    placement: Placement
+    loss: dict[int, float]        # rank -> emulated packet loss on its link with rank 0
+    policy: SyncPolicy
+    importance_source: str
+
+
+def store_path(pattern: str, rank: int) -> str:
+    return pattern.format(rank=rank) if "{rank}" in pattern else pattern
+
+
+def parse_ranks(spec: str | None, size: int, option: str) -> set[int]:
+    if not spec:
+        return set()
+    try:
+        ranks = {int(x) for x in spec.split(",") if x.strip()}
+    except ValueError:
+        raise HaloError(f"{option} {spec!r} is not a comma list of ranks") from None
+    bad = sorted(r for r in ranks if not 1 <= r < size)
+    if bad:
+        raise HaloError(f"{option} names ranks {bad}; the workers are ranks 1..{size - 1}")
+    return ranks
+
+
+def make_plan(store: Store, size: int, sync: str = "halo", link_loss: str | None = None,
+              unstable_ranks: str | None = None, critical_share: float = 0.5,
+              deadline_factor: float = 1.5, deadline_margin_ms: float = 2.0) -> TensorPlan:
+    """The same plan on every rank, from the store and the options alone."""
+    if not 0.0 < critical_share <= 1.0:
+        raise HaloError(f"--critical-share {critical_share} is not in (0, 1]")
+    loss = parse_link_loss(link_loss, size)
+    unstable = parse_ranks(unstable_ranks, size, "--unstable-ranks") if unstable_ranks else set(loss)
+    imp = store.calibration("static_importance")
+    source = "static (calibration)"
+    if imp is None:
+        imp, source = uniform_importance(store.args.n_layers, store.args.mlp_groups), "uniform (no calibration in store)"
+    elif imp.shape != (store.args.n_layers, store.args.mlp_groups):
+        raise HaloError(f"{store.path}: calibration is for another group layout; run halo-mpi calibrate")
+    placement = static_placement(imp, size, unstable)
+    policy = SyncPolicy(sync, critical_share, frozenset(unstable), deadline_factor, deadline_margin_ms / 1e3)
+    return TensorPlan(size, imp, placement, loss, policy, source)
+
+
+def coordinator_model(store: Store, plan: TensorPlan, coordinator: Coordinator, dtype) -> Transformer:
+    """The reference model with every MLP replaced by a DistributedMLP over rank 0's own groups."""
+    def mlp(layer):
+        ids = plan.placement[layer][0]
+        own = GroupMLP(store.mlp_groups(layer, ids), ids, dtype) if len(ids) else None
+        return DistributedMLP(coordinator, layer, own)
+    return Transformer.from_store(store, dtype=dtype, mlp=mlp)
+
+
+def worker_mlps(store: Store, plan: TensorPlan, rank: int, dtype) -> dict[int, GroupMLP]:
+    return {layer: GroupMLP(store.mlp_groups(layer, p[rank]), p[rank], dtype)
+            for layer, p in enumerate(plan.placement) if len(p[rank])}
+
+
+def max_message_bytes(store: Store, prefill_chunk: int) -> int:
+    return max(HEADER.itemsize + prefill_chunk * store.args.dim * 4, 1 << 20)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds() -> float:
+    """CPU time this process used: with waiting that never spins it stays near compute time."""
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+
+
+# ---------------------------------------------------------------------------------------------
+# under MPI
+
+def run_generate(a):
+    from mpi4py import MPI
+
+    from .cli import TokenPrinter, encode_prompt, read_prompts, write_stats
+    from .generate import Sampler, generate
+    from .runtime import configure_threads
+    from .tokenizer import Tokenizer
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    configure_threads(a.threads)
+    dtype = DTYPES[a.dtype]
+
+    def setup():
+        store = Store(store_path(a.weights, rank))
+        plan = make_plan(store, size, a.sync, a.link_loss, a.unstable_ranks, a.critical_share,
+                         a.deadline_factor, a.deadline_margin_ms)
+        loss = LinkLoss(plan.loss, seed=a.seed) if plan.loss else None
+        transport = MPITransport(comm, max_message_bytes(store, a.prefill_chunk), loss)
+        if rank != 0:
+            return store, plan, transport, worker_mlps(store, plan, rank, dtype), None
+        tok = Tokenizer.from_store(store)
+        prompts = read_prompts(a)
+        encoded = [encode_prompt(tok, p, a, store.args.max_seq_len) for p in prompts]
+        return store, plan, transport, (tok, prompts, encoded), None
+
+    store, plan, transport, local, _ = collective(comm, setup)
+    if rank != 0:
+        store.close()
+        Worker(transport, local).run()
+        report = None
+    else:
+        tok, prompts, encoded = local
+        coordinator = Coordinator(transport, plan.placement, plan.importance, plan.policy)
+        model = coordinator_model(store, plan, coordinator, dtype)
+        store.close()
+        print(f"tensor-parallel on {size} ranks, sync {plan.policy.mode}, importance "
+              f"{plan.importance_source}, link loss {plan.loss or 'none'}, unstable ranks "
+              f"{sorted(plan.policy.unstable) or 'none'}\n{describe(plan.placement, plan.importance)}",
+              file=sys.stderr)
+        results = []
+        t_start = time.perf_counter()
+        for index, (prompt, (ids, max_new)) in enumerate(zip(prompts, encoded)):
+            session = TensorParallelSession(model, coordinator, len(ids) + max_new, a.prefill_chunk)
+            printer = TokenPrinter(tok, prompt if not a.chat else "", a.quiet,
+                                   label=f"[{index}] " if len(prompts) > 1 else "")
+            with torch.inference_mode():
+                result = generate(session, ids, max_new, Sampler(a.temperature, a.top_p, a.seed),
+                                  tok.stop_ids, printer)
+            printer.close(result.tokens)
+            results.append(result)
+        wall = time.perf_counter() - t_start
+        report = (coordinator, coordinator.finish(), results, wall)
+    pending = transport.close()
+    pendings = comm.gather(pending, root=0)
+    rss = comm.gather(peak_rss_mb(), root=0)
+    cpu = comm.gather(cpu_seconds(), root=0)
+    if rank == 0:
+        stats = tensor_stats(plan, *report, pendings, rss, cpu)
+        print(format_report(stats), file=sys.stderr)
+        if a.stats_json:
+            write_stats(a.stats_json, stats)
+
+
+def tensor_stats(plan: TensorPlan, coordinator: Coordinator, workers: dict, results, wall: float,
+                 pendings: list[int], rss: list[float], cpu: list[float]) -> dict:
+    decode_s = [s for r in results for s in r.decode_s]
+    decode_records = [r for r in coordinator.records if r.decoding]
+    dropped = [r.dropped_share for r in decode_records]
+    t = coordinator.t.stats
+    ranks = [{"rank": 0, "compute_s": coordinator.compute_s, "wait_s": coordinator.gather_wait_s,
+              "on_time_rate": 1.0, "dropped_layers": 0, "late_discarded": 0,
+              "groups": int(sum(len(p[0]) for p in plan.placement)), "peak_rss_mb": rss[0],
+              "cpu_s": cpu[0],
+              "held_by_loss": t.held, "pending_requests_at_end": pendings[0]}]
+    for r in range(1, plan.size):
+        w, link = workers.get(r, {}), coordinator.links[r]
+        ranks.append({**w, "rank": r, "on_time_rate": link.on_time_rate,
+                      "dropped_layers": sum(rec.dropped_ranks[r] for rec in decode_records),
+                      "late_discarded": coordinator.late_discarded[r],
+                      "deadline_ms": 1e3 * link.deadline(), "peak_rss_mb": rss[r], "cpu_s": cpu[r],
+                      "pending_requests_at_end": pendings[r], "link_loss": plan.loss.get(r, 0.0)})
+    return {
+        "mode": "tensor", "sync": plan.policy.mode, "ranks_total": plan.size,
+        "importance": plan.importance_source, "link_loss": {str(k): v for k, v in plan.loss.items()},
+        "unstable_ranks": sorted(plan.policy.unstable), "critical_share": plan.policy.critical_share,
+        "tokens": sum(len(r.tokens) for r in results),
+        "ms_per_token_median": 1e3 * statistics.median(decode_s) if decode_s else float("nan"),
+        "ms_per_token_p95": 1e3 * float(np.quantile(decode_s, 0.95)) if decode_s else float("nan"),
+        "tokens_per_s": len(decode_s) / sum(decode_s) if decode_s else float("nan"),
+        "prefill_s": sum(r.prefill_s for r in results), "wall_s": wall,
+        "dropped_share_mean": float(np.mean(dropped)) if dropped else 0.0,
+        "dropped_share_max": float(np.max(dropped)) if dropped else 0.0,
+        "dropped_per_token": dropped,
+        "pending_requests_at_end": int(sum(pendings)),
+        "sequences": [{"index": i, "tokens": r.tokens, "stopped_by": r.stopped_by}
+                      for i, r in enumerate(results)],
+        "ranks": ranks,
+    }
+
+
+def format_report(s: dict) -> str:
+    lines = [f"{s['tokens']} tokens: {s['ms_per_token_median']:.1f} ms/token median (p95 "
+             f"{s['ms_per_token_p95']:.1f}), {s['tokens_per_s']:.1f} tokens/s; dropped importance "
+             f"share per token: mean {s['dropped_share_mean']:.4f}, max {s['dropped_share_max']:.4f}; "
+             f"requests pending at end: {s['pending_requests_at_end']}",
+             "rank  groups  compute_s  wait_s  cpu_s  on-time  dropped-layers  late-discarded  skipped  peak-RSS-MB"]
+    for r in s["ranks"]:
+        lines.append(f"{r['rank']:4d}  {r.get('groups', 0):6d}  {r.get('compute_s', 0):9.2f}  "
+                     f"{r.get('wait_s', 0):6.2f}  {r['cpu_s']:5.1f}  {r['on_time_rate']:7.3f}  {r['dropped_layers']:14d}  "
+                     f"{r['late_discarded']:14d}  {r.get('skipped', 0):7d}  {r['peak_rss_mb']:11.0f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# the single-process twin: ranks as threads, for tests
+
+class LocalCluster:
+    """Rank 0 in the calling thread, workers in threads, connected by a LocalHub."""
+
+    def __init__(self, store: Store, plan: TensorPlan, loss: LinkLoss | None = None,
+                 dtype=torch.float32, worker_mlps_override=None):
+        self.hub = LocalHub(plan.size, loss)
+        self.coordinator = Coordinator(self.hub.transports[0], plan.placement, plan.importance, plan.policy)
+        self.model = coordinator_model(store, plan, self.coordinator, dtype)
+        self.worker_stats: dict[int, dict] = {}
+        self.threads = []
+        for r in range(1, plan.size):
+            mlps = (worker_mlps_override or worker_mlps)(store, plan, r, dtype)
+            worker = Worker(self.hub.transports[r], mlps)
+            th = threading.Thread(target=lambda w=worker, r=r: self.worker_stats.__setitem__(r, w.run()),
+                                  daemon=True)
+            th.start()
+            self.threads.append(th)
+
+    def session(self, max_len: int, prefill_chunk: int = 64) -> TensorParallelSession:
+        return TensorParallelSession(self.model, self.coordinator, max_len, prefill_chunk)
+
+    def stop(self) -> dict[int, dict]:
+        done = self.coordinator.finish(timeout=30)
+        for th in self.threads:
+            th.join(timeout=30)
+        return done
