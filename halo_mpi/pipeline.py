@@ -466,21 +466,16 @@ def gentle_barrier(comm):
 
 
 def collectively(comm, fn):
-    """fn() on every rank; a HaloError on any rank stops them all: the first failing rank raises
-    it (the CLI prints one line), the others leave quietly with the same exit status."""
-    error, value = None, None
-    try:
-        value = fn()
-    except HaloError as e:
-        error = str(e)
-    gentle_barrier(comm)
-    errors = comm.allgather(error)
-    first = next((r for r, e in enumerate(errors) if e is not None), None)
-    if first is None:
-        return value
-    if first == comm.Get_rank():
-        raise HaloError(errors[first])
-    raise SystemExit(HaloError.exit_code)
+    """fn() on every rank; a HaloError on any rank ends them all with one line (launch.collective).
+    Ranks that finish early sleep in a barrier meanwhile, instead of spinning in the allgather."""
+    from .launch import collective
+
+    def then_meet():
+        try:
+            return fn()
+        finally:
+            gentle_barrier(comm)
+    return collective(comm, then_meet)
 
 
 def abort(comm, error: BaseException):
