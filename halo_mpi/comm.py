@@ -12,8 +12,11 @@ are delivered in order, as over one TCP connection.
 Loss emulation (`LinkLoss`) lives here too, below the engine: a message of k packets (MTU 1500 B)
 on a lossy link is held back by one retransmission timeout (200 ms, doubling when the same packet
 is lost again) per lost packet, in both directions between rank 0 and the lossy rank. Holding is
-on the sender's side and never blocks the sender's compute; later messages on the same link wait
-behind a held one (head-of-line blocking, as in TCP).
+on the sender's side and never blocks the sender's compute. By default each message is delayed
+on its own; with in_order=True later messages on the link also wait behind a held one
+(head-of-line blocking with RTO-only recovery: the pessimistic extreme, since real TCP recovers
+most losses of a continuing stream by fast retransmit within milliseconds; the testbed issue
+calibrates this against real kernel TCP).
 """
 from __future__ import annotations
 
@@ -109,6 +112,7 @@ class LinkLoss:
     seed: int = 0
     mtu: int = MTU
     rto: float = RTO
+    in_order: bool = False       # hold later messages behind a delayed one (head-of-line)
 
     def __post_init__(self):
         self._rng = {}
@@ -188,18 +192,21 @@ class Transport:
         now = time.perf_counter()
         data = encode(kind, step, layer, payload, now, seq)
         self.stats.sent += 1
-        queue = self._held.get(dest)
         d = self.loss.delay(self.rank, dest, len(data)) if self.loss else 0.0
-        if d > 0 or queue:
-            if queue is None:
-                queue = self._held[dest] = deque()
-            release = max(now + d, queue[-1].release_at if queue else 0.0)  # in order, like TCP
-            queue.append(_Held(release, dest, data))
-            self.stats.held += d > 0
-            self.stats.held_seconds += release - now
-            self.pump()
-        else:
+        queue = self._held.setdefault(dest, deque())
+        in_order = self.loss is not None and self.loss.in_order
+        if d <= 0 and not (in_order and queue):
             self._post(dest, data)
+            return
+        release = now + d
+        if in_order and queue:
+            release = max(release, queue[-1].release_at)       # head-of-line blocking
+        queue.append(_Held(release, dest, data))
+        if not in_order:                                        # keep the queue in release order
+            self._held[dest] = deque(sorted(queue, key=lambda h: h.release_at))
+        self.stats.held += d > 0
+        self.stats.held_seconds += release - now
+        self.pump()
 
     def pump(self, flush: bool = False):
         """Post the held messages whose time has come (all of them with flush)."""

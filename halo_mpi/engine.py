@@ -144,6 +144,7 @@ class Coordinator:
     # -- the end
     def finish(self, timeout: float = 60.0) -> dict[int, dict]:
         """STOP every worker and collect its statistics; late partials are drained meanwhile."""
+        self.t.pump(flush=True)   # held inputs go first: a worker must see them before its STOP
         for r in range(1, self.t.size):
             self.t.send(r, Kind.STOP, self.step + 1, -1, np.zeros((0, 1), np.float32))
         done: dict[int, dict] = {}
@@ -205,7 +206,11 @@ class Worker:
             if any(m.kind == Kind.STOP for m in msgs):
                 self.skipped += sum(m.kind == Kind.INPUT for m in msgs)
                 stats = self.stats()
+                # partials still held by emulated loss go out now, so that DONE is the last
+                # message rank 0 receives from us (MPI keeps the order of one sender's messages)
+                self.t.pump(flush=True)
                 self.t.send(0, Kind.DONE, 0, 0, json_payload(stats))
+                self.t.pump(flush=True)
                 return stats
             inputs = [m for m in msgs if m.kind == Kind.INPUT]
             if not inputs:

@@ -564,6 +564,46 @@ def run_local(store, requests: list[Request], options: Options, size: int,
 
 
 # ---------------------------------------------------------------------------------------------
+# benchmark: halo-mpi bench --modes pipeline (under mpiexec), rows shaped like bench_single's
+
+def bench_pipeline(comm, weights: str, dtypes: list[str], tokens: int, warmup: int,
+                   in_flight: int = 0, log=print) -> list[dict] | None:
+    """Decode speed with S sequences (default 2 per rank) of a 16-token prompt, no stop tokens:
+    ms between a sequence's tokens after `warmup` of them, and total tokens/s while every
+    sequence is past its warm-up. Every rank calls this; rank 0 returns the rows."""
+    size, rows = comm.Get_size(), []
+    S = in_flight or 2 * size
+    requests = [Request([100 + 7 * i + j for j in range(16)], warmup + tokens) for i in range(S)]
+    for dtype in dtypes:
+        run = run_pipeline(comm, weights, requests if comm.Get_rank() == 0 else None,
+                           Options(in_flight=S, dtype=dtype))
+        if run is not None:
+            rows.append(bench_row(run, tokens, warmup))
+            log(format_bench_row(rows[-1]))
+    return rows if comm.Get_rank() == 0 else None
+
+
+def bench_row(run: PipelineRun, tokens: int, warmup: int) -> dict:
+    gaps = sorted(d for s in run.sequences for d in s.result.decode_s[warmup:])
+    start = max(s.token_times[warmup] for s in run.sequences)     # all sequences warm
+    end = min(s.token_times[-1] for s in run.sequences)           # all sequences still running
+    steady = sum(start < t <= end for s in run.sequences for t in s.token_times)
+    return {"mode": "pipeline", "dtype": run.plan.dtype, "threads": torch.get_num_threads(),
+            "tokens": tokens, "ranks": run.plan.size, "sequences": run.plan.in_flight,
+            "ms_per_token_median": 1e3 * statistics.median(gaps),
+            "ms_per_token_p95": 1e3 * gaps[int(0.95 * (len(gaps) - 1))],
+            "tokens_per_s": steady / (end - start) if end > start else run.tokens_per_s,
+            "rank_stats": run.ranks}
+
+
+def format_bench_row(row: dict) -> str:
+    from .bench import format_row
+    busy = ", ".join(f"{100 * r['busy_share']:.0f}%" for r in row["rank_stats"])
+    return (f"{format_row(row)} ({row['ranks']} ranks, {row['sequences']} sequences: ms/token is "
+            f"per sequence, tokens/s in total; busy {busy})")
+
+
+# ---------------------------------------------------------------------------------------------
 # the command line: halo-mpi generate --parallel pipeline
 
 def read_requests(a) -> tuple[list[str], list[Request], object]:

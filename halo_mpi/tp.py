@@ -108,6 +108,44 @@ def cpu_seconds() -> float:
 # ---------------------------------------------------------------------------------------------
 # under MPI
 
+@dataclass
+class TensorRun:
+    result: object            # what drive() returned (rank 0 only)
+    coordinator: Coordinator | None
+    workers: dict             # rank -> the worker's statistics (rank 0 only)
+    pending: list[int]        # requests left pending after closing, per rank (rank 0 only)
+    rss_mb: list[float]
+    cpu_s: list[float]
+    wall_s: float
+
+
+def run_tensor(comm, store: Store, plan: TensorPlan, drive, dtype=torch.float32, seed: int = 0,
+               prefill_chunk: int = 64, loss: LinkLoss | None = None) -> TensorRun:
+    """Every rank: workers serve partial sums; rank 0 runs drive(coordinator, model), then stops
+    the workers. Ends with every transport closed and the per-rank figures gathered on rank 0."""
+    rank = comm.Get_rank()
+    if loss is None and plan.loss:
+        loss = LinkLoss(plan.loss, seed=seed)
+    transport = MPITransport(comm, max_message_bytes(store, prefill_chunk), loss)
+    result = coordinator = None
+    workers: dict = {}
+    t0 = time.perf_counter()
+    if rank == 0:
+        coordinator = Coordinator(transport, plan.placement, plan.importance, plan.policy)
+        model = coordinator_model(store, plan, coordinator, dtype)
+        result = drive(coordinator, model)
+        workers = coordinator.finish()
+    else:
+        Worker(transport, worker_mlps(store, plan, rank, dtype)).run()
+    wall = time.perf_counter() - t0
+    pending = transport.close()
+    gathered = comm.gather((pending, peak_rss_mb(), cpu_seconds()), root=0)
+    if rank != 0:
+        return TensorRun(None, None, {}, [], [], [], wall)
+    pend, rss, cpu = (list(x) for x in zip(*gathered))
+    return TensorRun(result, coordinator, workers, pend, rss, cpu, wall)
+
+
 def run_generate(a):
     from mpi4py import MPI
 
@@ -119,37 +157,27 @@ def run_generate(a):
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     configure_threads(a.threads)
-    dtype = DTYPES[a.dtype]
 
     def setup():
         store = Store(store_path(a.weights, rank))
         plan = make_plan(store, size, a.sync, a.link_loss, a.unstable_ranks, a.critical_share,
                          a.deadline_factor, a.deadline_margin_ms)
-        loss = LinkLoss(plan.loss, seed=a.seed) if plan.loss else None
-        transport = MPITransport(comm, max_message_bytes(store, a.prefill_chunk), loss)
-        if rank != 0:
-            return store, plan, transport, worker_mlps(store, plan, rank, dtype), None
-        tok = Tokenizer.from_store(store)
-        prompts = read_prompts(a)
-        encoded = [encode_prompt(tok, p, a, store.args.max_seq_len) for p in prompts]
-        return store, plan, transport, (tok, prompts, encoded), None
+        prompts = encoded = tok = None
+        if rank == 0:
+            tok = Tokenizer.from_store(store)
+            prompts = read_prompts(a)
+            encoded = [encode_prompt(tok, p, a, store.args.max_seq_len) for p in prompts]
+        return store, plan, tok, prompts, encoded
 
-    store, plan, transport, local, _ = collective(comm, setup)
-    if rank != 0:
-        store.close()
-        Worker(transport, local).run()
-        report = None
-    else:
-        tok, prompts, encoded = local
-        coordinator = Coordinator(transport, plan.placement, plan.importance, plan.policy)
-        model = coordinator_model(store, plan, coordinator, dtype)
-        store.close()
+    store, plan, tok, prompts, encoded = collective(comm, setup)
+    if rank == 0:
         print(f"tensor-parallel on {size} ranks, sync {plan.policy.mode}, importance "
               f"{plan.importance_source}, link loss {plan.loss or 'none'}, unstable ranks "
               f"{sorted(plan.policy.unstable) or 'none'}\n{describe(plan.placement, plan.importance)}",
               file=sys.stderr)
+
+    def drive(coordinator, model):
         results = []
-        t_start = time.perf_counter()
         for index, (prompt, (ids, max_new)) in enumerate(zip(prompts, encoded)):
             session = TensorParallelSession(model, coordinator, len(ids) + max_new, a.prefill_chunk)
             printer = TokenPrinter(tok, prompt if not a.chat else "", a.quiet,
@@ -159,21 +187,20 @@ def run_generate(a):
                                   tok.stop_ids, printer)
             printer.close(result.tokens)
             results.append(result)
-        wall = time.perf_counter() - t_start
-        report = (coordinator, coordinator.finish(), results, wall)
-    pending = transport.close()
-    pendings = comm.gather(pending, root=0)
-    rss = comm.gather(peak_rss_mb(), root=0)
-    cpu = comm.gather(cpu_seconds(), root=0)
+        return results
+
+    run = run_tensor(comm, store, plan, drive, DTYPES[a.dtype], a.seed, a.prefill_chunk)
+    store.close()
     if rank == 0:
-        stats = tensor_stats(plan, *report, pendings, rss, cpu)
+        stats = tensor_stats(plan, run)
         print(format_report(stats), file=sys.stderr)
         if a.stats_json:
             write_stats(a.stats_json, stats)
 
 
-def tensor_stats(plan: TensorPlan, coordinator: Coordinator, workers: dict, results, wall: float,
-                 pendings: list[int], rss: list[float], cpu: list[float]) -> dict:
+def tensor_stats(plan: TensorPlan, run: TensorRun) -> dict:
+    coordinator, workers, results, pendings, rss, cpu = (run.coordinator, run.workers, run.result,
+                                                         run.pending, run.rss_mb, run.cpu_s)
     decode_s = [s for r in results for s in r.decode_s]
     decode_records = [r for r in coordinator.records if r.decoding]
     dropped = [r.dropped_share for r in decode_records]
@@ -198,7 +225,7 @@ def tensor_stats(plan: TensorPlan, coordinator: Coordinator, workers: dict, resu
         "ms_per_token_median": 1e3 * statistics.median(decode_s) if decode_s else float("nan"),
         "ms_per_token_p95": 1e3 * float(np.quantile(decode_s, 0.95)) if decode_s else float("nan"),
         "tokens_per_s": len(decode_s) / sum(decode_s) if decode_s else float("nan"),
-        "prefill_s": sum(r.prefill_s for r in results), "wall_s": wall,
+        "prefill_s": sum(r.prefill_s for r in results), "wall_s": run.wall_s,
         "dropped_share_mean": float(np.mean(dropped)) if dropped else 0.0,
         "dropped_share_max": float(np.max(dropped)) if dropped else 0.0,
         "dropped_per_token": dropped,

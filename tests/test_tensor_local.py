@@ -1,0 +1,217 @@
+"""Tensor-parallel engine on the single-process twin (ranks as threads, LocalHub transport)."""
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from halo_mpi.comm import Kind, LinkEstimate, LinkLoss, LocalHub, parse_link_loss
+from halo_mpi.engine import Coordinator, SyncPolicy, Worker
+from halo_mpi.errors import HaloError
+from halo_mpi.generate import LocalSession, Sampler, generate
+from halo_mpi.model import Transformer
+from halo_mpi.placement import group_counts, static_placement
+from halo_mpi.tp import LocalCluster, make_plan
+
+
+def reference_run(store, ids, n):
+    model = Transformer.from_store(store)
+    session = LocalSession(model, len(ids) + n)
+    return generate(session, ids, n, Sampler(0.0))
+
+
+def test_strict_twin_equals_reference(tiny_store):
+    ids = [5, 70, 33, 9, 120]
+    ref_model = Transformer.from_store(tiny_store)
+    ref = ref_model(torch.tensor(ids), ref_model.new_cache(8))
+    plan = make_plan(tiny_store, 3, sync="strict")
+    cluster = LocalCluster(tiny_store, plan)
+    cache = cluster.model.new_cache(8)
+    cluster.coordinator.begin_step(decoding=False)
+    got = cluster.model(torch.tensor(ids), cache)
+    cluster.stop()
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+def test_halo_twin_without_loss_generates_the_reference_text(tiny_store):
+    ids, n = [5, 70, 33], 24
+    expected = reference_run(tiny_store, ids, n).tokens
+    cluster = LocalCluster(tiny_store, make_plan(tiny_store, 4, sync="halo"))
+    result = generate(cluster.session(len(ids) + n), ids, n, Sampler(0.0))
+    workers = cluster.stop()
+    assert result.tokens == expected
+    assert all(r.dropped_share == 0 for r in cluster.coordinator.records)
+    assert sorted(workers) == [1, 2, 3]
+
+
+class EchoMLP:
+    """A worker 'MLP' whose partial is recognisable: input's marker in its own rank's column."""
+    ids = np.arange(1)
+    nbytes = 0
+
+    def __init__(self, rank, stall_on_call=None, stall_s=0.0):
+        self.rank, self.calls, self.stall_on_call, self.stall_s = rank, 0, stall_on_call, stall_s
+
+    def __call__(self, x):
+        self.calls += 1
+        if self.calls == self.stall_on_call:
+            time.sleep(self.stall_s)
+        out = torch.zeros_like(x)
+        out[:, self.rank] = x[:, 0]
+        return out
+
+
+def marker_cluster(size, loss, policy, stall=None):
+    hub = LocalHub(size, loss)
+    n_layers = 4
+    importance = np.full((n_layers, size), 1.0 / size, np.float32)
+    placement = [[np.array([r]) for r in range(size)] for _ in range(n_layers)]
+    coord = Coordinator(hub.transports[0], placement, importance, policy)
+    mlps = {r: EchoMLP(r) for r in range(1, size)}
+    if stall:                                        # (rank, on which call, seconds)
+        mlps[stall[0]] = EchoMLP(stall[0], stall[1], stall[2])
+    workers = [Worker(hub.transports[r], {l: mlps[r] for l in range(n_layers)}) for r in range(1, size)]
+    threads = [threading.Thread(target=w.run, daemon=True) for w in workers]
+    for t in threads:
+        t.start()
+    return coord, workers, threads, n_layers
+
+
+def run_markers(coord, n_layers, steps):
+    """Drive the coordinator's per-layer gather; yield (step, layer, output) of every layer."""
+    for _ in range(steps):
+        coord.begin_step(decoding=True)
+        for layer in range(n_layers):
+            marker = coord.step * 100 + layer
+            x = torch.full((1, 8), float(marker))
+            yield coord.step, layer, marker, coord.mlp(layer, x, own=None)
+
+
+def test_late_partials_are_never_mixed_into_a_later_step():
+    size = 4
+    policy = SyncPolicy("halo", critical_share=0.3, unstable=frozenset({2, 3}), initial_deadline=0.003)
+    loss = LinkLoss({2: 0.3, 3: 0.3}, seed=3)
+    coord, workers, threads, n_layers = marker_cluster(size, loss, policy)
+    seen_drop = False
+    for step, layer, marker, out in run_markers(coord, n_layers, 60):
+        col = out[0].numpy()
+        assert col[1] == marker                      # stable rank 1: always waited for
+        for r in (2, 3):
+            assert col[r] in (0.0, marker), (step, layer, r, col[r])   # this step's value or nothing
+            seen_drop |= col[r] == 0.0
+    done = coord.finish(timeout=30)
+    assert seen_drop, "30% loss should have dropped some partials"
+    late = sum(coord.late_discarded.values())
+    dropped = sum(sum(rec.dropped_ranks.values()) for rec in coord.records)
+    skipped = sum(d["skipped"] for d in done.values())
+    assert late + skipped == dropped    # every dropped partial was discarded late or never computed
+    assert set(r for rec in coord.records for r in rec.dropped_ranks) <= {2, 3}
+
+
+def test_strict_waits_through_loss():
+    policy = SyncPolicy("strict")
+    coord, workers, threads, n_layers = marker_cluster(3, LinkLoss({2: 0.2}, seed=1), policy)
+    for step, layer, marker, out in run_markers(coord, n_layers, 10):
+        assert out[0, 1].item() == marker and out[0, 2].item() == marker
+    coord.finish(timeout=30)
+    assert coord.t.stats.sent > 0 and sum(coord.late_discarded.values()) == 0
+
+
+def test_a_worker_that_sleeps_once_catches_up():
+    policy = SyncPolicy("halo", critical_share=0.3, unstable=frozenset({2}), initial_deadline=0.005)
+    coord, workers, threads, n_layers = marker_cluster(3, None, policy, stall=(2, 9, 0.4))
+    for _ in run_markers(coord, n_layers, 80):
+        pass
+    done = coord.finish(timeout=30)
+    dropped_at = [rec.step for rec in coord.records if rec.dropped_ranks.get(2)]
+    assert dropped_at, "the stall should have cost some partials"
+    assert done[2]["skipped"] > 0                          # it skipped inputs of closed steps
+    last_drop = max(dropped_at)
+    assert last_drop < coord.step - 20                     # and was on time again afterwards
+
+
+# ---------------------------------------------------------------------------------------------
+# policy, placement, loss model, link estimate
+
+def test_critical_partials():
+    p = SyncPolicy("halo", critical_share=0.5, unstable=frozenset({2, 3}))
+    assert p.critical(0.28, {1: 0.26, 2: 0.24, 3: 0.22}) == {1}
+    assert SyncPolicy("halo", 0.9, frozenset({2, 3})).critical(0.28, {1: 0.26, 2: 0.24, 3: 0.22}) == {1, 2, 3}
+    assert SyncPolicy("halo", 0.7, frozenset({2, 3})).critical(0.28, {1: 0.26, 2: 0.24, 3: 0.22}) == {1, 2}
+    assert SyncPolicy("strict").critical(0.1, {1: 0.1, 2: 0.8}) == {1, 2}
+
+
+def test_static_placement_puts_the_least_important_groups_on_unstable_ranks():
+    rng = np.random.default_rng(0)
+    imp = rng.random((3, 24)).astype(np.float32)
+    imp /= imp.sum(1, keepdims=True)
+    placement = static_placement(imp, 4, unstable={2, 3})
+    for layer, p in enumerate(placement):
+        assert sorted(np.concatenate(p).tolist()) == list(range(24))
+        assert [len(x) for x in p] == [6, 6, 6, 6]
+        low = set(np.argsort(imp[layer])[:12].tolist())
+        assert set(p[2].tolist()) | set(p[3].tolist()) == low
+        assert abs(imp[layer, p[0]].sum() - imp[layer, p[1]].sum()) < 0.1
+    assert group_counts(24, 5, {4}) == [5, 5, 5, 5, 4]
+    with pytest.raises(HaloError, match="rank 0"):
+        static_placement(imp, 4, unstable={0})
+
+
+def test_emulated_loss_delay_matches_the_tcp_model():
+    loss = LinkLoss({1: 0.05}, seed=0)
+    assert loss.delay(0, 2, 5000) == 0.0                     # no loss configured on rank 2's link
+    n, nbytes = 20000, 3000                                  # 2 packets per message
+    delays = np.array([loss.delay(0, 1, nbytes) for _ in range(n)])
+    expected = 2 * 0.2 * 0.05 / (1 - 2 * 0.05)               # k * RTO * E[2^L - 1], L ~ geometric
+    assert abs(delays.mean() - expected) < 0.15 * expected
+    assert abs((delays > 0).mean() - (1 - 0.95 ** 2)) < 0.01
+    assert set(np.round(delays[delays > 0], 3)) >= {0.2, 0.4, 0.6}   # 1 loss, 2 losses, 1+doubling
+    again = LinkLoss({1: 0.05}, seed=0)
+    assert [again.delay(0, 1, nbytes) for _ in range(50)] == delays[:50].tolist()
+
+
+def test_parse_link_loss_errors():
+    assert parse_link_loss("2:0.05,3:0.1", 4) == {2: 0.05, 3: 0.1}
+    for bad, msg in [("2-0.05", "RANK:P"), ("0:0.1", "rank 0"), ("5:0.1", "rank 5"), ("1:1.5", "not in")]:
+        with pytest.raises(HaloError, match=msg):
+            parse_link_loss(bad, 4)
+
+
+def test_link_estimate_ignores_retransmission_stalls():
+    est = LinkEstimate(factor=1.5, margin=0.002, initial=0.1)
+    assert est.deadline() == 0.1
+    for i in range(60):
+        est.add_latency(0.004 + 0.0001 * (i % 5))
+    for _ in range(6):
+        est.add_latency(0.25)                                # stalls
+    assert 0.007 < est.deadline() < 0.01
+
+
+def test_in_order_links_hold_later_messages_behind_a_delayed_one():
+    loss = LinkLoss({1: 0.2}, seed=16, in_order=True)   # seed 16: the first message loses a packet
+    hub = LocalHub(2, loss)
+    t0, t1 = hub.transports
+    for i in range(6):
+        t0.send(1, Kind.INPUT, i, 0, np.zeros((1, 4), np.float32))
+    assert t0.stats.held == 1 and len(t0._held[1]) == 6     # one delayed, five behind it
+    got, end = [], time.time() + 10
+    while len(got) < 6 and time.time() < end:
+        got += [m.step for m in t1.poll(0.05)]
+        t0.pump()
+    assert got == list(range(6))
+
+
+def test_shards_hold_only_their_groups_and_run_like_the_store(tiny_store, tmp_path):
+    from halo_mpi.store import Store, write_shard
+    plan = make_plan(tiny_store, 3, sync="strict", link_loss="2:0.1")
+    for r in range(3):
+        write_shard(tiny_store, str(tmp_path / f"s.rank{r}.h5"), r, 3, [p[r] for p in plan.placement])
+    with Store(str(tmp_path / "s.rank2.h5")) as s2:
+        assert s2.mlp_group_ids(1).tolist() == plan.placement[1][2].tolist()
+        assert "layers/001/attn_groups" not in s2.f and "embedding" not in s2.f
+        with pytest.raises(HaloError, match="does not hold"):
+            s2.mlp_groups(1, plan.placement[1][1])
+    with Store(str(tmp_path / "s.rank0.h5")) as s0:
+        plan0 = make_plan(s0, 3, sync="strict", link_loss="2:0.1")
+        assert all((a[r] == b[r]).all() for a, b in zip(plan0.placement, plan.placement) for r in range(3))
