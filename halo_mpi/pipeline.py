@@ -356,7 +356,17 @@ def run_activation(ring: Ring, stage: Stage, clock: Clock, msg: Message):
 # statistics
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process, loading transients included."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+
+
+def rss_mb() -> float:
+    """Resident memory now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20   # pages -> MiB
+    except OSError:
+        return 0.0
 
 
 def held_parameters(model: Transformer) -> int:
@@ -376,6 +386,7 @@ def rank_stats(ring: Ring, stage: Stage, clock: Clock) -> dict:
             "embedding_and_head": ring.rank == 0, "parameters": held_parameters(stage.model),
             "compute_s": clock.compute_s, "wait_s": ring.wait_s, "wall_s": wall,
             "busy_share": clock.compute_s / wall if wall else 0.0, "peak_rss_mb": peak_rss_mb(),
+            "rss_mb": rss_mb(),
             "messages_sent": ring.transport.stats.sent if ring.transport else 0,
             "messages_received": ring.transport.stats.received if ring.transport else 0}
 
@@ -428,7 +439,7 @@ class PipelineRun:
             lines.append(f"rank {r['rank']}: layers {a}-{b - 1} ({b - a}){' + embedding, head' if r['embedding_and_head'] else ''}"
                          f", {r['parameters'] / 1e6:.1f} M parameters | busy {100 * r['busy_share']:.0f}% "
                          f"(compute {r['compute_s']:.2f} s, wait {r['wait_s']:.2f} s) | "
-                         f"peak RSS {r['peak_rss_mb']:.0f} MB")
+                         f"peak RSS {r['peak_rss_mb']:.0f} MB (now {r['rss_mb']:.0f} MB)")
         lines.append(f"requests pending at the end: {self.pending_requests}")
         return lines
 

@@ -247,6 +247,16 @@ def test_local_ring_sampling_matches_the_reference(deep_store, deep_model):
     assert_same_as_reference(run, deep_model, requests, options)
 
 
+def test_bench_row_from_a_local_run(deep_store):
+    from halo_mpi.pipeline import bench_row
+    requests = [Request([100 + 7 * i + j for j in range(16)], 4 + 12) for i in range(4)]
+    run = run_local(deep_store, requests, Options(in_flight=4), 2)
+    row = bench_row(run, tokens=12, warmup=4)
+    assert row["mode"] == "pipeline" and row["ranks"] == 2 and row["sequences"] == 4
+    assert 0 < row["ms_per_token_median"] <= row["ms_per_token_p95"] and row["tokens_per_s"] > 0
+    assert [r["rank"] for r in row["rank_stats"]] == [0, 1]
+
+
 def test_local_ring_zero_new_tokens(deep_store, deep_model):
     requests = [Request([5, 6, 7], 0), Request([8], 3)]
     options = Options(keep_logits=True)
