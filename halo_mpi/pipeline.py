@@ -97,6 +97,10 @@ def make_plan(args: ModelArgs, requests: list[Request], size: int, options: Opti
               devices: list[Device] | None = None) -> Plan:
     if not requests:
         raise HaloError("pipeline mode needs at least one prompt")
+    for i, r in enumerate(requests):
+        if not r.ids or len(r.ids) + r.max_new > args.max_seq_len:
+            raise HaloError(f"prompt {i} has {len(r.ids)} tokens and asks for {r.max_new} more; the "
+                            f"model's context holds 1 to {args.max_seq_len} in all")
     in_flight = min(options.in_flight or len(requests), len(requests))
     max_lens = [len(r.ids) + r.max_new for r in requests]
     kv_tokens = sum(sorted(max_lens)[-in_flight:])     # the S longest sequences, all at once
@@ -400,6 +404,11 @@ class PipelineRun:
     wall_s: float                   # first prefill to last token
     pending_requests: int = 0       # over all ranks, after closing their transports
 
+    def set_pending(self, per_rank: list[int]):
+        for stats, n in zip(self.ranks, per_rank):
+            stats["pending_requests_at_end"] = n
+        self.pending_requests = sum(per_rank)
+
     @property
     def tokens(self) -> int:
         return sum(len(s.result.tokens) for s in self.sequences)
@@ -534,7 +543,7 @@ def run_pipeline(comm, weights: str, requests: list[Request] | None, options: Op
     gentle_barrier(comm)
     pending = comm.gather(pending, root=0)
     if run is not None:
-        run.pending_requests = sum(pending)
+        run.set_pending(pending)
     return run
 
 
@@ -570,7 +579,7 @@ def run_local(store, requests: list[Request], options: Options, size: int,
     if errors:
         raise (real or errors)[0]
     run = results[0]
-    run.pending_requests = sum(t.close() for t in hub.transports)
+    run.set_pending([t.close() for t in hub.transports])
     return run
 
 
