@@ -304,7 +304,7 @@ def mpi_run(path, requests, options, devices=None):
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("in_flight", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("in_flight", range(1, 9))
 def test_mpi_ring_equals_the_reference(deep_store_path, deep_model, in_flight):
     from mpi4py import MPI
     requests = make_requests(8, 512, seed=in_flight)
@@ -384,18 +384,33 @@ def halo(n: int, *argv, timeout=240, env=None):
                           env={**os.environ, **(env or {})})
 
 
-def test_cli_pipeline_prints_each_sequence_and_equals_single_mode(deep_store_path, tmp_path):
-    prompts = ["hello", "a longer prompt with more words in it", "x"]
-    common = ["generate", "--weights", deep_store_path, "--max-new-tokens", 10, "--temperature", 0]
-    for p in prompts:
-        common += ["--prompt", p]
-    single = halo(1, *common, "--stats-json", tmp_path / "single.json")
+@pytest.fixture(scope="module")
+def single_mode_stats(deep_store_path, tmp_path_factory):
+    """The single-process run of CLI_PROMPTS (the reference for the pipeline runs below)."""
+    path = tmp_path_factory.mktemp("single") / "single.json"
+    single = halo(1, *cli_generate_args(deep_store_path), "--stats-json", path)
     assert single.returncode == 0, single.stderr
-    pipe = halo(2, *common, "--parallel", "pipeline", "--num-sequences", 2,
+    return json.loads(path.read_text())
+
+
+CLI_PROMPTS = ["hello", "a longer prompt with more words in it", "x"]
+
+
+def cli_generate_args(weights):
+    args = ["generate", "--weights", weights, "--max-new-tokens", 10, "--temperature", 0]
+    for p in CLI_PROMPTS:
+        args += ["--prompt", p]
+    return args
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_cli_pipeline_prints_each_sequence_and_equals_single_mode(deep_store_path, tmp_path,
+                                                                  single_mode_stats, n):
+    prompts, want = CLI_PROMPTS, single_mode_stats["sequences"]
+    pipe = halo(n, *cli_generate_args(deep_store_path), "--parallel", "pipeline", "--num-sequences", 2,
                 "--stats-json", tmp_path / "pipe.json")
     assert pipe.returncode == 0, pipe.stderr
     stats = json.loads((tmp_path / "pipe.json").read_text())
-    want = json.loads((tmp_path / "single.json").read_text())["sequences"]
     assert [s["tokens"] for s in stats["sequences"]] == [s["tokens"] for s in want]
     assert [s["index"] for s in stats["sequences"]] == [0, 1, 2]
     # each sequence printed whole, labelled by its prompt's index (in the order they finished)
@@ -403,7 +418,8 @@ def test_cli_pipeline_prints_each_sequence_and_equals_single_mode(deep_store_pat
         assert pipe.stdout.count(f"[{i}] {p}") == 1
     assert stats["mode"] == "pipeline" and stats["pending_requests_at_end"] == 0
     assert stats["tokens_per_s"] > 0 and stats["ms_per_token_median"] > 0
-    assert [(r["rank"], r["layers"]) for r in stats["ranks"]] == [(0, [0, 4]), (1, [4, 8])]
+    assert [(r["rank"], r["layers"]) for r in stats["ranks"]] == \
+        [(rank, [b.start, b.stop]) for rank, b in enumerate(split_layers(8, n))]
     for r in stats["ranks"]:
         assert {"busy_share", "peak_rss_mb", "compute_s", "wait_s"} <= set(r)
     assert "tokens/s total" in pipe.stderr and "busy" in pipe.stderr and "peak RSS" in pipe.stderr
