@@ -17,6 +17,9 @@ A device profile is a TOML file, one table per rank (ranks not listed take [defa
     [rank.0]
     speed = 2.0
     memory_mb = 900      # budget for this rank's weights and KV caches, MB
+
+A budget covers the weights and KV caches only: each rank's Python, torch and MPI take another
+~250 MB (measured on the dev machine), and loading briefly holds one extra copy of a matrix.
 """
 from __future__ import annotations
 
