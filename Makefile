@@ -39,8 +39,12 @@ weights: $(STORE)
 $(GGUF): | $(VENV)/.installed
 	$(HALO) fetch-weights --dir weights
 
+# convert, regroup neurons by co-activation, measure importance and fit the predictors; the store
+# appears only when all of it succeeded
 $(STORE): $(GGUF)
-	$(HALO) convert $(GGUF) -o $(STORE) --mlp-groups $(MLP_GROUPS)
+	$(HALO) convert $(GGUF) -o $(STORE).tmp --mlp-groups $(MLP_GROUPS)
+	$(HALO) calibrate --weights $(STORE).tmp --regroup
+	mv $(STORE).tmp $(STORE)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

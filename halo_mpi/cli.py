@@ -132,48 +132,39 @@ def write_stats(path: str, stats: dict):
 
 
 def cmd_calibrate(a):
-    import torch
+    import json
 
-    from .importance import group_contributions, static_importance
-    from .model import Transformer
+    from .calibrate import calibrate, format_report, report
     from .runtime import configure_threads
-    from .store import Store, write_calibration
-    from .texts import calibration_text, read_text
-    from .tokenizer import Tokenizer
+    from .texts import read_text
 
     configure_threads(a.threads)
-    text = read_text(a.text) if a.text else calibration_text()
-    with Store(a.weights) as store:
-        ids = Tokenizer.from_store(store).encode(text)[: a.tokens]
-        if len(ids) < 16:
-            raise HaloError(f"calibration text gives {len(ids)} tokens; give a longer --text")
-        model = Transformer.from_store(store)
-        args = store.args
-    torch.manual_seed(a.seed)
-    imp = static_importance(group_contributions(model, ids, progress=not a.quiet))
-    write_calibration(a.weights, {"static_importance": imp},
-                      {"static_tokens": len(ids), "static_text": a.text or "pydoc_data.topics (calibration set)"})
-    low = np.sort(imp, 1)[:, : args.mlp_groups // 2].sum(1)
-    print(f"wrote /calibration/static_importance ({args.n_layers} x {args.mlp_groups}) to {a.weights} "
-          f"from {len(ids)} tokens; per layer, the least important half of the groups holds "
-          f"{100 * np.median(low):.0f}% of the importance (median over layers), most/least important "
-          f"group {np.median(imp.max(1) / imp.min(1)):.2f}x")
+    if not a.report_only:
+        calibrate(a.weights, read_text(a.text) if a.text else None, a.tokens, a.rank, a.regroup,
+                  progress=not a.quiet)
+    if a.report or a.report_only or a.report_json:
+        r = report(a.weights, a.report_tokens, progress=not a.quiet)
+        print(format_report(r))
+        if a.report_json:
+            with open(a.report_json, "w") as f:
+                json.dump(r, f, indent=2)
 
 
 def cmd_shard(a):
-    from .placement import describe
+    from .scheduler import describe_plan
     from .store import Store, write_shard
     from .tp import make_plan
 
     os.makedirs(a.out, exist_ok=True)
     with Store(a.weights) as store:
-        plan = make_plan(store, a.ranks, link_loss=a.link_loss, unstable_ranks=a.unstable_ranks)
+        plan = make_plan(store, a.ranks, link_loss=a.link_loss, unstable_ranks=a.unstable_ranks,
+                         placement=a.placement, device_profile=a.device_profile)
         base = os.path.splitext(os.path.basename(a.weights))[0]
         for rank in range(a.ranks):
             path = os.path.join(a.out, f"{base}.rank{rank}.h5")
             write_shard(store, path, rank, a.ranks, [p[rank] for p in plan.placement])
             print(f"wrote {path} ({os.path.getsize(path) / 1e6:.0f} MB)")
-    print(describe(plan.placement, plan.importance))
+    print(describe_plan(plan.placement, plan.importance, plan.cluster))
     print(f"run with: --weights '{os.path.join(a.out, base)}.rank{{rank}}.h5' (and the same "
           f"--link-loss / --unstable-ranks)")
 
@@ -252,6 +243,19 @@ def add_tensor_arguments(g):
                    help="halo: added to every deadline (default: %(default)s)")
     t.add_argument("--prefill-chunk", type=positive_int, default=64,
                    help="prompt tokens per message during prefill (default: %(default)s)")
+    t.add_argument("--placement", choices=["semantic", "static", "random"], default="semantic",
+                   help="semantic: least important groups on the least reliable ranks, per-token "
+                        "importance from the predictor; static: the same placement, calibration "
+                        "averages only; random: groups placed ignoring importance (ablation) "
+                        "(default: %(default)s)")
+    t.add_argument("--device-profile", metavar="TOML",
+                   help="per-rank speed, memory budget and link reliability (see "
+                        "halo_mpi/scheduler.py); speeds below 1 are emulated by stretching compute")
+    t.add_argument("--sparsity", type=float, default=0.0,
+                   help="skip this share of each layer's groups, the predicted least important, "
+                        "in decode steps (contextual sparsity) (default: %(default)s)")
+    t.add_argument("--no-replan", action="store_true",
+                   help="keep the first placement even when a link's on-time rate changes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -329,18 +333,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print only the generated text at the end, no streaming")
     add_tensor_arguments(g)
     g.set_defaults(func=cmd_generate)
-    k = sub.add_parser("calibrate", help="measure each MLP group's static importance on real text",
+    k = sub.add_parser("calibrate", help="regroup neurons, measure group importance, fit predictors",
                        description="Run the reference model over calibration text (default: a fixed "
                                    "set of pydoc_data.topics entries shipped with Python) and store "
-                                   "each MLP group's mean contribution norm, per layer normalised to "
-                                   "1, as /calibration/static_importance in the store.")
+                                   "under /calibration: each MLP group's static importance and the "
+                                   "per-layer low-rank importance predictors. --regroup first "
+                                   "reorders each layer's neurons so co-active neurons share groups "
+                                   "(the model's output does not change).")
     k.add_argument("--weights", default=DEFAULT_WEIGHTS, help="HDF5 store to calibrate (default: %(default)s)")
     k.add_argument("--text", help="a text file or a folder of .txt/.md files instead of the default")
     k.add_argument("--tokens", type=positive_int, default=2048,
                    help="calibration tokens to use at most (default: %(default)s)")
-    k.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    k.add_argument("--rank", type=positive_int, default=16,
+                   help="rank r of each predictor (input -> r -> groups) (default: %(default)s)")
+    k.add_argument("--regroup", action="store_true",
+                   help="reorder neurons into co-activation groups first (rewrites the store once)")
+    k.add_argument("--report", action="store_true",
+                   help="then evaluate the predictor on held-out text (topics disjoint from calibration)")
+    k.add_argument("--report-only", action="store_true", help="only evaluate, do not calibrate")
+    k.add_argument("--report-json", help="write the evaluation to this JSON file")
+    k.add_argument("--report-tokens", type=positive_int, default=1024,
+                   help="held-out tokens for the report (default: %(default)s)")
     k.add_argument("--threads", type=int, default=0, help="torch threads; 0 = all cores (default: %(default)s)")
-    k.add_argument("--quiet", action="store_true", help="no progress bar")
+    k.add_argument("--quiet", action="store_true", help="no progress bars")
     k.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("shard", help="write one store file per rank for nodes without shared storage",
@@ -354,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--out", default="weights/shards", help="output folder (default: %(default)s)")
     s.add_argument("--link-loss", metavar="RANK:P,...", help="as for generate (sets the unstable ranks)")
     s.add_argument("--unstable-ranks", metavar="R,...", help="as for generate")
+    s.add_argument("--placement", choices=["semantic", "static", "random"], default="semantic",
+                   help="as for generate (default: %(default)s)")
+    s.add_argument("--device-profile", help="as for generate")
     s.set_defaults(func=cmd_shard)
 
     b = sub.add_parser("bench", help="measure decode speed (ms/token) and where the time goes",

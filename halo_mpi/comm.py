@@ -354,15 +354,21 @@ class LinkEstimate:
 
     def __post_init__(self):
         self.samples: deque = deque(maxlen=self.window)
+        self.recent: deque = deque(maxlen=self.window)     # recent outcomes, for re-planning
 
     def add_latency(self, seconds: float):
         self.samples.append(seconds)
 
     def add_outcome(self, on_time: bool):
+        self.recent.append(on_time)
         if on_time:
             self.on_time += 1
         else:
             self.late += 1
+
+    @property
+    def recent_rate(self) -> float:
+        return sum(self.recent) / len(self.recent) if self.recent else 1.0
 
     def deadline(self) -> float:
         if len(self.samples) < 4:

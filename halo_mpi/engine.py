@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ import torch
 from .comm import Kind, LinkEstimate, Message, Transport, json_payload
 from .errors import HaloError
 from .groups import GroupMLP
-from .placement import Placement
+from .scheduler import Placement
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,55 +58,121 @@ class StepRecord:
     step: int
     decoding: bool
     dropped_share: float = 0.0                             # mean over layers of dropped importance
+    skipped_share: float = 0.0                             # mean over layers skipped by --sparsity
     dropped_ranks: Counter = field(default_factory=Counter)  # rank -> layers dropped
+
+
+LoadGroups = Callable[[int, np.ndarray], "GroupMLP | None"]   # (layer, ids) -> the groups' MLP
 
 
 # ---------------------------------------------------------------------------------------------
 # rank 0
 
 class Coordinator:
+    """Per layer: send x, compute own groups, gather partials under the sync policy.
+
+    importance: static (n_layers, G) shares; predictor: per-token importance (optional);
+    sparsity: share of the predicted least important groups skipped outright in decode steps;
+    replanner: moves groups when links change (optional). Partials carry the plan version in
+    the header's seq field, so one computed under an old placement is never added in.
+    """
+
     def __init__(self, transport: Transport, placement: Placement, importance: np.ndarray,
-                 policy: SyncPolicy):
-        self.t, self.placement, self.importance, self.policy = transport, placement, importance, policy
+                 policy: SyncPolicy, load_groups: LoadGroups, predictor=None, sparsity: float = 0.0,
+                 replanner=None, log=None):
+        self.t, self.importance, self.policy = transport, importance, policy
+        self.load_groups, self.predictor, self.sparsity = load_groups, predictor, sparsity
+        self.replanner, self.log = replanner, log or (lambda line: None)
         self.n_layers = len(placement)
-        self.peers_of = [[r for r in range(1, len(p)) if len(p[r])] for p in placement]
-        self.shares = [{r: float(importance[l, placement[l][r]].sum()) for r in range(len(placement[l]))}
-                       for l in range(self.n_layers)]
         self.links = {r: LinkEstimate(factor=policy.deadline_factor, margin=policy.deadline_margin,
                                       initial=policy.initial_deadline) for r in range(1, transport.size)}
+        self.version = 0
+        self.placement: Placement = []
+        self.own: dict[int, GroupMLP | None] = {}
+        self.set_placement(placement)
         self.step, self.decoding = 0, False
         self.records: list[StepRecord] = []
         self.sent_at = 0.0                                   # when the current layer's inputs went out
         self.late_discarded = Counter()                      # rank -> stale partials thrown away
         self.used = Counter()                                # rank -> partials added in
-        self.compute_s = 0.0
-        self.gather_wait_s = 0.0
+        self.compute_s = self.gather_wait_s = 0.0
+        self.replans: list[str] = []
+
+    def set_placement(self, placement: Placement):
+        changed = [l for l in range(self.n_layers)
+                   if not self.placement or not np.array_equal(self.placement[l][0], placement[l][0])]
+        self.placement = placement
+        for l in changed:
+            self.own[l] = self.load_groups(l, placement[l][0]) if len(placement[l][0]) else None
 
     # -- steps
     def begin_step(self, decoding: bool):
         self.step += 1
         self.decoding = decoding
         self.records.append(StepRecord(self.step, decoding))
+        if decoding and self.replanner is not None:
+            self.maybe_replan()
+
+    def maybe_replan(self):
+        new, line = self.replanner.update(self.links, self.placement, self.step)
+        if new is None:
+            return
+        self.version += 1
+        width = max(len(p[r]) for p in new for r in range(len(p)))
+        for r in range(1, self.t.size):
+            ids = np.full((self.n_layers, width), -1, np.float32)   # (L, width), -1 = no group
+            for l, p in enumerate(new):
+                ids[l, :len(p[r])] = p[r]
+            self.t.send(r, Kind.PLAN, self.step, -1, ids, seq=self.version)
+        self.set_placement(new)
+        self.policy.unstable = frozenset(self.replanner.unstable())
+        self.replans.append(line)
+        self.log(line)
 
     # -- one layer
-    def mlp(self, layer: int, x: torch.Tensor, own: GroupMLP | None) -> torch.Tensor:
-        peers = self.peers_of[layer]
+    def group_importance(self, layer: int, x: torch.Tensor) -> np.ndarray:
+        """(G,) shares of this layer's importance for the current token(s)."""
+        if self.predictor is None or not self.decoding:
+            return self.importance[layer]
+        g = self.predictor(layer, x).sum(0).numpy()
+        return g / g.sum()
+
+    def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        imp = self.group_importance(layer, x)
+        keep = None
+        if self.sparsity > 0:             # contextual sparsity: skip the least important groups
+            keep = np.ones(len(imp), bool)
+            if self.decoding:              # (prefill computes all: the prompt's KV cache lasts)
+                keep[np.argsort(-imp)[max(1, round((1 - self.sparsity) * len(imp))):]] = False
+            self.records[-1].skipped_share += float(imp[~keep].sum()) / self.n_layers
+        placed = self.placement[layer]
+        local_keep = {r: (keep[placed[r]] if keep is not None else None) for r in range(len(placed))}
+        shares = {r: float(imp[placed[r]][local_keep[r]].sum() if keep is not None else imp[placed[r]].sum())
+                  for r in range(len(placed))}
+        peers = [r for r in range(1, len(placed)) if len(placed[r])
+                 and (keep is None or local_keep[r].any())]
         payload = x.numpy()                                   # (T, dim)
         for r in peers:
-            self.t.send(r, Kind.INPUT, self.step, layer, payload)
+            body = payload if keep is None else with_mask_row(payload, local_keep[r])
+            self.t.send(r, Kind.INPUT, self.step, layer, body, seq=self.version)
         sent_at = self.sent_at = time.perf_counter()
-        out = own(x) if own is not None else torch.zeros_like(x)
+        own = self.own.get(layer)
+        if own is None or (keep is not None and not local_keep[0].any()):
+            out = torch.zeros_like(x)
+        else:
+            out = own(x) if keep is None else own.subset(x, local_keep[0])
         self.compute_s += time.perf_counter() - sent_at
-        for r, part in sorted(self.gather(layer, peers, sent_at).items()):
+        for r, part in sorted(self.gather(layer, peers, sent_at, shares).items()):
             out += torch.from_numpy(part)
         return out
 
-    def gather(self, layer: int, peers: list[int], sent_at: float) -> dict[int, np.ndarray]:
+    def gather(self, layer: int, peers: list[int], sent_at: float, shares: dict) -> dict[int, np.ndarray]:
         t0 = time.perf_counter()
-        shares = {r: self.shares[layer][r] for r in peers}
-        waiting = set(peers) if not self.decoding else self.policy.critical(self.shares[layer][0], shares)
+        peer_shares = {r: shares[r] for r in peers}
+        waiting = set(peers) if not self.decoding else self.policy.critical(shares[0], peer_shares)
         deadline = {r: sent_at + self.links[r].deadline() for r in peers}
         got: dict[int, np.ndarray] = {}
+        arrived: dict[int, float] = {}
         while len(got) < len(peers):
             missing = [r for r in peers if r not in got]
             now = time.perf_counter()
@@ -117,26 +184,30 @@ class Coordinator:
                     break
                 timeout = last - now
             for m in self.t.poll(timeout):
-                self.receive(m, layer, got)
-        self.account(layer, [r for r in peers if r not in got], shares)
+                if self.receive(m, layer, got):
+                    arrived[m.source] = time.perf_counter()
+        on_time = {r for r in arrived if arrived[r] <= deadline[r]}  # waited-for late ones are late
+        self.account([r for r in peers if r not in got], peer_shares, on_time)
         self.gather_wait_s += time.perf_counter() - t0
         return got
 
-    def receive(self, m: Message, layer: int, got: dict):
+    def receive(self, m: Message, layer: int, got: dict) -> bool:
         if m.kind != Kind.PARTIAL:
             raise HaloError(f"rank 0 got an unexpected {m.kind.name} message from rank {m.source}")
-        if (m.step, m.layer) == (self.step, layer):
+        if (m.step, m.layer, m.seq) == (self.step, layer, self.version):
             got[m.source] = m.payload
             self.used[m.source] += 1
-            if self.decoding:      # on-time round trips of decode steps feed the link estimate
+            if self.decoding:      # round trips of decode steps feed the link estimate
                 self.links[m.source].add_latency(time.perf_counter() - self.sent_at)
-        else:                                                 # a closed step or layer: never mixed in
-            self.late_discarded[m.source] += 1
+            return True
+        self.late_discarded[m.source] += 1   # a closed step or layer, or an old plan: never mixed in
+        return False
 
-    def account(self, layer: int, dropped: list[int], shares: dict[int, float]):
+    def account(self, dropped: list[int], shares: dict[int, float], on_time: set[int]):
         rec = self.records[-1]
-        for r in shares:
-            self.links[r].add_outcome(r not in dropped)
+        if self.decoding:
+            for r in shares:
+                self.links[r].add_outcome(r in on_time)
         for r in dropped:
             rec.dropped_ranks[r] += 1
             rec.dropped_share += shares[r] / self.n_layers
@@ -161,14 +232,21 @@ class Coordinator:
         return done
 
 
+def with_mask_row(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """x (T, dim) plus one last row whose first len(keep) entries flag the groups to compute."""
+    mask = np.zeros((1, x.shape[1]), np.float32)
+    mask[0, :len(keep)] = keep
+    return np.concatenate([x, mask])
+
+
 class DistributedMLP:
     """Stands in for a block's MLP on rank 0: (T, dim) -> (T, dim) summed over all ranks' groups."""
 
-    def __init__(self, coordinator: Coordinator, layer: int, own: GroupMLP | None):
-        self.coordinator, self.layer, self.own = coordinator, layer, own
+    def __init__(self, coordinator: Coordinator, layer: int):
+        self.coordinator, self.layer = coordinator, layer
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.coordinator.mlp(self.layer, x, self.own)
+        return self.coordinator.mlp(self.layer, x)
 
 
 class TensorParallelSession:
@@ -193,32 +271,50 @@ class TensorParallelSession:
 # ranks 1..N-1
 
 class Worker:
-    """Computes partial MLP sums for its groups; skips inputs of steps already closed."""
+    """Computes partial MLP sums for its groups; skips inputs of steps already closed.
 
-    def __init__(self, transport: Transport, mlps: dict[int, GroupMLP], speed: float = 1.0):
-        self.t, self.mlps, self.speed = transport, mlps, speed
-        self.computed = self.skipped = 0
+    load_groups lets a re-plan move groups here (read from this rank's store); speed < 1
+    stretches every compute to emulate a slower device; sparse: inputs carry a mask row.
+    """
+
+    def __init__(self, transport: Transport, mlps: dict[int, GroupMLP], load_groups: LoadGroups | None = None,
+                 speed: float = 1.0, sparse: bool = False):
+        self.t, self.mlps, self.load_groups = transport, mlps, load_groups
+        self.speed, self.sparse = speed, sparse
+        self.version = 0
+        self.computed = self.skipped = self.plans = 0
         self.compute_s = 0.0
 
     def run(self) -> dict:
         while True:
-            msgs = self.t.poll(1.0)
-            if any(m.kind == Kind.STOP for m in msgs):
-                self.skipped += sum(m.kind == Kind.INPUT for m in msgs)
-                stats = self.stats()
-                # partials still held by emulated loss go out now, so that DONE is the last
-                # message rank 0 receives from us (MPI keeps the order of one sender's messages)
-                self.t.pump(flush=True)
-                self.t.send(0, Kind.DONE, 0, 0, json_payload(stats))
-                self.t.pump(flush=True)
-                return stats
-            inputs = [m for m in msgs if m.kind == Kind.INPUT]
+            inputs = []
+            for m in self.t.poll(1.0):
+                if m.kind == Kind.STOP:
+                    return self.finish(skipped=len(inputs))
+                if m.kind == Kind.PLAN:
+                    self.apply_plan(m)
+                elif m.kind == Kind.INPUT:
+                    inputs.append(m)
             if not inputs:
                 continue
             # rank 0 sends a layer's input only after closing the previous one: older inputs
             # in this batch belong to closed steps, and computing them would only make us lag
             self.skipped += len(inputs) - 1
+            if inputs[-1].seq != self.version:     # made for another plan: cannot be used
+                self.skipped += 1
+                continue
             self.compute(inputs[-1])
+
+    def apply_plan(self, m: Message):
+        if self.load_groups is None:
+            raise HaloError(f"rank {self.t.rank} got a re-plan but cannot load groups")
+        for layer, row in enumerate(m.payload):               # (L, width), -1 = no group
+            ids = row[row >= 0].astype(np.int64)
+            current = self.mlps.get(layer)
+            if current is None or not np.array_equal(current.ids, ids):
+                self.mlps[layer] = self.load_groups(layer, ids) if len(ids) else None
+        self.version = m.seq
+        self.plans += 1
 
     def compute(self, m: Message):
         t0 = time.perf_counter()
@@ -226,18 +322,33 @@ class Worker:
         if mlp is None:
             raise HaloError(f"rank {self.t.rank} holds no MLP groups of layer {m.layer}")
         with torch.inference_mode():
-            partial = mlp(torch.from_numpy(m.payload)).numpy()   # (T, dim)
+            if self.sparse:
+                x, keep = torch.from_numpy(m.payload[:-1]), m.payload[-1, :len(mlp.ids)] > 0.5
+                partial = mlp.subset(x, keep).numpy()             # (T, dim)
+            else:
+                partial = mlp(torch.from_numpy(m.payload)).numpy()
         spent = time.perf_counter() - t0
         if self.speed < 1.0:      # emulate a slower device: stretch this compute
             time.sleep(spent * (1.0 / self.speed - 1.0))
         self.compute_s += time.perf_counter() - t0
         self.computed += 1
-        self.t.send(0, Kind.PARTIAL, m.step, m.layer, partial)
+        self.t.send(0, Kind.PARTIAL, m.step, m.layer, partial, seq=self.version)
+
+    def finish(self, skipped: int) -> dict:
+        self.skipped += skipped
+        stats = self.stats()
+        # partials still held by emulated loss go out now, so that DONE is the last
+        # message rank 0 receives from us (MPI keeps the order of one sender's messages)
+        self.t.pump(flush=True)
+        self.t.send(0, Kind.DONE, 0, 0, json_payload(stats))
+        self.t.pump(flush=True)
+        return stats
 
     def stats(self) -> dict:
         s = self.t.stats
+        held = [m for m in self.mlps.values() if m is not None]
         return {"rank": self.t.rank, "computed": self.computed, "skipped": self.skipped,
-                "compute_s": self.compute_s, "wait_s": s.wait_seconds, "sent": s.sent,
-                "held_by_loss": s.held, "held_seconds": s.held_seconds,
-                "groups": int(sum(len(m.ids) for m in self.mlps.values())),
-                "weights_mb": sum(m.nbytes for m in self.mlps.values()) / 1e6}
+                "plans": self.plans, "compute_s": self.compute_s, "wait_s": s.wait_seconds,
+                "sent": s.sent, "held_by_loss": s.held, "held_seconds": s.held_seconds,
+                "groups": int(sum(len(m.ids) for m in held)),
+                "weights_mb": sum(m.nbytes for m in held) / 1e6}

@@ -31,6 +31,17 @@ class GroupMLP:
         gate, up = self.gate_up(x).split(self.hidden, dim=-1)   # (T, n*gs) each
         return self.down(F.silu(gate).mul_(up))
 
+    def subset(self, x: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
+        """The sum over the kept groups only (keep: (n,) bool), one matmul chain per run of
+        consecutive kept groups, so skipped groups' weights are never read."""
+        out = torch.zeros(x.shape[0], self.down.out_features)
+        gs, H = self.group_size, self.hidden
+        for a, b in runs(keep):
+            gate = self.gate_up.out_slice(x, a * gs, b * gs)              # (T, (b-a)*gs)
+            up = self.gate_up.out_slice(x, H + a * gs, H + b * gs)
+            out += self.down.in_slice(F.silu(gate).mul_(up), a * gs, b * gs)
+        return out
+
     def per_group(self, x: torch.Tensor) -> torch.Tensor:
         """Each group's own contribution: (T, dim) -> (T, n, dim). For importance statistics."""
         gate, up = self.gate_up(x).split(self.hidden, dim=-1)
@@ -42,3 +53,9 @@ class GroupMLP:
     @property
     def nbytes(self) -> int:
         return self.gate_up.nbytes + self.down.nbytes
+
+
+def runs(keep: np.ndarray) -> list[tuple[int, int]]:
+    """[a, b) ranges of consecutive True entries."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], keep.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))

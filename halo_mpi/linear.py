@@ -32,6 +32,18 @@ class Linear:
             return torch.matmul(x, self.w_t)
         return F.linear(x.to(self.dtype), self.w).float()
 
+    def out_slice(self, x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """x @ W[a:b].T: outputs a..b only, (T, in) -> (T, b-a), reading only those weights."""
+        if self.dtype == torch.float32:
+            return torch.matmul(x, self.w_t[:, a:b])
+        return F.linear(x.to(self.dtype), self.w[a:b]).float()
+
+    def in_slice(self, x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """x @ W[:, a:b].T: inputs a..b only, (T, b-a) -> (T, out)."""
+        if self.dtype == torch.float32:
+            return torch.matmul(x, self.w_t[a:b])
+        return F.linear(x.to(self.dtype), self.w[:, a:b]).float()
+
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows W[index] as float32, (T, in): the embedding lookup when the head is tied."""
         if self.dtype == torch.float32:

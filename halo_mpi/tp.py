@@ -15,30 +15,38 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from .comm import HEADER, LinkLoss, LocalHub, MPITransport, parse_link_loss
 from .engine import Coordinator, DistributedMLP, SyncPolicy, TensorParallelSession, Worker
+from .predictor import Predictor
+from .scheduler import STABLE, ClusterSpec, Replanner, describe_plan, plan, random_placement
 from .errors import HaloError
 from .groups import GroupMLP
 from .importance import uniform_importance
 from .launch import collective
 from .linear import DTYPES
 from .model import Transformer
-from .placement import Placement, describe, static_placement
+from .scheduler import Placement
 from .store import Store
 
 
 @dataclass
 class TensorPlan:
     size: int
-    importance: np.ndarray        # (n_layers, G), each row sums to 1
+    importance: np.ndarray        # (n_layers, G) static shares, each row sums to 1
     placement: Placement
     loss: dict[int, float]        # rank -> emulated packet loss on its link with rank 0
     policy: SyncPolicy
     importance_source: str
+    cluster: ClusterSpec
+    placement_mode: str = "semantic"   # semantic | static | random
+    sparsity: float = 0.0
+    replan: bool = False
+    group_mb: float = 0.0
 
 
 def store_path(pattern: str, rank: int) -> str:
@@ -60,35 +68,60 @@ def parse_ranks(spec: str | None, size: int, option: str) -> set[int]:
 
 def make_plan(store: Store, size: int, sync: str = "halo", link_loss: str | None = None,
               unstable_ranks: str | None = None, critical_share: float = 0.5,
-              deadline_factor: float = 1.5, deadline_margin_ms: float = 2.0) -> TensorPlan:
+              deadline_factor: float = 1.5, deadline_margin_ms: float = 2.0,
+              placement: str = "semantic", device_profile: str | None = None,
+              sparsity: float = 0.0, replan: bool = True, seed: int = 0) -> TensorPlan:
     """The same plan on every rank, from the store and the options alone."""
     if not 0.0 < critical_share <= 1.0:
         raise HaloError(f"--critical-share {critical_share} is not in (0, 1]")
+    if not 0.0 <= sparsity < 1.0:
+        raise HaloError(f"--sparsity {sparsity} is not in [0, 1)")
+    a = store.args
     loss = parse_link_loss(link_loss, size)
     unstable = parse_ranks(unstable_ranks, size, "--unstable-ranks") if unstable_ranks else set(loss)
+    if 0 in unstable:
+        raise HaloError("rank 0 coordinates and cannot be unstable; list worker ranks only")
+    cluster = (ClusterSpec.from_toml(device_profile, size, unstable) if device_profile
+               else ClusterSpec.uniform(size, unstable))
     imp = store.calibration("static_importance")
     source = "static (calibration)"
     if imp is None:
-        imp, source = uniform_importance(store.args.n_layers, store.args.mlp_groups), "uniform (no calibration in store)"
-    elif imp.shape != (store.args.n_layers, store.args.mlp_groups):
+        imp, source = uniform_importance(a.n_layers, a.mlp_groups), "uniform (no calibration in store)"
+    elif imp.shape != (a.n_layers, a.mlp_groups):
         raise HaloError(f"{store.path}: calibration is for another group layout; run halo-mpi calibrate")
-    placement = static_placement(imp, size, unstable)
-    policy = SyncPolicy(sync, critical_share, frozenset(unstable), deadline_factor, deadline_margin_ms / 1e3)
-    return TensorPlan(size, imp, placement, loss, policy, source)
+    group_mb = 3 * a.group_size * a.dim * 4 / 1e6
+    if placement == "random":
+        placed = random_placement(a.n_layers, a.mlp_groups, cluster, seed)
+    elif placement in ("semantic", "static"):
+        placed = plan(imp, cluster, group_mb)
+    else:
+        raise HaloError(f"--placement {placement!r}: choose semantic, static or random")
+    policy = SyncPolicy(sync, critical_share, frozenset(r for r in range(1, size)
+                                                        if cluster.ranks[r].reliability < STABLE),
+                        deadline_factor, deadline_margin_ms / 1e3)
+    return TensorPlan(size, imp, placed, loss, policy, source, cluster, placement, sparsity,
+                      replan and sync == "halo" and placement != "random", group_mb)
 
 
-def coordinator_model(store: Store, plan: TensorPlan, coordinator: Coordinator, dtype) -> Transformer:
-    """The reference model with every MLP replaced by a DistributedMLP over rank 0's own groups."""
-    def mlp(layer):
-        ids = plan.placement[layer][0]
-        own = GroupMLP(store.mlp_groups(layer, ids), ids, dtype) if len(ids) else None
-        return DistributedMLP(coordinator, layer, own)
-    return Transformer.from_store(store, dtype=dtype, mlp=mlp)
+def group_loader(store: Store, dtype) -> Callable:
+    """(layer, ids) -> GroupMLP of those groups, read from this rank's store."""
+    return lambda layer, ids: GroupMLP(store.mlp_groups(layer, ids), ids, dtype)
 
 
-def worker_mlps(store: Store, plan: TensorPlan, rank: int, dtype) -> dict[int, GroupMLP]:
-    return {layer: GroupMLP(store.mlp_groups(layer, p[rank]), p[rank], dtype)
-            for layer, p in enumerate(plan.placement) if len(p[rank])}
+def make_coordinator(store: Store, plan: TensorPlan, transport, dtype, log=None) -> tuple:
+    """Rank 0: the coordinator and the reference model with DistributedMLPs in place of MLPs."""
+    predictor = Predictor.from_store(store) if plan.placement_mode != "static" else None
+    replanner = Replanner(plan.cluster, plan.importance, plan.group_mb) if plan.replan else None
+    coordinator = Coordinator(transport, plan.placement, plan.importance, plan.policy,
+                              group_loader(store, dtype), predictor, plan.sparsity, replanner, log)
+    model = Transformer.from_store(store, dtype=dtype, mlp=lambda layer: DistributedMLP(coordinator, layer))
+    return coordinator, model
+
+
+def make_worker(store: Store, plan: TensorPlan, transport, dtype) -> Worker:
+    rank, load = transport.rank, group_loader(store, dtype)
+    mlps = {layer: load(layer, p[rank]) for layer, p in enumerate(plan.placement) if len(p[rank])}
+    return Worker(transport, mlps, load, speed=plan.cluster.ranks[rank].speed, sparse=plan.sparsity > 0)
 
 
 def max_message_bytes(store: Store, prefill_chunk: int) -> int:
@@ -131,12 +164,12 @@ def run_tensor(comm, store: Store, plan: TensorPlan, drive, dtype=torch.float32,
     workers: dict = {}
     t0 = time.perf_counter()
     if rank == 0:
-        coordinator = Coordinator(transport, plan.placement, plan.importance, plan.policy)
-        model = coordinator_model(store, plan, coordinator, dtype)
+        coordinator, model = make_coordinator(store, plan, transport, dtype,
+                                              log=lambda line: print(line, file=sys.stderr))
         result = drive(coordinator, model)
         workers = coordinator.finish()
     else:
-        Worker(transport, worker_mlps(store, plan, rank, dtype)).run()
+        make_worker(store, plan, transport, dtype).run()
     wall = time.perf_counter() - t0
     pending = transport.close()
     gathered = comm.gather((pending, peak_rss_mb(), cpu_seconds()), root=0)
@@ -161,7 +194,8 @@ def run_generate(a):
     def setup():
         store = Store(store_path(a.weights, rank))
         plan = make_plan(store, size, a.sync, a.link_loss, a.unstable_ranks, a.critical_share,
-                         a.deadline_factor, a.deadline_margin_ms)
+                         a.deadline_factor, a.deadline_margin_ms, a.placement, a.device_profile,
+                         a.sparsity, not a.no_replan, a.seed)
         prompts = encoded = tok = None
         if rank == 0:
             tok = Tokenizer.from_store(store)
@@ -171,10 +205,12 @@ def run_generate(a):
 
     store, plan, tok, prompts, encoded = collective(comm, setup)
     if rank == 0:
-        print(f"tensor-parallel on {size} ranks, sync {plan.policy.mode}, importance "
-              f"{plan.importance_source}, link loss {plan.loss or 'none'}, unstable ranks "
-              f"{sorted(plan.policy.unstable) or 'none'}\n{describe(plan.placement, plan.importance)}",
-              file=sys.stderr)
+        print(f"tensor-parallel on {size} ranks, sync {plan.policy.mode}, placement "
+              f"{plan.placement_mode}, importance {plan.importance_source}"
+              f"{' + per-token predictor' if plan.placement_mode != 'static' and store.calibration('predictor_current_A') is not None else ''}"
+              f", link loss {plan.loss or 'none'}, unstable ranks {sorted(plan.policy.unstable) or 'none'}"
+              f"{f', sparsity {plan.sparsity:g}' if plan.sparsity else ''}\n"
+              f"{describe_plan(plan.placement, plan.importance, plan.cluster)}", file=sys.stderr)
 
     def drive(coordinator, model):
         results = []
@@ -255,16 +291,13 @@ def format_report(s: dict) -> str:
 class LocalCluster:
     """Rank 0 in the calling thread, workers in threads, connected by a LocalHub."""
 
-    def __init__(self, store: Store, plan: TensorPlan, loss: LinkLoss | None = None,
-                 dtype=torch.float32, worker_mlps_override=None):
+    def __init__(self, store: Store, plan: TensorPlan, loss: LinkLoss | None = None, dtype=torch.float32):
         self.hub = LocalHub(plan.size, loss)
-        self.coordinator = Coordinator(self.hub.transports[0], plan.placement, plan.importance, plan.policy)
-        self.model = coordinator_model(store, plan, self.coordinator, dtype)
+        self.coordinator, self.model = make_coordinator(store, plan, self.hub.transports[0], dtype)
         self.worker_stats: dict[int, dict] = {}
         self.threads = []
         for r in range(1, plan.size):
-            mlps = (worker_mlps_override or worker_mlps)(store, plan, r, dtype)
-            worker = Worker(self.hub.transports[r], mlps)
+            worker = make_worker(store, plan, self.hub.transports[r], dtype)
             th = threading.Thread(target=lambda w=worker, r=r: self.worker_stats.__setitem__(r, w.run()),
                                   daemon=True)
             th.start()

@@ -11,7 +11,7 @@ from halo_mpi.engine import Coordinator, SyncPolicy, Worker
 from halo_mpi.errors import HaloError
 from halo_mpi.generate import LocalSession, Sampler, generate
 from halo_mpi.model import Transformer
-from halo_mpi.placement import group_counts, static_placement
+from halo_mpi.scheduler import ClusterSpec, RankSpec, Replanner, group_counts, moved, plan
 from halo_mpi.tp import LocalCluster, make_plan
 
 
@@ -67,7 +67,7 @@ def marker_cluster(size, loss, policy, stall=None):
     n_layers = 4
     importance = np.full((n_layers, size), 1.0 / size, np.float32)
     placement = [[np.array([r]) for r in range(size)] for _ in range(n_layers)]
-    coord = Coordinator(hub.transports[0], placement, importance, policy)
+    coord = Coordinator(hub.transports[0], placement, importance, policy, load_groups=lambda l, ids: None)
     mlps = {r: EchoMLP(r) for r in range(1, size)}
     if stall:                                        # (rank, on which call, seconds)
         mlps[stall[0]] = EchoMLP(stall[0], stall[1], stall[2])
@@ -85,7 +85,7 @@ def run_markers(coord, n_layers, steps):
         for layer in range(n_layers):
             marker = coord.step * 100 + layer
             x = torch.full((1, 8), float(marker))
-            yield coord.step, layer, marker, coord.mlp(layer, x, own=None)
+            yield coord.step, layer, marker, coord.mlp(layer, x)
 
 
 def test_late_partials_are_never_mixed_into_a_later_step():
@@ -119,16 +119,20 @@ def test_strict_waits_through_loss():
 
 
 def test_a_worker_that_sleeps_once_catches_up():
-    policy = SyncPolicy("halo", critical_share=0.3, unstable=frozenset({2}), initial_deadline=0.005)
+    """Rank 2 sleeps 0.4 s once (its 9th input: step 3). Without skipping closed steps it would
+    answer every stale input in turn and stay late; it must be on time again soon after."""
+    policy = SyncPolicy("halo", critical_share=0.3, unstable=frozenset({2}), initial_deadline=0.02,
+                        deadline_factor=3.0, deadline_margin=0.01)
     coord, workers, threads, n_layers = marker_cluster(3, None, policy, stall=(2, 9, 0.4))
     for _ in run_markers(coord, n_layers, 80):
         pass
     done = coord.finish(timeout=30)
-    dropped_at = [rec.step for rec in coord.records if rec.dropped_ranks.get(2)]
-    assert dropped_at, "the stall should have cost some partials"
+    dropped_steps = {rec.step for rec in coord.records if rec.dropped_ranks.get(2)}
+    assert any(s <= 6 for s in dropped_steps), "the stall should have cost partials around step 3"
     assert done[2]["skipped"] > 0                          # it skipped inputs of closed steps
-    last_drop = max(dropped_at)
-    assert last_drop < coord.step - 20                     # and was on time again afterwards
+    after = [s for s in range(20, coord.step + 1)]
+    late_after = len(dropped_steps & set(after)) / len(after)
+    assert late_after < 0.25, f"still late on {late_after:.0%} of the steps after the stall"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,20 +146,95 @@ def test_critical_partials():
     assert SyncPolicy("strict").critical(0.1, {1: 0.1, 2: 0.8}) == {1, 2}
 
 
-def test_static_placement_puts_the_least_important_groups_on_unstable_ranks():
+def test_placement_puts_the_least_important_groups_on_unstable_ranks():
     rng = np.random.default_rng(0)
     imp = rng.random((3, 24)).astype(np.float32)
     imp /= imp.sum(1, keepdims=True)
-    placement = static_placement(imp, 4, unstable={2, 3})
+    placement = plan(imp, ClusterSpec.uniform(4, unstable={2, 3}))
     for layer, p in enumerate(placement):
         assert sorted(np.concatenate(p).tolist()) == list(range(24))
         assert [len(x) for x in p] == [6, 6, 6, 6]
         low = set(np.argsort(imp[layer])[:12].tolist())
         assert set(p[2].tolist()) | set(p[3].tolist()) == low
         assert abs(imp[layer, p[0]].sum() - imp[layer, p[1]].sum()) < 0.1
-    assert group_counts(24, 5, {4}) == [5, 5, 5, 5, 4]
-    with pytest.raises(HaloError, match="rank 0"):
-        static_placement(imp, 4, unstable={0})
+
+
+def test_scheduler_balances_finish_times_for_a_speed_mix():
+    speeds = [1.0, 1.0, 0.5, 0.25]
+    counts = group_counts(ClusterSpec([RankSpec(s) for s in speeds]), 48, 30, 0.0)
+    finish = [c / s for c, s in zip(counts, speeds)]
+    assert sum(counts) == 48
+    assert max(finish) - min(finish) <= 1 / min(speeds) + 1e-9     # within one group
+    assert counts == sorted(counts, reverse=True)
+
+
+def test_important_groups_never_land_on_the_least_reliable_rank_with_room_elsewhere():
+    imp = np.random.default_rng(1).random((4, 12))
+    imp /= imp.sum(1, keepdims=True)
+    cluster = ClusterSpec([RankSpec(), RankSpec(reliability=0.99), RankSpec(reliability=0.95),
+                           RankSpec(reliability=0.6)])
+    for layer, p in enumerate(plan(imp, cluster)):
+        ranked = np.argsort(-imp[layer])
+        assert set(p[3].tolist()) == set(ranked[-3:].tolist())      # the 3 least important
+        assert imp[layer, p[0]].min() >= imp[layer, p[3]].max()
+
+
+def test_replan_after_a_rank_turns_lossy_moves_few_groups():
+    from halo_mpi.comm import LinkEstimate
+    imp = np.random.default_rng(2).random((3, 24))
+    imp /= imp.sum(1, keepdims=True)
+    cluster = ClusterSpec.uniform(4)
+    first = plan(imp, cluster)
+    links = {r: LinkEstimate() for r in (1, 2, 3)}
+    for _ in range(40):
+        links[1].add_outcome(True)
+        links[3].add_outcome(True)
+        links[2].add_outcome(np.random.default_rng(0).random() < 0.2)  # mostly late
+    replanner = Replanner(cluster, imp)
+    new, line = replanner.update(links, first, step=7)
+    assert new is not None and "rank 2" in line and replanner.unstable() == {2}
+    for layer in range(3):
+        low = set(np.argsort(imp[layer])[:6].tolist())
+        assert set(new[layer][2].tolist()) == low                   # its important groups left
+    loads = moved(first, new)
+    assert sum(loads.values()) <= 3 * (6 + 6)          # only groups that changed tier move
+    again, _ = replanner.update(links, new, step=8)
+    assert again is None                                # no change, no re-plan
+
+
+def test_placement_respects_memory_budgets():
+    cluster = ClusterSpec([RankSpec(memory_mb=40), RankSpec(memory_mb=1000), RankSpec(memory_mb=1000)])
+    counts = group_counts(cluster, 24, 10, 0.5)          # rank 0 holds at most 8 groups per layer
+    assert counts[0] <= 8 and sum(counts) == 24
+    with pytest.raises(HaloError, match="cannot hold the model"):
+        group_counts(ClusterSpec([RankSpec(memory_mb=10)] * 2), 24, 10, 0.5)
+
+
+def test_device_profile_toml(tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text("[defaults]\nspeed = 1.0\n[rank.2]\nspeed = 0.5\nreliability = 0.8\n")
+    c = ClusterSpec.from_toml(str(f), 4, unstable={3})
+    assert [r.speed for r in c.ranks] == [1.0, 1.0, 0.5, 1.0]
+    assert c.ranks[2].reliability == 0.8 and c.ranks[3].reliability == 0.9
+    f.write_text("[rank.1]\nspeeed = 2\n")
+    with pytest.raises(HaloError, match="unknown keys"):
+        ClusterSpec.from_toml(str(f), 4)
+
+
+def test_sparsity_skips_groups_and_matches_a_subset_model(tiny_store):
+    from halo_mpi.groups import GroupMLP
+    groups = tiny_store.mlp_groups(0)
+    mlp = GroupMLP(groups)
+    keep = np.array([True, False, True, True, False, False, True, False])
+    x = torch.randn(2, tiny_store.args.dim)
+    expected = GroupMLP(groups[keep], np.flatnonzero(keep))(x)
+    assert torch.allclose(mlp.subset(x, keep), expected, atol=1e-5)
+    ids, n = [5, 70, 33], 8
+    cluster = LocalCluster(tiny_store, make_plan(tiny_store, 3, sync="strict", sparsity=0.5))
+    result = generate(cluster.session(len(ids) + n), ids, n, Sampler(0.0))
+    cluster.stop()
+    decode = [r for r in cluster.coordinator.records if r.decoding]
+    assert len(result.tokens) == n and all(0.2 < r.skipped_share < 0.8 for r in decode)
 
 
 def test_emulated_loss_delay_matches_the_tcp_model():

@@ -131,3 +131,31 @@ def test_real_model_strict_equals_the_reference(real_store):
             return f"real model: tokens {run.result[0]} vs {tokens}, max logit diff {diff}"
         return None
     agree(comm, check)
+
+
+@pytest.mark.slow
+@pytest.mark.mpi(min_size=2)
+def test_semantic_placement_drops_less_importance_than_random(real_store):
+    """Same emulated loss on the upper half of the workers; only the placement differs."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    size = comm.Get_size()
+    lossy = ",".join(f"{r}:0.05" for r in range(max(1, size // 2), size))
+    ids = [504, 3575, 282, 4649, 314]
+    per_drop = {}
+    for placement in ("semantic", "random"):
+        run = tensor_parallel(comm, real_store, ids, 24, sync="halo", link_loss=lossy, placement=placement)
+        if comm.Get_rank() == 0:
+            recs = [r for r in run.coordinator.records if r.decoding]
+            drops = sum(sum(r.dropped_ranks.values()) for r in recs)
+            per_drop[placement] = (sum(r.dropped_share for r in recs) * real_store.args.n_layers / drops
+                                   if drops else None)
+
+    def check():
+        if None in per_drop.values():
+            return f"a run dropped nothing: {per_drop}"
+        if not per_drop["semantic"] < per_drop["random"]:
+            return f"importance lost per dropped partial: semantic {per_drop['semantic']:.4f} " \
+                   f"vs random {per_drop['random']:.4f}"
+        return None
+    agree(comm, check)
