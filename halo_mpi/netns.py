@@ -205,3 +205,20 @@ def set_rate(ns: str, iface: str, mbit: float):
 def qdiscs(ns: str | None = None) -> list[str]:
     argv = [tool("tc")] + (["-n", ns] if ns else []) + ["qdisc", "show"]
     return sh(argv).stdout.splitlines()
+
+
+# TCP's own account of how it recovered lost packets (per namespace, cumulative)
+TCP_COUNTERS = ("OutSegs", "RetransSegs", "TCPTimeouts", "TCPLossProbes", "TCPLossProbeRecovery",
+                "TCPFastRetrans", "TCPSackRecovery", "TCPLostRetransmit", "TCPSpuriousRTOs")
+
+
+def tcp_counters(ns: str) -> dict[str, int]:
+    """TCP and TcpExt counters of namespace ns (/proc/net/snmp and /proc/net/netstat)."""
+    text = sh(in_ns(ns, ["cat", "/proc/net/snmp", "/proc/net/netstat"])).stdout.splitlines()
+    counters: dict[str, int] = {}
+    for names, values in zip(text[::2], text[1::2]):     # a line of names, then one of values
+        if names.split(":")[0] in ("Tcp", "TcpExt"):
+            for k, v in zip(names.split()[1:], values.split()[1:]):
+                if k in TCP_COUNTERS:
+                    counters[k] = int(v)
+    return counters

@@ -450,6 +450,7 @@ def measure_delays(testbed: Testbed | None, sizes_bytes: list[int], loss: float 
         argv = ["--sizes", ",".join(map(str, sizes_bytes)), "--count", str(count), "--peer", str(peer),
                 "--warmup", str(warmup), "--interval-ms", str(interval_ms), "--out", out]
         before = testbed.drop_counters().get(peer, 0)
+        tcp_before = {r: netns.tcp_counters(testbed.namespace(r)) for r in (0, peer)}
         if timeout is None:   # generous: every message stalled by a doubled RTO, and then some
             timeout = 120 + len(sizes_bytes) * (count + warmup) * (0.05 + 4 * (loss or 0))
         done = testbed.run(argv, module="halo_mpi.pingpong", timeout=timeout, capture=True,
@@ -460,6 +461,10 @@ def measure_delays(testbed: Testbed | None, sizes_bytes: list[int], loss: float 
         with open(out) as f:
             result = json.load(f)
     result["drops"] = testbed.drop_counters().get(peer, 0) - before
+    result["tcp"] = {}       # summed over both ends: how TCP recovered (timeouts vs probes ...)
+    for r, start in tcp_before.items():
+        for k, v in netns.tcp_counters(testbed.namespace(r)).items():
+            result["tcp"][k] = result["tcp"].get(k, 0) + v - start.get(k, 0)
     result["loss"] = testbed.loss.get(peer, 0.0)
     return result
 
@@ -546,7 +551,7 @@ def cmd_run(a):
         with tb:
             print(describe(tb), file=sys.stderr)
             code = tb.run(argv, timeout=a.timeout).returncode
-            if a.ranks_drops:
+            if a.drops:
                 print(f"dropped packets: {tb.drop_counters(by_direction=True)}", file=sys.stderr)
     if code != 0:
         raise SystemExit(code)
@@ -605,13 +610,16 @@ def cmd_delays(a):
 
 
 def format_delays(r: dict, seconds: float) -> str:
-    lines = [f"loss {r['loss']:g}: {r['drops']} packets dropped, {seconds:.0f} s"]
+    tcp = " ".join(f"{k}={v}" for k, v in r.get("tcp", {}).items())
+    lines = [f"loss {r['loss']:g}: {r['drops']} packets dropped, {seconds:.0f} s; TCP: {tcp}",
+             f"  {'size':>6s}   {'delay':7s} {'median':>7s} {'p95':>7s} {'p99':>7s} {'max':>7s} ms"
+             f"   n    per band (ms) {' '.join(stall_histogram([]))}"]
     for size, s in r["sizes"].items():
         for key in ("forward_ms", "back_ms", "rtt_ms"):
             q = summarize(s[key])
-            lines.append(f"  {int(size):6d} B {key[:-3]:7s} median {q['median']:7.2f}  p95 {q['p95']:7.2f}  "
-                         f"p99 {q['p99']:7.2f}  max {q['max']:7.1f} ms  n={q['n']}  "
-                         f"bands {stall_histogram(s[key])}")
+            bands = " ".join(f"{n:d}" for n in stall_histogram(s[key]).values())
+            lines.append(f"  {int(size):6d} B {key[:-3]:7s} {q['median']:7.2f} {q['p95']:7.2f} "
+                         f"{q['p99']:7.2f} {q['max']:7.1f}    {q['n']:4d} {bands}")
     return "\n".join(lines)
 
 
@@ -634,7 +642,7 @@ def add_actions(sub):
     r.add_argument("--timeout", type=float, default=None, help="stop the run after this many seconds")
     r.add_argument("--keep", action="store_true",
                    help="with --name of a testbed that is up: keep it after a Ctrl-C or timeout")
-    r.add_argument("--drops", dest="ranks_drops", action="store_true",
+    r.add_argument("--drops", action="store_true",
                    help="print the dropped-packet counters at the end (on stderr)")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- then the halo-mpi arguments")
     r.set_defaults(func=cmd_run)
@@ -691,7 +699,7 @@ def add_spec_arguments(p, defaults: bool = True):
 def add_parser(subparsers):
     """Register `testbed {up,run,down,status,delays}` on halo-mpi's subcommand parsers."""
     t = subparsers.add_parser("testbed", help="real lossy links: namespaces, iptables drops, tbf (root)",
-                              description=__doc__.split("\n\n")[0] + " Needs root and iptables.",
+                              description="\n\n".join(__doc__.split("\n\n")[:2]) + "\n\nNeeds root and iptables.",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_actions(t.add_subparsers(dest="testbed_action", metavar="ACTION", required=True))
     return t
