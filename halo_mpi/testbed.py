@@ -148,10 +148,15 @@ class Testbed:
         """Create the namespaces, links, drop rules and rate caps; on any failure remove them."""
         netns.require_root()
         netns.require_tools()
-        if os.path.exists(self.state_path) or any(n.startswith(f"{PREFIX}-{self.name}-")
-                                                  for n in netns.namespaces()):
-            raise HaloError(f"a testbed named {self.name} exists already: choose another --name, "
-                            f"or remove it with `halo-mpi testbed down --name {self.name}`")
+        taken = HaloError(f"a testbed named {self.name} exists already: choose another --name, "
+                          f"or remove it with `halo-mpi testbed down --name {self.name}`")
+        if any(n.startswith(f"{PREFIX}-{self.name}-") for n in netns.namespaces()):
+            raise taken
+        os.makedirs(STATE_DIR, exist_ok=True)
+        try:                              # claim the name atomically: two `up`s never share it
+            os.close(os.open(self.state_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            raise taken from None
         if not self.persistent:
             self.owner = process_identity(os.getpid())
             self._made_by = os.getpid()
@@ -250,6 +255,10 @@ class Testbed:
         except FileNotFoundError:
             raise HaloError(f"no testbed named {name} (no {path}); start one with "
                             f"`halo-mpi testbed up --name {name} --ranks N ...`") from None
+        except json.JSONDecodeError:
+            raise HaloError(f"{path} is unreadable (a testbed being made, or a crash while making "
+                            f"it): check `ip netns list | grep {PREFIX}-{name}-`, delete those "
+                            f"namespaces and the file") from None
         return cls(ranks=s["ranks"], loss=s["loss"], rate=s["rate"], name=s["name"],
                    persistent=s["persistent"], owner=s["owner"], is_up=s["is_up"])
 
@@ -397,7 +406,14 @@ def testbeds() -> list[Testbed]:
     """The testbeds recorded on this machine (up, or half-made by a process that died)."""
     if not os.path.isdir(STATE_DIR):
         return []
-    return [Testbed.load(f[:-5]) for f in sorted(os.listdir(STATE_DIR)) if f.endswith(".json")]
+    found = []
+    for f in sorted(os.listdir(STATE_DIR)):
+        if f.endswith(".json"):
+            try:
+                found.append(Testbed.load(f[:-5]))
+            except HaloError as e:
+                print(f"halo-mpi testbed: warning: {e}", file=sys.stderr)
+    return found
 
 
 def is_stale(tb: Testbed) -> bool:
