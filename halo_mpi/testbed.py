@@ -42,7 +42,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 from . import netns
@@ -605,20 +605,14 @@ def cmd_delays(a):
     losses = floats(a.loss, "--loss")
     sizes = [int(s) for s in floats(a.sizes, "--sizes")]
     rows = []
-    tb = Testbed.load(a.name) if a.name else Testbed(max(2, a.peer + 1), {a.peer: 0.0},
-                                                       {a.peer: a.rate} if a.rate else {})
-    owned = not a.name
-    try:
-        if owned:
-            tb.__enter__()
+    # one testbed for all loss rates: its drop rules are replaced between them
+    testbed = (nullcontext(Testbed.load(a.name)) if a.name else
+               Testbed(max(2, a.peer + 1), {a.peer: 0.0}, {a.peer: a.rate} if a.rate else {}))
+    with testbed as tb:
         for p in losses:
             t0 = time.monotonic()
-            r = measure_delays(tb, sizes, p, a.count, a.peer, a.warmup, a.interval_ms)
-            rows.append(r)
-            print(format_delays(r, time.monotonic() - t0), flush=True)
-    finally:
-        if owned:
-            tb.__exit__(None, None, None)
+            rows.append(measure_delays(tb, sizes, p, a.count, a.peer, a.warmup, a.interval_ms))
+            print(format_delays(rows[-1], time.monotonic() - t0), flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f)
