@@ -450,10 +450,11 @@ def measure_delays(testbed: Testbed | None, sizes_bytes: list[int], loss: float 
     """Ping-pong between rank 0 and `peer` under `loss` on the peer's link, on the testbed.
 
     With testbed=None a 2-rank testbed is made for the measurement and removed after; with a
-    testbed, `loss` (if not None) replaces its drop rules first (set_loss({peer: loss})).
-    Returns {"loss", "count", "drops": packets dropped during the run, "sizes": {size:
-    {"rtt_ms": [...], "forward_ms": [...], "back_ms": [...]}}}: forward is rank 0 -> peer
-    arrival delay, back is peer -> rank 0, rtt the round trip seen by rank 0.
+    testbed, `loss` (if not None) first replaces the peer's drop probability (set_loss).
+    Returns {"loss", "count", "drops": packets dropped during the run, "tcp": TCP's recovery
+    counters summed over both ends, "sizes": {str(size): {"forward_ms": [...], "back_ms":
+    [...], "rtt_ms": [...]}}}: forward is the arrival delay rank 0 -> peer, back peer -> rank 0,
+    rtt the round trip seen by rank 0.
     """
     if testbed is None:
         with Testbed(max(2, peer + 1), {peer: loss or 0.0}, {peer: rate} if rate else {}) as tb:
