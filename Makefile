@@ -31,7 +31,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check $(PIP_FLAGS) -e '.[test]'
+	$(PY) -m pip install --disable-pip-version-check $(PIP_FLAGS) -e '.[test,bench]'
 	touch $@
 
 weights: $(STORE)

@@ -87,14 +87,19 @@ def generate_single(a):
                                label=f"[{index}] " if len(prompts) > 1 else "")
         with torch.inference_mode():
             result = generate(session, ids, max_new, Sampler(a.temperature, a.top_p, a.seed),
-                              tok.stop_ids, printer)
+                              stop_ids(tok, a), printer)
         printer.close(result.tokens)
         print(result.summary(), file=sys.stderr)
         results.append(result)
     if a.stats_json:
-        write_stats(a.stats_json, {"mode": "single", "sequences": [r.as_dict() for r in results],
-                                   "ms_per_token_median": results[-1].ms_per_token_median,
-                                   "ranks": [{"rank": 0}]})
+        import resource
+        decode_s = [s for r in results for s in r.decode_s]
+        write_stats(a.stats_json, {
+            "mode": "single", "sequences": [r.as_dict() for r in results],
+            "decode_ms": [1e3 * s for s in decode_s],
+            "ms_per_token_median": 1e3 * float(np.median(decode_s)) if decode_s else float("nan"),
+            "pending_requests_at_end": 0, "dropped_share_mean": 0.0,
+            "ranks": [{"rank": 0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}]})
 
 
 class TokenPrinter:
@@ -117,6 +122,10 @@ class TokenPrinter:
         else:
             sys.stdout.write(self.stream.flush() + "\n")
             sys.stdout.flush()
+
+
+def stop_ids(tok, a) -> set[int]:
+    return set() if getattr(a, "ignore_eos", False) else tok.stop_ids
 
 
 def encode_prompt(tok, prompt: str, a, context: int) -> tuple[list[int], int]:
@@ -169,17 +178,73 @@ def cmd_shard(a):
           f"--link-loss / --unstable-ranks)")
 
 
-def cmd_bench(a):
-    from .bench import bench_single, write_json
-    from .runtime import configure_threads
+def cmd_evaluate(a):
+    import json
+
+    from .evaluate import perplexity, teacher_forced_nll
+    from .runtime import configure_threads, world_size
+    from .texts import evaluation_text, read_text
+
+    if a.parallel == "tensor":
+        from .tp import evaluate_tensor
+        return evaluate_tensor(a)
+    if world_size() > 1:
+        raise HaloError("evaluate runs on one rank, or on many with --parallel tensor")
+    from .generate import LocalSession
+    from .model import Transformer
+    from .store import Store
+    from .tokenizer import Tokenizer
     configure_threads(a.threads)
-    modes = a.modes.split(",")
-    unknown = set(modes) - {"single"}
-    if unknown:
-        raise HaloError(f"bench modes {', '.join(sorted(unknown))} are not available yet; use single")
-    rows = bench_single(a.weights, a.dtypes.split(","), a.tokens, a.warmup, a.profile)
+    with Store(a.weights) as store:
+        ids = Tokenizer.from_store(store).encode(read_text(a.text) if a.text else evaluation_text())[: a.tokens + 1]
+        model = Transformer.from_store(store, dtype=a.dtype)
+    with torch_inference():
+        nll = teacher_forced_nll(LocalSession(model, len(ids)), ids)
+    result = {"mode": "single", "perplexity": perplexity(nll), "tokens": len(nll)}
+    print(f"perplexity {result['perplexity']:.3f} over {len(nll)} held-out tokens (single process)")
     if a.json:
-        write_json(rows, a.json)
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def torch_inference():
+    import torch
+    return torch.inference_mode()
+
+
+def cmd_bench(a):
+    from .bench import MODES, BenchConfig, bench_single, run_bench, write_json, write_results
+    from .runtime import configure_threads
+    if a.decode:
+        configure_threads(a.threads)
+        rows = bench_single(a.weights, a.dtypes.split(","), a.tokens, a.warmup, a.profile)
+        if a.json:
+            write_json(rows, a.json)
+        return
+    modes = [m for m in a.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise HaloError(f"unknown bench modes {unknown}; choose from {', '.join(MODES)}")
+    losses = [float(x) for x in a.loss.split(",")]
+    lossy = ([int(x) for x in a.lossy_ranks.split(",")] if a.lossy_ranks
+             else list(range(max(1, a.ranks // 2), a.ranks)))
+    if a.ranks < 2 and set(modes) - {"single"}:
+        raise HaloError("--ranks must be at least 2 for the distributed modes")
+    if any(not 1 <= r < a.ranks for r in lossy):
+        raise HaloError(f"--lossy-ranks {lossy}: the workers are ranks 1..{a.ranks - 1}")
+    net = a.net or default_net()
+    cfg = BenchConfig(a.weights, a.ranks, modes, losses, lossy, a.tokens, a.warmup, a.eval_tokens,
+                      net, a.out, extra=["--dtype", a.dtype])
+    results = run_bench(cfg)
+    command = "halo-mpi " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "halo-mpi bench"
+    plotted = write_results(results, a.out, command)
+    print(f"wrote {a.out}/results.json, results.md{', results.png' if plotted else ' (no plot: pip install matplotlib)'}")
+
+
+def default_net() -> str:
+    """The real testbed when it can run here (root and iptables), else the emulated loss."""
+    import shutil
+    return "testbed" if os.geteuid() == 0 and shutil.which("iptables") else "emulated"
 
 
 def read_prompts(a) -> list[str]:
@@ -222,6 +287,15 @@ def positive_int(s: str) -> int:
 
 
 def add_tensor_arguments(g):
+    both = g.add_argument_group("both parallel modes")
+    both.add_argument("--device-profile", metavar="TOML",
+                      help="per-rank speed, memory_mb and link reliability ([defaults] and [rank.N] "
+                           "tables, see halo_mpi/scheduler.py). Tensor mode places groups by them "
+                           "(speeds below 1 are emulated by stretching workers' compute); pipeline "
+                           "mode splits layers by speed, counting rank 0's head, within the "
+                           "memory budgets (default: equal shares)")
+    both.add_argument("--prefill-chunk", type=positive_int, default=64,
+                      help="prompt tokens per message during prefill (default: %(default)s)")
     t = g.add_argument_group("tensor-parallel mode (--parallel tensor)")
     t.add_argument("--sync", choices=["strict", "halo"], default="halo",
                    help="strict: wait for every partial (the blocking-allreduce baseline); halo: "
@@ -241,16 +315,11 @@ def add_tensor_arguments(g):
                         "recent on-time round trips, plus --deadline-margin-ms (default: %(default)s)")
     t.add_argument("--deadline-margin-ms", type=float, default=2.0,
                    help="halo: added to every deadline (default: %(default)s)")
-    t.add_argument("--prefill-chunk", type=positive_int, default=64,
-                   help="prompt tokens per message during prefill (default: %(default)s)")
     t.add_argument("--placement", choices=["semantic", "static", "random"], default="semantic",
                    help="semantic: least important groups on the least reliable ranks, per-token "
                         "importance from the predictor; static: the same placement, calibration "
                         "averages only; random: groups placed ignoring importance (ablation) "
                         "(default: %(default)s)")
-    t.add_argument("--device-profile", metavar="TOML",
-                   help="per-rank speed, memory budget and link reliability (see "
-                        "halo_mpi/scheduler.py); speeds below 1 are emulated by stretching compute")
     t.add_argument("--sparsity", type=float, default=0.0,
                    help="skip this share of each layer's groups, the predicted least important, "
                         "in decode steps (contextual sparsity) (default: %(default)s)")
@@ -283,9 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "write a random-weight model of a named shape.")
     c.add_argument("gguf", nargs="?", help="input .gguf file (omit with --synthetic)")
     c.add_argument("-o", "--output", required=True, help="output .h5 store")
-    c.add_argument("--mlp-groups", type=positive_int, default=DEFAULT_MLP_GROUPS,
-                   help="G, neuron groups per MLP layer; must divide the intermediate size "
-                        "(default: %(default)s)")
+    c.add_argument("--mlp-groups", type=positive_int, default=None,
+                   help=f"G, neuron groups per MLP layer; must divide the intermediate size "
+                        f"(default: {DEFAULT_MLP_GROUPS}, or the divisor nearest to it)")
     c.add_argument("--synthetic", choices=sorted(SHAPES), metavar="NAME",
                    help=f"write random weights of a named LLaMA shape instead: {', '.join(SHAPES)}")
     c.add_argument("--seed", type=int, default=0, help="random seed for --synthetic (default: %(default)s)")
@@ -331,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads per rank; 0 = cores / ranks on this node (default: %(default)s)")
     g.add_argument("--quiet", action="store_true",
                    help="print only the generated text at the end, no streaming")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="always generate --max-new-tokens tokens (for benchmarks)")
     add_tensor_arguments(g)
     g.set_defaults(func=cmd_generate)
     k = sub.add_parser("calibrate", help="regroup neurons, measure group importance, fit predictors",
@@ -374,20 +445,52 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device-profile", help="as for generate")
     s.set_defaults(func=cmd_shard)
 
-    b = sub.add_parser("bench", help="measure decode speed (ms/token) and where the time goes",
-                       description="Benchmark decoding: median and p95 ms/token over --tokens steps "
-                                   "after --warmup untimed ones, per dtype; --profile adds a "
-                                   "breakdown of one decode step.")
+    e = sub.add_parser("evaluate", help="teacher-forced perplexity on held-out text",
+                       description="Teacher-forced perplexity on held-out text (default: pydoc "
+                                   "topics disjoint from calibration), one decode step per token, "
+                                   "through the same engine, sync and emulated loss as generate.")
+    e.add_argument("--weights", default=DEFAULT_WEIGHTS, help="HDF5 store (default: %(default)s)")
+    e.add_argument("--text", help="a text file or folder instead of the default held-out text")
+    e.add_argument("--tokens", type=positive_int, default=128, help="tokens to score (default: %(default)s)")
+    e.add_argument("--parallel", choices=["none", "tensor"], default="none",
+                   help="none: the reference; tensor: the tensor-parallel engine (default: %(default)s)")
+    e.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight precision (default: %(default)s)")
+    e.add_argument("--threads", type=int, default=0, help="torch threads per rank (default: %(default)s)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the loss emulation (default: %(default)s)")
+    e.add_argument("--json", help="write the result to this JSON file")
+    add_tensor_arguments(e)
+    e.set_defaults(func=cmd_evaluate)
+
+    b = sub.add_parser("bench", help="benchmark the modes under packet loss (or decode speed)",
+                       description="Run each mode at each loss rate (one mpiexec per run): median "
+                                   "and p95 ms/token, teacher-forced perplexity on held-out text, "
+                                   "greedy agreement with the reference, dropped importance share "
+                                   "and peak RSS per rank; writes results.json, results.md and "
+                                   "results.png to --out. With --decode: single-process decode "
+                                   "speed per dtype instead (--profile: where the time goes).")
     b.add_argument("--weights", default=DEFAULT_WEIGHTS, help="HDF5 store (default: %(default)s)")
-    b.add_argument("--modes", default="single", help="comma list of modes; single = one process "
-                                                     "(default: %(default)s)")
-    b.add_argument("--dtypes", default="float32,float16",
-                   help=f"comma list of weight dtypes among {', '.join(DTYPES)} (default: %(default)s)")
-    b.add_argument("--tokens", type=positive_int, default=64, help="timed decode steps (default: %(default)s)")
-    b.add_argument("--warmup", type=int, default=16, help="untimed decode steps first (default: %(default)s)")
-    b.add_argument("--profile", action="store_true", help="also profile one decode step")
-    b.add_argument("--threads", type=int, default=0, help="torch threads; 0 = all cores (default: %(default)s)")
-    b.add_argument("--json", help="also write the results to this JSON file")
+    b.add_argument("--ranks", type=positive_int, default=4, help="ranks of the distributed modes (default: %(default)s)")
+    b.add_argument("--modes", default="single,strict,halo,halo-random",
+                   help="comma list among single, strict, halo, halo-static, halo-random, pipeline "
+                        "(default: %(default)s)")
+    b.add_argument("--loss", default="0,0.01,0.03,0.05",
+                   help="comma list of packet loss rates for the lossy ranks (default: %(default)s)")
+    b.add_argument("--lossy-ranks", help="comma list (default: the upper half of the ranks, e.g. 2,3 of 4)")
+    b.add_argument("--net", choices=["emulated", "testbed"],
+                   help="testbed: real kernel packet loss in network namespaces (root); emulated: "
+                        "the transport's loss model (default: testbed when root with iptables, else emulated)")
+    b.add_argument("--tokens", type=positive_int, default=64,
+                   help="timed decode tokens per run (default: %(default)s)")
+    b.add_argument("--warmup", type=int, default=8, help="untimed decode tokens first (default: %(default)s)")
+    b.add_argument("--eval-tokens", type=positive_int, default=128,
+                   help="held-out tokens for perplexity (default: %(default)s)")
+    b.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight precision (default: %(default)s)")
+    b.add_argument("--out", default="results", help="output folder (default: %(default)s)")
+    b.add_argument("--decode", action="store_true", help="single-process decode speed per dtype instead")
+    b.add_argument("--dtypes", default="float32,float16", help="with --decode: comma list of dtypes")
+    b.add_argument("--profile", action="store_true", help="with --decode: profile one decode step")
+    b.add_argument("--threads", type=int, default=0, help="with --decode: torch threads (default: all cores)")
+    b.add_argument("--json", help="with --decode: also write the rows to this JSON file")
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -81,30 +81,37 @@ def _field(reader, key, default=None):
     return f.contents()
 
 
-def gguf_args(reader, mlp_groups: int) -> ModelArgs:
+def default_groups(hidden_dim: int) -> int:
+    """DEFAULT_MLP_GROUPS when it divides the intermediate size, else the nearest divisor."""
+    return min((d for d in range(1, hidden_dim + 1) if hidden_dim % d == 0),
+               key=lambda d: (abs(d - DEFAULT_MLP_GROUPS), d))
+
+
+def gguf_args(reader, mlp_groups: int | None) -> ModelArgs:
     arch = _field(reader, "general.architecture", "unknown")
     if arch not in SUPPORTED_ARCHS:
         raise HaloError(f"GGUF architecture {arch!r} is not supported; halo-mpi runs LLaMA-family "
                         f"models ({', '.join(SUPPORTED_ARCHS)})")
     p = f"{arch}."
     tensors = {t.name for t in reader.tensors}
+    hidden = int(_field(reader, p + "feed_forward_length"))
     return ModelArgs(
         dim=int(_field(reader, p + "embedding_length")),
         n_layers=int(_field(reader, p + "block_count")),
         n_heads=int(_field(reader, p + "attention.head_count")),
         n_kv_heads=int(_field(reader, p + "attention.head_count_kv",
                               _field(reader, p + "attention.head_count"))),
-        hidden_dim=int(_field(reader, p + "feed_forward_length")),
+        hidden_dim=hidden,
         vocab_size=len(_field(reader, "tokenizer.ggml.tokens")),
         rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
         norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
         max_seq_len=int(_field(reader, p + "context_length", 2048)),
         tied_embeddings="output.weight" not in tensors,
-        mlp_groups=mlp_groups,
+        mlp_groups=mlp_groups or default_groups(hidden),
     )
 
 
-def convert_gguf(gguf_path: str, out_path: str, mlp_groups: int = DEFAULT_MLP_GROUPS,
+def convert_gguf(gguf_path: str, out_path: str, mlp_groups: int | None = None,
                  progress: bool = True) -> ModelArgs:
     from gguf.quants import dequantize
     reader = _open_gguf(gguf_path)
@@ -159,10 +166,10 @@ def _source_tag(path: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # synthetic models
 
-def synthetic_args(shape: str, mlp_groups: int) -> ModelArgs:
+def synthetic_args(shape: str, mlp_groups: int | None) -> ModelArgs:
     if shape not in SHAPES:
         raise HaloError(f"unknown synthetic shape {shape!r}; choose one of {', '.join(SHAPES)}")
-    return ModelArgs(**SHAPES[shape], mlp_groups=mlp_groups)
+    return ModelArgs(**SHAPES[shape], mlp_groups=mlp_groups or default_groups(SHAPES[shape]["hidden_dim"]))
 
 
 def byte_tokenizer(vocab_size: int) -> dict:
@@ -177,7 +184,7 @@ def byte_tokenizer(vocab_size: int) -> dict:
     return dict(tokens=tokens, token_type=token_type, merges=[], bos_id=1, eos_id=2, chat_template="")
 
 
-def write_synthetic(shape: str, out_path: str, mlp_groups: int, seed: int = 0,
+def write_synthetic(shape: str, out_path: str, mlp_groups: int | None = None, seed: int = 0,
                     progress: bool = True) -> ModelArgs:
     """Random weights (LLaMA-style init: N(0, 0.02), residual projections scaled down by depth)."""
     args = synthetic_args(shape, mlp_groups)

@@ -653,7 +653,7 @@ def run_generate(a, comm=None):
     """`mpiexec -n N halo-mpi generate --parallel pipeline ...` on every rank."""
     from mpi4py import MPI
 
-    from .cli import write_stats
+    from .cli import stop_ids, write_stats
     from .runtime import configure_threads
     comm = MPI.COMM_WORLD if comm is None else comm
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -662,7 +662,7 @@ def run_generate(a, comm=None):
     devices = collectively(comm, lambda: read_device_profile(getattr(a, "device_profile", None), size)
                            if rank == 0 else None)
     options = Options(in_flight=a.num_sequences or 0, temperature=a.temperature, top_p=a.top_p,
-                      seed=a.seed, stop_ids=frozenset(tok.stop_ids) if tok else frozenset(),
+                      seed=a.seed, stop_ids=frozenset(stop_ids(tok, a)) if tok else frozenset(),
                       prefill_chunk=getattr(a, "prefill_chunk", 64), dtype=a.dtype)
     run = run_pipeline(comm, a.weights, requests, options, devices,
                        on_finish=sequence_printer(tok, prompts, a) if rank == 0 else None)

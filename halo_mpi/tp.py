@@ -182,7 +182,7 @@ def run_tensor(comm, store: Store, plan: TensorPlan, drive, dtype=torch.float32,
 def run_generate(a):
     from mpi4py import MPI
 
-    from .cli import TokenPrinter, encode_prompt, read_prompts, write_stats
+    from .cli import TokenPrinter, encode_prompt, read_prompts, stop_ids, write_stats
     from .generate import Sampler, generate
     from .runtime import configure_threads
     from .tokenizer import Tokenizer
@@ -220,7 +220,7 @@ def run_generate(a):
                                    label=f"[{index}] " if len(prompts) > 1 else "")
             with torch.inference_mode():
                 result = generate(session, ids, max_new, Sampler(a.temperature, a.top_p, a.seed),
-                                  tok.stop_ids, printer)
+                                  stop_ids(tok, a), printer)
             printer.close(result.tokens)
             results.append(result)
         return results
@@ -232,6 +232,52 @@ def run_generate(a):
         print(format_report(stats), file=sys.stderr)
         if a.stats_json:
             write_stats(a.stats_json, stats)
+
+
+def evaluate_tensor(a):
+    """Teacher-forced perplexity through the engine: `halo-mpi evaluate --parallel tensor`."""
+    from mpi4py import MPI
+
+    from .cli import write_stats
+    from .evaluate import perplexity, teacher_forced_nll
+    from .runtime import configure_threads
+    from .texts import evaluation_text, read_text
+    from .tokenizer import Tokenizer
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    configure_threads(a.threads)
+
+    def setup():
+        store = Store(store_path(a.weights, rank))
+        plan = make_plan(store, size, a.sync, a.link_loss, a.unstable_ranks, a.critical_share,
+                         a.deadline_factor, a.deadline_margin_ms, a.placement, a.device_profile,
+                         a.sparsity, not a.no_replan, a.seed)
+        ids = None
+        if rank == 0:
+            text = read_text(a.text) if a.text else evaluation_text()
+            ids = Tokenizer.from_store(store).encode(text)[: a.tokens + 1]
+        return store, plan, ids
+
+    store, plan, ids = collective(comm, setup)
+
+    def drive(coordinator, model):
+        with torch.inference_mode():
+            return teacher_forced_nll(TensorParallelSession(model, coordinator, len(ids), a.prefill_chunk), ids)
+
+    run = run_tensor(comm, store, plan, drive, DTYPES[a.dtype], a.seed, a.prefill_chunk)
+    store.close()
+    if rank == 0:
+        recs = [r for r in run.coordinator.records if r.decoding]
+        result = {"mode": "tensor", "sync": plan.policy.mode, "placement": plan.placement_mode,
+                  "perplexity": perplexity(run.result), "tokens": len(run.result),
+                  "dropped_share_mean": float(np.mean([r.dropped_share for r in recs])) if recs else 0.0,
+                  "link_loss": {str(k): v for k, v in plan.loss.items()}}
+        print(f"perplexity {result['perplexity']:.3f} over {result['tokens']} held-out tokens "
+              f"(tensor, {plan.policy.mode}, {plan.placement_mode}, loss {plan.loss or 'none'}); "
+              f"dropped importance share {result['dropped_share_mean']:.4f}")
+        if a.json:
+            write_stats(a.json, result)
 
 
 def tensor_stats(plan: TensorPlan, run: TensorRun) -> dict:
@@ -265,6 +311,7 @@ def tensor_stats(plan: TensorPlan, run: TensorRun) -> dict:
         "dropped_share_mean": float(np.mean(dropped)) if dropped else 0.0,
         "dropped_share_max": float(np.max(dropped)) if dropped else 0.0,
         "dropped_per_token": dropped,
+        "decode_ms": [1e3 * s for s in decode_s],
         "pending_requests_at_end": int(sum(pendings)),
         "sequences": [{"index": i, "tokens": r.tokens, "stopped_by": r.stopped_by}
                       for i, r in enumerate(results)],

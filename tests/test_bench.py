@@ -1,0 +1,39 @@
+"""`halo-mpi bench` on a 2-layer synthetic model with emulated loss: a valid results.json."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+RUN_KEYS = {"mode": str, "loss": float, "ms_per_token_median": float, "ms_per_token_p95": float,
+            "perplexity": float, "agreement": float, "dropped_share": float, "peak_rss_mb": list,
+            "tokens": int}
+
+
+def test_bench_writes_results_of_the_documented_shape(tiny_store_path, tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "halo_mpi.cli", "bench", "--weights", str(tiny_store_path), "--ranks", "2",
+           "--modes", "strict,halo", "--loss", "0.05", "--tokens", "8", "--warmup", "2",
+           "--eval-tokens", "16", "--net", "emulated", "--out", str(out)]
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads((out / "results.json").read_text())
+    assert r["ranks"] == 2 and r["net"] == "emulated" and r["lossy_ranks"] == [1]
+    assert isinstance(r["model"], str)
+    assert [(x["mode"], x["loss"]) for x in r["runs"]] == [("strict", 0.05), ("halo", 0.05)]
+    for run in r["runs"]:
+        for key, kind in RUN_KEYS.items():
+            assert isinstance(run[key], kind), (key, run[key])
+        assert len(run["peak_rss_mb"]) == 2 and run["tokens"] == 8
+        assert 0 <= run["dropped_share"] <= 1 and 0 <= run["agreement"] <= 1
+    strict = r["runs"][0]
+    assert strict["agreement"] == 1.0 and strict["dropped_share"] == 0.0   # strict is exact
+    assert "| halo | 0.05 |" in (out / "results.md").read_text()
+
+
+def test_bench_rejects_unknown_modes(capsys):
+    from halo_mpi.cli import main
+    assert main(["bench", "--modes", "warp", "--weights", "x.h5"]) == 2
+    assert "unknown bench modes ['warp']" in capsys.readouterr().err
