@@ -160,7 +160,13 @@ def launch(cfg: BenchConfig, n: int, cmd: list[str], loss: float):
     if cfg.net == "testbed" and n > 1:
         from .testbed import Testbed    # real kernel packet loss, one namespace per rank
         with Testbed(n, {r: loss for r in cfg.lossy_ranks} if loss > 0 else {}) as tb:
-            return tb.run(cmd[2:] if cmd[1] == "-m" else cmd, timeout=cfg.timeout)
+            done = tb.run(cmd[3:], module="halo_mpi.cli", timeout=cfg.timeout, capture=True)
+            drops = tb.drop_counters()
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise HaloError(f"bench run on the testbed failed: {tail}")
+        done.drops = drops
+        return done
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     full = [mpiexec, "-n", str(n), *cmd]
     done = subprocess.run(full, capture_output=True, text=True, timeout=cfg.timeout)
