@@ -328,9 +328,9 @@ def add_tensor_arguments(g):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .convert import DEFAULT_MLP_GROUPS
+    from .config import DTYPE_NAMES as DTYPES
     from .config import SHAPES
-    from .linear import DTYPES
+    from .convert import DEFAULT_MLP_GROUPS
 
     p = argparse.ArgumentParser(
         prog="halo-mpi",
@@ -498,8 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .launch import CollectiveError
     from .runtime import rank, world_size
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
     except CollectiveError as e:          # every rank has it: rank 0 says it once
         if e.rank == 0:

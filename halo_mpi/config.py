@@ -76,6 +76,8 @@ def suggest_divisors(n: int, limit: int = 6) -> str:
     return ", ".join(str(d) for d in divs[:limit])
 
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")   # weight precisions (linear.DTYPES maps them)
+
 # Named LLaMA shapes for synthetic (random-weight) stores, used for scale runs and fast tests.
 SHAPES = {
     # tiny: a few layers, for unit and MPI tests (runs in milliseconds)

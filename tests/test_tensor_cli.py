@@ -1,0 +1,94 @@
+"""`halo-mpi generate --parallel tensor` launched as users launch it: mpiexec in a subprocess."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
+HALO = [sys.executable, "-m", "halo_mpi.cli"]
+
+
+def generate(n, store, *extra, timeout=300):
+    cmd = [MPIEXEC, "-n", str(n), *HALO, "generate", "--weights", str(store), "--prompt", "hello",
+           "--max-new-tokens", "12", "--temperature", "0", "--quiet", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_one_rank_tensor_mode_equals_single_mode(tiny_store_path, tmp_path):
+    single = generate(1, tiny_store_path)
+    tensor = generate(1, tiny_store_path, "--parallel", "tensor", "--stats-json", str(tmp_path / "s.json"))
+    assert single.returncode == 0 and tensor.returncode == 0, tensor.stderr
+    assert tensor.stdout == single.stdout
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["pending_requests_at_end"] == 0 and len(stats["ranks"]) == 1
+
+
+def test_stats_json_of_a_lossy_halo_run(tiny_store_path, tmp_path):
+    done = generate(3, tiny_store_path, "--parallel", "tensor", "--sync", "halo", "--link-loss", "2:0.05",
+                    "--stats-json", str(tmp_path / "s.json"))
+    assert done.returncode == 0, done.stderr
+    s = json.loads((tmp_path / "s.json").read_text())
+    for key in ("ms_per_token_median", "dropped_share_mean", "pending_requests_at_end", "ranks"):
+        assert key in s
+    assert 0 <= s["dropped_share_mean"] <= 1 and s["pending_requests_at_end"] == 0
+    assert [r["rank"] for r in s["ranks"]] == [0, 1, 2]
+    assert all(r["cpu_s"] > 0 and r["peak_rss_mb"] > 0 for r in s["ranks"])
+    assert "on-time" in done.stderr and "dropped importance share" in done.stderr
+
+
+def test_bad_option_gives_one_line_on_every_rank(tiny_store_path):
+    done = generate(3, tiny_store_path, "--parallel", "tensor", "--link-loss", "7:0.1")
+    assert done.returncode == 2
+    lines = [l for l in done.stderr.splitlines() if l.strip()]
+    assert lines == ["halo-mpi: error: --link-loss names rank 7, but the workers are ranks 1..2"], done.stderr
+
+
+def test_missing_weights_on_every_rank(tmp_path):
+    done = generate(2, tmp_path / "none.h5", "--parallel", "tensor")
+    assert done.returncode == 2 and done.stderr.count("halo-mpi: error:") == 1, done.stderr
+
+
+def _pid_of_rank(mark: str, rank: int):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"HALO_TEST_MARK={mark}".encode() in env and f"PMI_RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+def test_interrupt_on_a_worker_ends_every_rank(tiny_store_path):
+    mark = uuid.uuid4().hex
+    cmd = [MPIEXEC, "-n", "3", *HALO, "generate", "--parallel", "tensor", "--sync", "strict",
+           "--link-loss", "1:0.3,2:0.3", "--weights", str(tiny_store_path), "--prompt", "hi",
+           "--max-new-tokens", "240", "--ignore-eos", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HALO_TEST_MARK": mark})
+    try:
+        pid, end = None, time.time() + 60
+        while pid is None and time.time() < end and proc.poll() is None:
+            pid = _pid_of_rank(mark, 1)
+            time.sleep(0.2)
+        assert pid is not None, "rank 1 never started"
+        line, end = "", time.time() + 120      # rank 0 reports its plan once every rank is set up
+        while "tensor-parallel on 3 ranks" not in line and time.time() < end:
+            line = proc.stderr.readline()
+        time.sleep(1)                           # generating now (30% loss: it takes minutes)
+        assert proc.poll() is None, "the run ended before the interrupt"
+        os.kill(pid, signal.SIGINT)
+        t0 = time.time()
+        proc.wait(timeout=20)                   # all ranks end within seconds
+        assert time.time() - t0 < 20
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()
+    assert proc.returncode != 0
+    assert "halo-mpi: interrupted (rank 1)" in err, err
