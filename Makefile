@@ -17,6 +17,8 @@ export HALO_REQUIRE_WEIGHTS := 1
 demo: $(STORE)
 	$(MPIEXEC) -n 1 $(HALO) generate --weights $(STORE) --prompt "The capital of France is" \
 		--max-new-tokens 32 --temperature 0
+	$(MPIEXEC) -n 4 $(HALO) generate --weights $(STORE) --prompt "The capital of France is" \
+		--max-new-tokens 32 --temperature 0 --parallel tensor --sync halo --link-loss 2:0.05,3:0.05
 
 test: test-serial test-mpi
 
