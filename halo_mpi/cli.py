@@ -221,6 +221,13 @@ def cmd_bench(a):
         if a.json:
             write_json(rows, a.json)
         return
+    if a.calibrate_emulation:
+        from .bench import calibrate_emulation
+        r = calibrate_emulation([float(x) for x in a.loss.split(",")], a.out, a.count)
+        ok = sum(x["within_2x"] for x in r["rows"])
+        print(f"fitted {r['fitted_params']}; p95 and p99 within 2x in {ok} of {len(r['rows'])} "
+              f"cells; wrote {a.out}/results.json, results.md")
+        return
     modes = [m for m in a.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
@@ -243,8 +250,12 @@ def cmd_bench(a):
 
 def default_net() -> str:
     """The real testbed when it can run here (root and iptables), else the emulated loss."""
-    import shutil
-    return "testbed" if os.geteuid() == 0 and shutil.which("iptables") else "emulated"
+    from .netns import tool
+    try:
+        tool("iptables")
+    except HaloError:
+        return "emulated"
+    return "testbed" if os.geteuid() == 0 else "emulated"
 
 
 def read_prompts(a) -> list[str]:
@@ -304,6 +315,10 @@ def add_tensor_arguments(g):
     t.add_argument("--link-loss", metavar="RANK:P,...",
                    help="emulate packet loss P on the link between rank 0 and RANK, both ways, "
                         "with TCP retransmission delays (e.g. 2:0.05,3:0.05)")
+    t.add_argument("--loss-model", choices=["tcp", "rto"], default="tcp",
+                   help="emulated loss: tcp = fitted to real Linux TCP on the testbed (most losses "
+                        "repaired in ms, ~200 ms stalls from lost last segments); rto = one 200 ms "
+                        "timeout per lost packet (default: %(default)s)")
     t.add_argument("--unstable-ranks", metavar="R,...",
                    help="ranks on unreliable links: they get the least important groups and are "
                         "not waited for past their deadline (default: the ranks in --link-loss)")
@@ -487,11 +502,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight precision (default: %(default)s)")
     b.add_argument("--out", default="results", help="output folder (default: %(default)s)")
     b.add_argument("--decode", action="store_true", help="single-process decode speed per dtype instead")
+    b.add_argument("--calibrate-emulation", action="store_true",
+                   help="instead: measure message delays on the testbed (root) at each --loss, fit "
+                        "the emulated loss model to them and compare both distributions")
+    b.add_argument("--count", type=positive_int, default=1000,
+                   help="with --calibrate-emulation: round trips per size and loss (default: %(default)s)")
     b.add_argument("--dtypes", default="float32,float16", help="with --decode: comma list of dtypes")
     b.add_argument("--profile", action="store_true", help="with --decode: profile one decode step")
     b.add_argument("--threads", type=int, default=0, help="with --decode: torch threads (default: all cores)")
     b.add_argument("--json", help="with --decode: also write the rows to this JSON file")
     b.set_defaults(func=cmd_bench)
+
+    from .testbed import add_parser as add_testbed_parser
+    add_testbed_parser(sub)
     return p
 
 

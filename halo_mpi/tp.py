@@ -47,6 +47,7 @@ class TensorPlan:
     sparsity: float = 0.0
     replan: bool = False
     group_mb: float = 0.0
+    loss_model: str = "tcp"
 
 
 def store_path(pattern: str, rank: int) -> str:
@@ -70,7 +71,8 @@ def make_plan(store: Store, size: int, sync: str = "halo", link_loss: str | None
               unstable_ranks: str | None = None, critical_share: float = 0.5,
               deadline_factor: float = 1.5, deadline_margin_ms: float = 2.0,
               placement: str = "semantic", device_profile: str | None = None,
-              sparsity: float = 0.0, replan: bool = True, seed: int = 0) -> TensorPlan:
+              sparsity: float = 0.0, replan: bool = True, seed: int = 0,
+              loss_model: str = "tcp") -> TensorPlan:
     """The same plan on every rank, from the store and the options alone."""
     if not 0.0 < critical_share <= 1.0:
         raise HaloError(f"--critical-share {critical_share} is not in (0, 1]")
@@ -100,7 +102,7 @@ def make_plan(store: Store, size: int, sync: str = "halo", link_loss: str | None
                                                         if cluster.ranks[r].reliability < STABLE),
                         deadline_factor, deadline_margin_ms / 1e3)
     return TensorPlan(size, imp, placed, loss, policy, source, cluster, placement, sparsity,
-                      replan and sync == "halo" and placement != "random", group_mb)
+                      replan and sync == "halo" and placement != "random", group_mb, loss_model)
 
 
 def group_loader(store: Store, dtype) -> Callable:
@@ -158,7 +160,7 @@ def run_tensor(comm, store: Store, plan: TensorPlan, drive, dtype=torch.float32,
     the workers. Ends with every transport closed and the per-rank figures gathered on rank 0."""
     rank = comm.Get_rank()
     if loss is None and plan.loss:
-        loss = LinkLoss(plan.loss, seed=seed)
+        loss = LinkLoss(plan.loss, seed=seed, model=plan.loss_model)
     transport = MPITransport(comm, max_message_bytes(store, prefill_chunk), loss)
     result = coordinator = None
     workers: dict = {}
@@ -195,7 +197,7 @@ def run_generate(a):
         store = Store(store_path(a.weights, rank))
         plan = make_plan(store, size, a.sync, a.link_loss, a.unstable_ranks, a.critical_share,
                          a.deadline_factor, a.deadline_margin_ms, a.placement, a.device_profile,
-                         a.sparsity, not a.no_replan, a.seed)
+                         a.sparsity, not a.no_replan, a.seed, a.loss_model)
         prompts = encoded = tok = None
         if rank == 0:
             tok = Tokenizer.from_store(store)
@@ -252,7 +254,7 @@ def evaluate_tensor(a):
         store = Store(store_path(a.weights, rank))
         plan = make_plan(store, size, a.sync, a.link_loss, a.unstable_ranks, a.critical_share,
                          a.deadline_factor, a.deadline_margin_ms, a.placement, a.device_profile,
-                         a.sparsity, not a.no_replan, a.seed)
+                         a.sparsity, not a.no_replan, a.seed, a.loss_model)
         ids = None
         if rank == 0:
             text = read_text(a.text) if a.text else evaluation_text()

@@ -238,7 +238,7 @@ def test_sparsity_skips_groups_and_matches_a_subset_model(tiny_store):
 
 
 def test_emulated_loss_delay_matches_the_tcp_model():
-    loss = LinkLoss({1: 0.05}, seed=0)
+    loss = LinkLoss({1: 0.05}, seed=0, model="rto")
     assert loss.delay(0, 2, 5000) == 0.0                     # no loss configured on rank 2's link
     n, nbytes = 20000, 3000                                  # 2 packets per message
     delays = np.array([loss.delay(0, 1, nbytes) for _ in range(n)])
@@ -246,8 +246,21 @@ def test_emulated_loss_delay_matches_the_tcp_model():
     assert abs(delays.mean() - expected) < 0.15 * expected
     assert abs((delays > 0).mean() - (1 - 0.95 ** 2)) < 0.01
     assert set(np.round(delays[delays > 0], 3)) >= {0.2, 0.4, 0.6}   # 1 loss, 2 losses, 1+doubling
-    again = LinkLoss({1: 0.05}, seed=0)
+    again = LinkLoss({1: 0.05}, seed=0, model="rto")
     assert [again.delay(0, 1, nbytes) for _ in range(50)] == delays[:50].tolist()
+
+
+def test_tcp_loss_model_stalls_like_the_testbed():
+    """The fitted model: ~1.2p of multi-segment messages stall ~200 ms (doubling sometimes), a
+    one-segment message rarely, and a few percent are late by milliseconds."""
+    loss = LinkLoss({1: 0.05}, seed=1)
+    d = {size: np.array([loss.delay(0, 1, size) for _ in range(20000)]) for size in (1000, 2400, 8000)}
+    for size in (2400, 8000):
+        assert abs((d[size] >= 0.2).mean() - 1.2 * 0.05) < 0.01       # not growing with size
+    assert (d[1000] >= 0.2).mean() < 0.02
+    assert 0 < (d[2400] >= 0.4).mean() < 0.02                          # doubled stalls are rare
+    fast = ((d[2400] > 0) & (d[2400] < 0.011)).mean()
+    assert 0.08 < fast < 0.17
 
 
 def test_parse_link_loss_errors():
@@ -268,7 +281,7 @@ def test_link_estimate_ignores_retransmission_stalls():
 
 
 def test_in_order_links_hold_later_messages_behind_a_delayed_one():
-    loss = LinkLoss({1: 0.2}, seed=16, in_order=True)   # seed 16: the first message loses a packet
+    loss = LinkLoss({1: 0.2}, seed=16, in_order=True, model="rto")   # seed 16: the first loses a packet
     hub = LocalHub(2, loss)
     t0, t1 = hub.transports
     for i in range(6):
