@@ -300,7 +300,7 @@ def positive_int(s: str) -> int:
 def add_tensor_arguments(g):
     both = g.add_argument_group("both parallel modes")
     both.add_argument("--device-profile", metavar="TOML",
-                      help="per-rank speed, memory_mb and link reliability ([defaults] and [rank.N] "
+                      help="per-rank speed, memory_mb and link reliability ([default] and [rank.N] "
                            "tables, see halo_mpi/scheduler.py). Tensor mode places groups by them "
                            "(speeds below 1 are emulated by stretching workers' compute); pipeline "
                            "mode splits layers by speed, counting rank 0's head, within the "

@@ -2,41 +2,12 @@
 
     halo-mpi calibrate --weights weights/smollm2-135m.h5      # writes /calibration/static_importance
 
-Until the per-token predictor exists, HALO sync ranks partials by this: rank 0 waits for the
-partials that carry the critical share of it and places the least important groups on the
-unstable ranks.
+The scheduler places the least important groups on the least reliable ranks by it, and HALO sync
+ranks partials by it when no per-token predictor is used (--placement static).
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
-from tqdm import tqdm
-
-from .model import Transformer
-
-
-def group_contributions(model: Transformer, ids: list[int], chunk: int = 256, progress: bool = True):
-    """Run the reference model over ids; yield (layer, norms (T, G)) of each group's contribution."""
-    cache = model.new_cache(len(ids))
-    records: dict[int, list[torch.Tensor]] = {l: [] for l in model.blocks}
-    originals = {l: b.feed_forward for l, b in model.blocks.items()}
-
-    def recording(layer, mlp):
-        def forward(x):
-            records[layer].append(mlp.per_group(x).norm(dim=-1))   # (T, G, dim) -> (T, G)
-            return mlp(x)
-        return forward
-
-    try:
-        for l, b in model.blocks.items():
-            b.feed_forward = recording(l, originals[l])
-        with torch.inference_mode():
-            for start in tqdm(range(0, len(ids), chunk), desc="calibrate", unit="chunk", disable=not progress):
-                model(torch.tensor(ids[start:start + chunk]), cache, last_only=True)
-    finally:
-        for l, b in model.blocks.items():
-            b.feed_forward = originals[l]
-    return {l: torch.cat(r).numpy() for l, r in records.items()}
 
 
 def static_importance(norms: dict[int, np.ndarray]) -> np.ndarray:

@@ -10,9 +10,9 @@ groups' importance. Output: placement[layer][rank] -> group ids, such that
 When the online link estimate changes a rank's reliability tier, `replan` moves as few groups as
 possible: only groups whose tier changed move, and within a tier groups stay where they are.
 
-Device profile (TOML, `--device-profile`), every key optional:
+Device profile (TOML, `--device-profile`, the same file pipeline mode reads), every key optional:
 
-    [defaults]
+    [default]
     speed = 1.0            # relative compute speed (1.0 = the reference device)
     memory_mb = 4096       # budget for MLP groups on this rank
     reliability = 1.0      # prior probability that a partial arrives on time
@@ -64,7 +64,11 @@ class ClusterSpec:
         except tomllib.TOMLDecodeError as e:
             raise HaloError(f"--device-profile {path} is not valid TOML: {e}") from None
         known = {"speed", "memory_mb", "reliability"}
-        defaults = doc.get("defaults", {})
+        tables = set(doc) - {"default", "rank"}
+        if tables:
+            raise HaloError(f"--device-profile {path}: unknown table(s) {', '.join(sorted(tables))}; "
+                            f"use [default] and [rank.N]")
+        defaults = doc.get("default", {})
         per_rank = {int(k): v for k, v in doc.get("rank", {}).items()}
         bad = sorted(set(defaults) - known) + sorted({k for v in per_rank.values() for k in v} - known)
         if bad:

@@ -75,10 +75,10 @@ def _as_table(d: Device) -> dict:
 
 
 def _device(table: dict, path: str, where: str) -> Device:
-    unknown = set(table) - {"speed", "memory_mb"}
+    unknown = set(table) - {"speed", "memory_mb", "reliability"}   # reliability: tensor mode's
     if unknown:
         raise HaloError(f"--device-profile {path} {where}: unknown key(s) {', '.join(sorted(unknown))}; "
-                        f"use speed and memory_mb")
+                        f"use speed, memory_mb and reliability")
     speed, memory = table.get("speed", 1.0), table.get("memory_mb")
     if not isinstance(speed, (int, float)) or speed <= 0:
         raise HaloError(f"--device-profile {path} {where}: speed must be a number > 0, got {speed!r}")

@@ -181,6 +181,15 @@ def run_tensor(comm, store: Store, plan: TensorPlan, drive, dtype=torch.float32,
     return TensorRun(result, coordinator, workers, pend, rss, cpu, wall)
 
 
+def open_and_plan(a, rank: int, size: int) -> tuple[Store, TensorPlan]:
+    """This rank's store and the plan every rank computes alike, from the CLI options."""
+    store = Store(store_path(a.weights, rank))
+    plan = make_plan(store, size, a.sync, a.link_loss, a.unstable_ranks, a.critical_share,
+                     a.deadline_factor, a.deadline_margin_ms, a.placement, a.device_profile,
+                     a.sparsity, not a.no_replan, a.seed, a.loss_model)
+    return store, plan
+
+
 def run_generate(a):
     from mpi4py import MPI
 
@@ -194,10 +203,7 @@ def run_generate(a):
     configure_threads(a.threads)
 
     def setup():
-        store = Store(store_path(a.weights, rank))
-        plan = make_plan(store, size, a.sync, a.link_loss, a.unstable_ranks, a.critical_share,
-                         a.deadline_factor, a.deadline_margin_ms, a.placement, a.device_profile,
-                         a.sparsity, not a.no_replan, a.seed, a.loss_model)
+        store, plan = open_and_plan(a, rank, size)
         prompts = encoded = tok = None
         if rank == 0:
             tok = Tokenizer.from_store(store)
@@ -251,10 +257,7 @@ def evaluate_tensor(a):
     configure_threads(a.threads)
 
     def setup():
-        store = Store(store_path(a.weights, rank))
-        plan = make_plan(store, size, a.sync, a.link_loss, a.unstable_ranks, a.critical_share,
-                         a.deadline_factor, a.deadline_margin_ms, a.placement, a.device_profile,
-                         a.sparsity, not a.no_replan, a.seed, a.loss_model)
+        store, plan = open_and_plan(a, rank, size)
         ids = None
         if rank == 0:
             text = read_text(a.text) if a.text else evaluation_text()

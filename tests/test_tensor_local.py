@@ -212,7 +212,7 @@ def test_placement_respects_memory_budgets():
 
 def test_device_profile_toml(tmp_path):
     f = tmp_path / "p.toml"
-    f.write_text("[defaults]\nspeed = 1.0\n[rank.2]\nspeed = 0.5\nreliability = 0.8\n")
+    f.write_text("[default]\nspeed = 1.0\n[rank.2]\nspeed = 0.5\nreliability = 0.8\n")
     c = ClusterSpec.from_toml(str(f), 4, unstable={3})
     assert [r.speed for r in c.ranks] == [1.0, 1.0, 0.5, 1.0]
     assert c.ranks[2].reliability == 0.8 and c.ranks[3].reliability == 0.9
