@@ -379,12 +379,13 @@ class LinkEstimate:
     initial: float = 0.100       # deadline until there are enough samples
     quantile: float = 0.9
     window: int = 64
+    outcome_window: int = 256
     on_time: int = 0
     late: int = 0
 
     def __post_init__(self):
         self.samples: deque = deque(maxlen=self.window)
-        self.recent: deque = deque(maxlen=self.window)     # recent outcomes, for re-planning
+        self.recent: deque = deque(maxlen=self.outcome_window)   # recent outcomes, for re-planning
 
     def add_latency(self, seconds: float):
         self.samples.append(seconds)

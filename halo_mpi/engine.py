@@ -286,8 +286,10 @@ class Worker:
         self.compute_s = 0.0
 
     def run(self) -> dict:
+        waiting: Message | None = None     # an input made for a plan that has not arrived yet
         while True:
-            inputs = []
+            inputs = [waiting] if waiting else []
+            waiting = None
             for m in self.t.poll(1.0):
                 if m.kind == Kind.STOP:
                     return self.finish(skipped=len(inputs))
@@ -300,10 +302,13 @@ class Worker:
             # rank 0 sends a layer's input only after closing the previous one: older inputs
             # in this batch belong to closed steps, and computing them would only make us lag
             self.skipped += len(inputs) - 1
-            if inputs[-1].seq != self.version:     # made for another plan: cannot be used
+            latest = inputs[-1]
+            if latest.seq > self.version:   # its PLAN is still on the way (held by loss): wait
+                waiting = latest
+            elif latest.seq < self.version:  # made for an old plan: rank 0 will not use it
                 self.skipped += 1
-                continue
-            self.compute(inputs[-1])
+            else:
+                self.compute(latest)
 
     def apply_plan(self, m: Message):
         if self.load_groups is None:

@@ -190,9 +190,13 @@ class Replanner:
     """Watches the links' recent on-time rates; re-plans when a rank crosses the stable line."""
 
     def __init__(self, cluster: ClusterSpec, importance: np.ndarray, group_mb: float = 0.0,
-                 drop_below: float = 0.9, recover_at: float = STABLE, min_outcomes: int = 32):
+                 drop_below: float = 0.9, recover_at: float = 0.995, min_outcomes: int = 32,
+                 recover_outcomes: int = 256):
         self.cluster, self.importance, self.group_mb = cluster, importance, group_mb
         self.drop_below, self.recover_at, self.min_outcomes = drop_below, recover_at, min_outcomes
+        # recovering takes a long clean record: a link with 1% loss is on time ~98.8% of the
+        # time, and treating it as stable would make rank 0 wait through its 200 ms stalls
+        self.recover_outcomes = recover_outcomes
 
     def unstable(self) -> set[int]:
         return {r for r, s in enumerate(self.cluster.ranks) if r and s.reliability < STABLE}
@@ -206,7 +210,8 @@ class Replanner:
             rate, spec = link.recent_rate, self.cluster.ranks[r]
             if spec.reliability >= STABLE and rate < self.drop_below:
                 changes.append((r, spec.reliability, rate))
-            elif spec.reliability < STABLE and rate >= self.recover_at:
+            elif (spec.reliability < STABLE and rate >= self.recover_at
+                  and len(link.recent) >= self.recover_outcomes):
                 changes.append((r, spec.reliability, 1.0))
         if not changes:
             return None, ""

@@ -307,3 +307,25 @@ def test_shards_hold_only_their_groups_and_run_like_the_store(tiny_store, tmp_pa
     with Store(str(tmp_path / "s.rank0.h5")) as s0:
         plan0 = make_plan(s0, 3, sync="strict", link_loss="2:0.1")
         assert all((a[r] == b[r]).all() for a, b in zip(plan0.placement, plan.placement) for r in range(3))
+
+
+def test_an_input_that_overtakes_its_plan_is_answered_once_the_plan_arrives():
+    """Emulated loss can hold a PLAN back while the next INPUT arrives: the worker must keep
+    that input until the plan is there (dropping it would leave rank 0 waiting forever)."""
+    hub = LocalHub(2)
+    loads = []
+    load = lambda layer, ids: loads.append((layer, ids.tolist())) or EchoMLP(1)   # noqa: E731
+    worker = Worker(hub.transports[1], {0: EchoMLP(1)}, load_groups=load)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    rank0 = hub.transports[0]
+    rank0.send(1, Kind.INPUT, 5, 0, np.full((1, 4), 7.0, np.float32), seq=1)   # plan 1 not known yet
+    time.sleep(0.05)
+    assert rank0.poll(0.0) == []                                 # held, not answered, not dropped
+    rank0.send(1, Kind.PLAN, 5, -1, np.array([[3, 4]], np.float32), seq=1)
+    reply = rank0.poll(5.0)
+    assert [(m.kind, m.step, m.seq) for m in reply] == [(Kind.PARTIAL, 5, 1)]
+    assert loads == [(0, [3, 4])] and reply[0].payload[0, 1] == 7.0
+    rank0.send(1, Kind.STOP, 6, -1, np.zeros((0, 1), np.float32))
+    thread.join(5)
+    assert not thread.is_alive()
