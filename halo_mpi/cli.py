@@ -322,12 +322,15 @@ def add_tensor_arguments(g):
     t.add_argument("--unstable-ranks", metavar="R,...",
                    help="ranks on unreliable links: they get the least important groups and are "
                         "not waited for past their deadline (default: the ranks in --link-loss)")
-    t.add_argument("--critical-share", type=float, default=0.5,
+    t.add_argument("--critical-share", type=float, default=0.3,
                    help="halo: partials are waited for until this share of the layer's importance "
                         "has arrived, those of stable ranks always (default: %(default)s)")
     t.add_argument("--deadline-factor", type=float, default=1.5,
-                   help="halo: a link's deadline is this factor times the 90th percentile of its "
-                        "recent on-time round trips, plus --deadline-margin-ms (default: %(default)s)")
+                   help="halo: once the critical partials are in, another one is waited for this "
+                        "factor times the 90th percentile of how far its link's partials recently "
+                        "lagged behind the critical ones, plus --deadline-margin-ms; a partial is "
+                        "on time (for re-planning) within the same bound of its link's round trips "
+                        "(default: %(default)s)")
     t.add_argument("--deadline-margin-ms", type=float, default=2.0,
                    help="halo: added to every deadline (default: %(default)s)")
     t.add_argument("--placement", choices=["semantic", "static", "random"], default="semantic",

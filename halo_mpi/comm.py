@@ -368,11 +368,13 @@ class LocalTransport(Transport):
 
 @dataclass
 class LinkEstimate:
-    """Online estimate of one link's normal round-trip latency, and its on-time record.
+    """Online estimate of one link's normal latency, and its on-time record.
 
-    Samples are the round trips (input sent -> partial back) of partials that arrived while their
-    layer was still open. Retransmission stalls are not normal latency: samples above 3x the
-    median are left out before the quantile is taken.
+    Two kinds of samples, both from partials that arrived while their layer was still open:
+    round trips (input sent -> partial back), which say whether a partial was on time (the record
+    that drives re-planning), and lags behind the layer's critical partials, which set how long
+    rank 0 waits for a non-critical one (`grace`). Retransmission stalls are not normal latency:
+    samples above 3x the median (plus the margin) are left out before the quantile is taken.
     """
     factor: float = 1.5          # deadline = factor * quantile + margin
     margin: float = 0.002        # seconds
@@ -384,11 +386,14 @@ class LinkEstimate:
     late: int = 0
 
     def __post_init__(self):
-        self.samples: deque = deque(maxlen=self.window)
+        self.samples: deque = deque(maxlen=self.window)          # round trips, seconds
+        self.lags: deque = deque(maxlen=self.window)             # lags behind the critical ones
         self.recent: deque = deque(maxlen=self.outcome_window)   # recent outcomes, for re-planning
 
-    def add_latency(self, seconds: float):
+    def add_latency(self, seconds: float, lag: float | None = None):
         self.samples.append(seconds)
+        if lag is not None:
+            self.lags.append(lag)
 
     def add_outcome(self, on_time: bool):
         self.recent.append(on_time)
@@ -401,12 +406,20 @@ class LinkEstimate:
     def recent_rate(self) -> float:
         return sum(self.recent) / len(self.recent) if self.recent else 1.0
 
-    def deadline(self) -> float:
-        if len(self.samples) < 4:
+    def _bound(self, samples: deque) -> float:
+        if len(samples) < 4:
             return self.initial
-        s = np.fromiter(self.samples, float)
+        s = np.fromiter(samples, float)
         normal = s[s <= 3.0 * np.median(s) + self.margin]
         return self.factor * float(np.quantile(normal, self.quantile)) + self.margin
+
+    def deadline(self) -> float:
+        """Seconds after the input went out by which a partial counts as on time."""
+        return self._bound(self.samples)
+
+    def grace(self) -> float:
+        """Seconds rank 0 waits for a non-critical partial once the critical ones are in."""
+        return self._bound(self.lags)
 
     @property
     def on_time_rate(self) -> float:

@@ -32,7 +32,7 @@ from .scheduler import Placement
 @dataclass
 class SyncPolicy:
     mode: str = "halo"                 # strict | halo
-    critical_share: float = 0.5        # halo: wait until this share of importance has arrived
+    critical_share: float = 0.3        # halo: wait until this share of importance has arrived
     unstable: frozenset = frozenset()  # ranks whose partials may be dropped
     deadline_factor: float = 1.5
     deadline_margin: float = 0.002     # seconds
@@ -167,26 +167,42 @@ class Coordinator:
         return out
 
     def gather(self, layer: int, peers: list[int], sent_at: float, shares: dict) -> dict[int, np.ndarray]:
+        """Partials of `peers`: every critical one, the rest until their link's deadline.
+
+        A deadline counts from `ref`, the moment the layer's critical partials are all in (or rank
+        0's own share is done, when none is critical): the estimate is of how far a link's partial
+        normally lags behind the critical ones, which leaves out the delays all ranks share (rank 0
+        itself running late, every worker sharing the same cores).
+        """
         t0 = time.perf_counter()
         peer_shares = {r: shares[r] for r in peers}
         waiting = set(peers) if not self.decoding else self.policy.critical(shares[0], peer_shares)
-        deadline = {r: sent_at + self.links[r].deadline() for r in peers}
         got: dict[int, np.ndarray] = {}
         arrived: dict[int, float] = {}
+        ref = t0 if not waiting else None
         while len(got) < len(peers):
             missing = [r for r in peers if r not in got]
             now = time.perf_counter()
             if any(r in waiting for r in missing):
                 timeout = 1.0                                  # poll returns at the first arrival
             else:
-                last = max(deadline[r] for r in missing)
+                if ref is None:
+                    ref = max(arrived[r] for r in waiting)
+                last = max(ref + self.links[r].grace() for r in missing)
                 if now >= last:
                     break
                 timeout = last - now
             for m in self.t.poll(timeout):
                 if self.receive(m, layer, got):
                     arrived[m.source] = time.perf_counter()
-        on_time = {r for r in arrived if arrived[r] <= deadline[r]}  # waited-for late ones are late
+        if ref is None:                                        # every critical partial came last
+            ref = max(arrived.values(), default=t0)
+        on_time = set()          # by round trip, for re-planning: a waited-for stall is late too
+        for r, at in arrived.items():
+            if self.decoding:        # decode steps feed the link estimate
+                self.links[r].add_latency(at - sent_at, lag=max(0.0, at - ref))
+            if at - sent_at <= self.links[r].deadline():
+                on_time.add(r)
         self.account([r for r in peers if r not in got], peer_shares, on_time)
         self.gather_wait_s += time.perf_counter() - t0
         return got
@@ -197,8 +213,6 @@ class Coordinator:
         if (m.step, m.layer, m.seq) == (self.step, layer, self.version):
             got[m.source] = m.payload
             self.used[m.source] += 1
-            if self.decoding:      # round trips of decode steps feed the link estimate
-                self.links[m.source].add_latency(time.perf_counter() - self.sent_at)
             return True
         self.late_discarded[m.source] += 1   # a closed step or layer, or an old plan: never mixed in
         return False

@@ -68,7 +68,7 @@ def parse_ranks(spec: str | None, size: int, option: str) -> set[int]:
 
 
 def make_plan(store: Store, size: int, sync: str = "halo", link_loss: str | None = None,
-              unstable_ranks: str | None = None, critical_share: float = 0.5,
+              unstable_ranks: str | None = None, critical_share: float = 0.3,
               deadline_factor: float = 1.5, deadline_margin_ms: float = 2.0,
               placement: str = "semantic", device_profile: str | None = None,
               sparsity: float = 0.0, replan: bool = True, seed: int = 0,
@@ -302,7 +302,8 @@ def tensor_stats(plan: TensorPlan, run: TensorRun) -> dict:
         ranks.append({**w, "rank": r, "on_time_rate": link.on_time_rate,
                       "dropped_layers": sum(rec.dropped_ranks[r] for rec in decode_records),
                       "late_discarded": coordinator.late_discarded[r],
-                      "deadline_ms": 1e3 * link.deadline(), "peak_rss_mb": rss[r], "cpu_s": cpu[r],
+                      "deadline_ms": 1e3 * link.deadline(), "grace_ms": 1e3 * link.grace(),
+                      "peak_rss_mb": rss[r], "cpu_s": cpu[r],
                       "pending_requests_at_end": pendings[r], "link_loss": plan.loss.get(r, 0.0)})
     return {
         "mode": "tensor", "sync": plan.policy.mode, "ranks_total": plan.size,

@@ -280,6 +280,17 @@ def test_link_estimate_ignores_retransmission_stalls():
     assert 0.007 < est.deadline() < 0.01
 
 
+def test_grace_counts_from_the_critical_partials_not_from_the_send():
+    # round trips of 5-9 ms (every rank slow alike) but partials that trail the critical ones by
+    # at most 1 ms: rank 0 waits ~1.5 x 1 ms + margin after the critical ones, not ~1.5 x 9 ms
+    link = LinkEstimate(margin=0.001)
+    for i in range(40):
+        link.add_latency(0.005 + 0.0001 * i, lag=0.001 * (i % 2))
+    link.add_latency(0.2, lag=0.2)                      # a stall leaves the bound alone
+    assert link.grace() == pytest.approx(1.5 * 0.001 + 0.001)
+    assert link.deadline() > 0.01
+
+
 def test_in_order_links_hold_later_messages_behind_a_delayed_one():
     loss = LinkLoss({1: 0.2}, seed=16, in_order=True, model="rto")   # seed 16: the first loses a packet
     hub = LocalHub(2, loss)
