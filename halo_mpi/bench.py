@@ -120,6 +120,8 @@ MODES = {  # mode -> generate/evaluate options
     "halo": ["--parallel", "tensor", "--sync", "halo"],
     "halo-static": ["--parallel", "tensor", "--sync", "halo", "--placement", "static"],
     "halo-random": ["--parallel", "tensor", "--sync", "halo", "--placement", "random"],
+    "halo-backup": ["--parallel", "tensor", "--sync", "halo", "--backup-share", "1"],
+    "halo-backup-half": ["--parallel", "tensor", "--sync", "halo", "--backup-share", "0.5"],
     "pipeline": ["--parallel", "pipeline"],
 }
 LOSSLESS_ONLY = {"single", "pipeline"}   # no links that the emulated loss applies to

@@ -333,6 +333,11 @@ def add_tensor_arguments(g):
                         "(default: %(default)s)")
     t.add_argument("--deadline-margin-ms", type=float, default=2.0,
                    help="halo: added to every deadline (default: %(default)s)")
+    t.add_argument("--backup-share", type=float, default=0.0,
+                   help="halo: rank 0 also holds this share (0..1) of each unstable rank's groups, "
+                        "the most important ones, and computes them itself when that rank's partial "
+                        "misses its deadline; costs rank 0 memory, saves quality (default: %(default)s, "
+                        "pure HALO: a missing partial counts as zero)")
     t.add_argument("--placement", choices=["semantic", "static", "random"], default="semantic",
                    help="semantic: least important groups on the least reliable ranks, per-token "
                         "importance from the predictor; static: the same placement, calibration "

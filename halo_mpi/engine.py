@@ -7,8 +7,12 @@ Rank 0 holds the embedding, norms, attention, residual stream, head and sampling
 share of every layer's MLP groups. Per layer it sends the normalized hidden state to the workers
 holding groups of that layer, computes its own partial, and gathers theirs: all of them (strict
 sync), or the critical ones plus whatever else arrives before each link's deadline (HALO sync).
-A missing partial counts as zero; a late one is discarded when it arrives. The model itself does
-not know any of this: `DistributedMLP` replaces each block's MLP from outside.
+A missing partial counts as zero, unless rank 0 holds a backup of those groups (--backup-share:
+the most important share of each unstable rank's groups, by calibration), which it then computes
+itself; a late partial is discarded when it arrives. A link whose partial was just missed is
+treated as stalled (real TCP delivers in order: what follows a lost segment waits for it) and not
+waited for until something arrives from it again. The model itself does not know any of this:
+`DistributedMLP` replaces each block's MLP from outside.
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ class SyncPolicy:
     deadline_factor: float = 1.5
     deadline_margin: float = 0.002     # seconds
     initial_deadline: float = 0.100    # seconds, before a link has samples
+    backup_share: float = 0.0          # halo: rank 0 also holds this top share of each unstable
+                                       # rank's groups and computes them when a partial is missing
 
     def critical(self, own_share: float, shares: dict[int, float]) -> set[int]:
         """Peers to wait for without deadline: all (strict); stable ones, then unstable ones by
@@ -81,6 +87,9 @@ class Coordinator:
                  policy: SyncPolicy, load_groups: LoadGroups, predictor=None, sparsity: float = 0.0,
                  replanner=None, log=None):
         self.t, self.importance, self.policy = transport, importance, policy
+        self.backup: dict[int, dict[int, GroupMLP]] = {}          # layer -> rank -> its backed-up groups
+        self.missed: dict[int, float] = {}   # rank -> when the input of its missed partial went out,
+                                             # while nothing has arrived from it since
         self.load_groups, self.predictor, self.sparsity = load_groups, predictor, sparsity
         self.replanner, self.log = replanner, log or (lambda line: None)
         self.n_layers = len(placement)
@@ -95,6 +104,7 @@ class Coordinator:
         self.sent_at = 0.0                                   # when the current layer's inputs went out
         self.late_discarded = Counter()                      # rank -> stale partials thrown away
         self.used = Counter()                                # rank -> partials added in
+        self.recovered = Counter()                           # rank -> missing partials made up by backup
         self.compute_s = self.gather_wait_s = 0.0
         self.replans: list[str] = []
 
@@ -104,6 +114,25 @@ class Coordinator:
         self.placement = placement
         for l in changed:
             self.own[l] = self.load_groups(l, placement[l][0]) if len(placement[l][0]) else None
+        self.set_backup()
+
+    def set_backup(self):
+        """Rank 0's copies of the most important `backup_share` of each unstable rank's groups
+        (by static importance), reloaded only where they change."""
+        if self.policy.mode != "halo" or self.policy.backup_share <= 0:
+            return
+        for l, placed in enumerate(self.placement):
+            old, new = self.backup.get(l, {}), {}
+            for r in sorted(self.policy.unstable):
+                if r >= len(placed) or not len(placed[r]):
+                    continue
+                n = int(np.ceil(self.policy.backup_share * len(placed[r]) - 1e-9))
+                ids = np.sort(placed[r][np.argsort(-self.importance[l][placed[r]], kind="stable")[:n]])
+                if r in old and np.array_equal(old[r].ids, ids):
+                    new[r] = old[r]
+                elif len(ids):
+                    new[r] = self.load_groups(l, ids)
+            self.backup[l] = new
 
     # -- steps
     def begin_step(self, decoding: bool):
@@ -124,8 +153,8 @@ class Coordinator:
             for l, p in enumerate(new):
                 ids[l, :len(p[r])] = p[r]
             self.t.send(r, Kind.PLAN, self.step, -1, ids, seq=self.version)
-        self.set_placement(new)
         self.policy.unstable = frozenset(self.replanner.unstable())
+        self.set_placement(new)
         self.replans.append(line)
         self.log(line)
 
@@ -162,17 +191,37 @@ class Coordinator:
         else:
             out = own(x) if keep is None else own.subset(x, local_keep[0])
         self.compute_s += time.perf_counter() - sent_at
-        for r, part in sorted(self.gather(layer, peers, sent_at, shares).items()):
+        backup = self.backup.get(layer, {})
+        backed = {r: self.backed_up(backup[r], imp, keep) if r in backup else (None, 0.0) for r in peers}
+        lost = {r: shares[r] - backed[r][1] for r in peers}
+        got = self.gather(layer, peers, sent_at, shares, lost)
+        for r, part in sorted(got.items()):
             out += torch.from_numpy(part)
+        t0 = time.perf_counter()
+        for r in peers:                    # missing partials that rank 0 can make up for
+            mask = backed[r][0]
+            if r not in got and r in backup and (mask is None or mask.any()):
+                out += backup[r](x) if mask is None else backup[r].subset(x, mask)
+                self.recovered[r] += 1
+        self.compute_s += time.perf_counter() - t0
         return out
 
-    def gather(self, layer: int, peers: list[int], sent_at: float, shares: dict) -> dict[int, np.ndarray]:
+    @staticmethod
+    def backed_up(mlp: GroupMLP, imp: np.ndarray, keep) -> tuple:
+        """(mask over the backup's groups or None for all, importance share they cover)."""
+        mask = None if keep is None else keep[mlp.ids]
+        ids = mlp.ids if mask is None else mlp.ids[mask]
+        return mask, float(imp[ids].sum())
+
+    def gather(self, layer: int, peers: list[int], sent_at: float, shares: dict,
+               lost: dict | None = None) -> dict[int, np.ndarray]:
         """Partials of `peers`: every critical one, the rest until their link's deadline.
 
         A deadline counts from `ref`, the moment the layer's critical partials are all in (or rank
         0's own share is done, when none is critical): the estimate is of how far a link's partial
         normally lags behind the critical ones, which leaves out the delays all ranks share (rank 0
-        itself running late, every worker sharing the same cores).
+        itself running late, every worker sharing the same cores). A stalled link gets no grace.
+        `lost`: the importance a missing partial costs (its share less what rank 0 backs up).
         """
         t0 = time.perf_counter()
         peer_shares = {r: shares[r] for r in peers}
@@ -180,6 +229,9 @@ class Coordinator:
         got: dict[int, np.ndarray] = {}
         arrived: dict[int, float] = {}
         ref = t0 if not waiting else None
+        for m in self.t.poll(0.0):     # what is already here, so a link that delivered is not stalled
+            if self.receive(m, layer, got):
+                arrived[m.source] = time.perf_counter()
         while len(got) < len(peers):
             missing = [r for r in peers if r not in got]
             now = time.perf_counter()
@@ -188,7 +240,7 @@ class Coordinator:
             else:
                 if ref is None:
                     ref = max(arrived[r] for r in waiting)
-                last = max(ref + self.links[r].grace() for r in missing)
+                last = max(ref + (0.0 if self.stalled(r, now) else self.links[r].grace()) for r in missing)
                 if now >= last:
                     break
                 timeout = last - now
@@ -203,13 +255,23 @@ class Coordinator:
                 self.links[r].add_latency(at - sent_at, lag=max(0.0, at - ref))
             if at - sent_at <= self.links[r].deadline():
                 on_time.add(r)
-        self.account([r for r in peers if r not in got], peer_shares, on_time)
+        dropped = [r for r in peers if r not in got]
+        if self.decoding:
+            for r in dropped:
+                self.missed.setdefault(r, sent_at)
+        self.account(dropped, peer_shares, on_time, lost or peer_shares)
         self.gather_wait_s += time.perf_counter() - t0
         return got
+
+    def stalled(self, r: int, now: float) -> bool:
+        """A missed partial still not here a whole round-trip bound later: the link is stalled
+        (TCP holds what follows a lost segment until it is repaired), so waiting is no use."""
+        return r in self.missed and now - self.missed[r] > self.links[r].deadline()
 
     def receive(self, m: Message, layer: int, got: dict) -> bool:
         if m.kind != Kind.PARTIAL:
             raise HaloError(f"rank 0 got an unexpected {m.kind.name} message from rank {m.source}")
+        self.missed.pop(m.source, None)      # the link delivers again
         if (m.step, m.layer, m.seq) == (self.step, layer, self.version):
             got[m.source] = m.payload
             self.used[m.source] += 1
@@ -217,14 +279,14 @@ class Coordinator:
         self.late_discarded[m.source] += 1   # a closed step or layer, or an old plan: never mixed in
         return False
 
-    def account(self, dropped: list[int], shares: dict[int, float], on_time: set[int]):
+    def account(self, dropped: list[int], shares: dict[int, float], on_time: set[int], lost: dict):
         rec = self.records[-1]
         if self.decoding:
             for r in shares:
                 self.links[r].add_outcome(r in on_time)
         for r in dropped:
             rec.dropped_ranks[r] += 1
-            rec.dropped_share += shares[r] / self.n_layers
+            rec.dropped_share += lost[r] / self.n_layers
 
     # -- the end
     def finish(self, timeout: float = 60.0) -> dict[int, dict]:

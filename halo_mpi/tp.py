@@ -72,12 +72,14 @@ def make_plan(store: Store, size: int, sync: str = "halo", link_loss: str | None
               deadline_factor: float = 1.5, deadline_margin_ms: float = 2.0,
               placement: str = "semantic", device_profile: str | None = None,
               sparsity: float = 0.0, replan: bool = True, seed: int = 0,
-              loss_model: str = "tcp") -> TensorPlan:
+              loss_model: str = "tcp", backup_share: float = 0.0) -> TensorPlan:
     """The same plan on every rank, from the store and the options alone."""
     if not 0.0 < critical_share <= 1.0:
         raise HaloError(f"--critical-share {critical_share} is not in (0, 1]")
     if not 0.0 <= sparsity < 1.0:
         raise HaloError(f"--sparsity {sparsity} is not in [0, 1)")
+    if not 0.0 <= backup_share <= 1.0:
+        raise HaloError(f"--backup-share {backup_share} is not in [0, 1]")
     a = store.args
     loss = parse_link_loss(link_loss, size)
     unstable = parse_ranks(unstable_ranks, size, "--unstable-ranks") if unstable_ranks else set(loss)
@@ -100,7 +102,7 @@ def make_plan(store: Store, size: int, sync: str = "halo", link_loss: str | None
         raise HaloError(f"--placement {placement!r}: choose semantic, static or random")
     policy = SyncPolicy(sync, critical_share, frozenset(r for r in range(1, size)
                                                         if cluster.ranks[r].reliability < STABLE),
-                        deadline_factor, deadline_margin_ms / 1e3)
+                        deadline_factor, deadline_margin_ms / 1e3, backup_share=backup_share)
     return TensorPlan(size, imp, placed, loss, policy, source, cluster, placement, sparsity,
                       replan and sync == "halo" and placement != "random", group_mb, loss_model)
 
@@ -186,7 +188,7 @@ def open_and_plan(a, rank: int, size: int) -> tuple[Store, TensorPlan]:
     store = Store(store_path(a.weights, rank))
     plan = make_plan(store, size, a.sync, a.link_loss, a.unstable_ranks, a.critical_share,
                      a.deadline_factor, a.deadline_margin_ms, a.placement, a.device_profile,
-                     a.sparsity, not a.no_replan, a.seed, a.loss_model)
+                     a.sparsity, not a.no_replan, a.seed, a.loss_model, a.backup_share)
     return store, plan
 
 
@@ -295,6 +297,7 @@ def tensor_stats(plan: TensorPlan, run: TensorRun) -> dict:
     ranks = [{"rank": 0, "compute_s": coordinator.compute_s, "wait_s": coordinator.gather_wait_s,
               "on_time_rate": 1.0, "dropped_layers": 0, "late_discarded": 0,
               "groups": int(sum(len(p[0]) for p in plan.placement)), "peak_rss_mb": rss[0],
+              "backup_groups": int(sum(len(m.ids) for b in coordinator.backup.values() for m in b.values())),
               "cpu_s": cpu[0],
               "held_by_loss": t.held, "pending_requests_at_end": pendings[0]}]
     for r in range(1, plan.size):
@@ -302,6 +305,7 @@ def tensor_stats(plan: TensorPlan, run: TensorRun) -> dict:
         ranks.append({**w, "rank": r, "on_time_rate": link.on_time_rate,
                       "dropped_layers": sum(rec.dropped_ranks[r] for rec in decode_records),
                       "late_discarded": coordinator.late_discarded[r],
+                      "recovered_by_backup": coordinator.recovered[r],
                       "deadline_ms": 1e3 * link.deadline(), "grace_ms": 1e3 * link.grace(),
                       "peak_rss_mb": rss[r], "cpu_s": cpu[r],
                       "pending_requests_at_end": pendings[r], "link_loss": plan.loss.get(r, 0.0)})
@@ -330,11 +334,11 @@ def format_report(s: dict) -> str:
              f"{s['ms_per_token_p95']:.1f}), {s['tokens_per_s']:.1f} tokens/s; dropped importance "
              f"share per token: mean {s['dropped_share_mean']:.4f}, max {s['dropped_share_max']:.4f}; "
              f"requests pending at end: {s['pending_requests_at_end']}",
-             "rank  groups  compute_s  wait_s  cpu_s  on-time  dropped-layers  late-discarded  skipped  peak-RSS-MB"]
+             "rank  groups  compute_s  wait_s  cpu_s  on-time  dropped-layers  recovered  late-discarded  skipped  peak-RSS-MB"]
     for r in s["ranks"]:
         lines.append(f"{r['rank']:4d}  {r.get('groups', 0):6d}  {r.get('compute_s', 0):9.2f}  "
                      f"{r.get('wait_s', 0):6.2f}  {r['cpu_s']:5.1f}  {r['on_time_rate']:7.3f}  {r['dropped_layers']:14d}  "
-                     f"{r['late_discarded']:14d}  {r.get('skipped', 0):7d}  {r['peak_rss_mb']:11.0f}")
+                     f"{r.get('recovered_by_backup', 0):9d}  {r['late_discarded']:14d}  {r.get('skipped', 0):7d}  {r['peak_rss_mb']:11.0f}")
     return "\n".join(lines)
 
 
