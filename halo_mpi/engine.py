@@ -9,9 +9,9 @@ holding groups of that layer, computes its own partial, and gathers theirs: all 
 sync), or the critical ones plus whatever else arrives before each link's deadline (HALO sync).
 A missing partial counts as zero, unless rank 0 holds a backup of those groups (--backup-share:
 the most important share of each unstable rank's groups, by calibration), which it then computes
-itself; a late partial is discarded when it arrives. A link whose partial was just missed is
-treated as stalled (real TCP delivers in order: what follows a lost segment waits for it) and not
-waited for until something arrives from it again. The model itself does not know any of this:
+itself; a late partial is discarded when it arrives. A link whose missed partial is still not
+there a round-trip bound later is treated as stalled (real TCP delivers in order: what follows a
+lost segment waits for it) and not waited for until something arrives from it again. The model itself does not know any of this:
 `DistributedMLP` replaces each block's MLP from outside.
 """
 from __future__ import annotations
@@ -191,16 +191,15 @@ class Coordinator:
         else:
             out = own(x) if keep is None else own.subset(x, local_keep[0])
         self.compute_s += time.perf_counter() - sent_at
-        backup = self.backup.get(layer, {})
-        backed = {r: self.backed_up(backup[r], imp, keep) if r in backup else (None, 0.0) for r in peers}
-        lost = {r: shares[r] - backed[r][1] for r in peers}
+        backup = self.backup.get(layer)
+        backed = {r: self.backed_up(backup[r], imp, keep) for r in peers if r in backup} if backup else {}
+        lost = {r: shares[r] - (backed[r][1] if r in backed else 0.0) for r in peers} if backed else None
         got = self.gather(layer, peers, sent_at, shares, lost)
         for r, part in sorted(got.items()):
             out += torch.from_numpy(part)
         t0 = time.perf_counter()
-        for r in peers:                    # missing partials that rank 0 can make up for
-            mask = backed[r][0]
-            if r not in got and r in backup and (mask is None or mask.any()):
+        for r, (mask, _) in backed.items():   # missing partials that rank 0 can make up for
+            if r not in got and (mask is None or mask.any()):
                 out += backup[r](x) if mask is None else backup[r].subset(x, mask)
                 self.recovered[r] += 1
         self.compute_s += time.perf_counter() - t0
@@ -226,6 +225,8 @@ class Coordinator:
         t0 = time.perf_counter()
         peer_shares = {r: shares[r] for r in peers}
         waiting = set(peers) if not self.decoding else self.policy.critical(shares[0], peer_shares)
+        bound = {r: self.links[r].deadline() for r in peers}   # round-trip bounds, fixed this layer
+        grace: dict[int, float] | None = None                    # taken once the critical ones are in
         got: dict[int, np.ndarray] = {}
         arrived: dict[int, float] = {}
         ref = t0 if not waiting else None
@@ -240,7 +241,9 @@ class Coordinator:
             else:
                 if ref is None:
                     ref = max(arrived[r] for r in waiting)
-                last = max(ref + (0.0 if self.stalled(r, now) else self.links[r].grace()) for r in missing)
+                if grace is None:
+                    grace = {r: self.links[r].grace() for r in peers if r not in waiting}
+                last = max(ref + (0.0 if self.stalled(r, now, bound[r]) else grace[r]) for r in missing)
                 if now >= last:
                     break
                 timeout = last - now
@@ -253,7 +256,7 @@ class Coordinator:
         for r, at in arrived.items():
             if self.decoding:        # decode steps feed the link estimate
                 self.links[r].add_latency(at - sent_at, lag=max(0.0, at - ref))
-            if at - sent_at <= self.links[r].deadline():
+            if at - sent_at <= bound[r]:
                 on_time.add(r)
         dropped = [r for r in peers if r not in got]
         if self.decoding:
@@ -263,10 +266,10 @@ class Coordinator:
         self.gather_wait_s += time.perf_counter() - t0
         return got
 
-    def stalled(self, r: int, now: float) -> bool:
+    def stalled(self, r: int, now: float, bound: float) -> bool:
         """A missed partial still not here a whole round-trip bound later: the link is stalled
         (TCP holds what follows a lost segment until it is repaired), so waiting is no use."""
-        return r in self.missed and now - self.missed[r] > self.links[r].deadline()
+        return r in self.missed and now - self.missed[r] > bound
 
     def receive(self, m: Message, layer: int, got: dict) -> bool:
         if m.kind != Kind.PARTIAL:
