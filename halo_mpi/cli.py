@@ -494,8 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--weights", default=DEFAULT_WEIGHTS, help="HDF5 store (default: %(default)s)")
     b.add_argument("--ranks", type=positive_int, default=4, help="ranks of the distributed modes (default: %(default)s)")
     b.add_argument("--modes", default="single,strict,halo,halo-random",
-                   help="comma list among single, strict, halo, halo-static, halo-random, pipeline "
-                        "(default: %(default)s)")
+                   help="comma list among single, strict, halo, halo-static, halo-random, "
+                        "halo-backup (--backup-share 1), halo-backup-half (--backup-share 0.5), "
+                        "pipeline (default: %(default)s)")
     b.add_argument("--loss", default="0,0.01,0.03,0.05",
                    help="comma list of packet loss rates for the lossy ranks (default: %(default)s)")
     b.add_argument("--lossy-ranks", help="comma list (default: the upper half of the ranks, e.g. 2,3 of 4)")
