@@ -4,8 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 RUN_KEYS = {"mode": str, "loss": float, "ms_per_token_median": float, "ms_per_token_p95": float,
             "perplexity": float, "agreement": float, "dropped_share": float, "peak_rss_mb": list,
             "tokens": int}

@@ -6,10 +6,9 @@ import sys
 
 import h5py
 import pytest
+from tiny_gguf import write_tiny_gguf
 
 from halo_mpi.cli import main
-
-from tiny_gguf import write_tiny_gguf
 
 
 def run(capsys, *argv):

@@ -1,12 +1,11 @@
 """GGUF -> store on a tiny GGUF written like llama.cpp's converter, and synthetic stores."""
 import numpy as np
 import torch
+from tiny_gguf import DIM, HEADS, HIDDEN, KV_HEADS, write_tiny_gguf
 
 from halo_mpi.convert import convert_gguf, write_synthetic
 from halo_mpi.model import Transformer, rms_norm
 from halo_mpi.store import Store
-
-from tiny_gguf import DIM, HEADS, HIDDEN, KV_HEADS, write_tiny_gguf
 
 
 def test_convert_undoes_the_rope_permutation_and_cuts_groups(tmp_path):

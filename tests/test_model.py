@@ -1,7 +1,6 @@
 """The reference model: KV-cache consistency, group decomposition, and equality with transformers."""
 import os
 
-import numpy as np
 import pytest
 import torch
 

@@ -18,16 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import HALO
 
 from halo_mpi.errors import HaloError
 from halo_mpi.generate import LocalSession, Sampler, generate
 from halo_mpi.model import Transformer
-from halo_mpi.pipeline import (Options, Request, held_parameters, load_stage_model, make_plan,
-                               run_local)
+from halo_mpi.pipeline import Options, Request, held_parameters, load_stage_model, make_plan, run_local
 from halo_mpi.split import Device, StageCosts, read_device_profile, split_layers, stage_costs
 from halo_mpi.store import Store
-
-from conftest import HALO
 
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
 LOGIT_TOL = 1e-3

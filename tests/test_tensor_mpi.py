@@ -1,5 +1,4 @@
 """Tensor-parallel engine under mpiexec (-n 2 and -n 4): strict and HALO sync against the reference."""
-import numpy as np
 import pytest
 import torch
 

@@ -12,13 +12,17 @@ import time
 
 import pytest
 
-from halo_mpi import netns
+from halo_mpi import netns, testbed
 from halo_mpi.errors import HaloError
-from halo_mpi import testbed
-from halo_mpi.testbed import (ENGINE_MESSAGE, PREFIX, add_parser, is_stale, measure_delays,
-                              parse_rank_values, summarize)
-
-
+from halo_mpi.testbed import (
+    ENGINE_MESSAGE,
+    PREFIX,
+    add_parser,
+    is_stale,
+    measure_delays,
+    parse_rank_values,
+    summarize,
+)
 
 PY = sys.executable
 PROMPT = "The capital of France is"

@@ -1,0 +1,109 @@
+"""`halo-mpi bench`: the modes under packet loss, single-process decode speed, or the loss emulation's fit.
+
+    halo-mpi bench --ranks 4 --modes single,strict,halo --loss 0,0.01,0.05 --out results
+    halo-mpi bench --decode --dtypes float32,float16 --profile
+    halo-mpi bench --calibrate-emulation --loss 0.01,0.03,0.05      # root, on the testbed
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from ..bench.loss import MODES
+from ..errors import HaloError
+from ..net.ranks import parse_floats, parse_ranks
+from ..stats import write_json
+from ..testbed.netns import tool
+from .options import DEFAULT_WEIGHTS, DTYPE_CHOICES, add_threads_argument, positive_int, set_threads
+
+
+def add_parser(sub):
+    b = sub.add_parser("bench", help="benchmark the modes under packet loss (or decode speed)",
+                       description="Run each mode at each loss rate (one mpiexec per run): median "
+                                   "and p95 ms/token, teacher-forced perplexity on held-out text, "
+                                   "greedy agreement with the reference, dropped importance share "
+                                   "and peak RSS per rank; writes results.json, results.md and "
+                                   "results.png to --out. With --decode: single-process decode "
+                                   "speed per dtype instead (--profile: where the time goes).")
+    b.add_argument("--weights", default=DEFAULT_WEIGHTS, help="HDF5 store (default: %(default)s)")
+    b.add_argument("--ranks", type=positive_int, default=4,
+                   help="ranks of the distributed modes (default: %(default)s)")
+    b.add_argument("--modes", default="single,strict,halo,halo-random",
+                   help="comma list among single, strict, halo, halo-static, halo-random, "
+                        "halo-backup (--backup-share 1), halo-backup-half (--backup-share 0.5), "
+                        "pipeline (default: %(default)s)")
+    b.add_argument("--loss", default="0,0.01,0.03,0.05",
+                   help="comma list of packet loss rates for the lossy ranks (default: %(default)s)")
+    b.add_argument("--lossy-ranks", help="comma list (default: the upper half of the ranks, e.g. 2,3 of 4)")
+    b.add_argument("--net", choices=["emulated", "testbed"],
+                   help="testbed: real kernel packet loss in network namespaces (root); emulated: "
+                        "the transport's loss model (default: testbed when root with iptables, else "
+                        "emulated)")
+    b.add_argument("--tokens", type=positive_int, default=64,
+                   help="timed decode tokens per run (default: %(default)s)")
+    b.add_argument("--warmup", type=int, default=8, help="untimed decode tokens first (default: %(default)s)")
+    b.add_argument("--eval-tokens", type=positive_int, default=128,
+                   help="held-out tokens for perplexity (default: %(default)s)")
+    b.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                   help="weight precision (default: %(default)s)")
+    b.add_argument("--out", default="results", help="output folder (default: %(default)s)")
+    b.add_argument("--decode", action="store_true", help="single-process decode speed per dtype instead")
+    b.add_argument("--calibrate-emulation", action="store_true",
+                   help="instead: measure message delays on the testbed (root) at each --loss, fit "
+                        "the emulated loss model to them and compare both distributions")
+    b.add_argument("--count", type=positive_int, default=1000,
+                   help="with --calibrate-emulation: round trips per size and loss (default: %(default)s)")
+    b.add_argument("--dtypes", default="float32,float16", help="with --decode: comma list of dtypes")
+    b.add_argument("--profile", action="store_true", help="with --decode: profile one decode step")
+    add_threads_argument(b)
+    b.add_argument("--json", help="with --decode: also write the rows to this JSON file")
+    b.set_defaults(func=run)
+
+
+def run(a):
+    if a.decode:
+        return bench_decode(a)
+    if a.calibrate_emulation:
+        return calibrate_emulation(a)
+    from ..bench.loss import BenchConfig, run_bench, write_results
+    modes = [m for m in a.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise HaloError(f"unknown bench modes {unknown}; choose from {', '.join(MODES)}")
+    losses = parse_floats(a.loss, "--loss")
+    if a.ranks < 2 and set(modes) - {"single"}:
+        raise HaloError("--ranks must be at least 2 for the distributed modes")
+    lossy = (sorted(parse_ranks(a.lossy_ranks, "--lossy-ranks", range(1, a.ranks))) if a.lossy_ranks
+             else list(range(max(1, a.ranks // 2), a.ranks)))
+    cfg = BenchConfig(a.weights, a.ranks, modes, losses, lossy, a.tokens, a.warmup, a.eval_tokens,
+                      a.net or default_net(), a.out, extra=["--dtype", a.dtype])
+    results = run_bench(cfg)
+    command = "halo-mpi " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "halo-mpi bench"
+    plotted = write_results(results, a.out, command)
+    print(f"wrote {a.out}/results.json, results.md"
+          f"{', results.png' if plotted else ' (no plot: pip install matplotlib)'}")
+
+
+def bench_decode(a):
+    from ..bench.decode import bench_single
+    set_threads(a.threads)
+    rows = bench_single(a.weights, a.dtypes.split(","), a.tokens, a.warmup, a.profile)
+    if a.json:
+        write_json(a.json, rows)
+
+
+def calibrate_emulation(a):
+    from ..bench.emulation import calibrate_emulation
+    r = calibrate_emulation(parse_floats(a.loss, "--loss"), a.out, a.count)
+    ok = sum(x["within_2x"] for x in r["rows"])
+    print(f"fitted {r['fitted_params']}; p95 and p99 within 2x in {ok} of {len(r['rows'])} "
+          f"cells; wrote {a.out}/results.json, results.md")
+
+
+def default_net() -> str:
+    """The real testbed when it can run here (root and iptables), else the emulated loss."""
+    try:
+        tool("iptables")
+    except HaloError:
+        return "emulated"
+    return "testbed" if os.geteuid() == 0 else "emulated"

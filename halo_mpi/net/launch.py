@@ -1,0 +1,105 @@
+"""The MPI world as a launch sees it: ranks, cores, collective startup checks and aborting.
+
+Nothing here binds `COMM_WORLD` at import: `comm` is passed in, so the single-process twin can
+stand in. The world size and rank are also read from the launcher's environment, so that
+`--help` and argument errors never need MPI initialised.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from ..errors import HaloError
+
+# what MPICH (Hydra), Open MPI and PMIx-based launchers put in each rank's environment
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+_LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPIR_CVAR_LOCALNRANKS")
+
+
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    for var in names:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return default
+
+
+def world_size() -> int:
+    """Ranks in this launch, read from the launcher's environment (1 without mpiexec)."""
+    return _env_int(_SIZE_VARS, 1)
+
+
+def world_rank() -> int:
+    return _env_int(_RANK_VARS, 0)
+
+
+def local_ranks() -> int:
+    return _env_int(_LOCAL_SIZE_VARS, world_size())
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def oversubscribed() -> bool:
+    """More ranks on this node than cores: waiting ranks must leave the cores to computing ones."""
+    return local_ranks() > cores()
+
+
+def threads_per_rank(threads: int = 0) -> int:
+    """Compute threads for this rank: as asked, or (0) its share of this node's cores, since more
+    threads than cores thrash."""
+    return threads if threads > 0 else max(1, cores() // max(1, local_ranks()))
+
+
+class CollectiveError(HaloError):
+    """An error every rank knows about; only rank 0 prints it."""
+
+    def __init__(self, message: str, rank: int):
+        super().__init__(message)
+        self.rank = rank
+
+
+def collective(comm, fn):
+    """Run fn on every rank; if it fails anywhere, every rank raises the same CollectiveError.
+
+    Startup work (opening files, checking options) goes through here, so a bad input anywhere
+    ends all ranks with one clear line instead of leaving the healthy ranks waiting forever.
+    """
+    result, error = None, None
+    try:
+        result = fn()
+    except HaloError as e:
+        error = str(e)
+    errors = comm.allgather(error)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        messages = sorted({e for _, e in failed})
+        if len(messages) == 1 and len(failed) == comm.Get_size():
+            text = messages[0]
+        else:
+            text = "; ".join(f"rank {r}: {e}" for r, e in failed)
+        raise CollectiveError(text, comm.Get_rank())
+    return result
+
+
+def abort_message(error: BaseException, rank: int | None = None) -> tuple[str, int]:
+    """The one line printed for an error or Ctrl-C, and the exit code that goes with it."""
+    where = f" on rank {rank}" if rank is not None else ""
+    if isinstance(error, KeyboardInterrupt):
+        return f"halo-mpi: interrupted{where}", 130
+    if isinstance(error, HaloError):
+        return f"halo-mpi: error{where}: {error}", error.exit_code
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    at = f" ({tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno})" if tb else ""
+    return f"halo-mpi: error{where}: {type(error).__name__}: {error}{at}", 1
+
+
+def abort(comm, error: BaseException):
+    """One line on stderr, then end every rank of the job (MPI_Abort) within seconds: an error
+    or Ctrl-C on one rank must never leave the others waiting."""
+    line, code = abort_message(error, comm.Get_rank())
+    print(line, file=sys.stderr, flush=True)
+    comm.Abort(code)

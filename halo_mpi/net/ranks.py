@@ -1,0 +1,67 @@
+"""Rank lists and RANK:VALUE maps from the command line, checked once, with one-line errors.
+
+    parse_rank_values("2:0.05,3:0.05", "--link-loss", ranks=range(1, 4), values=(0, 1))
+    parse_ranks("2,3", "--unstable-ranks", ranks=range(1, 4))
+"""
+from __future__ import annotations
+
+from ..errors import HaloError
+
+WORKERS = "the workers are ranks"
+
+
+def _check_ranks(found, option: str, ranks: range | None, who: str):
+    if ranks is None:
+        return
+    bad = sorted(r for r in found if r not in ranks)
+    if bad:
+        allowed = f"{ranks.start}..{ranks.stop - 1}" if len(ranks) else "none"
+        raise HaloError(f"{option} names rank{'s' if len(bad) > 1 else ''} "
+                        f"{', '.join(map(str, bad))}, but {who} {allowed}")
+
+
+def parse_rank_values(spec: str | None, option: str, ranks: range | None = None,
+                      values: tuple[float, float] | None = None, closed: bool = False,
+                      who: str = WORKERS) -> dict[int, float]:
+    """'1:0.05,3:0.1' -> {1: 0.05, 3: 0.1}. `ranks`: the ranks the option may name (`who`
+    says which they are, in the error); `values`: the range [lo, hi) each value must lie in
+    (closed=True: [lo, hi])."""
+    out: dict[int, float] = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        try:
+            rank_s, value_s = item.split(":")
+            rank, value = int(rank_s), float(value_s)
+        except ValueError:
+            raise HaloError(f"{option} item {item!r} is not RANK:VALUE (e.g. 2:0.05)") from None
+        if rank in out:
+            raise HaloError(f"{option} names rank {rank} twice")
+        out[rank] = value
+    _check_ranks(out, option, ranks, who)
+    if values is not None:
+        lo, hi = values
+        for rank, v in out.items():
+            if not (lo <= v <= hi if closed else lo <= v < hi):
+                raise HaloError(f"{option} value {v:g} for rank {rank} is not in "
+                                f"[{lo:g}, {hi:g}{']' if closed else ')'}")
+    return out
+
+
+def parse_ranks(spec: str | None, option: str, ranks: range | None = None,
+                who: str = WORKERS) -> set[int]:
+    """'2,3' -> {2, 3}; an empty spec is the empty set."""
+    try:
+        found = {int(x) for x in (spec or "").split(",") if x.strip()}
+    except ValueError:
+        raise HaloError(f"{option} {spec!r} is not a comma list of ranks") from None
+    _check_ranks(found, option, ranks, who)
+    return found
+
+
+def parse_floats(spec: str, option: str) -> list[float]:
+    """'0,0.01,0.05' -> [0.0, 0.01, 0.05]."""
+    try:
+        return [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise HaloError(f"{option} {spec!r} is not a comma list of numbers") from None

@@ -1,0 +1,377 @@
+"""Pipeline mode (MDI-LLM): contiguous blocks of layers on a ring of ranks, with recurrent
+pipeline parallelism over several sequences.
+
+    mpiexec -n 4 halo-mpi generate --parallel pipeline --prompt-file prompts.txt --num-sequences 8
+
+Rank 0 holds the embedding, the first block of layers and the head; rank r > 0 holds the r-th
+block (halo_mpi/split.py chooses the blocks). A sequence's hidden states go 0 -> 1 -> ... -> N-1
+and back to 0: rank 0 embeds a token and runs its block, each next rank runs its own, the last
+sends the final hidden state home, where rank 0 applies the head, samples the next token and
+sends it round again. With S sequences in flight every rank works on a different one at once;
+each rank keeps one KV cache per sequence and takes whichever message arrives next. A sequence
+that ends (stop token or its token budget) leaves the ring; the others go on, and the next
+waiting prompt takes its place.
+
+Messages (comm.Kind), identified by sequence (`seq`, the prompt's index) and `step`:
+    ACTIVATION  (T, dim) hidden states of tokens step .. step+T-1 of `seq`, entering the block
+                that starts at `layer`; layer = n_layers: home to rank 0's head (T = 1);
+                T = 0: the sequence has finished, free its KV caches
+    STOP        rank 0 -> 1 -> ... -> N-1 along the ring, so it trails every activation on a link
+    DONE        each rank -> rank 0: the rank's statistics (JSON), its last message
+A prompt's prefill goes round once, in chunks of --prefill-chunk tokens; then one token per hop.
+Every rank's receives are posted ahead (comm.MPITransport) and waiting sleeps between tests.
+
+The model code knows nothing of this: a stage is `Transformer.from_store(store, layers=...)`.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import HaloError
+from ..model.config import ModelArgs
+from ..model.generate import GenerationResult, Sampler
+from ..model.llama import KVCache, Transformer
+from ..net.devices import Device
+from ..net.framing import HEADER, Kind, Message, json_payload
+from ..stats import cpu_seconds, peak_rss_mb, rss_mb
+from .split import split_layers, stage_costs
+
+WAIT = 0.05             # longest single wait for a message before checking for cancellation, s
+DONE_BYTES = 1 << 16    # room for a DONE message's JSON
+NO_ROWS = np.zeros((0, 1), np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan: what every rank must know before the ring starts (built on rank 0, broadcast)
+
+@dataclass
+class Request:
+    """One sequence to generate."""
+    ids: list[int]          # prompt token ids
+    max_new: int            # tokens to generate at most
+
+
+@dataclass
+class Options:
+    in_flight: int = 0                  # S, sequences circulating at once; 0 = all of them
+    temperature: float = 0.0            # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop_ids: frozenset = frozenset()   # a sampled stop id ends its sequence (and is not kept)
+    prefill_chunk: int = 64             # prompt tokens per activation message
+    dtype: str = "float32"
+    keep_logits: bool = False           # keep every sequence's logits (tests)
+
+
+@dataclass
+class Plan:
+    prompt_lens: list[int]      # per sequence
+    max_lens: list[int]         # KV cache slots per sequence: prompt + max_new
+    split: list[range]          # layers of each rank, contiguous, rank 0's first
+    in_flight: int              # S
+    chunk: int                  # prompt tokens per prefill message
+    dim: int
+    n_layers: int
+    dtype: str
+
+    @property
+    def size(self) -> int:
+        return len(self.split)
+
+    @property
+    def max_bytes(self) -> int:
+        """Largest message: a prefill chunk (chunk, dim) float32, or a DONE."""
+        return HEADER.itemsize + max(self.chunk * self.dim * 4, DONE_BYTES)
+
+
+def make_plan(args: ModelArgs, requests: list[Request], size: int, options: Options,
+              devices: list[Device] | None = None) -> Plan:
+    if not requests:
+        raise HaloError("pipeline mode needs at least one prompt")
+    for i, r in enumerate(requests):
+        if not r.ids or len(r.ids) + r.max_new > args.max_seq_len:
+            raise HaloError(f"prompt {i} has {len(r.ids)} tokens and asks for {r.max_new} more; the "
+                            f"model's context holds 1 to {args.max_seq_len} in all")
+    in_flight = min(options.in_flight or len(requests), len(requests))
+    max_lens = [len(r.ids) + r.max_new for r in requests]
+    kv_tokens = sum(sorted(max_lens)[-in_flight:])     # the S longest sequences, all at once
+    costs = stage_costs(args, options.dtype, kv_tokens) if devices else None
+    return Plan(prompt_lens=[len(r.ids) for r in requests], max_lens=max_lens,
+                split=split_layers(args.n_layers, size, devices, costs), in_flight=in_flight,
+                chunk=options.prefill_chunk, dim=args.dim, n_layers=args.n_layers,
+                dtype=options.dtype)
+
+
+def load_stage_model(store, plan: Plan, rank: int) -> Transformer:
+    """Only this rank's layers (plus the embedding and head on rank 0) are read from the store."""
+    return Transformer.from_store(store, layers=plan.split[rank], embedding=rank == 0,
+                                  head=rank == 0, dtype=plan.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# one rank's stage: its block of layers and a KV cache per sequence
+
+class Stage:
+    def __init__(self, model: Transformer, rank: int, plan: Plan):
+        self.model, self.rank, self.plan = model, rank, plan
+        self.caches: dict[int, KVCache] = {}     # seq -> its cache for this rank's layers
+
+    @torch.inference_mode()
+    def run(self, seq: int, step: int, h: torch.Tensor) -> torch.Tensor:
+        """This rank's block on tokens step .. step+T-1 of seq: (T, dim) -> (T, dim)."""
+        cache = self.caches.get(seq)
+        if cache is None and step == 0:
+            cache = self.caches[seq] = self.model.new_cache(self.plan.max_lens[seq])
+        if cache is None or cache.pos != step:
+            raise RuntimeError(f"rank {self.rank}: sequence {seq} sent step {step}, its cache "
+                               f"holds {None if cache is None else cache.pos} tokens")
+        h = self.model.layers(h, cache)
+        cache.pos += h.shape[0]
+        return h
+
+    def release(self, seq: int):
+        self.caches.pop(seq, None)
+
+
+class Clock:
+    """Wall time since the ring started, and the part of it spent computing."""
+
+    def __init__(self):
+        self.start, self.compute_s = time.perf_counter(), 0.0
+
+    @contextmanager
+    def compute(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.compute_s += time.perf_counter() - t0
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.start
+
+
+class Cancelled(Exception):
+    """Another rank (a thread of the local twin) failed: stop this one too."""
+
+
+def check(cancelled: threading.Event | None):
+    if cancelled is not None and cancelled.is_set():
+        raise Cancelled("another rank failed")
+
+
+# ---------------------------------------------------------------------------------------------
+# the ring: routing between neighbours (a ring of one rank loops back in memory)
+
+class Ring:
+    def __init__(self, transport, rank: int, size: int):
+        self.transport, self.rank, self.size = transport, rank, size
+        self.next = (rank + 1) % size
+        self.is_last = rank == size - 1
+        self.wait_s = 0.0
+        self._loopback: deque[Message] = deque()
+
+    def send(self, dest: int, kind: Kind, step: int, layer: int, payload: np.ndarray, seq: int = 0):
+        if dest == self.rank:
+            self._loopback.append(Message(dest, kind, step, layer, payload, time.perf_counter(), seq))
+        else:
+            self.transport.send(dest, kind, step, layer, payload, seq=seq)
+
+    def poll(self, timeout: float) -> list[Message]:
+        """Arrived messages in arrival order, waiting up to timeout (sleeping) for the first."""
+        if self._loopback:
+            got = list(self._loopback)
+            self._loopback.clear()
+            return got + (self.transport.poll(0.0) if self.transport else [])
+        if self.transport is None:
+            raise RuntimeError("a one-rank ring has nothing in flight but is asked to wait")
+        t0 = time.perf_counter()
+        got = self.transport.poll(timeout)
+        self.wait_s += time.perf_counter() - t0
+        return got
+
+    def pass_on(self, plan: Plan, seq: int, step: int, h: torch.Tensor):
+        """A block's output (T, dim) goes to the next stage; from the last stage, only the newest
+        token's state goes home, and only once the whole prompt is in (a next token is due)."""
+        T = h.shape[0]
+        if not self.is_last:
+            self.send(self.next, Kind.ACTIVATION, step, plan.split[self.next].start, h.numpy(), seq)
+        elif step + T >= plan.prompt_lens[seq]:
+            self.send(0, Kind.ACTIVATION, step + T - 1, plan.n_layers, h[-1:].numpy(), seq)
+
+    def release(self, plan: Plan, seq: int):
+        """Tell the next stage that seq has finished (the last stage tells no one)."""
+        if not self.is_last:
+            self.send(self.next, Kind.ACTIVATION, 0, plan.split[self.next].start,
+                      np.zeros((0, plan.dim), np.float32), seq)
+
+
+# ---------------------------------------------------------------------------------------------
+# rank 0: sequences enter, the head samples, sequences leave
+
+@dataclass
+class Sequence:
+    index: int                   # the prompt's index
+    ids: list[int]               # prompt ids
+    max_new: int
+    sampler: Sampler
+    result: GenerationResult
+    started_at: float
+    token_times: list[float] = field(default_factory=list)   # perf_counter of each token
+    logits: list[torch.Tensor] = field(default_factory=list)  # (vocab,) per sample, keep_logits
+
+    @property
+    def next_pos(self) -> int:
+        """Position of the newest token, whose state comes home next."""
+        return len(self.ids) + len(self.result.tokens) - 1
+
+
+class Conductor:
+    """Rank 0's duties besides its block: start sequences, sample from the head, retire them."""
+
+    def __init__(self, ring: Ring, stage: Stage, clock: Clock, requests: list[Request],
+                 options: Options, on_finish=None):
+        self.ring, self.stage, self.clock, self.plan = ring, stage, clock, stage.plan
+        self.requests, self.options, self.on_finish = requests, options, on_finish
+        self.active: dict[int, Sequence] = {}
+        self.done: dict[int, Sequence] = {}
+
+    def start(self, index: int):
+        """Prefill: the prompt goes round once, chunk by chunk, behind this rank's block."""
+        o, req = self.options, self.requests[index]
+        self.active[index] = Sequence(index, req.ids, req.max_new,
+                                      Sampler(o.temperature, o.top_p, o.seed),
+                                      GenerationResult(prompt_tokens=len(req.ids)), time.perf_counter())
+        ids, model = torch.tensor(req.ids), self.stage.model
+        for p in range(0, len(req.ids), self.plan.chunk):
+            with self.clock.compute():
+                h = self.stage.run(index, p, model.embed(ids[p:p + self.plan.chunk]))  # (T, dim)
+            self.ring.pass_on(self.plan, index, p, h)
+
+    def on_return(self, msg: Message):
+        """The final hidden state of a sequence's newest token: sample, then send the next round."""
+        seq = self.active.get(msg.seq)
+        if msg.kind != Kind.ACTIVATION or seq is None or msg.step != seq.next_pos:
+            raise RuntimeError(f"rank 0: unexpected {msg.kind.name} from rank {msg.source} for "
+                               f"sequence {msg.seq}, step {msg.step}")
+        with self.clock.compute(), torch.inference_mode():
+            logits = self.stage.model.head(torch.from_numpy(msg.payload))[0]   # (1, dim) -> (vocab,)
+            token = seq.sampler(logits)
+        self._record(seq, logits)
+        if seq.max_new == 0:
+            return self.finish(seq, "max-new-tokens")
+        if token in self.options.stop_ids:
+            return self.finish(seq, "end-of-sequence token")
+        seq.result.tokens.append(token)
+        if len(seq.result.tokens) >= seq.max_new:
+            return self.finish(seq, "max-new-tokens")
+        with self.clock.compute():
+            h = self.stage.run(seq.index, seq.next_pos, self.stage.model.embed(torch.tensor([token])))
+        self.ring.pass_on(self.plan, seq.index, seq.next_pos, h)
+
+    def _record(self, seq: Sequence, logits: torch.Tensor):
+        now = time.perf_counter()
+        if seq.token_times:
+            seq.result.decode_s.append(now - seq.token_times[-1])
+        else:
+            seq.result.prefill_s = now - seq.started_at      # time to the first token
+        seq.token_times.append(now)
+        if self.options.keep_logits:
+            seq.logits.append(logits.clone())
+
+    def finish(self, seq: Sequence, reason: str):
+        seq.result.stopped_by = reason
+        self.stage.release(seq.index)
+        self.ring.release(self.plan, seq.index)
+        self.done[seq.index] = self.active.pop(seq.index)
+        if self.on_finish:
+            self.on_finish(seq)
+
+
+def conduct(ring: Ring, stage: Stage, clock: Clock, requests: list[Request], options: Options,
+            on_finish=None, cancelled=None) -> list[Sequence]:
+    """Rank 0's loop: keep S sequences in flight until every prompt has finished."""
+    c = Conductor(ring, stage, clock, requests, options, on_finish)
+    waiting = deque(range(len(requests)))
+    while waiting or c.active:
+        timeout = WAIT
+        if waiting and len(c.active) < stage.plan.in_flight:
+            c.start(waiting.popleft())
+            timeout = 0.0            # more to start: only take what has already arrived
+        for msg in ring.poll(timeout):
+            c.on_return(msg)
+        check(cancelled)
+    return [c.done[i] for i in range(len(requests))]
+
+
+def stop_ring(ring: Ring, cancelled=None) -> list[dict]:
+    """STOP goes round behind everything else; every other rank answers DONE with its stats."""
+    if ring.size == 1:
+        return []
+    ring.send(1, Kind.STOP, 0, 0, NO_ROWS)
+    stats: dict[int, dict] = {}
+    while len(stats) < ring.size - 1:
+        for msg in ring.poll(WAIT):
+            if msg.kind != Kind.DONE:
+                raise RuntimeError(f"rank 0: {msg.kind.name} from rank {msg.source} after STOP")
+            stats[msg.source] = msg.json()
+        check(cancelled)
+    return [stats[r] for r in sorted(stats)]
+
+
+# ---------------------------------------------------------------------------------------------
+# ranks 1..N-1: run the block on whatever arrives
+
+def serve(ring: Ring, stage: Stage, clock: Clock, cancelled=None):
+    """A stage's loop: until STOP, run every activation through the block and pass it on."""
+    while True:
+        for msg in ring.poll(WAIT):
+            if msg.kind == Kind.STOP:
+                if not ring.is_last:
+                    ring.send(ring.next, Kind.STOP, 0, 0, NO_ROWS)
+                ring.send(0, Kind.DONE, 0, 0, json_payload(rank_stats(ring, stage, clock)))
+                return
+            if msg.kind != Kind.ACTIVATION:
+                raise RuntimeError(f"rank {ring.rank}: unexpected {msg.kind.name} from rank {msg.source}")
+            run_activation(ring, stage, clock, msg)
+        check(cancelled)
+
+
+def run_activation(ring: Ring, stage: Stage, clock: Clock, msg: Message):
+    if msg.payload.shape[0] == 0:          # the sequence has finished
+        stage.release(msg.seq)
+        ring.release(stage.plan, msg.seq)
+        return
+    with clock.compute():
+        h = stage.run(msg.seq, msg.step, torch.from_numpy(msg.payload))     # (T, dim)
+    ring.pass_on(stage.plan, msg.seq, msg.step, h)
+
+
+def held_parameters(model: Transformer) -> int:
+    """Weights this rank holds: its blocks' matrices and norms, and the embedding/head if any."""
+    def linear(lin):
+        return 0 if lin is None else lin.in_features * lin.out_features
+    n = sum(linear(b.attention.qkv) + linear(b.attention.o) + linear(b.feed_forward.gate_up)
+            + linear(b.feed_forward.down) + b.attn_norm.numel() + b.ffn_norm.numel()
+            for b in model.blocks.values())
+    n += linear(model.output) + (0 if model.embedding is None else model.embedding.numel())
+    return n + (0 if model.norm is None else model.norm.numel())
+
+
+def rank_stats(ring: Ring, stage: Stage, clock: Clock) -> dict:
+    wall, layers = clock.wall(), stage.plan.split[ring.rank]
+    return {"rank": ring.rank, "layers": [layers.start, layers.stop], "n_layers": len(layers),
+            "embedding_and_head": ring.rank == 0, "parameters": held_parameters(stage.model),
+            "compute_s": clock.compute_s, "wait_s": ring.wait_s, "wall_s": wall,
+            "busy_share": clock.compute_s / wall if wall else 0.0, "peak_rss_mb": peak_rss_mb(),
+            "cpu_s": cpu_seconds(),
+            "rss_mb": rss_mb(),
+            "messages_sent": ring.transport.stats.sent if ring.transport else 0,
+            "messages_received": ring.transport.stats.received if ring.transport else 0}

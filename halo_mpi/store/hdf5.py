@@ -1,0 +1,266 @@
+"""The HDF5 neuron-group store: one self-describing file per model (or per rank, for shards).
+
+Layout (layout_version 1), as `h5dump -H` shows it:
+
+    /                       attrs: format="halo-mpi-store", layout_version, name, source,
+                                   and every ModelArgs field (dim, n_layers, ..., mlp_groups)
+    /embedding              (vocab_size, dim)    float32  token embedding
+    /norm                   (dim,)               float32  final RMSNorm weight
+    /output                 (vocab_size, dim)    float32  output head (only if not tied_embeddings)
+    /layers/000/attn_norm   (dim,)               float32
+    /layers/000/ffn_norm    (dim,)               float32
+    /layers/000/attn_groups (n_kv_heads, (2*n_rep+2)*head_dim, dim)  one group per KV head, rows:
+                              [0, R)        wq rows of the group's n_rep query heads (R = n_rep*head_dim)
+                              [R, R+hd)     wk rows of the KV head
+                              [R+hd, R+2hd) wv rows of the KV head
+                              [R+2hd, 2R+2hd) wo columns of the group's query heads, transposed
+    /layers/000/mlp_groups  (G, 3, group_size, dim)  one neuron group per index g:
+                              [g, 0] gate rows, [g, 1] up rows, [g, 2] down columns transposed,
+                              so a group is one contiguous block and loading it is one read
+    /layers/000/mlp_group_ids (G_local,) int32   only in shard files: which groups this file holds
+    /tokenizer/tokens       (vocab_size,) utf-8 strings;  /tokenizer/token_type (vocab_size,) int32
+    /tokenizer/merges       (n_merges,) utf-8 strings;    attrs: bos_id, eos_id, chat_template
+    /calibration/static_importance (n_layers, G) float32   mean contribution norm of each MLP group
+                              on calibration text, each layer's row summing to 1 (`halo-mpi calibrate`)
+
+A shard file (`halo-mpi shard`) has the same layout and attributes plus shard_rank/shard_size;
+a worker's shard holds only its MLP groups (with mlp_group_ids) and the calibration.
+
+Everything is float32 (the dequantized GGUF values), stored contiguously (no chunking) so that
+a hyperslab of consecutive groups is a single read.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import h5py
+import numpy as np
+
+from ..errors import HaloError
+from ..model.config import ModelArgs
+
+FORMAT = "halo-mpi-store"
+LAYOUT_VERSION = 1
+_STR = h5py.string_dtype("utf-8")
+
+
+def layer_path(layer: int) -> str:
+    return f"layers/{layer:03d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+class StoreWriter:
+    """Writes a store tensor by tensor, so that a large model never sits whole in memory."""
+
+    def __init__(self, path: str, args: ModelArgs, name: str, source: str):
+        self.path, self.args = path, args
+        self._tmp = f"{path}.partial"
+        self.f = h5py.File(self._tmp, "w")
+        self.f.attrs.update(format=FORMAT, layout_version=LAYOUT_VERSION, name=name, source=source,
+                            **args.to_attrs())
+
+    def put(self, name: str, array: np.ndarray):
+        expected = self._expected_shape(name)
+        if expected is not None and tuple(array.shape) != expected:
+            raise HaloError(f"{name}: shape {tuple(array.shape)}, expected {expected}")
+        self.f.create_dataset(name, data=np.ascontiguousarray(array, dtype=np.float32))
+
+    def put_layer(self, layer: int, attn_norm, ffn_norm, attn_groups, mlp_groups, group_ids=None):
+        p = layer_path(layer)
+        self.put(f"{p}/attn_norm", attn_norm)
+        self.put(f"{p}/ffn_norm", ffn_norm)
+        self.put(f"{p}/attn_groups", attn_groups)
+        self.f.create_dataset(f"{p}/mlp_groups", data=np.ascontiguousarray(mlp_groups, np.float32))
+        if group_ids is not None:
+            self.f.create_dataset(f"{p}/mlp_group_ids", data=np.asarray(group_ids, np.int32))
+
+    def put_tokenizer(self, tokens, token_type, merges, bos_id: int, eos_id: int, chat_template: str):
+        g = self.f.create_group("tokenizer")
+        g.create_dataset("tokens", data=np.array(tokens, dtype=object), dtype=_STR)
+        g.create_dataset("token_type", data=np.asarray(token_type, np.int32))
+        g.create_dataset("merges", data=np.array(merges, dtype=object), dtype=_STR)
+        g.attrs.update(bos_id=int(bos_id), eos_id=int(eos_id), chat_template=chat_template or "")
+
+    def _expected_shape(self, name: str):
+        a = self.args
+        leaf = name.rsplit("/", 1)[-1]
+        return {"embedding": (a.vocab_size, a.dim), "output": (a.vocab_size, a.dim),
+                "norm": (a.dim,), "attn_norm": (a.dim,), "ffn_norm": (a.dim,),
+                "attn_groups": (a.n_kv_heads, a.attn_group_rows, a.dim)}.get(leaf)
+
+    def close(self, ok: bool = True):
+        self.f.close()
+        if ok:
+            os.replace(self._tmp, self.path)  # a crash never leaves a half-written store behind
+        elif os.path.exists(self._tmp):
+            os.remove(self._tmp)
+
+
+@contextmanager
+def store_writer(path: str, args: ModelArgs, name: str, source: str):
+    w = StoreWriter(path, args, name, source)
+    try:
+        yield w
+    except BaseException:
+        w.close(ok=False)
+        raise
+    w.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+class Store:
+    """Read access to a store file; every read returns new float32 numpy arrays."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self.f = open_store_file(self.path)
+        self.args = ModelArgs.from_attrs(self.f.attrs)
+        self.name = str(self.f.attrs.get("name", os.path.basename(self.path)))
+
+    def close(self):
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _read(self, name: str, sel=()) -> np.ndarray:
+        try:
+            return np.asarray(self.f[name][sel], dtype=np.float32)
+        except KeyError:
+            raise HaloError(f"{self.path}: dataset /{name} is missing; reconvert the model") from None
+        except OSError as e:
+            raise HaloError(f"{self.path}: cannot read /{name} ({e}); the file may be truncated") from None
+
+    def embedding(self) -> np.ndarray:          # (vocab, dim)
+        return self._read("embedding")
+
+    def final_norm(self) -> np.ndarray:         # (dim,)
+        return self._read("norm")
+
+    def output(self) -> np.ndarray:             # (vocab, dim); the embedding when tied
+        return self._read("embedding" if self.args.tied_embeddings else "output")
+
+    def layer_norms(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        p = layer_path(layer)
+        return self._read(f"{p}/attn_norm"), self._read(f"{p}/ffn_norm")
+
+    def attn_groups(self, layer: int) -> np.ndarray:   # (n_kv_heads, (2*n_rep+2)*hd, dim)
+        return self._read(f"{layer_path(layer)}/attn_groups")
+
+    def mlp_group_ids(self, layer: int) -> np.ndarray:
+        """The global ids of the MLP groups this file holds for `layer` (all of them, unless a shard)."""
+        p = f"{layer_path(layer)}/mlp_group_ids"
+        if p in self.f:
+            return np.asarray(self.f[p][()], dtype=np.int64)
+        return np.arange(self.args.mlp_groups)
+
+    def mlp_groups(self, layer: int, ids=None) -> np.ndarray:   # (len(ids), 3, group_size, dim)
+        """Read MLP groups by global id; consecutive ids are read as one hyperslab."""
+        held = self.mlp_group_ids(layer)
+        name = f"{layer_path(layer)}/mlp_groups"
+        if ids is None:
+            return self._read(name)
+        ids = np.asarray(ids, dtype=np.int64)
+        rows = np.searchsorted(held, ids)
+        if np.any(rows >= len(held)) or np.any(held[np.minimum(rows, len(held) - 1)] != ids):
+            raise HaloError(f"{self.path}: layer {layer} does not hold MLP groups "
+                            f"{sorted(set(ids.tolist()) - set(held.tolist()))}")
+        shape = (len(rows),) + self.f[name].shape[1:]
+        if len(rows) == 0:
+            return np.empty(shape, np.float32)
+        if np.all(np.diff(rows) == 1):
+            return self._read(name, np.s_[rows[0]:rows[-1] + 1])
+        order = np.argsort(rows)                            # h5py wants increasing indices
+        out = np.empty(shape, np.float32)
+        out[order] = self._read(name, rows[order].tolist())
+        return out
+
+    def tokenizer_data(self) -> dict:
+        if "tokenizer" not in self.f:
+            raise HaloError(f"{self.path} holds no tokenizer (synthetic store?); pass token ids instead")
+        g = self.f["tokenizer"]
+        return dict(tokens=[t.decode() if isinstance(t, bytes) else t for t in g["tokens"][()]],
+                    token_type=g["token_type"][()].tolist(),
+                    merges=[m.decode() if isinstance(m, bytes) else m for m in g["merges"][()]],
+                    bos_id=int(g.attrs["bos_id"]), eos_id=int(g.attrs["eos_id"]),
+                    chat_template=str(g.attrs.get("chat_template", "")))
+
+    def has_tokenizer(self) -> bool:
+        return "tokenizer" in self.f
+
+    def calibration(self, name: str) -> np.ndarray | None:
+        p = f"calibration/{name}"
+        return np.asarray(self.f[p][()], dtype=np.float32) if p in self.f else None
+
+
+def write_calibration(path: str, arrays: dict[str, np.ndarray], attrs: dict | None = None):
+    """Add or replace datasets under /calibration of an existing store."""
+    open_store_file(path).close()
+    with h5py.File(path, "r+") as f:
+        g = f.require_group("calibration")
+        for name, arr in arrays.items():
+            if name in g:
+                del g[name]
+            g.create_dataset(name, data=arr)
+        g.attrs.update(attrs or {})
+
+
+def write_shard(store: "Store", path: str, rank: int, size: int, groups_per_layer: list):
+    """A per-rank copy of a store holding only `groups_per_layer[l]` of each MLP layer.
+
+    Rank 0's shard also keeps the embedding, norms, attention groups and tokenizer.
+    """
+    a = store.args
+    with store_writer(path, a, name=store.name, source=f"shard {rank}/{size} of {store.path}") as w:
+        w.f.attrs.update(shard_rank=rank, shard_size=size)
+        if rank == 0:
+            w.put("embedding", store.embedding())
+            w.put("norm", store.final_norm())
+            if not a.tied_embeddings:
+                w.put("output", store.output())
+            w.put_tokenizer(**store.tokenizer_data())
+        for layer, ids in enumerate(groups_per_layer):
+            ids = np.sort(np.asarray(ids, dtype=np.int64))
+            p = layer_path(layer)
+            if rank == 0:
+                attn_norm, ffn_norm = store.layer_norms(layer)
+                w.put(f"{p}/attn_norm", attn_norm)
+                w.put(f"{p}/ffn_norm", ffn_norm)
+                w.put(f"{p}/attn_groups", store.attn_groups(layer))
+            w.f.create_dataset(f"{p}/mlp_groups", data=store.mlp_groups(layer, ids))
+            w.f.create_dataset(f"{p}/mlp_group_ids", data=ids.astype(np.int32))
+        if "calibration" in store.f:
+            store.f.copy("calibration", w.f)
+
+
+def open_store_file(path: str) -> h5py.File:
+    """Open and validate a store: one clear HaloError for every way the file can be wrong."""
+    if not os.path.exists(path):
+        raise HaloError(f"weights file {path} not found; create it with `halo-mpi fetch-weights` "
+                        f"and `halo-mpi convert` (or `make weights`)")
+    if not h5py.is_hdf5(path):
+        raise HaloError(f"{path} is not an HDF5 file; pass a store written by `halo-mpi convert`")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise HaloError(f"{path} cannot be opened ({str(e).splitlines()[0]}); it is probably "
+                        f"truncated: convert it again") from None
+    fmt = f.attrs.get("format")
+    if fmt != FORMAT:
+        f.close()
+        raise HaloError(f"{path} is an HDF5 file but not a halo-mpi store (no format={FORMAT!r} "
+                        f"attribute); convert a GGUF with `halo-mpi convert`")
+    version = int(f.attrs.get("layout_version", -1))
+    if version != LAYOUT_VERSION:
+        f.close()
+        raise HaloError(f"{path} has store layout version {version}, this halo-mpi reads version "
+                        f"{LAYOUT_VERSION}; convert the model again")
+    return f

@@ -1,0 +1,2 @@
+"""Tensor-parallel HALO mode: sync policy, coordinator (rank 0), worker, placement, importance,
+predictor and calibration."""

@@ -1,0 +1,320 @@
+"""Tensor-parallel HALO mode: rank 0 coordinates, every rank computes MLP neuron groups.
+
+    mpiexec -n 4 halo-mpi generate --parallel tensor --sync halo --link-loss 2:0.05,3:0.05 \\
+        --prompt "The capital of France is" --temperature 0
+
+Rank 0 holds the embedding, norms, attention, residual stream, head and sampling, plus its own
+share of every layer's MLP groups. Per layer it sends the normalized hidden state to the workers
+holding groups of that layer, computes its own partial, and gathers theirs: all of them (strict
+sync), or the critical ones plus whatever else arrives before each link's deadline (HALO sync).
+A missing partial counts as zero, unless rank 0 holds a backup of those groups (--backup-share:
+the most important share of each unstable rank's groups, by calibration), which it then computes
+itself; a late partial is discarded when it arrives. A link whose missed partial is still not
+there a round-trip bound later is treated as stalled (real TCP delivers in order: what follows a
+lost segment waits for it) and not waited for until something arrives from it again. The model itself does not know any of this:
+`DistributedMLP` replaces each block's MLP from outside.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import HaloError
+from ..model.groups import GroupMLP
+from ..net.framing import Kind, Message
+from ..net.links import LinkEstimate
+from ..net.transport import Transport
+from .placement import Placement
+from .policy import SyncPolicy
+
+
+@dataclass
+class StepRecord:
+    step: int
+    decoding: bool
+    dropped_share: float = 0.0                             # mean over layers of dropped importance
+    skipped_share: float = 0.0                             # mean over layers skipped by --sparsity
+    dropped_ranks: Counter = field(default_factory=Counter)  # rank -> layers dropped
+
+
+LoadGroups = Callable[[int, np.ndarray], "GroupMLP | None"]   # (layer, ids) -> the groups' MLP
+
+
+# ---------------------------------------------------------------------------------------------
+# rank 0
+
+class Coordinator:
+    """Per layer: send x, compute own groups, gather partials under the sync policy.
+
+    importance: static (n_layers, G) shares; predictor: per-token importance (optional);
+    sparsity: share of the predicted least important groups skipped outright in decode steps;
+    replanner: moves groups when links change (optional). Partials carry the plan version in
+    the header's plan field, so one computed under an old placement is never added in.
+    """
+
+    def __init__(self, transport: Transport, placement: Placement, importance: np.ndarray,
+                 policy: SyncPolicy, load_groups: LoadGroups, predictor=None, sparsity: float = 0.0,
+                 replanner=None, log=None):
+        self.t, self.importance, self.policy = transport, importance, policy
+        self.backup: dict[int, dict[int, GroupMLP]] = {}          # layer -> rank -> its backed-up groups
+        self.missed: dict[int, float] = {}   # rank -> when the input of its missed partial went out,
+                                             # while nothing has arrived from it since
+        self.load_groups, self.predictor, self.sparsity = load_groups, predictor, sparsity
+        self.replanner, self.log = replanner, log or (lambda line: None)
+        self.n_layers = len(placement)
+        self.links = {r: LinkEstimate(factor=policy.deadline_factor, margin=policy.deadline_margin,
+                                      initial=policy.initial_deadline) for r in range(1, transport.size)}
+        self.version = 0
+        self.placement: Placement = []
+        self.own: dict[int, GroupMLP | None] = {}
+        self.set_placement(placement)
+        self.step, self.decoding = 0, False
+        self.records: list[StepRecord] = []
+        self.sent_at = 0.0                                   # when the current layer's inputs went out
+        self.late_discarded = Counter()                      # rank -> stale partials thrown away
+        self.used = Counter()                                # rank -> partials added in
+        self.recovered = Counter()                           # rank -> missing partials made up by backup
+        self.compute_s = self.gather_wait_s = 0.0
+        self.replans: list[str] = []
+
+    def set_placement(self, placement: Placement):
+        changed = [l for l in range(self.n_layers)
+                   if not self.placement or not np.array_equal(self.placement[l][0], placement[l][0])]
+        self.placement = placement
+        for l in changed:
+            self.own[l] = self.load_groups(l, placement[l][0]) if len(placement[l][0]) else None
+        self.set_backup()
+
+    def set_backup(self):
+        """Rank 0's copies of the most important `backup_share` of each unstable rank's groups
+        (by static importance), reloaded only where they change."""
+        if self.policy.mode != "halo" or self.policy.backup_share <= 0:
+            return
+        for l, placed in enumerate(self.placement):
+            old, new = self.backup.get(l, {}), {}
+            for r in sorted(self.policy.unstable):
+                if r >= len(placed) or not len(placed[r]):
+                    continue
+                n = int(np.ceil(self.policy.backup_share * len(placed[r]) - 1e-9))
+                ids = np.sort(placed[r][np.argsort(-self.importance[l][placed[r]], kind="stable")[:n]])
+                if r in old and np.array_equal(old[r].ids, ids):
+                    new[r] = old[r]
+                elif len(ids):
+                    new[r] = self.load_groups(l, ids)
+            self.backup[l] = new
+
+    # -- steps
+    def begin_step(self, decoding: bool):
+        self.step += 1
+        self.decoding = decoding
+        self.records.append(StepRecord(self.step, decoding))
+        if decoding and self.replanner is not None:
+            self.maybe_replan()
+
+    def maybe_replan(self):
+        new, line = self.replanner.update(self.links, self.placement, self.step)
+        if new is None:
+            return
+        self.version += 1
+        width = max(len(p[r]) for p in new for r in range(len(p)))
+        for r in range(1, self.t.size):
+            ids = np.full((self.n_layers, width), -1, np.int32)   # (L, width), -1 = no group
+            for l, p in enumerate(new):
+                ids[l, :len(p[r])] = p[r]
+            self.t.send(r, Kind.PLAN, self.step, -1, ids, plan=self.version)
+        self.policy.unstable = frozenset(self.replanner.unstable())
+        self.set_placement(new)
+        self.replans.append(line)
+        self.log(line)
+
+    # -- one layer
+    def group_importance(self, layer: int, x: torch.Tensor) -> np.ndarray:
+        """(G,) shares of this layer's importance for the current token(s)."""
+        if self.predictor is None or not self.decoding:
+            return self.importance[layer]
+        g = self.predictor(layer, x).sum(0).numpy()
+        return g / g.sum()
+
+    def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        imp = self.group_importance(layer, x)
+        keep = None
+        if self.sparsity > 0:             # contextual sparsity: skip the least important groups
+            keep = np.ones(len(imp), bool)
+            if self.decoding:              # (prefill computes all: the prompt's KV cache lasts)
+                keep[np.argsort(-imp)[max(1, round((1 - self.sparsity) * len(imp))):]] = False
+            self.records[-1].skipped_share += float(imp[~keep].sum()) / self.n_layers
+        placed = self.placement[layer]
+        local_keep = {r: (keep[placed[r]] if keep is not None else None) for r in range(len(placed))}
+        shares = {r: float(imp[placed[r]][local_keep[r]].sum() if keep is not None else imp[placed[r]].sum())
+                  for r in range(len(placed))}
+        peers = [r for r in range(1, len(placed)) if len(placed[r])
+                 and (keep is None or local_keep[r].any())]
+        payload = x.numpy()                                   # (T, dim)
+        for r in peers:
+            body = payload if keep is None else with_mask_row(payload, local_keep[r])
+            self.t.send(r, Kind.INPUT, self.step, layer, body, plan=self.version)
+        sent_at = self.sent_at = time.perf_counter()
+        own = self.own.get(layer)
+        if own is None or (keep is not None and not local_keep[0].any()):
+            out = torch.zeros_like(x)
+        else:
+            out = own(x) if keep is None else own.subset(x, local_keep[0])
+        self.compute_s += time.perf_counter() - sent_at
+        backup = self.backup.get(layer)
+        backed = {r: self.backed_up(backup[r], imp, keep) for r in peers if r in backup} if backup else {}
+        lost = {r: shares[r] - (backed[r][1] if r in backed else 0.0) for r in peers} if backed else None
+        got = self.gather(layer, peers, sent_at, shares, lost)
+        for r, part in sorted(got.items()):
+            out += torch.from_numpy(part)
+        t0 = time.perf_counter()
+        for r, (mask, _) in backed.items():   # missing partials that rank 0 can make up for
+            if r not in got and (mask is None or mask.any()):
+                out += backup[r](x) if mask is None else backup[r].subset(x, mask)
+                self.recovered[r] += 1
+        self.compute_s += time.perf_counter() - t0
+        return out
+
+    @staticmethod
+    def backed_up(mlp: GroupMLP, imp: np.ndarray, keep) -> tuple:
+        """(mask over the backup's groups or None for all, importance share they cover)."""
+        mask = None if keep is None else keep[mlp.ids]
+        ids = mlp.ids if mask is None else mlp.ids[mask]
+        return mask, float(imp[ids].sum())
+
+    def gather(self, layer: int, peers: list[int], sent_at: float, shares: dict,
+               lost: dict | None = None) -> dict[int, np.ndarray]:
+        """Partials of `peers`: every critical one, the rest until their link's deadline.
+
+        A deadline counts from `ref`, the moment the layer's critical partials are all in (or rank
+        0's own share is done, when none is critical): the estimate is of how far a link's partial
+        normally lags behind the critical ones, which leaves out the delays all ranks share (rank 0
+        itself running late, every worker sharing the same cores). A stalled link gets no grace.
+        `lost`: the importance a missing partial costs (its share less what rank 0 backs up).
+        """
+        t0 = time.perf_counter()
+        peer_shares = {r: shares[r] for r in peers}
+        waiting = set(peers) if not self.decoding else self.policy.critical(shares[0], peer_shares)
+        bound = {r: self.links[r].deadline() for r in peers}   # round-trip bounds, fixed this layer
+        grace: dict[int, float] | None = None                    # taken once the critical ones are in
+        got: dict[int, np.ndarray] = {}
+        arrived: dict[int, float] = {}
+        ref = t0 if not waiting else None
+        for m in self.t.poll(0.0):     # what is already here, so a link that delivered is not stalled
+            if self.receive(m, layer, got):
+                arrived[m.source] = time.perf_counter()
+        while len(got) < len(peers):
+            missing = [r for r in peers if r not in got]
+            now = time.perf_counter()
+            if any(r in waiting for r in missing):
+                timeout = 1.0                                  # poll returns at the first arrival
+            else:
+                if ref is None:
+                    ref = max(arrived[r] for r in waiting)
+                if grace is None:
+                    grace = {r: self.links[r].grace() for r in peers if r not in waiting}
+                last = max(ref + (0.0 if self.stalled(r, now, bound[r]) else grace[r]) for r in missing)
+                if now >= last:
+                    break
+                timeout = last - now
+            for m in self.t.poll(timeout):
+                if self.receive(m, layer, got):
+                    arrived[m.source] = time.perf_counter()
+        if ref is None:                                        # every critical partial came last
+            ref = max(arrived.values(), default=t0)
+        on_time = set()          # by round trip, for re-planning: a waited-for stall is late too
+        for r, at in arrived.items():
+            if self.decoding:        # decode steps feed the link estimate
+                self.links[r].add_latency(at - sent_at, lag=max(0.0, at - ref))
+            if at - sent_at <= bound[r]:
+                on_time.add(r)
+        dropped = [r for r in peers if r not in got]
+        if self.decoding:
+            for r in dropped:
+                self.missed.setdefault(r, sent_at)
+        self.account(dropped, peer_shares, on_time, lost or peer_shares)
+        self.gather_wait_s += time.perf_counter() - t0
+        return got
+
+    def stalled(self, r: int, now: float, bound: float) -> bool:
+        """A missed partial still not here a whole round-trip bound later: the link is stalled
+        (TCP holds what follows a lost segment until it is repaired), so waiting is no use."""
+        return r in self.missed and now - self.missed[r] > bound
+
+    def receive(self, m: Message, layer: int, got: dict) -> bool:
+        if m.kind != Kind.PARTIAL:
+            raise HaloError(f"rank 0 got an unexpected {m.kind.name} message from rank {m.source}")
+        self.missed.pop(m.source, None)      # the link delivers again
+        if (m.step, m.layer, m.plan) == (self.step, layer, self.version):
+            got[m.source] = m.payload
+            self.used[m.source] += 1
+            return True
+        self.late_discarded[m.source] += 1   # a closed step or layer, or an old plan: never mixed in
+        return False
+
+    def account(self, dropped: list[int], shares: dict[int, float], on_time: set[int], lost: dict):
+        rec = self.records[-1]
+        if self.decoding:
+            for r in shares:
+                self.links[r].add_outcome(r in on_time)
+        for r in dropped:
+            rec.dropped_ranks[r] += 1
+            rec.dropped_share += lost[r] / self.n_layers
+
+    # -- the end
+    def finish(self, timeout: float = 60.0) -> dict[int, dict]:
+        """STOP every worker and collect its statistics; late partials are drained meanwhile."""
+        self.t.pump(flush=True)   # held inputs go first: a worker must see them before its STOP
+        for r in range(1, self.t.size):
+            self.t.send(r, Kind.STOP, self.step + 1, -1, np.zeros((0, 1), np.float32))
+        done: dict[int, dict] = {}
+        end = time.perf_counter() + timeout
+        while len(done) < self.t.size - 1:
+            if time.perf_counter() > end:
+                raise HaloError(f"workers {sorted(set(range(1, self.t.size)) - set(done))} did not "
+                                f"finish within {timeout:.0f} s")
+            for m in self.t.poll(1.0):
+                if m.kind == Kind.DONE:
+                    done[m.source] = m.json()
+                else:
+                    self.late_discarded[m.source] += 1
+        return done
+
+
+def with_mask_row(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """x (T, dim) plus one last row whose first len(keep) entries flag the groups to compute."""
+    mask = np.zeros((1, x.shape[1]), np.float32)
+    mask[0, :len(keep)] = keep
+    return np.concatenate([x, mask])
+
+
+class DistributedMLP:
+    """Stands in for a block's MLP on rank 0: (T, dim) -> (T, dim) summed over all ranks' groups."""
+
+    def __init__(self, coordinator: Coordinator, layer: int):
+        self.coordinator, self.layer = coordinator, layer
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.coordinator.mlp(self.layer, x)
+
+
+class TensorParallelSession:
+    """The generate() session of rank 0: the model with DistributedMLPs, one KV cache."""
+
+    def __init__(self, model, coordinator: Coordinator, max_len: int, prefill_chunk: int):
+        self.model, self.coordinator, self.chunk = model, coordinator, prefill_chunk
+        self.cache = model.new_cache(max_len)
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        for start in range(0, len(ids), self.chunk):
+            self.coordinator.begin_step(decoding=False)
+            logits = self.model(torch.tensor(ids[start:start + self.chunk]), self.cache, last_only=True)
+        return logits[0]
+
+    def decode(self, token: int) -> torch.Tensor:
+        self.coordinator.begin_step(decoding=True)
+        return self.model(torch.tensor([token]), self.cache, last_only=True)[0]

@@ -1,0 +1,156 @@
+"""Placement of MLP neuron groups on heterogeneous, unreliable ranks, and re-planning.
+
+Input: a ClusterSpec (per rank: relative compute speed, memory budget, link reliability) and the
+groups' importance. Output: placement[layer][rank] -> group ids, such that
+- each rank's expected finish time (groups / speed) is equal, within one group (largest remainder);
+- no rank holds more than its memory budget (overflow goes to ranks with room, fastest first;
+  a cluster that cannot hold the model is a clear error);
+- the most important groups sit on the most reliable ranks (rank 0 first), the least important
+  on the least reliable ones.
+When the online link estimate changes a rank's reliability tier, `replan` moves as few groups as
+possible: only groups whose tier changed move, and within a tier groups stay where they are.
+
+The device profile is read by net/devices.py (the same file pipeline mode reads).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import HaloError
+from ..net.devices import STABLE, ClusterSpec
+
+Placement = list[list[np.ndarray]]   # placement[layer][rank] -> sorted global group ids
+
+
+def group_counts(cluster: ClusterSpec, groups: int, layers: int, group_mb: float) -> list[int]:
+    """Groups per rank per layer: proportional to speed, capped by memory, all groups placed."""
+    cap = [int(s.memory_mb // (group_mb * layers)) if s.memory_mb != math.inf and group_mb > 0
+           else groups for s in cluster.ranks]
+    if sum(cap) < groups:
+        need = groups * layers * group_mb
+        raise HaloError(f"the cluster cannot hold the model: {groups} groups x {layers} layers need "
+                        f"{need:.0f} MB of MLP weights, the memory budgets allow {sum(cap) * layers * group_mb:.0f} MB")
+    counts = [0] * cluster.size
+    for _ in range(groups):   # each group to the rank that would finish it first: equal finish times
+        r = min((r for r in range(cluster.size) if counts[r] < cap[r]),
+                key=lambda r: ((counts[r] + 1) / cluster.ranks[r].speed, r))
+        counts[r] += 1
+    return counts
+
+
+def tiers(cluster: ClusterSpec) -> list[list[int]]:
+    """Ranks grouped by reliability, most reliable first; rank 0 always in the first tier."""
+    rel = [1.0 if r == 0 else round(s.reliability, 2) for r, s in enumerate(cluster.ranks)]
+    levels = sorted(set(rel), reverse=True)
+    return [[r for r in range(cluster.size) if rel[r] == lv] for lv in levels]
+
+
+def plan(importance: np.ndarray, cluster: ClusterSpec, group_mb: float = 0.0,
+         previous: Placement | None = None) -> Placement:
+    """Placement for every layer; with `previous`, keep each group where it is if its tier allows."""
+    n_layers, G = importance.shape
+    counts = group_counts(cluster, G, n_layers, group_mb)
+    tier_list = tiers(cluster)
+    placement = []
+    for layer in range(n_layers):
+        order = np.argsort(-importance[layer], kind="stable")        # most important first
+        held = {r: [] for r in range(cluster.size)}
+        start = 0
+        for tier in tier_list:
+            n = sum(counts[r] for r in tier)
+            mine = order[start:start + n]
+            start += n
+            before = previous[layer] if previous is not None else None
+            assign_within_tier(mine, tier, counts, importance[layer], held, before)
+        placement.append([np.array(sorted(held[r]), dtype=np.int64) for r in range(cluster.size)])
+    return placement
+
+
+def assign_within_tier(groups, tier, counts, importance, held, before):
+    """Keep groups on their previous rank when it is in this tier and has room; deal the rest so
+    that the ranks' importance sums stay even."""
+    rest = []
+    for g in groups:
+        owner = next((r for r in tier if before is not None and g in set(before[r].tolist())), None)
+        if owner is not None and len(held[owner]) < counts[owner]:
+            held[owner].append(int(g))
+        else:
+            rest.append(int(g))
+    total = {r: float(importance[held[r]].sum()) if held[r] else 0.0 for r in tier}
+    for g in rest:                                   # most important first (groups came sorted)
+        r = min((r for r in tier if len(held[r]) < counts[r]), key=lambda r: (total[r], r))
+        held[r].append(g)
+        total[r] += float(importance[g])
+
+
+def moved(old: Placement, new: Placement) -> dict[int, int]:
+    """rank -> groups it must load (summed over layers)."""
+    out: dict[int, int] = {}
+    for lo, ln in zip(old, new):
+        for r, (a, b) in enumerate(zip(lo, ln)):
+            n = len(set(b.tolist()) - set(a.tolist()))
+            if n:
+                out[r] = out.get(r, 0) + n
+    return out
+
+
+def random_placement(n_layers: int, groups: int, cluster: ClusterSpec, seed: int = 0) -> Placement:
+    """The ablation: the same counts, groups dealt at random (importance ignored)."""
+    rng = np.random.default_rng(seed)
+    counts = group_counts(cluster, groups, n_layers, 0.0)
+    out = []
+    for _ in range(n_layers):
+        perm = rng.permutation(groups)
+        bounds = np.cumsum([0] + counts)
+        out.append([np.sort(perm[bounds[r]:bounds[r + 1]]) for r in range(cluster.size)])
+    return out
+
+
+def describe_plan(placement: Placement, importance: np.ndarray, cluster: ClusterSpec) -> str:
+    parts = []
+    for r in range(cluster.size):
+        n = np.mean([len(p[r]) for p in placement])
+        share = np.mean([importance[l, p[r]].sum() for l, p in enumerate(placement)])
+        parts.append(f"rank {r} (speed {cluster.ranks[r].speed:g}, rel {cluster.ranks[r].reliability:.2f}): "
+                     f"{n:.0f} groups, {100 * share:.0f}% importance")
+    return "plan: " + "; ".join(parts)
+
+
+class Replanner:
+    """Watches the links' recent on-time rates; re-plans when a rank crosses the stable line."""
+
+    def __init__(self, cluster: ClusterSpec, importance: np.ndarray, group_mb: float = 0.0,
+                 drop_below: float = 0.9, recover_at: float = 0.995, min_outcomes: int = 32,
+                 recover_outcomes: int = 256):
+        self.cluster, self.importance, self.group_mb = cluster, importance, group_mb
+        self.drop_below, self.recover_at, self.min_outcomes = drop_below, recover_at, min_outcomes
+        # recovering takes a long clean record: a link with 1% loss is on time ~98.8% of the
+        # time, and treating it as stable would make rank 0 wait through its 200 ms stalls
+        self.recover_outcomes = recover_outcomes
+
+    def unstable(self) -> set[int]:
+        return {r for r, s in enumerate(self.cluster.ranks) if r and s.reliability < STABLE}
+
+    def update(self, links: dict, placement: Placement, step: int):
+        """(new placement, log line) when some rank changed tier, else (None, "")."""
+        changes = []
+        for r, link in links.items():
+            if len(link.recent) < self.min_outcomes:
+                continue
+            rate, spec = link.recent_rate, self.cluster.ranks[r]
+            if spec.reliability >= STABLE and rate < self.drop_below:
+                changes.append((r, spec.reliability, rate))
+            elif (spec.reliability < STABLE and rate >= self.recover_at
+                  and len(link.recent) >= self.recover_outcomes):
+                changes.append((r, spec.reliability, 1.0))
+        if not changes:
+            return None, ""
+        for r, _, rel in changes:
+            self.cluster.ranks[r].reliability = rel
+            links[r].recent.clear()                      # judge the new tier on fresh outcomes
+        new = plan(self.importance, self.cluster, self.group_mb, previous=placement)
+        what = ", ".join(f"rank {r} on-time {new:.2f} (was {old:.2f})" for r, old, new in changes)
+        loads = ", ".join(f"rank {r} loads {n}" for r, n in sorted(moved(placement, new).items())) or "none"
+        return new, f"re-plan at step {step}: {what}; groups moved: {loads}"

@@ -1,0 +1,268 @@
+"""Tensor parallelism applied to the reference model from outside, and the run on every rank.
+
+    mpiexec -n 4 halo-mpi generate --parallel tensor --sync halo --link-loss 2:0.05,3:0.05 ...
+
+Every rank opens the store itself (or its own shard: `--weights 'shards/m.rank{rank}.h5'`),
+computes the same placement from the store's static importance and the options, and loads only
+its own MLP groups. Rank 0 builds the model with `DistributedMLP`s in place of the MLPs and runs
+whatever `drive(coordinator, model)` asks (a generation loop, a perplexity); the others serve
+partial sums until rank 0 stops them.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..errors import HaloError
+from ..model.groups import GroupMLP
+from ..model.linear import DTYPES
+from ..model.llama import Transformer
+from ..net.devices import STABLE, ClusterSpec, read_device_profile
+from ..net.framing import HEADER
+from ..net.local import LocalHub
+from ..net.loss import LinkLoss
+from ..net.ranks import parse_rank_values, parse_ranks
+from ..net.transport import MPITransport
+from ..stats import RankStats, RunStats, SequenceStats, cpu_seconds, peak_rss_mb
+from ..store.hdf5 import Store
+from .coordinator import Coordinator, DistributedMLP, TensorParallelSession
+from .importance import uniform_importance
+from .placement import Placement, Replanner, describe_plan, plan, random_placement
+from .policy import SyncPolicy
+from .predictor import Predictor
+from .worker import Worker
+
+PLACEMENTS = ("semantic", "static", "random")
+
+
+@dataclass
+class TensorOptions:
+    """Everything a tensor-parallel run is configured by; the CLI fills it from its options."""
+    sync: str = "halo"                   # strict | halo
+    link_loss: str | None = None         # 'RANK:P,...': emulated loss on links with rank 0
+    loss_model: str = "tcp"              # tcp | rto (net/loss.py)
+    unstable_ranks: str | None = None    # 'R,...' (default: the ranks in link_loss)
+    critical_share: float = 0.3          # halo: importance waited for without deadline
+    deadline_factor: float = 1.5         # halo: grace = factor * p90 lag + margin
+    deadline_margin_ms: float = 2.0
+    backup_share: float = 0.0            # halo: rank 0's backup of each unstable rank's groups
+    placement: str = "semantic"          # semantic | static | random
+    device_profile: str | None = None    # TOML (net/devices.py)
+    sparsity: float = 0.0                # share of predicted least important groups skipped
+    no_replan: bool = False
+    seed: int = 0                        # seeds the loss emulation and random placement
+    dtype: str = "float32"               # compute dtype of the weights
+    prefill_chunk: int = 64              # prompt tokens per message
+
+
+@dataclass
+class TensorPlan:
+    size: int
+    importance: np.ndarray        # (n_layers, G) static shares, each row sums to 1
+    placement: Placement
+    loss: dict[int, float]        # rank -> emulated packet loss on its link with rank 0
+    policy: SyncPolicy
+    importance_source: str
+    cluster: ClusterSpec
+    options: TensorOptions
+    replan: bool = False
+    group_mb: float = 0.0
+
+
+def store_path(pattern: str, rank: int) -> str:
+    return pattern.format(rank=rank) if "{rank}" in pattern else pattern
+
+
+def check_options(o: TensorOptions):
+    if o.sync not in ("strict", "halo"):
+        raise HaloError(f"--sync {o.sync!r}: choose strict or halo")
+    if o.placement not in PLACEMENTS:
+        raise HaloError(f"--placement {o.placement!r}: choose {', '.join(PLACEMENTS)}")
+    if not 0.0 < o.critical_share <= 1.0:
+        raise HaloError(f"--critical-share {o.critical_share} is not in (0, 1]")
+    if not 0.0 <= o.sparsity < 1.0:
+        raise HaloError(f"--sparsity {o.sparsity} is not in [0, 1)")
+    if not 0.0 <= o.backup_share <= 1.0:
+        raise HaloError(f"--backup-share {o.backup_share} is not in [0, 1]")
+
+
+def make_plan(store: Store, size: int, o: TensorOptions) -> TensorPlan:
+    """The same plan on every rank, from the store and the options alone."""
+    check_options(o)
+    a, workers = store.args, range(1, size)
+    loss = parse_rank_values(o.link_loss, "--link-loss", workers, values=(0.0, 1.0))
+    unstable = parse_ranks(o.unstable_ranks, "--unstable-ranks", workers) if o.unstable_ranks else set(loss)
+    cluster = read_device_profile(o.device_profile, size, unstable)
+    imp = store.calibration("static_importance")
+    source = "static (calibration)"
+    if imp is None:
+        imp, source = uniform_importance(a.n_layers, a.mlp_groups), "uniform (no calibration in store)"
+    elif imp.shape != (a.n_layers, a.mlp_groups):
+        raise HaloError(f"{store.path}: calibration is for another group layout; run halo-mpi calibrate")
+    group_mb = 3 * a.group_size * a.dim * 4 / 1e6
+    if o.placement == "random":
+        placed = random_placement(a.n_layers, a.mlp_groups, cluster, o.seed)
+    else:
+        placed = plan(imp, cluster, group_mb)
+    policy = SyncPolicy(o.sync, o.critical_share,
+                        frozenset(r for r in workers if cluster.ranks[r].reliability < STABLE),
+                        o.deadline_factor, o.deadline_margin_ms / 1e3, backup_share=o.backup_share)
+    replan = not o.no_replan and o.sync == "halo" and o.placement != "random"
+    return TensorPlan(size, imp, placed, loss, policy, source, cluster, o, replan, group_mb)
+
+
+def describe(plan: TensorPlan, store: Store) -> str:
+    """What rank 0 prints before the run: mode, importance, loss, and the placement."""
+    o = plan.options
+    predictor = o.placement != "static" and store.calibration("predictor_current_A") is not None
+    return (f"tensor-parallel on {plan.size} ranks, sync {plan.policy.mode}, placement {o.placement}, "
+            f"importance {plan.importance_source}{' + per-token predictor' if predictor else ''}, "
+            f"link loss {plan.loss or 'none'}, unstable ranks {sorted(plan.policy.unstable) or 'none'}"
+            f"{f', sparsity {o.sparsity:g}' if o.sparsity else ''}\n"
+            f"{describe_plan(plan.placement, plan.importance, plan.cluster)}")
+
+
+def group_loader(store: Store, dtype) -> Callable:
+    """(layer, ids) -> GroupMLP of those groups, read from this rank's store."""
+    return lambda layer, ids: GroupMLP(store.mlp_groups(layer, ids), ids, dtype)
+
+
+def make_coordinator(store: Store, plan: TensorPlan, transport, log=None) -> tuple:
+    """Rank 0: the coordinator and the reference model with DistributedMLPs in place of MLPs."""
+    o, dtype = plan.options, DTYPES[plan.options.dtype]
+    predictor = Predictor.from_store(store) if o.placement != "static" else None
+    replanner = Replanner(plan.cluster, plan.importance, plan.group_mb) if plan.replan else None
+    coordinator = Coordinator(transport, plan.placement, plan.importance, plan.policy,
+                              group_loader(store, dtype), predictor, o.sparsity, replanner, log)
+    model = Transformer.from_store(store, dtype=dtype, mlp=lambda layer: DistributedMLP(coordinator, layer))
+    return coordinator, model
+
+
+def make_worker(store: Store, plan: TensorPlan, transport) -> Worker:
+    rank, load = transport.rank, group_loader(store, DTYPES[plan.options.dtype])
+    mlps = {layer: load(layer, p[rank]) for layer, p in enumerate(plan.placement) if len(p[rank])}
+    return Worker(transport, mlps, load, speed=plan.cluster.ranks[rank].speed,
+                  sparse=plan.options.sparsity > 0)
+
+
+def max_message_bytes(store: Store, prefill_chunk: int) -> int:
+    return max(HEADER.itemsize + prefill_chunk * store.args.dim * 4, 1 << 20)
+
+
+def emulated_loss(plan: TensorPlan) -> LinkLoss | None:
+    o = plan.options
+    return LinkLoss(plan.loss, seed=o.seed, model=o.loss_model) if plan.loss else None
+
+
+# ---------------------------------------------------------------------------------------------
+# under MPI
+
+@dataclass
+class TensorRun:
+    result: object            # what drive() returned (rank 0 only)
+    coordinator: Coordinator | None
+    workers: dict             # rank -> the worker's statistics (rank 0 only)
+    pending: list[int]        # requests left pending after closing, per rank (rank 0 only)
+    rss_mb: list[float]
+    cpu_s: list[float]
+    wall_s: float
+
+
+def run_tensor(comm, store: Store, plan: TensorPlan, drive, log=None) -> TensorRun:
+    """Every rank: workers serve partial sums; rank 0 runs drive(coordinator, model), then stops
+    the workers. Ends with every transport closed and the per-rank figures gathered on rank 0."""
+    rank = comm.Get_rank()
+    transport = MPITransport(comm, max_message_bytes(store, plan.options.prefill_chunk), emulated_loss(plan))
+    result = coordinator = None
+    workers: dict = {}
+    t0 = time.perf_counter()
+    if rank == 0:
+        coordinator, model = make_coordinator(store, plan, transport, log)
+        result = drive(coordinator, model)
+        workers = coordinator.finish()
+    else:
+        make_worker(store, plan, transport).run()
+    wall = time.perf_counter() - t0
+    pending = transport.close()
+    gathered = comm.gather((pending, peak_rss_mb(), cpu_seconds()), root=0)
+    if rank != 0:
+        return TensorRun(None, None, {}, [], [], [], wall)
+    pend, rss, cpu = (list(x) for x in zip(*gathered))
+    return TensorRun(result, coordinator, workers, pend, rss, cpu, wall)
+
+
+def tensor_stats(plan: TensorPlan, run: TensorRun, results: list) -> RunStats:
+    """The run's statistics; `results`: the GenerationResult of each sequence."""
+    c, o = run.coordinator, plan.options
+    decoding = [rec for rec in c.records if rec.decoding]
+    backup = int(sum(len(m.ids) for b in c.backup.values() for m in b.values()))
+    ranks = [RankStats(0, run.rss_mb[0], run.cpu_s[0], c.compute_s, c.gather_wait_s, run.pending[0],
+                       {"groups": int(sum(len(p[0]) for p in plan.placement)), "backup_groups": backup,
+                        "on_time_rate": 1.0, "dropped_layers": 0, "late_discarded": 0,
+                        "held_by_loss": c.t.stats.held})]
+    for r in range(1, plan.size):
+        w, link = dict(run.workers.get(r, {})), c.links[r]
+        compute, wait = w.pop("compute_s", 0.0), w.pop("wait_s", 0.0)
+        w.pop("rank", None)
+        ranks.append(RankStats(r, run.rss_mb[r], run.cpu_s[r], compute, wait, run.pending[r], {
+            **w, "on_time_rate": link.on_time_rate,
+            "dropped_layers": sum(rec.dropped_ranks[r] for rec in decoding),
+            "late_discarded": c.late_discarded[r], "recovered_by_backup": c.recovered[r],
+            "deadline_ms": 1e3 * link.deadline(), "grace_ms": 1e3 * link.grace(),
+            "link_loss": plan.loss.get(r, 0.0)}))
+    decode_s = [s for res in results for s in res.decode_s]
+    config = {"sync": plan.policy.mode, "placement": o.placement, "importance": plan.importance_source,
+              "link_loss": {str(k): v for k, v in plan.loss.items()},
+              "unstable_ranks": sorted(plan.policy.unstable), "critical_share": plan.policy.critical_share,
+              "backup_share": o.backup_share, "sparsity": o.sparsity, "replans": list(c.replans)}
+    return RunStats("tensor", plan.size, o.dtype, [SequenceStats.of(i, res) for i, res in enumerate(results)],
+                    ranks, len(decode_s) / sum(decode_s) if decode_s else float("nan"), run.wall_s,
+                    [rec.dropped_share for rec in decoding], config)
+
+
+def format_report(stats: RunStats) -> str:
+    s = stats.as_json()
+    lines = [f"{s['tokens']} tokens: {s['ms_per_token_median'] or float('nan'):.1f} ms/token median (p95 "
+             f"{s['ms_per_token_p95'] or float('nan'):.1f}), {s['tokens_per_s'] or float('nan'):.1f} tokens/s; "
+             f"dropped importance share per token: mean {s['dropped_share_mean']:.4f}, max "
+             f"{s['dropped_share_max']:.4f}; requests pending at end: {s['pending_requests_at_end']}",
+             "rank  groups  compute_s  wait_s  cpu_s  on-time  dropped-layers  recovered  late-discarded  "
+             "skipped  peak-RSS-MB"]
+    for r in s["ranks"]:
+        lines.append(f"{r['rank']:4d}  {r['groups']:6d}  {r['compute_s']:9.2f}  {r['wait_s']:6.2f}  "
+                     f"{r['cpu_s']:5.1f}  {r['on_time_rate']:7.3f}  {r['dropped_layers']:14d}  "
+                     f"{r.get('recovered_by_backup', 0):9d}  {r['late_discarded']:14d}  "
+                     f"{r.get('skipped', 0):7d}  {r['peak_rss_mb']:11.0f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# the single-process twin: ranks as threads, for tests
+
+class LocalCluster:
+    """Rank 0 in the calling thread, workers in threads, connected by a LocalHub."""
+
+    def __init__(self, store: Store, plan: TensorPlan, loss: LinkLoss | None = None):
+        self.hub = LocalHub(plan.size, loss)
+        self.coordinator, self.model = make_coordinator(store, plan, self.hub.transports[0])
+        self.worker_stats: dict[int, dict] = {}
+        self.threads = []
+        for r in range(1, plan.size):
+            worker = make_worker(store, plan, self.hub.transports[r])
+            th = threading.Thread(target=lambda w=worker, r=r: self.worker_stats.__setitem__(r, w.run()),
+                                  daemon=True)
+            th.start()
+            self.threads.append(th)
+
+    def session(self, max_len: int, prefill_chunk: int = 64) -> TensorParallelSession:
+        return TensorParallelSession(self.model, self.coordinator, max_len, prefill_chunk)
+
+    def stop(self) -> dict[int, dict]:
+        done = self.coordinator.finish(timeout=30)
+        for th in self.threads:
+            th.join(timeout=30)
+        return done
