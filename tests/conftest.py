@@ -36,21 +36,21 @@ def real_gguf_path():
 
 @pytest.fixture(scope="session")
 def real_store(real_store_path):
-    from halo_mpi.store import Store
+    from halo_mpi.store.hdf5 import Store
     with Store(str(real_store_path)) as s:
         yield s
 
 
 @pytest.fixture(scope="session")
 def real_model(real_store):
-    from halo_mpi.model import Transformer
+    from halo_mpi.model.llama import Transformer
     return Transformer.from_store(real_store)
 
 
 @pytest.fixture(scope="session")
 def tiny_store_path(tmp_path_factory):
     """A 2-layer random-weight model with 8 MLP groups (per process: ranks do not share it)."""
-    from halo_mpi.convert import write_synthetic
+    from halo_mpi.store.convert import write_synthetic
     path = tmp_path_factory.mktemp("tiny") / "tiny.h5"
     write_synthetic("tiny", str(path), mlp_groups=8, seed=1, progress=False)
     return path
@@ -58,6 +58,17 @@ def tiny_store_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_store(tiny_store_path):
-    from halo_mpi.store import Store
+    from halo_mpi.store.hdf5 import Store
     with Store(str(tiny_store_path)) as s:
         yield s
+
+
+REAL_FIXTURES = {"real_store_path", "real_gguf_path", "real_store", "real_model"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs the real model must say so with the `slow` mark (CI selects by it)."""
+    unmarked = [item.nodeid for item in items
+                if REAL_FIXTURES & set(getattr(item, "fixturenames", ())) and "slow" not in item.keywords]
+    if unmarked:
+        raise pytest.UsageError(f"tests use the real model without @pytest.mark.slow: {unmarked}")

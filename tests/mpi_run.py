@@ -21,6 +21,34 @@ SUMMARY = re.compile(r"^=*\s*((?:no tests ran|\d+ (?:passed|failed|errors?|skipp
                      r"xpassed|warnings?))(?:, \d+ \w+)* in [\d.]+s(?: \([\d:]+\))?)\s*=*$")
 
 
+SHM_PATTERN = "/dev/shm/mpich_shm_*"
+
+
+def files_in_use() -> set[str]:
+    """Paths that a live process has open or mapped (another job's shared memory is among them)."""
+    used = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                used.update(line.split(None, 5)[-1].strip() for line in f if "/dev/shm/" in line)
+            fd_dir = f"/proc/{pid}/fd"
+            used.update(os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir))
+        except OSError:
+            continue
+    return used
+
+
+def remove_own_shm(before: set[str]):
+    """A failed launch can leave MPICH's shared-memory files behind: remove those that appeared
+    during this launch and that no live process uses, never another job's."""
+    in_use = files_in_use()
+    for path in set(glob.glob(SHM_PATTERN)) - before - in_use:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
 def main() -> int:
     n, pytest_args = int(sys.argv[1]), sys.argv[2:]
     bindir = os.path.dirname(sys.executable)
@@ -34,6 +62,7 @@ def main() -> int:
                 f'> "{logs}/rank.$PMI_RANK.log" 2>&1')
     cmd = [mpiexec, "-n", str(n), "sh", "-c", rank_cmd, sys.executable, *pytest_args]
     timeout = int(os.environ.get("HALO_MPI_TEST_TIMEOUT", "1200"))
+    shm_before = set(glob.glob(SHM_PATTERN))
     try:
         code = subprocess.run(cmd, timeout=timeout).returncode
     except subprocess.TimeoutExpired:
@@ -56,11 +85,8 @@ def main() -> int:
         failed = failed or bool(rank_failed)
     launch = next((s for s in summaries if s and re.search(r"\b(failed|errors?)\b", s)), summaries[0])
     print(f"{'=' * 20} {launch or 'no tests ran'} (mpiexec -n {n}) {'=' * 20}")
-    for leftover in glob.glob("/dev/shm/mpich_shm_*") if failed else []:
-        try:
-            os.remove(leftover)
-        except OSError:
-            pass
+    if failed:
+        remove_own_shm(shm_before)
     shutil.rmtree(logs, ignore_errors=True)
     return 1 if failed else 0
 

@@ -32,6 +32,6 @@ def test_bench_writes_results_of_the_documented_shape(tiny_store_path, tmp_path)
 
 
 def test_bench_rejects_unknown_modes(capsys):
-    from halo_mpi.cli import main
+    from halo_mpi.cli.main import main
     assert main(["bench", "--modes", "warp", "--weights", "x.h5"]) == 2
     assert "unknown bench modes ['warp']" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import h5py
 import pytest
 from tiny_gguf import write_tiny_gguf
 
-from halo_mpi.cli import main
+from halo_mpi.cli.main import main
 
 
 def run(capsys, *argv):

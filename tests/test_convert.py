@@ -3,9 +3,9 @@ import numpy as np
 import torch
 from tiny_gguf import DIM, HEADS, HIDDEN, KV_HEADS, write_tiny_gguf
 
-from halo_mpi.convert import convert_gguf, write_synthetic
-from halo_mpi.model import Transformer, rms_norm
-from halo_mpi.store import Store
+from halo_mpi.model.llama import Transformer, rms_norm
+from halo_mpi.store.convert import convert_gguf, write_synthetic
+from halo_mpi.store.hdf5 import Store
 
 
 def test_convert_undoes_the_rope_permutation_and_cuts_groups(tmp_path):

@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-from halo_mpi.groups import GroupMLP
-from halo_mpi.model import Transformer
+from halo_mpi.model.groups import GroupMLP
+from halo_mpi.model.llama import Transformer
 
 PROMPTS = ["The capital of France is",
            "def fibonacci(n):\n    if n < 2:\n        return n",
@@ -46,7 +46,7 @@ def hf_model(real_gguf_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_logits_equal_transformers(real_model, real_store, hf_model, prompt):
-    from halo_mpi.tokenizer import Tokenizer
+    from halo_mpi.model.tokenizer import Tokenizer
     ids = Tokenizer.from_store(real_store).encode(prompt)
     cache = real_model.new_cache(len(ids) + 1)
     ours = real_model(torch.tensor(ids), cache)                  # (T, vocab), prefill

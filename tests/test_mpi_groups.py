@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from halo_mpi.groups import GroupMLP
+from halo_mpi.model.groups import GroupMLP
 
 
 @pytest.mark.mpi(min_size=2)

@@ -21,11 +21,13 @@ import torch
 from conftest import HALO
 
 from halo_mpi.errors import HaloError
-from halo_mpi.generate import LocalSession, Sampler, generate
-from halo_mpi.model import Transformer
-from halo_mpi.pipeline import Options, Request, held_parameters, load_stage_model, make_plan, run_local
-from halo_mpi.split import Device, StageCosts, read_device_profile, split_layers, stage_costs
-from halo_mpi.store import Store
+from halo_mpi.model.generate import LocalSession, Sampler, generate
+from halo_mpi.model.llama import Transformer
+from halo_mpi.net.devices import Device, read_device_profile
+from halo_mpi.pipeline.ring import Options, Request, held_parameters, load_stage_model, make_plan
+from halo_mpi.pipeline.run import run_local
+from halo_mpi.pipeline.split import StageCosts, split_layers, stage_costs
+from halo_mpi.store.hdf5 import Store
 
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
 LOGIT_TOL = 1e-3
@@ -37,7 +39,7 @@ LOGIT_TOL = 1e-3
 @pytest.fixture(scope="session")
 def deep_store_path(tmp_path_factory):
     """tiny with 8 layers (built per process, the same bytes on every rank)."""
-    from halo_mpi.convert import write_synthetic
+    from halo_mpi.store.convert import write_synthetic
     path = tmp_path_factory.mktemp("deep") / "tiny-8l.h5"
     write_synthetic("tiny-8l", str(path), mlp_groups=4, seed=3, progress=False)
     return path
@@ -165,6 +167,7 @@ def test_a_model_that_does_not_fit_names_the_ranks_and_sizes():
         split_layers(20, 2, [Device(), Device(memory_mb=5)], COSTS)
 
 
+@pytest.mark.slow
 def test_stage_costs_of_the_real_shape(real_store):
     c = stage_costs(real_store.args, "float32", kv_tokens=100)
     a = real_store.args
@@ -177,8 +180,8 @@ def test_stage_costs_of_the_real_shape(real_store):
 def test_device_profile(tmp_path):
     p = tmp_path / "devices.toml"
     p.write_text("[default]\nspeed = 1.5\n[rank.0]\nmemory_mb = 900\n[rank.2]\nspeed = 3\n")
-    assert read_device_profile(str(p), 3) == [Device(1.5, 900.0), Device(1.5, None), Device(3.0, None)]
-    assert read_device_profile(None, 3) is None
+    assert read_device_profile(str(p), 3).ranks == [Device(1.5, 900.0), Device(1.5), Device(3.0)]
+    assert read_device_profile(None, 3).ranks == [Device()] * 3
     p.write_text("[rank.1]\nsped = 2\n")
     with pytest.raises(HaloError, match=r"devices.toml \[rank.1\]: unknown key.*sped"):
         read_device_profile(str(p), 2)
@@ -257,14 +260,17 @@ def test_local_ring_sampling_matches_the_reference(deep_store, deep_model):
     assert_same_as_reference(run, deep_model, requests, options)
 
 
-def test_bench_row_from_a_local_run(deep_store):
-    from halo_mpi.pipeline import bench_row
+def test_stats_of_a_local_run_follow_the_shared_schema(deep_store):
+    from halo_mpi.stats import RunStats
     requests = [Request([100 + 7 * i + j for j in range(16)], 4 + 12) for i in range(4)]
     run = run_local(deep_store, requests, Options(in_flight=4), 2)
-    row = bench_row(run, tokens=12, warmup=4)
-    assert row["mode"] == "pipeline" and row["ranks"] == 2 and row["sequences"] == 4
-    assert 0 < row["ms_per_token_median"] <= row["ms_per_token_p95"] and row["tokens_per_s"] > 0
-    assert [r["rank"] for r in row["rank_stats"]] == [0, 1]
+    stats = run.stats()
+    d = stats.as_json()
+    assert d["mode"] == "pipeline" and d["ranks_total"] == 2 and d["config"]["num_sequences"] == 4
+    assert d["tokens"] == 4 * 16 and len(d["decode_ms"]) == 4 * 15
+    assert 0 < d["ms_per_token_median"] <= d["ms_per_token_p95"] and d["tokens_per_s"] > 0
+    assert [r["rank"] for r in d["ranks"]] == [0, 1] and d["ranks"][1]["layers"] == [4, 8]
+    assert RunStats.from_json(json.loads(json.dumps(d))) == stats
 
 
 def test_local_ring_zero_new_tokens(deep_store, deep_model):
@@ -277,15 +283,15 @@ def test_local_ring_zero_new_tokens(deep_store, deep_model):
 
 @pytest.mark.parametrize("failing_rank", [0, 1, 2])
 def test_local_ring_failure_on_one_rank_ends_all(deep_store, monkeypatch, failing_rank):
-    from halo_mpi import pipeline
-    run = pipeline.Stage.run
+    from halo_mpi.pipeline import ring
+    run = ring.Stage.run
 
     def failing_run(self, seq, step, h):
         if self.rank == failing_rank and step > 0:
             raise RuntimeError("injected failure")
         return run(self, seq, step, h)
 
-    monkeypatch.setattr(pipeline.Stage, "run", failing_run)
+    monkeypatch.setattr(ring.Stage, "run", failing_run)
     with pytest.raises(RuntimeError, match="injected failure"):
         run_local(deep_store, make_requests(3, deep_store.args.vocab_size), Options(), 3, timeout=60)
 
@@ -296,7 +302,7 @@ def test_local_ring_failure_on_one_rank_ends_all(deep_store, monkeypatch, failin
 def mpi_run(path, requests, options, devices=None):
     from mpi4py import MPI
 
-    from halo_mpi.pipeline import run_pipeline
+    from halo_mpi.pipeline.run import run_pipeline
     comm = MPI.COMM_WORLD
     return run_pipeline(comm, str(path), requests if comm.rank == 0 else None, options, devices)
 
@@ -358,7 +364,7 @@ def test_mpi_each_rank_holds_only_its_layers(deep_store_path):
 def test_mpi_real_model_equals_the_reference(real_store_path):
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
-    from halo_mpi.tokenizer import Tokenizer
+    from halo_mpi.model.tokenizer import Tokenizer
     with Store(str(real_store_path)) as store:
         tok = Tokenizer.from_store(store)
     prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"]

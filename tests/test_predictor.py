@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from halo_mpi.calibrate import balanced_bisection, regroup
-from halo_mpi.importance import static_importance
-from halo_mpi.model import Transformer
-from halo_mpi.predictor import collect, coverage, quality, top_half, train
-from halo_mpi.store import Store
-from halo_mpi.texts import CALIBRATION_TOPICS, EVALUATION_TOPICS, calibration_text, evaluation_text
-from halo_mpi.tokenizer import Tokenizer
+from halo_mpi.model.llama import Transformer
+from halo_mpi.model.texts import CALIBRATION_TOPICS, EVALUATION_TOPICS, calibration_text, evaluation_text
+from halo_mpi.model.tokenizer import Tokenizer
+from halo_mpi.store.hdf5 import Store
+from halo_mpi.tensor.calibrate import balanced_bisection, regroup
+from halo_mpi.tensor.importance import static_importance
+from halo_mpi.tensor.predictor import collect, coverage, quality, top_half, train
 
 
 def test_calibration_and_evaluation_texts_are_disjoint():

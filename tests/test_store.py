@@ -3,9 +3,9 @@ import h5py
 import numpy as np
 import pytest
 
-from halo_mpi.config import ModelArgs
-from halo_mpi.convert import cut_attn_groups, cut_mlp_groups, unpermute_rope
 from halo_mpi.errors import HaloError
+from halo_mpi.model.config import ModelArgs
+from halo_mpi.store.convert import cut_attn_groups, cut_mlp_groups, unpermute_rope
 
 
 def llama_cpp_permute(w, n_heads):
@@ -67,6 +67,7 @@ def test_groups_that_do_not_divide_the_intermediate_size():
                   mlp_groups=7)
 
 
+@pytest.mark.slow
 def test_real_store_shapes(real_store):
     a = real_store.args
     assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.hidden_dim, a.vocab_size) == \

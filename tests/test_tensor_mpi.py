@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from halo_mpi.engine import TensorParallelSession
-from halo_mpi.generate import LocalSession, Sampler, generate
-from halo_mpi.model import Transformer
-from halo_mpi.tp import make_plan, run_tensor
+from halo_mpi.model.generate import LocalSession, Sampler, generate
+from halo_mpi.model.llama import Transformer
+from halo_mpi.tensor.coordinator import TensorParallelSession
+from halo_mpi.tensor.run import TensorOptions, make_plan, run_tensor
 
 PROMPT = [5, 70, 33, 9, 120, 17]
 
@@ -32,7 +32,7 @@ def reference(store, ids, n):
 
 
 def tensor_parallel(comm, store, ids, n, **plan_options):
-    plan = make_plan(store, comm.Get_size(), **plan_options)
+    plan = make_plan(store, comm.Get_size(), TensorOptions(**plan_options))
 
     def drive(coordinator, model):
         rec = Recording(TensorParallelSession(model, coordinator, len(ids) + n, prefill_chunk=4))

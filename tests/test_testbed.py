@@ -12,17 +12,13 @@ import time
 
 import pytest
 
-from halo_mpi import netns, testbed
+from halo_mpi.cli.testbed import add_parser
 from halo_mpi.errors import HaloError
-from halo_mpi.testbed import (
-    ENGINE_MESSAGE,
-    PREFIX,
-    add_parser,
-    is_stale,
-    measure_delays,
-    parse_rank_values,
-    summarize,
-)
+from halo_mpi.net.ranks import parse_rank_values
+from halo_mpi.testbed import bed as testbed
+from halo_mpi.testbed import netns
+from halo_mpi.testbed.bed import PREFIX, is_stale
+from halo_mpi.testbed.delays import ENGINE_MESSAGE, measure_delays, summarize
 
 PY = sys.executable
 PROMPT = "The capital of France is"
@@ -69,7 +65,7 @@ def halo(*args) -> list[str]:
 
 
 def tb_cli(*args) -> list[str]:
-    return [PY, "-m", "halo_mpi.testbed", *args]
+    return [PY, "-m", "halo_mpi.cli", "testbed", *args]
 
 
 def unique(tag: str) -> str:
@@ -202,7 +198,7 @@ def test_killed_run_is_stale_and_removable(root_testbed):
     """A run killed with SIGKILL cannot clean up: status calls it stale, down removes it."""
     before = root_snapshot()
     name = unique("st")
-    script = (f"from halo_mpi import testbed; import time; tb = testbed.Testbed(2, {{1: 0.1}}, name={name!r}).up(); "
+    script = (f"from halo_mpi.testbed import bed; import time; tb = bed.Testbed(2, {{1: 0.1}}, name={name!r}).up(); "
               f"print('up', flush=True); time.sleep(120)")
     proc = subprocess.Popen([PY, "-c", script], stdout=subprocess.PIPE, text=True)
     try:

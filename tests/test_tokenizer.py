@@ -1,7 +1,9 @@
 """Tokenizer built from the stored vocab and merges: llama.cpp's behaviour, round trips, ChatML."""
 import pytest
 
-from halo_mpi.tokenizer import Tokenizer
+from halo_mpi.model.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.slow      # the tokenizer of the real model
 
 TEXTS = ["The capital of France is", "  leading spaces and\ttabs\n\nnewlines",
          "Numbers: 3.14159, 2024-11-23, 1000000", "Ünïcödé: naïve café, 日本語, emoji 🚀🎉",

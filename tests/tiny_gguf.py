@@ -2,7 +2,7 @@
 import gguf
 import numpy as np
 
-from halo_mpi.tokenizer import byte_symbols
+from halo_mpi.model.tokenizer import byte_symbols
 
 DIM, LAYERS, HEADS, KV_HEADS, HIDDEN = 32, 2, 4, 2, 64
 

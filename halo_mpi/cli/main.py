@@ -55,7 +55,7 @@ def fail(error: BaseException) -> int:
         traceback.print_exc()             # a bug: its traceback is what a report needs
     mpi = sys.modules.get("mpi4py.MPI")
     if world_size() > 1 and mpi is not None:
-        abort(mpi.COMM_WORLD, error)      # prints the line naming this rank, then ends the job
+        return abort(mpi.COMM_WORLD, error)   # prints the line naming this rank, ends the job
     line, code = abort_message(error, world_rank() if world_size() > 1 else None)
     print(line, file=sys.stderr)
     return code

@@ -50,7 +50,7 @@ class ModelArgs:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
     @classmethod
-    def from_attrs(cls, attrs) -> "ModelArgs":
+    def from_attrs(cls, attrs) -> ModelArgs:
         kinds = {f.name: f.type for f in fields(cls) if f.init}
         missing = [k for k in kinds if k not in attrs and k not in _DEFAULTED]
         if missing:

@@ -11,7 +11,7 @@ tested against it. A block's forward is two residual lines; the MLP of a block i
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -119,7 +119,7 @@ class Transformer:
     @classmethod
     def from_store(cls, store, layers: Iterable[int] | None = None, embedding: bool = True,
                    head: bool = True, dtype: str | torch.dtype = torch.float32,
-                   mlp: Callable[[int], Callable] | None = None) -> "Transformer":
+                   mlp: Callable[[int], Callable] | None = None) -> Transformer:
         """Load the given layers (all by default); `mlp(layer)` may supply each block's MLP."""
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         args = store.args

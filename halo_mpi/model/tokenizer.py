@@ -56,7 +56,7 @@ class Tokenizer:
         self.system_prompt = _default_system(chat_template)
 
     @classmethod
-    def from_store(cls, store) -> "Tokenizer":
+    def from_store(cls, store) -> Tokenizer:
         return cls(**store.tokenizer_data())
 
     @property
@@ -82,7 +82,7 @@ class Tokenizer:
         return (f"<|im_start|>system\n{system}<|im_end|>\n"
                 f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
 
-    def streamer(self) -> "TextStreamer":
+    def streamer(self) -> TextStreamer:
         return TextStreamer(self)
 
 

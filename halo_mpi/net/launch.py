@@ -97,9 +97,11 @@ def abort_message(error: BaseException, rank: int | None = None) -> tuple[str, i
     return f"halo-mpi: error{where}: {type(error).__name__}: {error}{at}", 1
 
 
-def abort(comm, error: BaseException):
+def abort(comm, error: BaseException) -> int:
     """One line on stderr, then end every rank of the job (MPI_Abort) within seconds: an error
-    or Ctrl-C on one rank must never leave the others waiting."""
+    or Ctrl-C on one rank must never leave the others waiting. Returns the exit code, should
+    MPI_Abort return while the launcher ends the job."""
     line, code = abort_message(error, comm.Get_rank())
     print(line, file=sys.stderr, flush=True)
     comm.Abort(code)
+    return code

@@ -213,7 +213,7 @@ def write_calibration(path: str, arrays: dict[str, np.ndarray], attrs: dict | No
         g.attrs.update(attrs or {})
 
 
-def write_shard(store: "Store", path: str, rank: int, size: int, groups_per_layer: list):
+def write_shard(store: Store, path: str, rank: int, size: int, groups_per_layer: list):
     """A per-rank copy of a store holding only `groups_per_layer[l]` of each MLP layer.
 
     Rank 0's shard also keeps the embedding, norms, attention groups and tokenizer.

@@ -11,24 +11,26 @@ A missing partial counts as zero, unless rank 0 holds a backup of those groups (
 the most important share of each unstable rank's groups, by calibration), which it then computes
 itself; a late partial is discarded when it arrives. A link whose missed partial is still not
 there a round-trip bound later is treated as stalled (real TCP delivers in order: what follows a
-lost segment waits for it) and not waited for until something arrives from it again. The model itself does not know any of this:
-`DistributedMLP` replaces each block's MLP from outside.
+lost segment waits for it) and not waited for until something arrives from it again; that rule
+lives in `gather.DeadlineGather`. The model itself does not know any of this: `DistributedMLP`
+replaces each block's MLP from outside.
 """
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
 from ..errors import HaloError
 from ..model.groups import GroupMLP
-from ..net.framing import Kind, Message
+from ..net.framing import Kind
 from ..net.links import LinkEstimate
 from ..net.transport import Transport
+from .gather import DeadlineGather, GatherResult, LayerKey
 from .placement import Placement
 from .policy import SyncPolicy
 
@@ -55,20 +57,18 @@ class Coordinator:
     sparsity: share of the predicted least important groups skipped outright in decode steps;
     replanner: moves groups when links change (optional). Partials carry the plan version in
     the header's plan field, so one computed under an old placement is never added in.
+    clock: what the deadline gather and the layer's send time are measured with (tests fake it).
     """
 
     def __init__(self, transport: Transport, placement: Placement, importance: np.ndarray,
                  policy: SyncPolicy, load_groups: LoadGroups, predictor=None, sparsity: float = 0.0,
-                 replanner=None, log=None):
+                 replanner=None, log=None, clock: Callable[[], float] = time.perf_counter):
         self.t, self.importance, self.policy = transport, importance, policy
+        self.deadlines = DeadlineGather(transport, policy, range(1, transport.size), clock)
         self.backup: dict[int, dict[int, GroupMLP]] = {}          # layer -> rank -> its backed-up groups
-        self.missed: dict[int, float] = {}   # rank -> when the input of its missed partial went out,
-                                             # while nothing has arrived from it since
         self.load_groups, self.predictor, self.sparsity = load_groups, predictor, sparsity
         self.replanner, self.log = replanner, log or (lambda line: None)
         self.n_layers = len(placement)
-        self.links = {r: LinkEstimate(factor=policy.deadline_factor, margin=policy.deadline_margin,
-                                      initial=policy.initial_deadline) for r in range(1, transport.size)}
         self.version = 0
         self.placement: Placement = []
         self.own: dict[int, GroupMLP | None] = {}
@@ -81,6 +81,11 @@ class Coordinator:
         self.recovered = Counter()                           # rank -> missing partials made up by backup
         self.compute_s = self.gather_wait_s = 0.0
         self.replans: list[str] = []
+
+    @property
+    def links(self) -> dict[int, LinkEstimate]:
+        """rank -> its link's estimate (owned by the deadline gather; the replanner reads it)."""
+        return self.deadlines.links
 
     def set_placement(self, placement: Placement):
         changed = [l for l in range(self.n_layers)
@@ -158,18 +163,19 @@ class Coordinator:
         for r in peers:
             body = payload if keep is None else with_mask_row(payload, local_keep[r])
             self.t.send(r, Kind.INPUT, self.step, layer, body, plan=self.version)
-        sent_at = self.sent_at = time.perf_counter()
+        sent_at = self.sent_at = self.deadlines.clock()   # the gather's clock: round trips count from here
+        t0 = time.perf_counter()
         own = self.own.get(layer)
         if own is None or (keep is not None and not local_keep[0].any()):
             out = torch.zeros_like(x)
         else:
             out = own(x) if keep is None else own.subset(x, local_keep[0])
-        self.compute_s += time.perf_counter() - sent_at
+        self.compute_s += time.perf_counter() - t0
         backup = self.backup.get(layer)
         backed = {r: self.backed_up(backup[r], imp, keep) for r in peers if r in backup} if backup else {}
         lost = {r: shares[r] - (backed[r][1] if r in backed else 0.0) for r in peers} if backed else None
         got = self.gather(layer, peers, sent_at, shares, lost)
-        for r, part in sorted(got.items()):
+        for _rank, part in sorted(got.items()):   # in rank order: the same float sum whatever arrived first
             out += torch.from_numpy(part)
         t0 = time.perf_counter()
         for r, (mask, _) in backed.items():   # missing partials that rank 0 can make up for
@@ -188,80 +194,21 @@ class Coordinator:
 
     def gather(self, layer: int, peers: list[int], sent_at: float, shares: dict,
                lost: dict | None = None) -> dict[int, np.ndarray]:
-        """Partials of `peers`: every critical one, the rest until their link's deadline.
-
-        A deadline counts from `ref`, the moment the layer's critical partials are all in (or rank
-        0's own share is done, when none is critical): the estimate is of how far a link's partial
-        normally lags behind the critical ones, which leaves out the delays all ranks share (rank 0
-        itself running late, every worker sharing the same cores). A stalled link gets no grace.
-        `lost`: the importance a missing partial costs (its share less what rank 0 backs up).
-        """
-        t0 = time.perf_counter()
-        peer_shares = {r: shares[r] for r in peers}
-        waiting = set(peers) if not self.decoding else self.policy.critical(shares[0], peer_shares)
-        bound = {r: self.links[r].deadline() for r in peers}   # round-trip bounds, fixed this layer
-        grace: dict[int, float] | None = None                    # taken once the critical ones are in
-        got: dict[int, np.ndarray] = {}
-        arrived: dict[int, float] = {}
-        ref = t0 if not waiting else None
-        for m in self.t.poll(0.0):     # what is already here, so a link that delivered is not stalled
-            if self.receive(m, layer, got):
-                arrived[m.source] = time.perf_counter()
-        while len(got) < len(peers):
-            missing = [r for r in peers if r not in got]
-            now = time.perf_counter()
-            if any(r in waiting for r in missing):
-                timeout = 1.0                                  # poll returns at the first arrival
-            else:
-                if ref is None:
-                    ref = max(arrived[r] for r in waiting)
-                if grace is None:
-                    grace = {r: self.links[r].grace() for r in peers if r not in waiting}
-                last = max(ref + (0.0 if self.stalled(r, now, bound[r]) else grace[r]) for r in missing)
-                if now >= last:
-                    break
-                timeout = last - now
-            for m in self.t.poll(timeout):
-                if self.receive(m, layer, got):
-                    arrived[m.source] = time.perf_counter()
-        if ref is None:                                        # every critical partial came last
-            ref = max(arrived.values(), default=t0)
-        on_time = set()          # by round trip, for re-planning: a waited-for stall is late too
-        for r, at in arrived.items():
-            if self.decoding:        # decode steps feed the link estimate
-                self.links[r].add_latency(at - sent_at, lag=max(0.0, at - ref))
-            if at - sent_at <= bound[r]:
-                on_time.add(r)
-        dropped = [r for r in peers if r not in got]
-        if self.decoding:
-            for r in dropped:
-                self.missed.setdefault(r, sent_at)
-        self.account(dropped, peer_shares, on_time, lost or peer_shares)
-        self.gather_wait_s += time.perf_counter() - t0
+        """Partials of `peers` under the deadline rule of `DeadlineGather`, with the layer's outcome
+        counted in. `lost`: the importance a missing partial costs (its share less what rank 0
+        backs up); without it, the whole share."""
+        key = LayerKey(self.step, layer, self.version)
+        got, result = self.deadlines.gather(key, peers, sent_at, shares, self.decoding)
+        self.used.update(got.keys())
+        self.late_discarded.update(result.discarded)
+        self.account(result, lost or {r: shares[r] for r in peers})
+        self.gather_wait_s += result.wait_s
         return got
 
-    def stalled(self, r: int, now: float, bound: float) -> bool:
-        """A missed partial still not here a whole round-trip bound later: the link is stalled
-        (TCP holds what follows a lost segment until it is repaired), so waiting is no use."""
-        return r in self.missed and now - self.missed[r] > bound
-
-    def receive(self, m: Message, layer: int, got: dict) -> bool:
-        if m.kind != Kind.PARTIAL:
-            raise HaloError(f"rank 0 got an unexpected {m.kind.name} message from rank {m.source}")
-        self.missed.pop(m.source, None)      # the link delivers again
-        if (m.step, m.layer, m.plan) == (self.step, layer, self.version):
-            got[m.source] = m.payload
-            self.used[m.source] += 1
-            return True
-        self.late_discarded[m.source] += 1   # a closed step or layer, or an old plan: never mixed in
-        return False
-
-    def account(self, dropped: list[int], shares: dict[int, float], on_time: set[int], lost: dict):
+    def account(self, result: GatherResult, lost: dict[int, float]):
+        """The step's record: which ranks' partials were dropped, and the importance that cost."""
         rec = self.records[-1]
-        if self.decoding:
-            for r in shares:
-                self.links[r].add_outcome(r in on_time)
-        for r in dropped:
+        for r in result.dropped:
             rec.dropped_ranks[r] += 1
             rec.dropped_share += lost[r] / self.n_layers
 

@@ -46,7 +46,7 @@ class Predictor:
                 f"predictor_{kind}_b": self.b.numpy()}
 
     @classmethod
-    def from_store(cls, store, kind: str = "current") -> "Predictor | None":
+    def from_store(cls, store, kind: str = "current") -> Predictor | None:
         parts = [store.calibration(f"predictor_{kind}_{p}") for p in "ABb"]
         if any(p is None for p in parts):
             return None

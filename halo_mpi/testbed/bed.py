@@ -141,7 +141,7 @@ class Testbed:
         return os.path.join(STATE_DIR, f"{self.name}.json")
 
     # life cycle -------------------------------------------------------------------------------
-    def up(self) -> "Testbed":
+    def up(self) -> Testbed:
         """Create the namespaces, links, drop rules and rate caps; on any failure remove them."""
         netns.require_root()
         netns.require_tools()
@@ -216,7 +216,7 @@ class Testbed:
             self.is_up = False
             atexit.unregister(self.down)
 
-    def __enter__(self) -> "Testbed":
+    def __enter__(self) -> Testbed:
         if not self.is_up:
             self.up()
         self._signals = signals_interrupt()
@@ -244,7 +244,7 @@ class Testbed:
         return s
 
     @classmethod
-    def load(cls, name: str) -> "Testbed":
+    def load(cls, name: str) -> Testbed:
         path = os.path.join(STATE_DIR, f"{name}.json")
         try:
             with open(path) as f:

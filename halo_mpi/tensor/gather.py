@@ -1,0 +1,168 @@
+"""The deadline gather: how long rank 0 waits for one layer's partials (HALO sync).
+
+The rule, per layer:
+- the critical peers (every peer in strict sync and in prefill; in HALO decode steps the stable
+  ranks plus the most important unstable ones, see `SyncPolicy.critical`) are waited for, however
+  late;
+- every other peer is waited for until `ref + grace`, where `ref` is when the last critical partial
+  arrived (or when the gather began, if none is critical) and `grace` is how far that link's
+  partial normally lags behind the critical ones (`LinkEstimate.grace`). Counting from `ref`, not
+  from the send, leaves out the delays all ranks share (rank 0 running late, shared cores);
+- a stalled link, one whose missed partial is still not here a round-trip bound after its input
+  went out, gets no grace: real TCP holds whatever follows a lost segment until it is repaired, so
+  waiting is no use. Any message from that link, even a stale one, shows it delivers again;
+- a message of another step, layer or plan version is discarded and counted, never added in;
+  anything but a PARTIAL is a protocol error.
+
+Decode steps also feed each link's estimate (round trip and lag of what arrived, on-time outcome of
+every peer); prefill steps do not: a chunk of many tokens takes far longer than one token, and its
+timings would skew a decode step's bounds.
+
+The clock and the inbox are injected, so tests/test_gather.py drives this with a fake clock and
+scripted arrivals, without threads or sleeps.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import HaloError
+from ..net.framing import Kind, Message
+from ..net.links import LinkEstimate
+from .policy import SyncPolicy
+
+CRITICAL_POLL_S = 1.0   # poll timeout while a critical partial is missing: poll returns at an arrival
+
+
+class Inbox(Protocol):
+    """What the gather reads from: the transport, or a scripted twin in tests."""
+
+    def poll(self, timeout: float) -> list[Message]:
+        """Messages that arrived, waiting up to `timeout` s for the first one."""
+
+
+@dataclass(frozen=True)
+class LayerKey:
+    """The identity a partial must carry to be added into the current layer."""
+    step: int
+    layer: int
+    plan: int           # placement version: a partial computed under an old plan is never used
+
+    def matches(self, m: Message) -> bool:
+        return (m.step, m.layer, m.plan) == (self.step, self.layer, self.plan)
+
+
+@dataclass
+class GatherResult:
+    """One layer's outcome, for the coordinator's statistics."""
+    dropped: list[int]          # peers whose partial was not waited for, in `peers` order
+    on_time: set[int]           # peers whose partial came back within their round-trip bound
+    wait_s: float               # clock seconds spent in the gather
+    discarded: Counter = field(default_factory=Counter)   # rank -> stale messages thrown away
+
+
+@dataclass
+class _Layer:
+    """The state of one gather while it waits."""
+    key: LayerKey
+    peers: list[int]
+    critical: set[int]                      # waited for without deadline
+    bound: dict[int, float]                 # rank -> round-trip bound, fixed for this layer
+    got: dict[int, np.ndarray] = field(default_factory=dict)   # rank -> partial (T, dim)
+    arrived: dict[int, float] = field(default_factory=dict)    # rank -> clock at arrival
+    discarded: Counter = field(default_factory=Counter)
+
+    def missing(self) -> list[int]:
+        return [r for r in self.peers if r not in self.got]
+
+
+class DeadlineGather:
+    """Rank 0's gather of one layer's partials under the deadline rule (module docstring).
+
+    Owns the per-link estimates (`links`) and the stalled-link bookkeeping (`missed`), which
+    outlive a layer; `gather` returns the partials that arrived in time and a `GatherResult`.
+    """
+
+    def __init__(self, inbox: Inbox, policy: SyncPolicy, peers: Iterable[int],
+                 clock: Callable[[], float] = time.perf_counter):
+        self.inbox, self.policy, self.clock = inbox, policy, clock
+        self.links = {r: LinkEstimate(factor=policy.deadline_factor, margin=policy.deadline_margin,
+                                      initial=policy.initial_deadline) for r in peers}
+        self.missed: dict[int, float] = {}   # rank -> when the input of its missed partial went out,
+                                             # while nothing has arrived from it since
+
+    def gather(self, key: LayerKey, peers: list[int], sent_at: float, shares: dict[int, float],
+               decoding: bool) -> tuple[dict[int, np.ndarray], GatherResult]:
+        """Partials of `peers` for `key`: every critical one, the rest until their deadline.
+
+        sent_at: clock time the layer's inputs went out; shares: rank -> importance share of its
+        groups (rank 0's own included, which counts towards the critical share); decoding: False
+        in prefill, which waits for every peer and leaves the link estimates alone.
+        """
+        t0 = self.clock()
+        peer_shares = {r: shares[r] for r in peers}
+        critical = set(peers) if not decoding else self.policy.critical(shares[0], peer_shares)
+        w = _Layer(key, list(peers), critical, {r: self.links[r].deadline() for r in peers})
+        self._take(w, 0.0)       # what is already here, so a link that delivered is not stalled
+        ref = self._wait(w, t0 if not critical else None)
+        if ref is None:          # every critical partial came last
+            ref = max(w.arrived.values(), default=t0)
+        on_time = {r for r, at in w.arrived.items() if at - sent_at <= w.bound[r]}
+        dropped = w.missing()
+        if decoding:
+            self._feed_links(w, sent_at, ref, on_time, dropped)
+        return w.got, GatherResult(dropped, on_time, self.clock() - t0, w.discarded)
+
+    def _wait(self, w: _Layer, ref: float | None) -> float | None:
+        """Poll until every peer is in or the last deadline has passed; returns `ref` once known."""
+        grace: dict[int, float] | None = None       # taken once the critical ones are in
+        while len(w.got) < len(w.peers):
+            missing, now = w.missing(), self.clock()
+            if any(r in w.critical for r in missing):
+                timeout = CRITICAL_POLL_S
+            else:
+                if ref is None:
+                    ref = max(w.arrived[r] for r in w.critical)
+                if grace is None:
+                    grace = {r: self.links[r].grace() for r in w.peers if r not in w.critical}
+                last = max(ref + (0.0 if self.stalled(r, now, w.bound[r]) else grace[r]) for r in missing)
+                if now >= last:
+                    break
+                timeout = last - now
+            self._take(w, timeout)
+        return ref
+
+    def stalled(self, r: int, now: float, bound: float) -> bool:
+        """A missed partial still not here a whole round-trip bound later: the link is stalled
+        (TCP holds what follows a lost segment until it is repaired), so waiting is no use."""
+        return r in self.missed and now - self.missed[r] > bound
+
+    def _take(self, w: _Layer, timeout: float):
+        for m in self.inbox.poll(timeout):
+            if self._receive(m, w):
+                w.arrived[m.source] = self.clock()
+
+    def _receive(self, m: Message, w: _Layer) -> bool:
+        if m.kind != Kind.PARTIAL:
+            raise HaloError(f"rank 0 got an unexpected {m.kind.name} message from rank {m.source}")
+        self.missed.pop(m.source, None)      # the link delivers again
+        if w.key.matches(m):
+            w.got[m.source] = m.payload
+            return True
+        w.discarded[m.source] += 1           # a closed step or layer, or an old plan: never mixed in
+        return False
+
+    def _feed_links(self, w: _Layer, sent_at: float, ref: float, on_time: set[int], dropped: list[int]):
+        """Decode steps only: round trips and lags of what arrived, every peer's on-time outcome
+        (a waited-for stall counts as late too), and when each dropped partial's input went out."""
+        for r, at in w.arrived.items():
+            self.links[r].add_latency(at - sent_at, lag=max(0.0, at - ref))
+        for r in dropped:
+            self.missed.setdefault(r, sent_at)
+        for r in w.peers:
+            self.links[r].add_outcome(r in on_time)
