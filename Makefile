@@ -12,7 +12,7 @@ MLP_GROUPS ?= 24
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 export HALO_REQUIRE_WEIGHTS := 1
 
-.PHONY: demo test test-serial test-mpi install weights clean
+.PHONY: demo test lint test-serial test-mpi install weights clean
 
 demo: $(STORE)
 	$(MPIEXEC) -n 1 $(HALO) generate --weights $(STORE) --prompt "The capital of France is" \
@@ -20,7 +20,12 @@ demo: $(STORE)
 	$(MPIEXEC) -n 4 $(HALO) generate --weights $(STORE) --prompt "The capital of France is" \
 		--max-new-tokens 32 --temperature 0 --parallel tensor --sync halo --link-loss 2:0.05,3:0.05
 
-test: test-serial test-mpi
+test: lint test-serial test-mpi
+
+# ruff (style and likely bugs) and the import-linter contracts in pyproject.toml (the layers)
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check halo_mpi tests
+	$(VENV)/bin/lint-imports
 
 test-serial: $(STORE)
 	$(PY) -m pytest -m "not mpi" tests
