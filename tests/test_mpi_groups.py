@@ -12,7 +12,8 @@ def test_partials_from_each_ranks_groups_sum_to_the_full_mlp(tiny_store):
     comm = MPI.COMM_WORLD
     G = tiny_store.args.mlp_groups
     mine = np.array_split(np.arange(G), comm.size)[comm.rank]     # this rank's group ids
-    x = torch.from_numpy(np.random.default_rng(7).standard_normal((2, tiny_store.args.dim)).astype(np.float32))
+    x = np.random.default_rng(7).standard_normal((2, tiny_store.args.dim)).astype(np.float32)
+    x = torch.from_numpy(x)
     partial = GroupMLP(tiny_store.mlp_groups(1, mine), mine)(x).numpy()
     total = np.empty_like(partial)
     comm.Allreduce(partial, total, op=MPI.SUM)

@@ -149,7 +149,7 @@ def test_late_partials_are_never_mixed_into_a_later_step():
 def test_strict_waits_through_loss():
     policy = SyncPolicy("strict")
     coord, workers, threads, n_layers = marker_cluster(3, LinkLoss({2: 0.2}, seed=1), policy)
-    for step, layer, marker, out in run_markers(coord, n_layers, 10):
+    for _step, _layer, marker, out in run_markers(coord, n_layers, 10):
         assert out[0, 1].item() == marker and out[0, 2].item() == marker
     coord.finish(timeout=30)
     held = coord.t.stats.held + workers[1].t.stats.held      # both directions of rank 2's link
@@ -165,7 +165,7 @@ def test_a_worker_that_sleeps_once_catches_up():
                         deadline_factor=3.0, deadline_margin=0.01)
     coord, workers, threads, n_layers = marker_cluster(3, None, policy, stall=(2, 9, 0.4))
     ended = None
-    for step, layer, *_ in run_markers(coord, n_layers, 400):
+    for step, _layer, *_ in run_markers(coord, n_layers, 400):
         time.sleep(0.001)                                  # rank 0's own work between layers
         if ended is None and workers[1].mlps[0].calls > 9:  # rank 2 is awake again
             ended = step

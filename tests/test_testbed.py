@@ -198,7 +198,8 @@ def test_killed_run_is_stale_and_removable(root_testbed):
     """A run killed with SIGKILL cannot clean up: status calls it stale, down removes it."""
     before = root_snapshot()
     name = unique("st")
-    script = (f"from halo_mpi.testbed import bed; import time; tb = bed.Testbed(2, {{1: 0.1}}, name={name!r}).up(); "
+    script = (f"from halo_mpi.testbed import bed; import time; "
+              f"tb = bed.Testbed(2, {{1: 0.1}}, name={name!r}).up(); "
               f"print('up', flush=True); time.sleep(120)")
     proc = subprocess.Popen([PY, "-c", script], stdout=subprocess.PIPE, text=True)
     try:

@@ -64,7 +64,8 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench_single(weights: str, dtypes: list[str], tokens: int, warmup: int, profile: bool, log=print) -> list[dict]:
+def bench_single(weights: str, dtypes: list[str], tokens: int, warmup: int, profile: bool,
+                 log=print) -> list[dict]:
     rows = []
     with Store(weights) as store:
         for dtype in dtypes:
@@ -84,8 +85,9 @@ def bench_single(weights: str, dtypes: list[str], tokens: int, warmup: int, prof
 
 
 def format_row(row: dict) -> str:
-    s = (f"{row['mode']:8s} {row['dtype']:9s} threads={row['threads']} median {row['ms_per_token_median']:.1f} "
-         f"ms/token, p95 {row['ms_per_token_p95']:.1f}, {row['tokens_per_s']:.1f} tokens/s "
+    s = (f"{row['mode']:8s} {row['dtype']:9s} threads={row['threads']} "
+         f"median {row['ms_per_token_median']:.1f} ms/token, p95 {row['ms_per_token_p95']:.1f}, "
+         f"{row['tokens_per_s']:.1f} tokens/s "
          f"over {row['tokens']} tokens")
     if "profile" in row:
         p = row["profile"]

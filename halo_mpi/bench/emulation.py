@@ -82,7 +82,8 @@ def calibration_markdown(r: dict) -> str:
              f"fitted from these measurements: stall_per_p {p['stall_per_p']:.2f}, single_per_p "
              f"{p['single_per_p']:.2f}, double_per_p {p['double_per_p']:.2f}, fast_per_p "
              f"{p['fast_per_p']:.2f}.", "",
-             "| loss | bytes | real median / p95 / p99 / max (ms) | emulated median / p95 / p99 / max (ms) | p95, p99 ratio | within 2x |",
+             "| loss | bytes | real median / p95 / p99 / max (ms) "
+             "| emulated median / p95 / p99 / max (ms) | p95, p99 ratio | within 2x |",
              "|---|---|---|---|---|---|"]
     fmt = lambda s: f"{s['median']:.2f} / {s['p95']:.1f} / {s['p99']:.1f} / {s['max']:.0f}"  # noqa: E731
     for x in r["rows"]:

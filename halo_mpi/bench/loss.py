@@ -62,8 +62,8 @@ def halo_command(cfg: BenchConfig, mode: str, loss: float, sub: str, out_json: s
     elif loss > 0 and mode not in LOSSLESS_ONLY:   # testbed: the kernel drops; mark who is unstable
         cmd += ["--unstable-ranks", ",".join(map(str, cfg.lossy_ranks))]
     if sub == "generate":
-        cmd += ["--prompt", PROMPT, "--max-new-tokens", str(cfg.warmup + cfg.tokens + 1), "--temperature", "0",
-                "--ignore-eos", "--quiet", "--stats-json", out_json]
+        cmd += ["--prompt", PROMPT, "--max-new-tokens", str(cfg.warmup + cfg.tokens + 1),
+                "--temperature", "0", "--ignore-eos", "--quiet", "--stats-json", out_json]
     else:
         cmd += ["--tokens", str(cfg.eval_tokens), "--json", out_json]
     return n, cmd
@@ -100,7 +100,8 @@ def run_one(cfg: BenchConfig, mode: str, loss: float, tmp: str) -> dict:
            "ms_per_token_median": float(statistics.median(timed)) if timed else float("nan"),
            "ms_per_token_p95": float(np.quantile(timed, 0.95)) if timed else float("nan"),
            "ms_per_token_mean": float(np.mean(timed)) if timed else float("nan"),
-           "dropped_share": float(np.mean(stats.dropped_share_per_token)) if stats.dropped_share_per_token else 0.0,
+           "dropped_share": (float(np.mean(stats.dropped_share_per_token))
+                             if stats.dropped_share_per_token else 0.0),
            "peak_rss_mb": [r.peak_rss_mb for r in stats.ranks],
            "generated": stats.sequences[0].tokens}
     if mode == "pipeline":
@@ -151,7 +152,8 @@ def machine_description() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return (f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
 
 
 def write_results(results: dict, out: str, command: str):
@@ -168,19 +170,23 @@ def results_markdown(r: dict, command: str) -> str:
              f"{r['lossy_ranks']}", "", f"Command: `{command}`", "", f"Machine: {r['machine']}; all "
              f"ranks share these cores. {r['tokens']} timed decode tokens after {r['warmup']} warm-up; "
              f"perplexity teacher-forced over {r['eval_tokens']} held-out tokens.", "",
-             "| mode | loss | median ms/token | p95 ms/token | mean ms/token | perplexity | agreement | dropped share | peak RSS MB per rank |",
+             "| mode | loss | median ms/token | p95 ms/token | mean ms/token "
+             "| perplexity | agreement | dropped share | peak RSS MB per rank |",
              "|---|---|---|---|---|---|---|---|---|"]
     for x in r["runs"]:
         ppl = f"{x['perplexity']:.3f}" if x["perplexity"] is not None else "(exact)"
-        lines.append(f"| {x['mode']} | {x['loss']:g} | {x['ms_per_token_median']:.1f} | {x['ms_per_token_p95']:.1f} "
+        lines.append(f"| {x['mode']} | {x['loss']:g} | {x['ms_per_token_median']:.1f} "
+                     f"| {x['ms_per_token_p95']:.1f} "
                      f"| {x['ms_per_token_mean']:.1f} "
                      f"| {ppl} | {x['agreement']:.3f} | {x['dropped_share']:.4f} | "
                      f"{', '.join(f'{v:.0f}' for v in x['peak_rss_mb'])} |")
     by = {(x["mode"], x["loss"]): x for x in r["runs"]}
-    speedups = [f"{l:g}: {by[('strict', l)]['ms_per_token_median'] / by[('halo', l)]['ms_per_token_median']:.2f}x"
+    speedups = [f"{l:g}: "
+                f"{by[('strict', l)]['ms_per_token_median'] / by[('halo', l)]['ms_per_token_median']:.2f}x"
                 for (m, l) in sorted(by) if m == "halo" and ("strict", l) in by]
     if speedups:
-        lines += ["", "Speedup of halo over strict (median ms/token) at each loss rate: " + ", ".join(speedups)]
+        lines += ["", "Speedup of halo over strict (median ms/token) at each loss rate: "
+                  + ", ".join(speedups)]
     return "\n".join(lines) + "\n"
 
 

@@ -189,7 +189,8 @@ def generate_pipeline(a):
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    prompts, requests, tok = collectively(comm, (lambda: read_requests(a)) if rank == 0 else lambda: (None,) * 3)
+    prompts, requests, tok = collectively(comm, (lambda: read_requests(a)) if rank == 0
+                                          else lambda: (None,) * 3)
     devices = collectively(comm, lambda: read_device_profile(a.device_profile, size).ranks
                            if rank == 0 and a.device_profile else None)
     options = options_from(Options, a, in_flight=a.num_sequences or 0,

@@ -53,7 +53,8 @@ def add_preparation_parsers(sub):
                                    "per-layer low-rank importance predictors. --regroup first "
                                    "reorders each layer's neurons so co-active neurons share groups "
                                    "(the model's output does not change).")
-    k.add_argument("--weights", default=DEFAULT_WEIGHTS, help="HDF5 store to calibrate (default: %(default)s)")
+    k.add_argument("--weights", default=DEFAULT_WEIGHTS,
+                   help="HDF5 store to calibrate (default: %(default)s)")
     k.add_argument("--text", help="a text file or a folder of .txt/.md files instead of the default")
     k.add_argument("--tokens", type=positive_int, default=2048,
                    help="calibration tokens to use at most (default: %(default)s)")

@@ -67,7 +67,8 @@ class Attention:
         R, hd = a.n_rep * a.head_dim, a.head_dim
         q, k, v, o_t = w.split([R, hd, hd, R], dim=1)
         # q, k, v fused into one ((n_heads + 2*n_kv)*hd, dim) weight: one matmul per token
-        self.qkv = Linear(torch.cat([q.reshape(-1, a.dim), k.reshape(-1, a.dim), v.reshape(-1, a.dim)]), dtype)
+        self.qkv = Linear(torch.cat([q.reshape(-1, a.dim), k.reshape(-1, a.dim), v.reshape(-1, a.dim)]),
+                          dtype)
         self.o = Linear(o_t.reshape(-1, a.dim).T, dtype)                   # W_o: (dim, n_heads*hd)
         self.n_qk = a.n_heads + a.n_kv_heads                               # heads that get RoPE
 

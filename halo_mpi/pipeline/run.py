@@ -84,7 +84,8 @@ class PipelineRun:
                      f"between a sequence's tokens (median)")
         for r in self.ranks:
             a, b = r["layers"]
-            lines.append(f"rank {r['rank']}: layers {a}-{b - 1} ({b - a}){' + embedding, head' if r['embedding_and_head'] else ''}"
+            ends = " + embedding, head" if r["embedding_and_head"] else ""
+            lines.append(f"rank {r['rank']}: layers {a}-{b - 1} ({b - a}){ends}"
                          f", {r['parameters'] / 1e6:.1f} M parameters | busy {100 * r['busy_share']:.0f}% "
                          f"(compute {r['compute_s']:.2f} s, wait {r['wait_s']:.2f} s) | "
                          f"peak RSS {r['peak_rss_mb']:.0f} MB (now {r['rss_mb']:.0f} MB)")

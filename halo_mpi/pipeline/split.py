@@ -90,8 +90,9 @@ def capacities(n_layers: int, devices: list[Device], costs: StageCosts) -> list[
     if sum(caps) < n_layers:
         need = n_layers * per_block + costs.ends_bytes
         have = sum(d.memory_mb for d in devices) * MB
+        per_rank = ", ".join(f"rank {r}: {c}" for r, c in enumerate(caps))
         raise HaloError(f"the model's {n_layers} blocks do not fit the device profile: the budgets "
-                        f"hold {sum(caps)} blocks ({', '.join(f'rank {r}: {c}' for r, c in enumerate(caps))}); "
+                        f"hold {sum(caps)} blocks ({per_rank}); "
                         f"about {need / MB:.0f} MB are needed, {have / MB:.0f} MB are budgeted; "
                         f"add ranks, raise memory_mb or use fewer sequences")
     return caps

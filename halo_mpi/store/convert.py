@@ -202,7 +202,8 @@ def write_synthetic(shape: str, out_path: str, mlp_groups: int | None = None, se
             w.put("output", normal(args.vocab_size, args.dim))
         for layer in tqdm(range(args.n_layers), desc="synthesize layers", unit="layer", disable=not progress):
             kv = args.n_kv_heads * args.head_dim
-            w.put_layer(layer, attn_norm=np.ones(args.dim, np.float32), ffn_norm=np.ones(args.dim, np.float32),
+            w.put_layer(layer, attn_norm=np.ones(args.dim, np.float32),
+                        ffn_norm=np.ones(args.dim, np.float32),
                         attn_groups=cut_attn_groups(args, normal(hd_all, args.dim), normal(kv, args.dim),
                                                 normal(kv, args.dim), normal(args.dim, hd_all, std=out_std)),
                         mlp_groups=cut_mlp_groups(args, normal(args.hidden_dim, args.dim),

@@ -34,7 +34,8 @@ def neuron_contributions(model: Transformer, xs: dict) -> dict[int, torch.Tensor
     for l, x in xs.items():
         mlp = model.blocks[l].feed_forward
         gate, up = mlp.gate_up(x).split(mlp.hidden, dim=-1)
-        down_norm = mlp.down.w_t.norm(dim=1) if mlp.down.dtype == torch.float32 else mlp.down.w.float().norm(dim=0)
+        down_norm = (mlp.down.w_t.norm(dim=1) if mlp.down.dtype == torch.float32
+                     else mlp.down.w.float().norm(dim=0))
         out[l] = (torch.nn.functional.silu(gate) * up).abs() * down_norm       # (T, H)
     return out
 
@@ -72,7 +73,8 @@ def regroup(path: str, model: Transformer, xs: dict, progress: bool = True) -> n
             order = balanced_bisection(pattern, G).numpy()                             # (H,)
             ds = f[f"{layer_path(l)}/mlp_groups"]                                        # (G, 3, gs, dim)
             w = ds[()].transpose(1, 0, 2, 3).reshape(3, G * gs, -1)                      # (3, H, dim)
-            ds[...] = w[:, order].reshape(3, G, gs, -1).transpose(1, 0, 2, 3)            # back to (G, 3, gs, dim)
+            # back to (G, 3, gs, dim)
+            ds[...] = w[:, order].reshape(3, G, gs, -1).transpose(1, 0, 2, 3)
             orders.append(order)
         old = f.get("calibration/neuron_order")
         composed = np.stack(orders) if old is None else np.take_along_axis(old[()], np.stack(orders), 1)
@@ -97,7 +99,8 @@ def calibrate(path: str, text: str | None, tokens: int, rank: int, do_regroup: b
     static = static_importance({l: y.numpy() for l, y in ys.items()})
     current = train(xs, ys, rank, progress=progress)
     ahead = train(xs, ys, rank, ahead=True, progress=progress)
-    write_calibration(path, {"static_importance": static, **current.arrays("current"), **ahead.arrays("ahead")},
+    write_calibration(path, {"static_importance": static, **current.arrays("current"),
+                             **ahead.arrays("ahead")},
                       {"tokens": len(ids), "text": "custom" if text else "pydoc_data.topics calibration set",
                        "predictor_rank": current.rank, "regrouped": bool(do_regroup)})
     low = np.sort(static, 1)[:, : static.shape[1] // 2].sum(1)

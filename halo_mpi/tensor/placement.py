@@ -30,8 +30,9 @@ def group_counts(cluster: ClusterSpec, groups: int, layers: int, group_mb: float
            else groups for s in cluster.ranks]
     if sum(cap) < groups:
         need = groups * layers * group_mb
+        allowed = sum(cap) * layers * group_mb
         raise HaloError(f"the cluster cannot hold the model: {groups} groups x {layers} layers need "
-                        f"{need:.0f} MB of MLP weights, the memory budgets allow {sum(cap) * layers * group_mb:.0f} MB")
+                        f"{need:.0f} MB of MLP weights, the memory budgets allow {allowed:.0f} MB")
     counts = [0] * cluster.size
     for _ in range(groups):   # each group to the rank that would finish it first: equal finish times
         r = min((r for r in range(cluster.size) if counts[r] < cap[r]),

@@ -227,7 +227,8 @@ def tensor_stats(plan: TensorPlan, run: TensorRun, results: list) -> RunStats:
 def format_report(stats: RunStats) -> str:
     s = stats.as_json()
     lines = [f"{s['tokens']} tokens: {s['ms_per_token_median'] or float('nan'):.1f} ms/token median (p95 "
-             f"{s['ms_per_token_p95'] or float('nan'):.1f}), {s['tokens_per_s'] or float('nan'):.1f} tokens/s; "
+             f"{s['ms_per_token_p95'] or float('nan'):.1f}), "
+             f"{s['tokens_per_s'] or float('nan'):.1f} tokens/s; "
              f"dropped importance share per token: mean {s['dropped_share_mean']:.4f}, max "
              f"{s['dropped_share_max']:.4f}; requests pending at end: {s['pending_requests_at_end']}",
              "rank  groups  compute_s  wait_s  cpu_s  on-time  dropped-layers  recovered  late-discarded  "

@@ -76,7 +76,8 @@ def pong(comm, size: int, rounds: int, timeout: float) -> list[float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m halo_mpi.testbed.pingpong", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m halo_mpi.testbed.pingpong",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="2336", help="comma list of message sizes in bytes (>= 16)")
     p.add_argument("--count", type=int, default=500, help="timed round trips per size")
     p.add_argument("--warmup", type=int, default=20, help="untimed round trips first, per size")
