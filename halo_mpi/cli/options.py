@@ -7,6 +7,7 @@ from dataclasses import fields
 
 from ..model.config import DTYPE_NAMES
 from ..net.launch import threads_per_rank
+from ..net.wire import WIRE_DTYPES
 
 DEFAULT_WEIGHTS = os.path.join("weights", "smollm2-135m.h5")
 DTYPE_CHOICES = tuple(sorted(DTYPE_NAMES))
@@ -92,6 +93,15 @@ def add_tensor_arguments(g):
     t.add_argument("--sparsity", type=float, default=0.0,
                    help="skip this share of each layer's groups, the predicted least important, "
                         "in decode steps (contextual sparsity) (default: %(default)s)")
+    t.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="float32",
+                   help="precision of hidden states and partial sums on the wire: float32 is "
+                        "exact; float16/bfloat16 halve a message, q8 (int8 blocks of 32 with a "
+                        "float16 scale, as GGUF's Q8_0) quarters it, so a 576-wide one fits one "
+                        "TCP segment (default: %(default)s)")
+    t.add_argument("--spin-us", type=non_negative_float, default=None,
+                   help="wait for a message by testing in a loop this many microseconds before "
+                        "sleeping between tests (default: 5000 when every rank has a core of its "
+                        "own, 0 when ranks outnumber cores)")
     t.add_argument("--no-replan", action="store_true",
                    help="keep the first placement even when a link's on-time rate changes")
 

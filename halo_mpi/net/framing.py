@@ -12,6 +12,8 @@ from enum import IntEnum
 
 import numpy as np
 
+from .wire import CODE_WIRES, HEADER_BYTES, WIRE_CODES, body_nbytes, decode_body, encode_body_into
+
 TAG = 7      # one MPI tag for everything: the header, not the tag, says what a message is
 
 
@@ -25,20 +27,24 @@ class Kind(IntEnum):
 
 
 class Body(IntEnum):
-    """How the payload's bytes are to be read."""
+    """How the payload's bytes are to be read (float payloads: in their wire precision)."""
     FLOAT32 = 0     # (rows, cols) float32
     INT32 = 1       # (rows, cols) int32
     BYTES = 2       # (rows,) uint8, e.g. UTF-8 JSON
+    FLOAT16 = 3     # (rows, cols) float32 sent as float16            (net/wire.py)
+    BFLOAT16 = 4    # (rows, cols) float32 sent as bfloat16           (net/wire.py)
+    Q8 = 5          # (rows, cols) float32 sent as int8 blocks of 32 with a float16 scale
 
 
-BODY_DTYPES = {Body.FLOAT32: np.float32, Body.INT32: np.int32, Body.BYTES: np.uint8}
-DTYPE_BODIES = {np.dtype(v): k for k, v in BODY_DTYPES.items()}
+WIRE_BODIES = {wire: Body(code) for wire, code in WIRE_CODES.items()}   # wire dtype -> body
+EXACT = {Body.INT32: np.int32, Body.BYTES: np.uint8}                     # bodies sent as they are
 
 # kind, payload type, layer, step, payload rows and cols, seq (pipeline: the sequence id), plan
 # (tensor: the placement version the message was made under), send time (sender's clock): 32 bytes
 HEADER = np.dtype([("kind", "u1"), ("body", "u1"), ("layer", "<i2"), ("step", "<i4"),
                    ("rows", "<i4"), ("cols", "<i4"), ("seq", "<i4"), ("plan", "<i4"),
                    ("sent_at", "<f8")])
+assert HEADER.itemsize == HEADER_BYTES, "net/wire.py sizes messages with this header"
 
 
 @dataclass
@@ -56,27 +62,61 @@ class Message:
         return json.loads(self.payload.tobytes().decode())
 
 
-def encode(kind: Kind, step: int, layer: int, payload: np.ndarray, sent_at: float, seq: int = 0,
-           plan: int = 0) -> bytes:
-    """Header + payload bytes; the payload keeps its dtype (float32, int32 or uint8)."""
-    body = np.ascontiguousarray(payload)
-    if body.dtype not in DTYPE_BODIES:
-        body = body.astype(np.float32)
-    kind_of_body = DTYPE_BODIES[body.dtype]
-    if kind_of_body == Body.BYTES:
-        rows, cols = body.size, 1
+def _body_of(payload: np.ndarray, wire: str) -> tuple[Body, np.ndarray, int, int]:
+    """(body type, the array to send, rows, cols): int32 and uint8 go as they are, anything else
+    as float32 rows in the wire precision."""
+    if payload.dtype == np.uint8:
+        return Body.BYTES, payload.reshape(-1), payload.size, 1
+    if payload.dtype == np.int32:
+        body = Body.INT32
+    else:                             # (an empty payload, as a STOP's, needs no codec)
+        body = WIRE_BODIES[wire] if payload.size else Body.FLOAT32
+        payload = payload.astype(np.float32, copy=False)
+    rows, cols = payload.shape if payload.ndim == 2 else (payload.shape[0], 1)
+    return body, payload.reshape(rows, cols), rows, cols
+
+
+def message_nbytes(payload: np.ndarray, wire: str = "float32") -> int:
+    """Bytes of the whole message (header + body) that `encode_into` will write."""
+    body, x, rows, cols = _body_of(payload, wire)
+    n = x.nbytes if body in EXACT else body_nbytes(rows, cols, CODE_WIRES[int(body)])
+    return HEADER.itemsize + n
+
+
+def encode_into(out: np.ndarray, kind: Kind, step: int, layer: int, payload: np.ndarray,
+                sent_at: float, seq: int = 0, plan: int = 0, wire: str = "float32") -> int:
+    """Header + payload written into `out` (uint8, at least `message_nbytes` long) with one copy of
+    the payload; returns the bytes written. Float payloads go in `wire` precision."""
+    body, x, rows, cols = _body_of(payload, wire)
+    h = HEADER.itemsize
+    if body in EXACT:
+        n = x.nbytes
+        out[h:h + n] = x.view(np.uint8).reshape(-1)
     else:
-        rows, cols = body.shape if body.ndim == 2 else (body.shape[0], 1)
-    head = np.array([(int(kind), int(kind_of_body), layer, step, rows, cols, seq, plan, sent_at)],
-                    HEADER)
-    return head.tobytes() + body.tobytes()
+        n = encode_body_into(x, CODE_WIRES[int(body)], out[h:])
+    out[:h].view(HEADER)[0] = (int(kind), int(body), layer, step, rows, cols, seq, plan, sent_at)
+    return h + n
+
+
+def encode(kind: Kind, step: int, layer: int, payload: np.ndarray, sent_at: float, seq: int = 0,
+           plan: int = 0, wire: str = "float32") -> np.ndarray:
+    """The message as a new uint8 array (tests, and transports without buffers of their own)."""
+    out = np.empty(message_nbytes(payload, wire), np.uint8)
+    encode_into(out, kind, step, layer, payload, sent_at, seq, plan, wire)
+    return out
 
 
 def decode(source: int, data) -> Message:
+    """The message at the start of `data` (a receive buffer may be longer: the header says how
+    much is the message). The payload is a fresh array: the buffer can take the next message."""
     head = np.frombuffer(data, HEADER, count=1)[0]
     rows, cols, body = int(head["rows"]), int(head["cols"]), Body(int(head["body"]))
-    flat = np.frombuffer(data, BODY_DTYPES[body], offset=HEADER.itemsize, count=rows * cols)
-    payload = flat.copy() if body == Body.BYTES else flat.reshape(rows, cols).copy()
+    h = HEADER.itemsize
+    if body in EXACT:
+        flat = np.frombuffer(data, EXACT[body], count=rows * cols, offset=h).copy()
+        payload = flat if body == Body.BYTES else flat.reshape(rows, cols)
+    else:
+        payload = decode_body(data, CODE_WIRES[int(body)], rows, cols, offset=h)
     return Message(source, Kind(int(head["kind"])), int(head["step"]), int(head["layer"]), payload,
                    float(head["sent_at"]), int(head["seq"]), int(head["plan"]))
 

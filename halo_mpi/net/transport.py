@@ -1,11 +1,14 @@
 """The transport between ranks: one small interface, MPI underneath.
 
-- `Transport`: framing, emulated loss (held messages), and `poll`, which waits with short sleeps
-  that double while nothing arrives (never a busy loop: ranks may outnumber cores);
-- `MPITransport`: mpi4py, one posted `Irecv` per peer, `Isend`s tracked until complete;
+- `Transport`: framing, emulated loss (held messages), and `poll`, which waits by testing for a
+  bounded spin and then with short sleeps that double while nothing arrives (`WaitPolicy`);
+- `MPITransport`: mpi4py, one persistent receive per peer (started again as soon as its message
+  is decoded), `Isend`s from a pool of send buffers, each returned once its send completes;
 - `LocalHub` (net/local.py): the in-process twin used in tests.
 
-Messages between a pair are delivered in order, as over one TCP connection.
+A message is encoded once, straight into its send buffer (one copy of the payload), and decoded
+once, straight out of the receive buffer (one copy). Messages between a pair are delivered in
+order, as over one TCP connection.
 """
 from __future__ import annotations
 
@@ -17,21 +20,35 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import HaloError
-from .framing import TAG, Kind, Message, decode, encode
+from .framing import TAG, Kind, Message, decode, encode_into, message_nbytes
 from .launch import oversubscribed
 from .loss import LinkLoss
 
 
-# Waiting sleeps between polls, doubling from the shortest to the longest nap while nothing
-# arrives, so a reply due soon is seen quickly and an idle rank wakes at most ~1000 times a second.
-# When ranks outnumber cores, every early wake-up takes the core from a rank that computes, so the
-# naps start longer there. Fixed naps measured at -n 4 on 2 cores: 0.1 ms cost each idle worker
-# ~11% of a core; 1 ms added up to 1 ms of latency per layer. HALO_NAP_MIN_S / HALO_NAP_MAX_S
-# override the defaults for experiments.
-def nap_bounds() -> tuple[float, float]:
-    lo, hi = (2e-4, 2e-3) if oversubscribed() else (2e-5, 1e-3)
-    return (float(os.environ.get("HALO_NAP_MIN_S", lo)), float(os.environ.get("HALO_NAP_MAX_S", hi)))
+@dataclass
+class WaitPolicy:
+    """How a rank waits for a message: test in a loop for `spin_s`, then sleep between tests,
+    naps doubling from `nap_min_s` to `nap_max_s` while nothing arrives.
 
+    Spinning answers within microseconds but holds a core: worth it when every rank has its own
+    core (a nap of 20 us-1 ms cost each layer's round trip ~0.4 ms at -n 2), ruinous when ranks
+    outnumber cores (it slows the computing ranks 2-3x), so the default spins only then. Naps:
+    fixed naps measured at -n 4 on 2 cores, 0.1 ms cost each idle worker ~11% of a core; 1 ms
+    added up to 1 ms of latency per layer. HALO_SPIN_S, HALO_NAP_MIN_S and HALO_NAP_MAX_S
+    override the defaults.
+    """
+    spin_s: float = 0.0
+    nap_min_s: float = 2e-5
+    nap_max_s: float = 1e-3
+
+    @classmethod
+    def default(cls, spin_s: float | None = None) -> WaitPolicy:
+        busy = oversubscribed()
+        spin = spin_s if spin_s is not None else (0.0 if busy else 5e-3)
+        lo, hi = (2e-4, 2e-3) if busy else (2e-5, 1e-3)
+        env = os.environ.get
+        return cls(float(env("HALO_SPIN_S", spin)), float(env("HALO_NAP_MIN_S", lo)),
+                   float(env("HALO_NAP_MAX_S", hi)))
 
 
 @dataclass
@@ -48,21 +65,31 @@ class TransportStats:
 class _Held:
     release_at: float
     dest: int
-    data: bytes
+    buf: np.ndarray      # the encoded message (its first nbytes)
+    nbytes: int
 
 
 class Transport:
-    """Base: framing, emulated loss with in-order holding, and the polling loop."""
+    """Base: framing, emulated loss with in-order holding, and the polling loop.
 
-    def __init__(self, rank: int, size: int, loss: LinkLoss | None = None):
-        self.rank, self.size, self.loss = rank, size, loss
+    wire: precision of float payloads on the wire (net/wire.py); wait: how `poll` waits.
+    """
+
+    def __init__(self, rank: int, size: int, loss: LinkLoss | None = None, wire: str = "float32",
+                 wait: WaitPolicy | None = None):
+        self.rank, self.size, self.loss, self.wire = rank, size, loss, wire
+        self.wait = wait or WaitPolicy.default()
         self.stats = TransportStats()
         self._held: dict[int, deque[_Held]] = {}
-        self.nap_min, self.nap_max = nap_bounds()
+        self._n_held = 0
 
     # -- what subclasses provide
-    def _post(self, dest: int, data: bytes): ...
-    def _arrived(self) -> list[tuple[int, bytes]]: ...
+    def _buffer(self, nbytes: int) -> np.ndarray:
+        """A uint8 buffer of at least nbytes for one outgoing message."""
+        return np.empty(nbytes, np.uint8)
+
+    def _post(self, dest: int, buf: np.ndarray, nbytes: int): ...
+    def _arrived(self) -> list[Message]: ...
     def _idle(self, seconds: float): time.sleep(seconds)
     def pending_requests(self) -> int: return 0
 
@@ -70,18 +97,20 @@ class Transport:
     def send(self, dest: int, kind: Kind, step: int, layer: int, payload: np.ndarray, seq: int = 0,
              plan: int = 0):
         now = time.perf_counter()
-        data = encode(kind, step, layer, payload, now, seq, plan)
+        buf = self._buffer(message_nbytes(payload, self.wire))
+        n = encode_into(buf, kind, step, layer, payload, now, seq, plan, self.wire)
         self.stats.sent += 1
-        d = self.loss.delay(self.rank, dest, len(data)) if self.loss else 0.0
+        d = self.loss.delay(self.rank, dest, n) if self.loss else 0.0
         queue = self._held.setdefault(dest, deque())
         in_order = self.loss is not None and self.loss.in_order
         if d <= 0 and not (in_order and queue):
-            self._post(dest, data)
+            self._post(dest, buf, n)
             return
         release = now + d
         if in_order and queue:
             release = max(release, queue[-1].release_at)       # head-of-line blocking
-        queue.append(_Held(release, dest, data))
+        queue.append(_Held(release, dest, buf, n))
+        self._n_held += 1
         if not in_order:                                        # keep the queue in release order
             self._held[dest] = deque(sorted(queue, key=lambda h: h.release_at))
         self.stats.held += d > 0
@@ -90,32 +119,39 @@ class Transport:
 
     def pump(self, flush: bool = False):
         """Post the held messages whose time has come (all of them with flush)."""
+        if not self._n_held:
+            return
         now = time.perf_counter()
-        for dest, queue in self._held.items():
+        for queue in self._held.values():
             while queue and (flush or queue[0].release_at <= now):
-                self._post(dest, queue.popleft().data)
+                h = queue.popleft()
+                self._n_held -= 1
+                self._post(h.dest, h.buf, h.nbytes)
 
     def next_release(self) -> float | None:
         times = [q[0].release_at for q in self._held.values() if q]
         return min(times) if times else None
 
     def poll(self, timeout: float) -> list[Message]:
-        """Messages that arrived, waiting up to `timeout` s for the first one (without spinning)."""
+        """Messages that arrived, waiting up to `timeout` s for the first one (WaitPolicy)."""
         t0 = time.perf_counter()
         end = t0 + max(0.0, timeout)
-        nap = self.nap_min
+        spin_end = t0 + min(self.wait.spin_s, max(0.0, timeout))
+        nap = self.wait.nap_min_s
         while True:
             self.pump()
             got = self._arrived()
             now = time.perf_counter()
             if got or now >= end:
                 break
-            release = self.next_release()   # wake up for a held message's release, too
+            if now < spin_end:
+                continue
+            release = self.next_release() if self._n_held else None   # wake for a held release too
             self._idle(max(0.0, min(nap, end - now, (release - now) if release else nap)))
-            nap = min(2 * nap, self.nap_max)
+            nap = min(2 * nap, self.wait.nap_max_s)
         self.stats.wait_seconds += time.perf_counter() - t0
         self.stats.received += len(got)
-        return [decode(src, data) for src, data in got]
+        return got
 
     def close(self) -> int:
         """Flush held messages, complete sends, cancel receives; returns requests still pending."""
@@ -128,39 +164,54 @@ class Transport:
 
 class MPITransport(Transport):
     """Point-to-point with a fixed set of peers: by default a star (rank 0 talks to every worker,
-    a worker to rank 0 only); pipeline mode passes its ring neighbours."""
+    a worker to rank 0 only); pipeline mode passes its ring neighbours. max_bytes: the largest
+    message (a prefill chunk); every receive and send buffer has that size."""
 
-    def __init__(self, comm, max_bytes: int, loss: LinkLoss | None = None, peers=None):
-        super().__init__(comm.Get_rank(), comm.Get_size(), loss)
-        from mpi4py import MPI
+    def __init__(self, comm, max_bytes: int, loss: LinkLoss | None = None, peers=None,
+                 wire: str = "float32", wait: WaitPolicy | None = None):
+        super().__init__(comm.Get_rank(), comm.Get_size(), loss, wire, wait)
+        from mpi4py import MPI  # here: importing mpi4py.MPI initialises MPI, only a run may do that
         self.MPI, self.comm, self.max_bytes = MPI, comm, max_bytes
         if peers is None:
             peers = list(range(1, self.size)) if self.rank == 0 else [0]
         self.peers = sorted(set(peers) - {self.rank})
-        self._bufs = {p: np.empty(max_bytes, np.uint8) for p in self.peers}
-        self._recvs = [self._irecv(p) for p in self.peers]
-        self._sends: list[tuple[object, bytes]] = []   # (request, buffer kept alive until done)
+        self._bufs = [np.empty(max_bytes, np.uint8) for _ in self.peers]
+        self._recvs = [comm.Recv_init([buf, MPI.BYTE], source=p, tag=TAG)
+                       for p, buf in zip(self.peers, self._bufs)]
+        self._statuses = [MPI.Status() for _ in self.peers]
+        MPI.Prequest.Startall(self._recvs)
+        self._sends: list[tuple[object, np.ndarray]] = []   # (request, its buffer) until complete
+        self._free: list[np.ndarray] = []                   # send buffers whose send completed
 
-    def _irecv(self, peer: int):
-        return self.comm.Irecv([self._bufs[peer], self.MPI.BYTE], source=peer, tag=TAG)
-
-    def _post(self, dest: int, data: bytes):
-        if len(data) > self.max_bytes:
-            raise HaloError(f"message of {len(data)} bytes exceeds the transport's buffer of "
+    def _buffer(self, nbytes: int) -> np.ndarray:
+        if nbytes > self.max_bytes:
+            raise HaloError(f"message of {nbytes} bytes exceeds the transport's buffer of "
                             f"{self.max_bytes}; lower --prefill-chunk")
-        self._sends.append((self.comm.Isend([data, self.MPI.BYTE], dest=dest, tag=TAG), data))
+        return self._free.pop() if self._free else np.empty(self.max_bytes, np.uint8)
 
-    def _arrived(self) -> list[tuple[int, bytes]]:
+    def _post(self, dest: int, buf: np.ndarray, nbytes: int):
+        self._sends.append((self.comm.Isend([buf, nbytes, self.MPI.BYTE], dest=dest, tag=TAG), buf))
+
+    def _complete_sends(self):
+        still = []
+        for req, buf in self._sends:
+            if req.Test():
+                self._free.append(buf)
+            else:
+                still.append((req, buf))
+        self._sends = still
+
+    def _arrived(self) -> list[Message]:
         if self._sends:
-            self._sends = [(r, b) for r, b in self._sends if not r.Test()]
-        statuses = [self.MPI.Status() for _ in self._recvs]
-        done = self.MPI.Request.Testsome(self._recvs, statuses) or []
-        # statuses[k] belongs to the k-th completed request, done[k]; each is reposted at once
+            self._complete_sends()
+        done = self.MPI.Request.Testsome(self._recvs, self._statuses)
+        if not done:
+            return []
+        # each completed receive is decoded (one copy) and started again at once
         out = []
-        for i, status in zip(done, statuses):
-            peer = self.peers[i]
-            out.append((peer, bytes(self._bufs[peer][:status.Get_count(self.MPI.BYTE)])))
-            self._recvs[i] = self._irecv(peer)
+        for i in done:
+            out.append(decode(self.peers[i], self._bufs[i]))
+            self._recvs[i].Start()
         return out
 
     def pending_requests(self) -> int:
@@ -170,8 +221,8 @@ class MPITransport(Transport):
         self.pump(flush=True)
         end = time.perf_counter() + timeout
         while self._sends and time.perf_counter() < end:
-            self._sends = [(r, b) for r, b in self._sends if not r.Test()]
-            self._idle(self.nap_min)
+            self._complete_sends()
+            self._idle(self.wait.nap_min_s)
         for i, req in enumerate(self._recvs):
             if req == self.MPI.REQUEST_NULL:
                 continue
@@ -180,5 +231,6 @@ class MPITransport(Transport):
             req.Wait(status)
             if not status.Is_cancelled():
                 self.stats.drained_at_close += 1   # a message matched: it arrived, unused
+            req.Free()
             self._recvs[i] = self.MPI.REQUEST_NULL
         return self.pending_requests()

@@ -139,8 +139,10 @@ class Coordinator:
 
     # -- one layer
     def group_importance(self, layer: int, x: torch.Tensor) -> np.ndarray:
-        """(G,) shares of this layer's importance for the current token(s)."""
-        if self.predictor is None or not self.decoding:
+        """(G,) shares of this layer's importance for the current token(s). Strict sync drops
+        nothing and, without sparsity, needs no per-token prediction: calibration's shares do."""
+        strict = self.policy.mode == "strict" and self.sparsity == 0
+        if self.predictor is None or not self.decoding or strict:
             return self.importance[layer]
         g = self.predictor(layer, x).sum(0).numpy()
         return g / g.sum()

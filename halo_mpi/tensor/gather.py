@@ -14,6 +14,7 @@ The rule, per layer:
 - a message of another step, layer or plan version is discarded and counted, never added in;
   anything but a PARTIAL is a protocol error.
 
+Bounds and graces are read from the estimates once per step, as they stood when it began.
 Decode steps also feed each link's estimate (round trip and lag of what arrived, on-time outcome of
 every peer); prefill steps do not: a chunk of many tokens takes far longer than one token, and its
 timings would skew a decode step's bounds.
@@ -72,7 +73,8 @@ class _Layer:
     key: LayerKey
     peers: list[int]
     critical: set[int]                      # waited for without deadline
-    bound: dict[int, float]                 # rank -> round-trip bound, fixed for this layer
+    bound: dict[int, float]                 # rank -> round-trip bound, fixed for this step
+    grace: dict[int, float]                 # rank -> how long past `ref` it is waited for
     got: dict[int, np.ndarray] = field(default_factory=dict)   # rank -> partial (T, dim)
     arrived: dict[int, float] = field(default_factory=dict)    # rank -> clock at arrival
     discarded: Counter = field(default_factory=Counter)
@@ -95,6 +97,19 @@ class DeadlineGather:
                                       initial=policy.initial_deadline) for r in peers}
         self.missed: dict[int, float] = {}   # rank -> when the input of its missed partial went out,
                                              # while nothing has arrived from it since
+        # round-trip bounds and graces, taken once per step: a quantile over a link's samples
+        # costs ~40 us, and taking it per layer and peer cost rank 0 ~5 ms per token
+        self._bounds_step: int | None = None
+        self._bound: dict[int, float] = {}
+        self._grace: dict[int, float] = {}
+
+    def bounds(self, step: int) -> tuple[dict[int, float], dict[int, float]]:
+        """(round-trip bound, grace) per link, as of the start of `step`."""
+        if step != self._bounds_step:
+            self._bound = {r: link.deadline() for r, link in self.links.items()}
+            self._grace = {r: link.grace() for r, link in self.links.items()}
+            self._bounds_step = step
+        return self._bound, self._grace
 
     def gather(self, key: LayerKey, peers: list[int], sent_at: float, shares: dict[int, float],
                decoding: bool) -> tuple[dict[int, np.ndarray], GatherResult]:
@@ -107,7 +122,8 @@ class DeadlineGather:
         t0 = self.clock()
         peer_shares = {r: shares[r] for r in peers}
         critical = set(peers) if not decoding else self.policy.critical(shares[0], peer_shares)
-        w = _Layer(key, list(peers), critical, {r: self.links[r].deadline() for r in peers})
+        bound, grace = self.bounds(key.step)
+        w = _Layer(key, list(peers), critical, bound, grace)
         self._take(w, 0.0)       # what is already here, so a link that delivered is not stalled
         ref = self._wait(w, t0 if not critical else None)
         if ref is None:          # every critical partial came last
@@ -120,7 +136,6 @@ class DeadlineGather:
 
     def _wait(self, w: _Layer, ref: float | None) -> float | None:
         """Poll until every peer is in or the last deadline has passed; returns `ref` once known."""
-        grace: dict[int, float] | None = None       # taken once the critical ones are in
         while len(w.got) < len(w.peers):
             missing, now = w.missing(), self.clock()
             if any(r in w.critical for r in missing):
@@ -128,9 +143,7 @@ class DeadlineGather:
             else:
                 if ref is None:
                     ref = max(w.arrived[r] for r in w.critical)
-                if grace is None:
-                    grace = {r: self.links[r].grace() for r in w.peers if r not in w.critical}
-                last = max(ref + (0.0 if self.stalled(r, now, w.bound[r]) else grace[r]) for r in missing)
+                last = max(ref + (0.0 if self.stalled(r, now, w.bound[r]) else w.grace[r]) for r in missing)
                 if now >= last:
                     break
                 timeout = last - now

@@ -2,7 +2,10 @@
 
 Input: a ClusterSpec (per rank: relative compute speed, memory budget, link reliability) and the
 groups' importance. Output: placement[layer][rank] -> group ids, such that
-- each rank's expected finish time (groups / speed) is equal, within one group (largest remainder);
+- each rank's share of the groups follows its speed times its link's reliability: equal finish
+  times on reliable links, and a rank whose partials often miss their deadline holds less of the
+  layer, since what it holds is lost as often as its link is late (HALO's load balancing with
+  the link counted in; the re-planner updates reliability from the measured on-time rate);
 - no rank holds more than its memory budget (overflow goes to ranks with room, fastest first;
   a cluster that cannot hold the model is a clear error);
 - the most important groups sit on the most reliable ranks (rank 0 first), the least important
@@ -25,7 +28,8 @@ Placement = list[list[np.ndarray]]   # placement[layer][rank] -> sorted global g
 
 
 def group_counts(cluster: ClusterSpec, groups: int, layers: int, group_mb: float) -> list[int]:
-    """Groups per rank per layer: proportional to speed, capped by memory, all groups placed."""
+    """Groups per rank per layer: proportional to speed x reliability (the work a rank delivers
+    in time), capped by memory, all groups placed. Rank 0's own link is perfect."""
     cap = [int(s.memory_mb // (group_mb * layers)) if s.memory_mb != math.inf and group_mb > 0
            else groups for s in cluster.ranks]
     if sum(cap) < groups:
@@ -33,10 +37,11 @@ def group_counts(cluster: ClusterSpec, groups: int, layers: int, group_mb: float
         allowed = sum(cap) * layers * group_mb
         raise HaloError(f"the cluster cannot hold the model: {groups} groups x {layers} layers need "
                         f"{need:.0f} MB of MLP weights, the memory budgets allow {allowed:.0f} MB")
+    rate = [d.speed * (1.0 if r == 0 else d.reliability) for r, d in enumerate(cluster.ranks)]
     counts = [0] * cluster.size
-    for _ in range(groups):   # each group to the rank that would finish it first: equal finish times
+    for _ in range(groups):   # each group to the rank that would deliver it first
         r = min((r for r in range(cluster.size) if counts[r] < cap[r]),
-                key=lambda r: ((counts[r] + 1) / cluster.ranks[r].speed, r))
+                key=lambda r: ((counts[r] + 1) / rate[r], r))
         counts[r] += 1
     return counts
 

@@ -26,7 +26,8 @@ from ..net.framing import HEADER
 from ..net.local import LocalHub
 from ..net.loss import LinkLoss
 from ..net.ranks import parse_rank_values, parse_ranks
-from ..net.transport import MPITransport
+from ..net.transport import MPITransport, WaitPolicy
+from ..net.wire import WIRE_DTYPES, wire_report
 from ..stats import RankStats, RunStats, SequenceStats, cpu_seconds, peak_rss_mb
 from ..store.hdf5 import Store
 from .coordinator import Coordinator, DistributedMLP, TensorParallelSession
@@ -57,6 +58,8 @@ class TensorOptions:
     seed: int = 0                        # seeds the loss emulation and random placement
     dtype: str = "float32"               # compute dtype of the weights
     prefill_chunk: int = 64              # prompt tokens per message
+    wire_dtype: str = "float32"          # precision of hidden states and partials on the wire
+    spin_us: float | None = None         # busy-wait before napping (None: net.transport's default)
 
 
 @dataclass
@@ -71,6 +74,7 @@ class TensorPlan:
     options: TensorOptions
     replan: bool = False
     group_mb: float = 0.0
+    dim: int = 0                  # width of the hidden states on the wire
 
 
 def store_path(pattern: str, rank: int) -> str:
@@ -88,6 +92,10 @@ def check_options(o: TensorOptions):
         raise HaloError(f"--sparsity {o.sparsity} is not in [0, 1)")
     if not 0.0 <= o.backup_share <= 1.0:
         raise HaloError(f"--backup-share {o.backup_share} is not in [0, 1]")
+    if o.wire_dtype not in WIRE_DTYPES:
+        raise HaloError(f"--wire-dtype {o.wire_dtype!r}: choose {', '.join(WIRE_DTYPES)}")
+    if o.spin_us is not None and o.spin_us < 0:
+        raise HaloError(f"--spin-us {o.spin_us:g} is negative")
 
 
 def make_plan(store: Store, size: int, o: TensorOptions) -> TensorPlan:
@@ -112,17 +120,24 @@ def make_plan(store: Store, size: int, o: TensorOptions) -> TensorPlan:
                         frozenset(r for r in workers if cluster.ranks[r].reliability < STABLE),
                         o.deadline_factor, o.deadline_margin_ms / 1e3, backup_share=o.backup_share)
     replan = not o.no_replan and o.sync == "halo" and o.placement != "random"
-    return TensorPlan(size, imp, placed, loss, policy, source, cluster, o, replan, group_mb)
+    return TensorPlan(size, imp, placed, loss, policy, source, cluster, o, replan, group_mb, a.dim)
+
+
+def describe_wire(dim: int, wire: str) -> str:
+    w = wire_report(dim, wire)
+    return (f"wire {wire} ({w['message_bytes']} B per token and layer, {w['segments']} TCP "
+            f"segment{'s' if w['segments'] > 1 else ''})")
 
 
 def describe(plan: TensorPlan, store: Store) -> str:
     """What rank 0 prints before the run: mode, importance, loss, and the placement."""
     o = plan.options
-    predictor = o.placement != "static" and store.calibration("predictor_current_A") is not None
+    predictor = (o.placement != "static" and (o.sync == "halo" or o.sparsity > 0)
+                 and store.calibration("predictor_current_A") is not None)
     return (f"tensor-parallel on {plan.size} ranks, sync {plan.policy.mode}, placement {o.placement}, "
             f"importance {plan.importance_source}{' + per-token predictor' if predictor else ''}, "
             f"link loss {plan.loss or 'none'}, unstable ranks {sorted(plan.policy.unstable) or 'none'}"
-            f"{f', sparsity {o.sparsity:g}' if o.sparsity else ''}\n"
+            f"{f', sparsity {o.sparsity:g}' if o.sparsity else ''}, {describe_wire(plan.dim, o.wire_dtype)}\n"
             f"{describe_plan(plan.placement, plan.importance, plan.cluster)}")
 
 
@@ -147,6 +162,10 @@ def make_worker(store: Store, plan: TensorPlan, transport) -> Worker:
     mlps = {layer: load(layer, p[rank]) for layer, p in enumerate(plan.placement) if len(p[rank])}
     return Worker(transport, mlps, load, speed=plan.cluster.ranks[rank].speed,
                   sparse=plan.options.sparsity > 0)
+
+
+def wait_policy(o: TensorOptions) -> WaitPolicy:
+    return WaitPolicy.default(None if o.spin_us is None else o.spin_us / 1e6)
 
 
 def max_message_bytes(store: Store, prefill_chunk: int) -> int:
@@ -176,7 +195,9 @@ def run_tensor(comm, store: Store, plan: TensorPlan, drive, log=None) -> TensorR
     """Every rank: workers serve partial sums; rank 0 runs drive(coordinator, model), then stops
     the workers. Ends with every transport closed and the per-rank figures gathered on rank 0."""
     rank = comm.Get_rank()
-    transport = MPITransport(comm, max_message_bytes(store, plan.options.prefill_chunk), emulated_loss(plan))
+    o = plan.options
+    transport = MPITransport(comm, max_message_bytes(store, o.prefill_chunk), emulated_loss(plan),
+                             wire=o.wire_dtype, wait=wait_policy(o))
     result = coordinator = None
     workers: dict = {}
     t0 = time.perf_counter()
@@ -218,7 +239,8 @@ def tensor_stats(plan: TensorPlan, run: TensorRun, results: list) -> RunStats:
     config = {"sync": plan.policy.mode, "placement": o.placement, "importance": plan.importance_source,
               "link_loss": {str(k): v for k, v in plan.loss.items()},
               "unstable_ranks": sorted(plan.policy.unstable), "critical_share": plan.policy.critical_share,
-              "backup_share": o.backup_share, "sparsity": o.sparsity, "replans": list(c.replans)}
+              "backup_share": o.backup_share, "sparsity": o.sparsity, "replans": list(c.replans),
+              "wire": wire_report(plan.dim, o.wire_dtype)}
     return RunStats("tensor", plan.size, o.dtype, [SequenceStats.of(i, res) for i, res in enumerate(results)],
                     ranks, len(decode_s) / sum(decode_s) if decode_s else float("nan"), run.wall_s,
                     [rec.dropped_share for rec in decoding], config)
@@ -248,7 +270,7 @@ class LocalCluster:
     """Rank 0 in the calling thread, workers in threads, connected by a LocalHub."""
 
     def __init__(self, store: Store, plan: TensorPlan, loss: LinkLoss | None = None):
-        self.hub = LocalHub(plan.size, loss)
+        self.hub = LocalHub(plan.size, loss, plan.options.wire_dtype)
         self.coordinator, self.model = make_coordinator(store, plan, self.hub.transports[0])
         self.worker_stats: dict[int, dict] = {}
         self.threads = []
