@@ -13,7 +13,7 @@ def test_bench_writes_results_of_the_documented_shape(tiny_store_path, tmp_path)
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "halo_mpi.cli", "bench", "--weights", str(tiny_store_path), "--ranks", "2",
            "--modes", "strict,halo", "--loss", "0.05", "--tokens", "8", "--warmup", "2",
-           "--eval-tokens", "16", "--net", "emulated", "--out", str(out)]
+           "--eval-tokens", "16", "--net", "emulated", "--wire-dtype", "q8", "--out", str(out)]
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -28,7 +28,9 @@ def test_bench_writes_results_of_the_documented_shape(tiny_store_path, tmp_path)
         assert 0 <= run["dropped_share"] <= 1 and 0 <= run["agreement"] <= 1
     strict = r["runs"][0]
     assert strict["agreement"] == 1.0 and strict["dropped_share"] == 0.0   # strict is exact
-    assert "| halo | 0.05 |" in (out / "results.md").read_text()
+    assert all(run["wire"] == "q8" and run["x_single"] > 0 for run in r["runs"])
+    assert r["single_ms_per_token_median"] > 0
+    assert "| halo | q8 | 0.05 |" in (out / "results.md").read_text()
 
 
 def test_bench_rejects_unknown_modes(capsys):

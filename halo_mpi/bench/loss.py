@@ -51,12 +51,15 @@ class BenchConfig:
     net: str = "emulated"
     out: str = "results"
     timeout: float = 1800.0
+    wire: str = "float32"            # --wire-dtype of the tensor-parallel modes
     extra: list[str] = field(default_factory=list)
 
 
 def halo_command(cfg: BenchConfig, mode: str, loss: float, sub: str, out_json: str) -> list[str]:
     n = 1 if mode == "single" else cfg.ranks
     cmd = [sys.executable, "-m", "halo_mpi.cli", sub, "--weights", cfg.weights, *MODES[mode], *cfg.extra]
+    if "tensor" in MODES[mode]:
+        cmd += ["--wire-dtype", cfg.wire]
     if loss > 0 and mode not in LOSSLESS_ONLY and cfg.net == "emulated":
         cmd += ["--link-loss", ",".join(f"{r}:{loss}" for r in cfg.lossy_ranks)]
     elif loss > 0 and mode not in LOSSLESS_ONLY:   # testbed: the kernel drops; mark who is unstable
@@ -97,6 +100,7 @@ def run_one(cfg: BenchConfig, mode: str, loss: float, tmp: str) -> dict:
     decode_ms = stats.decode_ms
     timed = decode_ms[cfg.warmup:] if len(decode_ms) > cfg.warmup else decode_ms
     row = {"mode": mode, "loss": loss, "tokens": len(timed),
+           "wire": stats.config["wire"]["wire"] if stats.mode == "tensor" else "-",
            "ms_per_token_median": float(statistics.median(timed)) if timed else float("nan"),
            "ms_per_token_p95": float(np.quantile(timed, 0.95)) if timed else float("nan"),
            "ms_per_token_mean": float(np.mean(timed)) if timed else float("nan"),
@@ -122,7 +126,7 @@ def agreement(tokens: list[int], reference: list[int]) -> float:
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     with Store(cfg.weights) as s:
         model_name = s.name
-    runs, reference = [], None
+    runs, reference, single_ms = [], None, None
     plan = [(m, l) for m in cfg.modes for l in (cfg.losses if m not in LOSSLESS_ONLY else [0.0])]
     if "single" not in cfg.modes:
         plan.insert(0, ("single", 0.0))      # the reference for token agreement
@@ -131,18 +135,20 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             bar.set_postfix_str(f"{mode} loss {loss:g}")
             row = run_one(cfg, mode, loss, tmp)
             if mode == "single":
-                reference = row["generated"]
+                reference, single_ms = row["generated"], row["ms_per_token_median"]
             row["agreement"] = agreement(row["generated"], reference or [])
+            row["x_single"] = row["ms_per_token_median"] / single_ms
             if mode in cfg.modes:
                 runs.append(row)
             bar.write(f"{mode:12s} loss {loss:<5g} {row['ms_per_token_median']:8.1f} ms/token (p95 "
-                      f"{row['ms_per_token_p95']:.1f})  ppl {row['perplexity'] or float('nan'):.3f}  "
+                      f"{row['ms_per_token_p95']:.1f}, {row['x_single']:.2f}x single)  "
+                      f"ppl {row['perplexity'] or float('nan'):.3f}  "
                       f"agreement {row['agreement']:.3f}  dropped {row['dropped_share']:.4f}")
     for r in runs:
         r.pop("generated")
     return {"model": model_name, "ranks": cfg.ranks, "net": cfg.net, "lossy_ranks": cfg.lossy_ranks,
             "machine": machine_description(), "tokens": cfg.tokens, "warmup": cfg.warmup,
-            "eval_tokens": cfg.eval_tokens, "runs": runs}
+            "eval_tokens": cfg.eval_tokens, "single_ms_per_token_median": single_ms, "runs": runs}
 
 
 def machine_description() -> str:
@@ -170,12 +176,13 @@ def results_markdown(r: dict, command: str) -> str:
              f"{r['lossy_ranks']}", "", f"Command: `{command}`", "", f"Machine: {r['machine']}; all "
              f"ranks share these cores. {r['tokens']} timed decode tokens after {r['warmup']} warm-up; "
              f"perplexity teacher-forced over {r['eval_tokens']} held-out tokens.", "",
-             "| mode | loss | median ms/token | p95 ms/token | mean ms/token "
+             "| mode | wire | loss | median ms/token | x single | p95 ms/token | mean ms/token "
              "| perplexity | agreement | dropped share | peak RSS MB per rank |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["runs"]:
         ppl = f"{x['perplexity']:.3f}" if x["perplexity"] is not None else "(exact)"
-        lines.append(f"| {x['mode']} | {x['loss']:g} | {x['ms_per_token_median']:.1f} "
+        lines.append(f"| {x['mode']} | {x['wire']} | {x['loss']:g} | {x['ms_per_token_median']:.1f} "
+                     f"| {x['x_single']:.2f} "
                      f"| {x['ms_per_token_p95']:.1f} "
                      f"| {x['ms_per_token_mean']:.1f} "
                      f"| {ppl} | {x['agreement']:.3f} | {x['dropped_share']:.4f} | "

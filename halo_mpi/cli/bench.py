@@ -12,6 +12,7 @@ import sys
 from ..bench.loss import MODES
 from ..errors import HaloError
 from ..net.ranks import parse_floats, parse_ranks
+from ..net.wire import WIRE_DTYPES
 from ..stats import write_json
 from ..testbed.netns import tool
 from .options import DEFAULT_WEIGHTS, DTYPE_CHOICES, add_threads_argument, positive_int, set_threads
@@ -46,6 +47,9 @@ def add_parser(sub):
                    help="held-out tokens for perplexity (default: %(default)s)")
     b.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
                    help="weight precision (default: %(default)s)")
+    b.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="float32",
+                   help="precision of hidden states and partials on the wire in the tensor-parallel "
+                        "modes (default: %(default)s)")
     b.add_argument("--out", default="results", help="output folder (default: %(default)s)")
     b.add_argument("--decode", action="store_true", help="single-process decode speed per dtype instead")
     b.add_argument("--calibrate-emulation", action="store_true",
@@ -76,7 +80,7 @@ def run(a):
     lossy = (sorted(parse_ranks(a.lossy_ranks, "--lossy-ranks", range(1, a.ranks))) if a.lossy_ranks
              else list(range(max(1, a.ranks // 2), a.ranks)))
     cfg = BenchConfig(a.weights, a.ranks, modes, losses, lossy, a.tokens, a.warmup, a.eval_tokens,
-                      a.net or default_net(), a.out, extra=["--dtype", a.dtype])
+                      a.net or default_net(), a.out, wire=a.wire_dtype, extra=["--dtype", a.dtype])
     results = run_bench(cfg)
     command = "halo-mpi " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "halo-mpi bench"
     plotted = write_results(results, a.out, command)
