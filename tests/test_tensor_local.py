@@ -16,7 +16,7 @@ from halo_mpi.net.local import LocalHub
 from halo_mpi.net.loss import LinkLoss
 from halo_mpi.net.ranks import parse_rank_values
 from halo_mpi.tensor.coordinator import Coordinator
-from halo_mpi.tensor.placement import Replanner, group_counts, moved, plan
+from halo_mpi.tensor.placement import Replanner, group_counts, importance_caps, moved, plan
 from halo_mpi.tensor.policy import SyncPolicy
 from halo_mpi.tensor.run import LocalCluster, TensorOptions, make_plan
 from halo_mpi.tensor.worker import Worker
@@ -82,6 +82,7 @@ def test_backup_on_rank_0_makes_up_for_missing_partials(tiny_store, backup_share
     ids, n = [5, 70, 33], 16
     expected = reference_run(tiny_store, ids, n).tokens
     plan = make_plan(tiny_store, 3, TensorOptions(sync="halo", link_loss="2:0.3", loss_model="rto",
+                                                  drop_budget=1.0,   # rank 2 keeps its full share
                      backup_share=backup_share, no_replan=True))
     cluster = LocalCluster(tiny_store, plan, LinkLoss({2: 0.3}, seed=2, model="rto"))
     result = generate(cluster.session(len(ids) + n, prefill_chunk=64), ids, n, Sampler(0.0))
@@ -245,6 +246,22 @@ def test_important_groups_never_land_on_the_least_reliable_rank_with_room_elsewh
         assert n3 == 2                                  # 12 x 0.6 / 3.54 of the work it delivers
         assert set(p[3].tolist()) == set(ranked[-n3:].tolist())    # the least important ones
         assert imp[layer, p[0]].min() >= imp[layer, p[3]].max()
+
+
+def test_drop_budget_caps_the_importance_an_unstable_rank_holds():
+    imp = np.tile(np.arange(1, 13, dtype=np.float32), (3, 1))      # group g has share (g+1)/78
+    imp /= imp.sum(1, keepdims=True)
+    cluster = ClusterSpec.uniform(3, unstable={2})                 # rank 2: reliability 0.9
+    # the k least important hold (1 + ... + k)/78; 0.1 x that <= 0.01 allows k = 3 (6/78)
+    assert importance_caps(cluster, imp, 0.01) == [12, 12, 3]
+    assert group_counts(cluster, 12, 3, 0.0, imp, 0.01) == [5, 4, 3]
+    assert group_counts(cluster, 12, 3, 0.0) == [4, 4, 4]         # strict: no budget
+    for p in plan(imp, cluster, drop_budget=0.01):
+        assert sorted(p[2].tolist()) == [0, 1, 2]                  # the least important three
+    two = ClusterSpec.uniform(4, unstable={2, 3})                   # the budget is shared
+    assert importance_caps(two, imp, 0.01)[2:] == [2, 2]
+    tight = ClusterSpec([Device(memory_mb=1.0), Device(memory_mb=1.0), Device(reliability=0.5)])
+    assert sum(group_counts(tight, 12, 3, 0.1, imp, 0.01)) == 12    # memory wins over the budget
 
 
 def test_shares_follow_speed_times_reliability():

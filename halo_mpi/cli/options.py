@@ -93,6 +93,11 @@ def add_tensor_arguments(g):
     t.add_argument("--sparsity", type=float, default=0.0,
                    help="skip this share of each layer's groups, the predicted least important, "
                         "in decode steps (contextual sparsity) (default: %(default)s)")
+    t.add_argument("--drop-budget", type=float, default=0.01,
+                   help="halo: an unstable rank holds at most the least important groups whose "
+                        "share of a layer's importance, times how often its link is late (1 - "
+                        "reliability), stays within this budget; the rest goes to reliable ranks "
+                        "(default: %(default)s)")
     t.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="float32",
                    help="precision of hidden states and partial sums on the wire: float32 is "
                         "exact; float16/bfloat16 halve a message, q8 (int8 blocks of 32 with a "

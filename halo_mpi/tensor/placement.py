@@ -6,6 +6,9 @@ groups' importance. Output: placement[layer][rank] -> group ids, such that
   times on reliable links, and a rank whose partials often miss their deadline holds less of the
   layer, since what it holds is lost as often as its link is late (HALO's load balancing with
   the link counted in; the re-planner updates reliability from the measured on-time rate);
+- in HALO sync, an unstable rank holds no more importance than a drop budget allows: (1 -
+  reliability) x its share <= the budget, so the expected loss of a layer stays bounded however
+  fast that rank is (`importance_caps`);
 - no rank holds more than its memory budget (overflow goes to ranks with room, fastest first;
   a cluster that cannot hold the model is a clear error);
 - the most important groups sit on the most reliable ranks (rank 0 first), the least important
@@ -27,16 +30,23 @@ from ..net.devices import STABLE, ClusterSpec
 Placement = list[list[np.ndarray]]   # placement[layer][rank] -> sorted global group ids
 
 
-def group_counts(cluster: ClusterSpec, groups: int, layers: int, group_mb: float) -> list[int]:
+def group_counts(cluster: ClusterSpec, groups: int, layers: int, group_mb: float,
+                 importance: np.ndarray | None = None, drop_budget: float | None = None) -> list[int]:
     """Groups per rank per layer: proportional to speed x reliability (the work a rank delivers
-    in time), capped by memory, all groups placed. Rank 0's own link is perfect."""
-    cap = [int(s.memory_mb // (group_mb * layers)) if s.memory_mb != math.inf and group_mb > 0
-           else groups for s in cluster.ranks]
-    if sum(cap) < groups:
+    in time), capped by memory and, with a drop budget, by importance; all groups placed.
+    Rank 0's own link is perfect."""
+    mem_cap = [int(s.memory_mb // (group_mb * layers)) if s.memory_mb != math.inf and group_mb > 0
+               else groups for s in cluster.ranks]
+    if sum(mem_cap) < groups:
         need = groups * layers * group_mb
-        allowed = sum(cap) * layers * group_mb
+        allowed = sum(mem_cap) * layers * group_mb
         raise HaloError(f"the cluster cannot hold the model: {groups} groups x {layers} layers need "
                         f"{need:.0f} MB of MLP weights, the memory budgets allow {allowed:.0f} MB")
+    cap = mem_cap
+    if importance is not None and drop_budget is not None:
+        cap = [min(c, k) for c, k in zip(mem_cap, importance_caps(cluster, importance, drop_budget))]
+        if sum(cap) < groups:        # memory leaves no choice: the unstable ranks hold more
+            cap = mem_cap
     rate = [d.speed * (1.0 if r == 0 else d.reliability) for r, d in enumerate(cluster.ranks)]
     counts = [0] * cluster.size
     for _ in range(groups):   # each group to the rank that would deliver it first
@@ -44,6 +54,22 @@ def group_counts(cluster: ClusterSpec, groups: int, layers: int, group_mb: float
                 key=lambda r: ((counts[r] + 1) / rate[r], r))
         counts[r] += 1
     return counts
+
+
+def importance_caps(cluster: ClusterSpec, importance: np.ndarray, drop_budget: float) -> list[int]:
+    """Most groups each rank may hold so that the importance expected to miss its deadline stays
+    within `drop_budget` of a layer: an unstable rank r is late about (1 - reliability_r) of the
+    time and holds the least important groups, so it may take the k least important ones while
+    (1 - reliability_r) x their mean share over layers <= its part of the budget (the budget is
+    split evenly over the unstable ranks). Stable ranks are always waited for: no cap."""
+    n_layers, G = importance.shape
+    unstable = [r for r, d in enumerate(cluster.ranks) if r and d.reliability < STABLE]
+    lowest = np.sort(importance, axis=1).mean(0).cumsum()       # (G,) share of the k+1 least important
+    caps = [G] * cluster.size
+    for r in unstable:
+        late = 1.0 - cluster.ranks[r].reliability
+        caps[r] = int(np.searchsorted(lowest * late, drop_budget / len(unstable), side="right"))
+    return caps
 
 
 def tiers(cluster: ClusterSpec) -> list[list[int]]:
@@ -54,10 +80,12 @@ def tiers(cluster: ClusterSpec) -> list[list[int]]:
 
 
 def plan(importance: np.ndarray, cluster: ClusterSpec, group_mb: float = 0.0,
-         previous: Placement | None = None) -> Placement:
-    """Placement for every layer; with `previous`, keep each group where it is if its tier allows."""
+         previous: Placement | None = None, drop_budget: float | None = None) -> Placement:
+    """Placement for every layer; with `previous`, keep each group where it is if its tier allows.
+    drop_budget: HALO sync's limit on the importance expected to be lost to late links (None:
+    strict sync, where nothing is lost and only speed and reliability set the shares)."""
     n_layers, G = importance.shape
-    counts = group_counts(cluster, G, n_layers, group_mb)
+    counts = group_counts(cluster, G, n_layers, group_mb, importance, drop_budget)
     tier_list = tiers(cluster)
     placement = []
     for layer in range(n_layers):
@@ -128,9 +156,10 @@ class Replanner:
     """Watches the links' recent on-time rates; re-plans when a rank crosses the stable line."""
 
     def __init__(self, cluster: ClusterSpec, importance: np.ndarray, group_mb: float = 0.0,
-                 drop_below: float = 0.9, recover_at: float = 0.995, min_outcomes: int = 32,
-                 recover_outcomes: int = 256):
+                 drop_budget: float | None = None, drop_below: float = 0.9, recover_at: float = 0.995,
+                 min_outcomes: int = 32, recover_outcomes: int = 256):
         self.cluster, self.importance, self.group_mb = cluster, importance, group_mb
+        self.drop_budget = drop_budget
         self.drop_below, self.recover_at, self.min_outcomes = drop_below, recover_at, min_outcomes
         # recovering takes a long clean record: a link with 1% loss is on time ~98.8% of the
         # time, and treating it as stable would make rank 0 wait through its 200 ms stalls
@@ -156,7 +185,7 @@ class Replanner:
         for r, _, rel in changes:
             self.cluster.ranks[r].reliability = rel
             links[r].recent.clear()                      # judge the new tier on fresh outcomes
-        new = plan(self.importance, self.cluster, self.group_mb, previous=placement)
+        new = plan(self.importance, self.cluster, self.group_mb, placement, self.drop_budget)
         what = ", ".join(f"rank {r} on-time {new:.2f} (was {old:.2f})" for r, old, new in changes)
         loads = ", ".join(f"rank {r} loads {n}" for r, n in sorted(moved(placement, new).items())) or "none"
         return new, f"re-plan at step {step}: {what}; groups moved: {loads}"

@@ -51,6 +51,7 @@ class TensorOptions:
     deadline_factor: float = 1.5         # halo: grace = factor * p90 lag + margin
     deadline_margin_ms: float = 2.0
     backup_share: float = 0.0            # halo: rank 0's backup of each unstable rank's groups
+    drop_budget: float = 0.01            # halo: importance share a layer may expect to lose
     placement: str = "semantic"          # semantic | static | random
     device_profile: str | None = None    # TOML (net/devices.py)
     sparsity: float = 0.0                # share of predicted least important groups skipped
@@ -92,10 +93,17 @@ def check_options(o: TensorOptions):
         raise HaloError(f"--sparsity {o.sparsity} is not in [0, 1)")
     if not 0.0 <= o.backup_share <= 1.0:
         raise HaloError(f"--backup-share {o.backup_share} is not in [0, 1]")
+    if not 0.0 < o.drop_budget <= 1.0:
+        raise HaloError(f"--drop-budget {o.drop_budget} is not in (0, 1]")
     if o.wire_dtype not in WIRE_DTYPES:
         raise HaloError(f"--wire-dtype {o.wire_dtype!r}: choose {', '.join(WIRE_DTYPES)}")
     if o.spin_us is not None and o.spin_us < 0:
         raise HaloError(f"--spin-us {o.spin_us:g} is negative")
+
+
+def drop_budget(o: TensorOptions) -> float | None:
+    """The placement's importance cap on unstable ranks: HALO sync only (strict loses nothing)."""
+    return o.drop_budget if o.sync == "halo" else None
 
 
 def make_plan(store: Store, size: int, o: TensorOptions) -> TensorPlan:
@@ -115,7 +123,7 @@ def make_plan(store: Store, size: int, o: TensorOptions) -> TensorPlan:
     if o.placement == "random":
         placed = random_placement(a.n_layers, a.mlp_groups, cluster, o.seed)
     else:
-        placed = plan(imp, cluster, group_mb)
+        placed = plan(imp, cluster, group_mb, drop_budget=drop_budget(o))
     policy = SyncPolicy(o.sync, o.critical_share,
                         frozenset(r for r in workers if cluster.ranks[r].reliability < STABLE),
                         o.deadline_factor, o.deadline_margin_ms / 1e3, backup_share=o.backup_share)
@@ -150,7 +158,8 @@ def make_coordinator(store: Store, plan: TensorPlan, transport, log=None) -> tup
     """Rank 0: the coordinator and the reference model with DistributedMLPs in place of MLPs."""
     o, dtype = plan.options, DTYPES[plan.options.dtype]
     predictor = Predictor.from_store(store) if o.placement != "static" else None
-    replanner = Replanner(plan.cluster, plan.importance, plan.group_mb) if plan.replan else None
+    replanner = (Replanner(plan.cluster, plan.importance, plan.group_mb, drop_budget(o))
+                 if plan.replan else None)
     coordinator = Coordinator(transport, plan.placement, plan.importance, plan.policy,
                               group_loader(store, dtype), predictor, o.sparsity, replanner, log)
     model = Transformer.from_store(store, dtype=dtype, mlp=lambda layer: DistributedMLP(coordinator, layer))
