@@ -264,6 +264,28 @@ def test_drop_budget_caps_the_importance_an_unstable_rank_holds():
     assert sum(group_counts(tight, 12, 3, 0.1, imp, 0.01)) == 12    # memory wins over the budget
 
 
+def test_an_unstable_rank_later_than_assumed_is_re_rated_and_keeps_one_group():
+    from halo_mpi.net.links import LinkEstimate
+    imp = np.tile(np.arange(1, 13, dtype=np.float32), (3, 1))
+    imp /= imp.sum(1, keepdims=True)
+    cluster = ClusterSpec.uniform(3, unstable={2})                 # prior reliability 0.9
+    first = plan(imp, cluster, drop_budget=0.01)
+    assert all(len(p[2]) == 3 for p in first)
+    links = {r: LinkEstimate() for r in (1, 2)}
+    for i in range(40):
+        links[1].add_outcome(True)
+        links[2].add_outcome(i % 5 == 0)                           # on time 20%: TCP in recovery
+    replanner = Replanner(cluster, imp, drop_budget=0.01)
+    new, line = replanner.update(links, first, step=3)
+    assert new is not None and "rank 2 on-time 0.20 (was 0.90)" in line
+    assert cluster.ranks[2].reliability == pytest.approx(0.2)
+    assert all(p[2].tolist() == [0] for p in new)                  # the floor: one group
+    for _ in range(40):
+        links[2].add_outcome(False)
+    again, _ = replanner.update(links, new, step=4)
+    assert again is None or all(len(p[2]) == 1 for p in again)     # nothing below the floor
+
+
 def test_shares_follow_speed_times_reliability():
     cluster = ClusterSpec([Device(), Device(), Device(reliability=0.5)])
     assert group_counts(cluster, 25, 30, 0.0) == [10, 10, 5]

@@ -42,14 +42,16 @@ def group_counts(cluster: ClusterSpec, groups: int, layers: int, group_mb: float
         allowed = sum(mem_cap) * layers * group_mb
         raise HaloError(f"the cluster cannot hold the model: {groups} groups x {layers} layers need "
                         f"{need:.0f} MB of MLP weights, the memory budgets allow {allowed:.0f} MB")
-    cap = mem_cap
+    cap, counts = mem_cap, [0] * cluster.size
     if importance is not None and drop_budget is not None:
         cap = [min(c, k) for c, k in zip(mem_cap, importance_caps(cluster, importance, drop_budget))]
         if sum(cap) < groups:        # memory leaves no choice: the unstable ranks hold more
             cap = mem_cap
+        for r, d in enumerate(cluster.ranks):      # each unstable link keeps one group to measure
+            if r and d.reliability < STABLE and cap[r] >= 1 and sum(counts) < groups:
+                counts[r] = 1
     rate = [d.speed * (1.0 if r == 0 else d.reliability) for r, d in enumerate(cluster.ranks)]
-    counts = [0] * cluster.size
-    for _ in range(groups):   # each group to the rank that would deliver it first
+    for _ in range(groups - sum(counts)):   # each group to the rank that would deliver it first
         r = min((r for r in range(cluster.size) if counts[r] < cap[r]),
                 key=lambda r: ((counts[r] + 1) / rate[r], r))
         counts[r] += 1
@@ -61,14 +63,16 @@ def importance_caps(cluster: ClusterSpec, importance: np.ndarray, drop_budget: f
     within `drop_budget` of a layer: an unstable rank r is late about (1 - reliability_r) of the
     time and holds the least important groups, so it may take the k least important ones while
     (1 - reliability_r) x their mean share over layers <= its part of the budget (the budget is
-    split evenly over the unstable ranks). Stable ranks are always waited for: no cap."""
+    split evenly over the unstable ranks), and at least one. Stable ranks are always waited for:
+    no cap."""
     n_layers, G = importance.shape
     unstable = [r for r, d in enumerate(cluster.ranks) if r and d.reliability < STABLE]
     lowest = np.sort(importance, axis=1).mean(0).cumsum()       # (G,) share of the k+1 least important
     caps = [G] * cluster.size
     for r in unstable:
         late = 1.0 - cluster.ranks[r].reliability
-        caps[r] = int(np.searchsorted(lowest * late, drop_budget / len(unstable), side="right"))
+        allowed = int(np.searchsorted(lowest * late, drop_budget / len(unstable), side="right"))
+        caps[r] = max(1, allowed)    # one group at least: a link with no traffic is never measured
     return caps
 
 
@@ -153,17 +157,23 @@ def describe_plan(placement: Placement, importance: np.ndarray, cluster: Cluster
 
 
 class Replanner:
-    """Watches the links' recent on-time rates; re-plans when a rank crosses the stable line."""
+    """Watches the links' recent on-time rates and re-plans when a rank's reliability changes:
+    a stable rank whose rate falls below `drop_below` becomes unstable; an unstable rank whose
+    rate is `drift` below (or, over a long record, above) what its plan assumed is re-rated to
+    it, so its share follows what its link delivers (with the drop budget, a link late most of
+    the time keeps one group: enough to keep measuring it); a long clean record makes it stable.
+    """
 
     def __init__(self, cluster: ClusterSpec, importance: np.ndarray, group_mb: float = 0.0,
                  drop_budget: float | None = None, drop_below: float = 0.9, recover_at: float = 0.995,
-                 min_outcomes: int = 32, recover_outcomes: int = 256):
+                 min_outcomes: int = 32, recover_outcomes: int = 256, drift: float = 0.1):
         self.cluster, self.importance, self.group_mb = cluster, importance, group_mb
         self.drop_budget = drop_budget
         self.drop_below, self.recover_at, self.min_outcomes = drop_below, recover_at, min_outcomes
         # recovering takes a long clean record: a link with 1% loss is on time ~98.8% of the
         # time, and treating it as stable would make rank 0 wait through its 200 ms stalls
         self.recover_outcomes = recover_outcomes
+        self.drift = drift
 
     def unstable(self) -> set[int]:
         return {r for r, s in enumerate(self.cluster.ranks) if r and s.reliability < STABLE}
@@ -175,11 +185,15 @@ class Replanner:
             if len(link.recent) < self.min_outcomes:
                 continue
             rate, spec = link.recent_rate, self.cluster.ranks[r]
-            if spec.reliability >= STABLE and rate < self.drop_below:
-                changes.append((r, spec.reliability, rate))
-            elif (spec.reliability < STABLE and rate >= self.recover_at
-                  and len(link.recent) >= self.recover_outcomes):
+            long_record = len(link.recent) >= self.recover_outcomes
+            if spec.reliability >= STABLE:
+                if rate < self.drop_below:
+                    changes.append((r, spec.reliability, rate))
+            elif rate >= self.recover_at and long_record:
                 changes.append((r, spec.reliability, 1.0))
+            elif rate < spec.reliability - self.drift or (rate > spec.reliability + self.drift
+                                                          and long_record):
+                changes.append((r, spec.reliability, max(rate, 0.01)))
         if not changes:
             return None, ""
         for r, _, rel in changes:
