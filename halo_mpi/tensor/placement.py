@@ -200,6 +200,8 @@ class Replanner:
             self.cluster.ranks[r].reliability = rel
             links[r].recent.clear()                      # judge the new tier on fresh outcomes
         new = plan(self.importance, self.cluster, self.group_mb, placement, self.drop_budget)
+        if not moved(placement, new):    # re-rated, but nothing moves: no new plan version
+            return None, ""
         what = ", ".join(f"rank {r} on-time {new:.2f} (was {old:.2f})" for r, old, new in changes)
         loads = ", ".join(f"rank {r} loads {n}" for r, n in sorted(moved(placement, new).items())) or "none"
         return new, f"re-plan at step {step}: {what}; groups moved: {loads}"
