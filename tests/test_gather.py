@@ -139,6 +139,25 @@ def test_a_stalled_link_gets_no_grace_until_it_delivers_again():
     assert clock.now == 2.5 + BOUND and g.missed == {2: 2.0}
 
 
+@pytest.mark.parametrize("stale_layer, recovers", [(0, False), (1, True)])
+def test_with_the_layer_count_only_a_recent_partial_ends_a_stall(stale_layer, recovers):
+    """Known n_layers: a partial two layers old is the backlog of a stalled TCP link draining, and
+    keeps it stalled; one of the previous layer shows it caught up."""
+    clock = FakeClock()
+    inbox = ScriptedTransport(clock, [(0.5, partial(1)), (0.5, partial(3))])
+    g = DeadlineGather(inbox, halo(), [1, 2, 3], clock, n_layers=4)
+    g.gather(LayerKey(1, 0, 0), [1, 2, 3], 0.0, SHARES, decoding=True)
+    assert g.missed == {2: 0.0}
+    clock.now = 2.0                                  # layer 2 of step 1; the stall is overdue
+    inbox.at(2.0, partial(2, layer=stale_layer))
+    inbox.at(2.5, partial(1, layer=2))
+    inbox.at(2.5, partial(3, layer=2))
+    _, res = g.gather(LayerKey(1, 2, 0), [1, 2, 3], 2.0, SHARES, decoding=True)
+    assert res.dropped == [2] and res.discarded == Counter({2: 1})
+    assert clock.now == (2.5 + BOUND if recovers else 2.5)     # grace only once it caught up
+    assert g.missed == {2: 2.0 if recovers else 0.0}
+
+
 def test_a_missed_partial_within_its_bound_does_not_stall_the_link():
     clock, inbox, g = setup(halo(), [(0.25, partial(1)), (0.25, partial(3))])
     g.links[2] = LinkEstimate(factor=1.0, margin=0.0)

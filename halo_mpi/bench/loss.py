@@ -51,7 +51,7 @@ class BenchConfig:
     net: str = "emulated"
     out: str = "results"
     timeout: float = 1800.0
-    wire: str = "float32"            # --wire-dtype of the tensor-parallel modes
+    wire: str = "auto"               # --wire-dtype of the tensor-parallel modes
     extra: list[str] = field(default_factory=list)
 
 

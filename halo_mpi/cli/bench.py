@@ -47,7 +47,7 @@ def add_parser(sub):
                    help="held-out tokens for perplexity (default: %(default)s)")
     b.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
                    help="weight precision (default: %(default)s)")
-    b.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="float32",
+    b.add_argument("--wire-dtype", choices=("auto",) + WIRE_DTYPES, default="auto",
                    help="precision of hidden states and partials on the wire in the tensor-parallel "
                         "modes (default: %(default)s)")
     b.add_argument("--out", default="results", help="output folder (default: %(default)s)")

@@ -98,11 +98,12 @@ def add_tensor_arguments(g):
                         "share of a layer's importance, times how often its link is late (1 - "
                         "reliability), stays within this budget; the rest goes to reliable ranks "
                         "(default: %(default)s)")
-    t.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="float32",
+    t.add_argument("--wire-dtype", choices=("auto",) + WIRE_DTYPES, default="auto",
                    help="precision of hidden states and partial sums on the wire: float32 is "
                         "exact; float16/bfloat16 halve a message, q8 (int8 blocks of 32 with a "
                         "float16 scale, as GGUF's Q8_0) quarters it, so a 576-wide one fits one "
-                        "TCP segment (default: %(default)s)")
+                        "TCP segment; auto = float32 with --sync strict, float16 with --sync halo "
+                        "(default: %(default)s)")
     t.add_argument("--spin-us", type=non_negative_float, default=None,
                    help="wait for a message by testing in a loop this many microseconds before "
                         "sleeping between tests (default: 5000 when every rank has a core of its "

@@ -64,7 +64,8 @@ class Coordinator:
                  policy: SyncPolicy, load_groups: LoadGroups, predictor=None, sparsity: float = 0.0,
                  replanner=None, log=None, clock: Callable[[], float] = time.perf_counter):
         self.t, self.importance, self.policy = transport, importance, policy
-        self.deadlines = DeadlineGather(transport, policy, range(1, transport.size), clock)
+        self.deadlines = DeadlineGather(transport, policy, range(1, transport.size), clock,
+                                        n_layers=len(placement))
         self.backup: dict[int, dict[int, GroupMLP]] = {}          # layer -> rank -> its backed-up groups
         self.load_groups, self.predictor, self.sparsity = load_groups, predictor, sparsity
         self.replanner, self.log = replanner, log or (lambda line: None)

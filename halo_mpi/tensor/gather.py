@@ -10,7 +10,8 @@ The rule, per layer:
   from the send, leaves out the delays all ranks share (rank 0 running late, shared cores);
 - a stalled link, one whose missed partial is still not here a round-trip bound after its input
   went out, gets no grace: real TCP holds whatever follows a lost segment until it is repaired, so
-  waiting is no use. Any message from that link, even a stale one, shows it delivers again;
+  waiting is no use. A partial of the current or the previous layer shows it delivers again
+  (older ones are its backlog draining);
 - a message of another step, layer or plan version is discarded and counted, never added in;
   anything but a PARTIAL is a protocol error.
 
@@ -91,8 +92,10 @@ class DeadlineGather:
     """
 
     def __init__(self, inbox: Inbox, policy: SyncPolicy, peers: Iterable[int],
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, n_layers: int | None = None):
         self.inbox, self.policy, self.clock = inbox, policy, clock
+        self.n_layers = n_layers   # known: a stalled link recovers only with a partial of the
+                                   # current or previous layer (older ones are its backlog draining)
         self.links = {r: LinkEstimate(factor=policy.deadline_factor, margin=policy.deadline_margin,
                                       initial=policy.initial_deadline) for r in peers}
         self.missed: dict[int, float] = {}   # rank -> when the input of its missed partial went out,
@@ -163,12 +166,22 @@ class DeadlineGather:
     def _receive(self, m: Message, w: _Layer) -> bool:
         if m.kind != Kind.PARTIAL:
             raise HaloError(f"rank 0 got an unexpected {m.kind.name} message from rank {m.source}")
-        self.missed.pop(m.source, None)      # the link delivers again
         if w.key.matches(m):
+            self.missed.pop(m.source, None)  # the link delivers again
             w.got[m.source] = m.payload
             return True
+        if self._recent(m, w.key):
+            self.missed.pop(m.source, None)
         w.discarded[m.source] += 1           # a closed step or layer, or an old plan: never mixed in
         return False
+
+    def _recent(self, m: Message, key: LayerKey) -> bool:
+        """Whether a late partial shows its link caught up: from the previous layer or newer. After
+        a TCP stall the link first delivers its whole backlog, none of it in time; counting that as
+        recovery would grant grace, and wait, for a link that is still behind."""
+        if self.n_layers is None:
+            return True
+        return m.step * self.n_layers + m.layer >= key.step * self.n_layers + key.layer - 1
 
     def _feed_links(self, w: _Layer, sent_at: float, ref: float, on_time: set[int], dropped: list[int]):
         """Decode steps only: round trips and lags of what arrived, every peer's on-time outcome
