@@ -100,6 +100,23 @@ def test_backup_on_rank_0_makes_up_for_missing_partials(tiny_store, backup_share
     assert held == sum(int(np.ceil(backup_share * len(p[2]))) for p in plan.placement)
 
 
+def test_a_probe_rank_costs_no_quality(tiny_store):
+    """A drop budget too small for rank 2's link leaves it one probe group, which rank 0 also
+    holds and computes whenever rank 2's partial is missing: the text is the reference's."""
+    ids, n = [5, 70, 33], 16
+    expected = reference_run(tiny_store, ids, n).tokens
+    plan = make_plan(tiny_store, 3, TensorOptions(sync="halo", link_loss="2:0.3", loss_model="rto",
+                                                  drop_budget=0.001, no_replan=True))
+    assert all(len(p[2]) == 1 for p in plan.placement)
+    cluster = LocalCluster(tiny_store, plan, LinkLoss({2: 0.3}, seed=2, model="rto"))
+    result = generate(cluster.session(len(ids) + n), ids, n, Sampler(0.0))
+    cluster.stop()
+    coord = cluster.coordinator
+    assert coord.probes == {2} and coord.recovered[2] > 0
+    assert result.tokens == expected
+    assert sum(rec.dropped_share for rec in coord.records) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_backup_share_out_of_range_is_one_clear_error(tiny_store):
     with pytest.raises(HaloError, match="--backup-share"):
         make_plan(tiny_store, 3, TensorOptions(sync="halo", link_loss="2:0.1", backup_share=1.5))

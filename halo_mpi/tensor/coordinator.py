@@ -62,11 +62,13 @@ class Coordinator:
 
     def __init__(self, transport: Transport, placement: Placement, importance: np.ndarray,
                  policy: SyncPolicy, load_groups: LoadGroups, predictor=None, sparsity: float = 0.0,
-                 replanner=None, log=None, clock: Callable[[], float] = time.perf_counter):
+                 replanner=None, log=None, clock: Callable[[], float] = time.perf_counter,
+                 probes: frozenset = frozenset()):
         self.t, self.importance, self.policy = transport, importance, policy
         self.deadlines = DeadlineGather(transport, policy, range(1, transport.size), clock,
                                         n_layers=len(placement))
         self.backup: dict[int, dict[int, GroupMLP]] = {}          # layer -> rank -> its backed-up groups
+        self.probes = set(probes)   # ranks whose groups only probe their link: all backed up
         self.load_groups, self.predictor, self.sparsity = load_groups, predictor, sparsity
         self.replanner, self.log = replanner, log or (lambda line: None)
         self.n_layers = len(placement)
@@ -98,15 +100,18 @@ class Coordinator:
 
     def set_backup(self):
         """Rank 0's copies of the most important `backup_share` of each unstable rank's groups
-        (by static importance), reloaded only where they change."""
-        if self.policy.mode != "halo" or self.policy.backup_share <= 0:
+        (by static importance), and of every group of a probe rank, reloaded only where they
+        change."""
+        if self.policy.mode != "halo" or (self.policy.backup_share <= 0 and not self.probes):
+            self.backup = {}
             return
         for l, placed in enumerate(self.placement):
             old, new = self.backup.get(l, {}), {}
-            for r in sorted(self.policy.unstable):
+            for r in sorted(self.policy.unstable | self.probes):
                 if r >= len(placed) or not len(placed[r]):
                     continue
-                n = int(np.ceil(self.policy.backup_share * len(placed[r]) - 1e-9))
+                share = 1.0 if r in self.probes else self.policy.backup_share
+                n = int(np.ceil(share * len(placed[r]) - 1e-9))
                 ids = np.sort(placed[r][np.argsort(-self.importance[l][placed[r]], kind="stable")[:n]])
                 if r in old and np.array_equal(old[r].ids, ids):
                     new[r] = old[r]
@@ -134,6 +139,7 @@ class Coordinator:
                 ids[l, :len(p[r])] = p[r]
             self.t.send(r, Kind.PLAN, self.step, -1, ids, plan=self.version)
         self.policy.unstable = frozenset(self.replanner.unstable())
+        self.probes = self.replanner.probes()
         self.set_placement(new)
         self.replans.append(line)
         self.log(line)
@@ -177,7 +183,8 @@ class Coordinator:
         backup = self.backup.get(layer)
         backed = {r: self.backed_up(backup[r], imp, keep) for r in peers if r in backup} if backup else {}
         lost = {r: shares[r] - (backed[r][1] if r in backed else 0.0) for r in peers} if backed else None
-        got = self.gather(layer, peers, sent_at, shares, lost)
+        covered = frozenset(r for r in backed if lost[r] <= 1e-9) if backed else frozenset()
+        got = self.gather(layer, peers, sent_at, shares, lost, covered)
         for _rank, part in sorted(got.items()):   # in rank order: the same float sum whatever arrived first
             out += torch.from_numpy(part)
         t0 = time.perf_counter()
@@ -196,12 +203,12 @@ class Coordinator:
         return mask, float(imp[ids].sum())
 
     def gather(self, layer: int, peers: list[int], sent_at: float, shares: dict,
-               lost: dict | None = None) -> dict[int, np.ndarray]:
+               lost: dict | None = None, covered: frozenset = frozenset()) -> dict[int, np.ndarray]:
         """Partials of `peers` under the deadline rule of `DeadlineGather`, with the layer's outcome
         counted in. `lost`: the importance a missing partial costs (its share less what rank 0
         backs up); without it, the whole share."""
         key = LayerKey(self.step, layer, self.version)
-        got, result = self.deadlines.gather(key, peers, sent_at, shares, self.decoding)
+        got, result = self.deadlines.gather(key, peers, sent_at, shares, self.decoding, covered)
         self.used.update(got.keys())
         self.late_discarded.update(result.discarded)
         self.account(result, lost or {r: shares[r] for r in peers})

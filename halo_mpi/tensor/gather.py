@@ -115,17 +115,21 @@ class DeadlineGather:
         return self._bound, self._grace
 
     def gather(self, key: LayerKey, peers: list[int], sent_at: float, shares: dict[int, float],
-               decoding: bool) -> tuple[dict[int, np.ndarray], GatherResult]:
+               decoding: bool, covered: frozenset = frozenset()
+               ) -> tuple[dict[int, np.ndarray], GatherResult]:
         """Partials of `peers` for `key`: every critical one, the rest until their deadline.
 
         sent_at: clock time the layer's inputs went out; shares: rank -> importance share of its
         groups (rank 0's own included, which counts towards the critical share); decoding: False
-        in prefill, which waits for every peer and leaves the link estimates alone.
+        in prefill, which waits for every peer and leaves the link estimates alone; covered:
+        non-critical peers whose whole partial rank 0 can compute itself (a full backup): they
+        get no grace, since waiting would cost more than computing.
         """
         t0 = self.clock()
         peer_shares = {r: shares[r] for r in peers}
         critical = set(peers) if not decoding else self.policy.critical(shares[0], peer_shares)
         bound, grace = self.bounds(key.step)
+        grace = {r: 0.0 for r in covered} | {r: g for r, g in grace.items() if r not in covered}
         w = _Layer(key, list(peers), critical, bound, grace)
         self._take(w, 0.0)       # what is already here, so a link that delivered is not stalled
         ref = self._wait(w, t0 if not critical else None)

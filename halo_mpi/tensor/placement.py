@@ -76,6 +76,18 @@ def importance_caps(cluster: ClusterSpec, importance: np.ndarray, drop_budget: f
     return caps
 
 
+def probe_ranks(cluster: ClusterSpec, importance: np.ndarray, drop_budget: float | None) -> set[int]:
+    """Unstable ranks so late that the drop budget allows them no group: each keeps one group as
+    a probe of its link, and rank 0 holds a copy of it and computes it whenever its partial is
+    missing, so the probe costs no quality and the link can earn work back when it recovers."""
+    if drop_budget is None:
+        return set()
+    lowest = np.sort(importance, axis=1).mean(0)[0]             # the least important group's share
+    unstable = [r for r, d in enumerate(cluster.ranks) if r and d.reliability < STABLE]
+    return {r for r in unstable
+            if (1.0 - cluster.ranks[r].reliability) * lowest > drop_budget / len(unstable)}
+
+
 def tiers(cluster: ClusterSpec) -> list[list[int]]:
     """Ranks grouped by reliability, most reliable first; rank 0 always in the first tier."""
     rel = [1.0 if r == 0 else round(s.reliability, 2) for r, s in enumerate(cluster.ranks)]
@@ -178,6 +190,9 @@ class Replanner:
     def unstable(self) -> set[int]:
         return {r for r, s in enumerate(self.cluster.ranks) if r and s.reliability < STABLE}
 
+    def probes(self) -> set[int]:
+        return probe_ranks(self.cluster, self.importance, self.drop_budget)
+
     def update(self, links: dict, placement: Placement, step: int):
         """(new placement, log line) when some rank changed tier, else (None, "")."""
         changes = []
@@ -196,12 +211,15 @@ class Replanner:
                 changes.append((r, spec.reliability, max(rate, 0.01)))
         if not changes:
             return None, ""
+        probes_before = self.probes()
         for r, _, rel in changes:
             self.cluster.ranks[r].reliability = rel
             links[r].recent.clear()                      # judge the new tier on fresh outcomes
         new = plan(self.importance, self.cluster, self.group_mb, placement, self.drop_budget)
-        if not moved(placement, new):    # re-rated, but nothing moves: no new plan version
-            return None, ""
+        probes = self.probes()
+        if not moved(placement, new) and probes == probes_before:
+            return None, ""              # re-rated, but nothing changes: no new plan version
         what = ", ".join(f"rank {r} on-time {new:.2f} (was {old:.2f})" for r, old, new in changes)
         loads = ", ".join(f"rank {r} loads {n}" for r, n in sorted(moved(placement, new).items())) or "none"
-        return new, f"re-plan at step {step}: {what}; groups moved: {loads}"
+        probing = f"; probes (rank 0 backs up their groups): {sorted(probes)}" if probes else ""
+        return new, f"re-plan at step {step}: {what}; groups moved: {loads}{probing}"

@@ -32,7 +32,7 @@ from ..stats import RankStats, RunStats, SequenceStats, cpu_seconds, peak_rss_mb
 from ..store.hdf5 import Store
 from .coordinator import Coordinator, DistributedMLP, TensorParallelSession
 from .importance import uniform_importance
-from .placement import Placement, Replanner, describe_plan, plan, random_placement
+from .placement import Placement, Replanner, describe_plan, plan, probe_ranks, random_placement
 from .policy import SyncPolicy
 from .predictor import Predictor
 from .worker import Worker
@@ -171,8 +171,10 @@ def make_coordinator(store: Store, plan: TensorPlan, transport, log=None) -> tup
     predictor = Predictor.from_store(store) if o.placement != "static" else None
     replanner = (Replanner(plan.cluster, plan.importance, plan.group_mb, drop_budget(o))
                  if plan.replan else None)
+    probes = probe_ranks(plan.cluster, plan.importance, drop_budget(o)) if o.placement != "random" else set()
     coordinator = Coordinator(transport, plan.placement, plan.importance, plan.policy,
-                              group_loader(store, dtype), predictor, o.sparsity, replanner, log)
+                              group_loader(store, dtype), predictor, o.sparsity, replanner, log,
+                              probes=frozenset(probes))
     model = Transformer.from_store(store, dtype=dtype, mlp=lambda layer: DistributedMLP(coordinator, layer))
     return coordinator, model
 
