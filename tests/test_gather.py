@@ -158,6 +158,17 @@ def test_with_the_layer_count_only_a_recent_partial_ends_a_stall(stale_layer, re
     assert g.missed == {2: 2.0 if recovers else 0.0}
 
 
+def test_a_covered_peer_gets_no_grace():
+    """Rank 0 can compute rank 2's whole partial itself: it does not wait for it at all."""
+    script = [(0.5, partial(1)), (0.5, partial(3)), (0.5 + BOUND / 2, partial(2))]
+    clock, _, g = setup(halo(), script)
+    got, res = g.gather(KEY, [1, 2, 3], 0.0, SHARES, decoding=True)
+    assert res.dropped == [] and clock.now == 0.5 + BOUND / 2       # not covered: within grace
+    clock, _, g = setup(halo(), script)
+    got, res = g.gather(KEY, [1, 2, 3], 0.0, SHARES, decoding=True, covered=frozenset({2}))
+    assert res.dropped == [2] and clock.now == 0.5 and sorted(got) == [1, 3]
+
+
 def test_a_missed_partial_within_its_bound_does_not_stall_the_link():
     clock, inbox, g = setup(halo(), [(0.25, partial(1)), (0.25, partial(3))])
     g.links[2] = LinkEstimate(factor=1.0, margin=0.0)
