@@ -62,40 +62,59 @@ class Message:
         return json.loads(self.payload.tobytes().decode())
 
 
-def _body_of(payload: np.ndarray, wire: str) -> tuple[Body, np.ndarray, int, int]:
-    """(body type, the array to send, rows, cols): int32 and uint8 go as they are, anything else
-    as float32 rows in the wire precision."""
+@dataclass(frozen=True)
+class Frame:
+    """A payload prepared for the wire: how its body is read, and the (rows, cols) array."""
+    body: Body
+    x: np.ndarray
+    rows: int
+    cols: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole message (header + body)."""
+        n = self.x.nbytes if self.body in EXACT else body_nbytes(self.rows, self.cols,
+                                                                 CODE_WIRES[int(self.body)])
+        return HEADER.itemsize + n
+
+
+def frame(payload: np.ndarray, wire: str = "float32") -> Frame:
+    """int32 and uint8 payloads go as they are, anything else as float32 rows in `wire` precision."""
     if payload.dtype == np.uint8:
-        return Body.BYTES, payload.reshape(-1), payload.size, 1
+        return Frame(Body.BYTES, payload.reshape(-1), payload.size, 1)
     if payload.dtype == np.int32:
         body = Body.INT32
     else:                             # (an empty payload, as a STOP's, needs no codec)
         body = WIRE_BODIES[wire] if payload.size else Body.FLOAT32
         payload = payload.astype(np.float32, copy=False)
     rows, cols = payload.shape if payload.ndim == 2 else (payload.shape[0], 1)
-    return body, payload.reshape(rows, cols), rows, cols
+    return Frame(body, payload.reshape(rows, cols), rows, cols)
+
+
+def write_frame(out: np.ndarray, kind: Kind, step: int, layer: int, f: Frame, sent_at: float,
+                seq: int = 0, plan: int = 0) -> int:
+    """Header + body written into `out` (uint8, at least `f.nbytes` long), one copy of the
+    payload; returns the bytes written."""
+    h = HEADER.itemsize
+    if f.body in EXACT:
+        n = f.x.nbytes
+        out[h:h + n] = f.x.view(np.uint8).reshape(-1)
+    else:
+        n = encode_body_into(f.x, CODE_WIRES[int(f.body)], out[h:])
+    out[:h].view(HEADER)[0] = (int(kind), int(f.body), layer, step, f.rows, f.cols, seq, plan, sent_at)
+    return h + n
 
 
 def message_nbytes(payload: np.ndarray, wire: str = "float32") -> int:
     """Bytes of the whole message (header + body) that `encode_into` will write."""
-    body, x, rows, cols = _body_of(payload, wire)
-    n = x.nbytes if body in EXACT else body_nbytes(rows, cols, CODE_WIRES[int(body)])
-    return HEADER.itemsize + n
+    return frame(payload, wire).nbytes
 
 
 def encode_into(out: np.ndarray, kind: Kind, step: int, layer: int, payload: np.ndarray,
                 sent_at: float, seq: int = 0, plan: int = 0, wire: str = "float32") -> int:
     """Header + payload written into `out` (uint8, at least `message_nbytes` long) with one copy of
     the payload; returns the bytes written. Float payloads go in `wire` precision."""
-    body, x, rows, cols = _body_of(payload, wire)
-    h = HEADER.itemsize
-    if body in EXACT:
-        n = x.nbytes
-        out[h:h + n] = x.view(np.uint8).reshape(-1)
-    else:
-        n = encode_body_into(x, CODE_WIRES[int(body)], out[h:])
-    out[:h].view(HEADER)[0] = (int(kind), int(body), layer, step, rows, cols, seq, plan, sent_at)
-    return h + n
+    return write_frame(out, kind, step, layer, frame(payload, wire), sent_at, seq, plan)
 
 
 def encode(kind: Kind, step: int, layer: int, payload: np.ndarray, sent_at: float, seq: int = 0,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import HaloError
-from .framing import TAG, Kind, Message, decode, encode_into, message_nbytes
+from .framing import TAG, Kind, Message, decode, frame, write_frame
 from .launch import oversubscribed
 from .loss import LinkLoss
 
@@ -97,8 +97,9 @@ class Transport:
     def send(self, dest: int, kind: Kind, step: int, layer: int, payload: np.ndarray, seq: int = 0,
              plan: int = 0):
         now = time.perf_counter()
-        buf = self._buffer(message_nbytes(payload, self.wire))
-        n = encode_into(buf, kind, step, layer, payload, now, seq, plan, self.wire)
+        f = frame(payload, self.wire)
+        buf = self._buffer(f.nbytes)
+        n = write_frame(buf, kind, step, layer, f, now, seq, plan)
         self.stats.sent += 1
         d = self.loss.delay(self.rank, dest, n) if self.loss else 0.0
         queue = self._held.setdefault(dest, deque())
