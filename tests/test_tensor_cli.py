@@ -38,6 +38,7 @@ def test_stats_json_of_a_lossy_halo_run(tiny_store_path, tmp_path):
     assert [r["rank"] for r in s["ranks"]] == [0, 1, 2]
     assert all(r["cpu_s"] > 0 and r["peak_rss_mb"] > 0 for r in s["ranks"])
     assert "on-time" in done.stderr and "dropped importance share" in done.stderr
+    assert f"re-plans: {len(s['config']['replans'])}" in done.stderr
 
 
 def test_bad_option_gives_one_line_on_every_rank(tiny_store_path):

@@ -167,7 +167,10 @@ def generate_tensor(a):
         return generate_each(a, tok, prompts, encoded, lambda max_len: TensorParallelSession(
             model, coordinator, max_len, options.prefill_chunk))
 
-    run = run_tensor(comm, store, plan, drive, log=lambda line: print(line, file=sys.stderr))
+    # while tokens stream to the terminal a log line would land inside the text: then the
+    # re-plans are told in the report at the end (which lists them anyway)
+    live = (lambda line: print(line, file=sys.stderr)) if a.quiet else None
+    run = run_tensor(comm, store, plan, drive, log=live)
     store.close()
     if rank == 0:
         stats = tensor_stats(plan, run, run.result)

@@ -282,6 +282,8 @@ def format_report(stats: RunStats) -> str:
                      f"{r['cpu_s']:5.1f}  {r['on_time_rate']:7.3f}  {r['dropped_layers']:14d}  "
                      f"{r.get('recovered_by_backup', 0):9d}  {r['late_discarded']:14d}  "
                      f"{r.get('skipped', 0):7d}  {r['peak_rss_mb']:11.0f}")
+    replans = s["config"]["replans"]
+    lines.append(f"re-plans: {len(replans)}" + "".join(f"\n  {line}" for line in replans))
     return "\n".join(lines)
 
 
