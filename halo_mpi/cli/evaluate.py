@@ -76,17 +76,16 @@ def evaluate_tensor(a):
 
     from ..model.evaluate import perplexity, teacher_forced_nll
     from ..net.launch import collective
-    from ..store.hdf5 import Store
     from ..tensor.coordinator import TensorParallelSession
-    from ..tensor.run import TensorOptions, make_plan, run_tensor, store_path
+    from ..tensor.run import TensorOptions, open_and_plan, run_tensor
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     options = options_from(TensorOptions, a)
 
     def setup():
-        store = Store(store_path(a.weights, rank))
-        return store, make_plan(store, size, options), held_out_ids(a, store) if rank == 0 else None
+        store, plan = open_and_plan(a.weights, rank, size, options)
+        return store, plan, held_out_ids(a, store) if rank == 0 else None
 
     store, plan, ids = collective(comm, setup)
 

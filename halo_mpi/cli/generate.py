@@ -133,25 +133,15 @@ def generate_tensor(a):
 
     from ..model.tokenizer import Tokenizer
     from ..net.launch import collective
-    from ..store.hdf5 import Store
     from ..tensor.coordinator import TensorParallelSession
-    from ..tensor.run import (
-        TensorOptions,
-        describe,
-        format_report,
-        make_plan,
-        run_tensor,
-        store_path,
-        tensor_stats,
-    )
+    from ..tensor.run import TensorOptions, describe, format_report, open_and_plan, run_tensor, tensor_stats
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     options = options_from(TensorOptions, a)
 
     def setup():
-        store = Store(store_path(a.weights, rank))
-        plan = make_plan(store, size, options)
+        store, plan = open_and_plan(a.weights, rank, size, options)
         prompts = encoded = tok = None
         if rank == 0:
             tok = Tokenizer.from_store(store)

@@ -76,6 +76,7 @@ class _Layer:
     critical: set[int]                      # waited for without deadline
     bound: dict[int, float]                 # rank -> round-trip bound, fixed for this step
     grace: dict[int, float]                 # rank -> how long past `ref` it is waited for
+    covered: frozenset = frozenset()        # peers rank 0 can compute itself: no grace
     got: dict[int, np.ndarray] = field(default_factory=dict)   # rank -> partial (T, dim)
     arrived: dict[int, float] = field(default_factory=dict)    # rank -> clock at arrival
     discarded: Counter = field(default_factory=Counter)
@@ -129,8 +130,7 @@ class DeadlineGather:
         peer_shares = {r: shares[r] for r in peers}
         critical = set(peers) if not decoding else self.policy.critical(shares[0], peer_shares)
         bound, grace = self.bounds(key.step)
-        grace = {r: 0.0 for r in covered} | {r: g for r, g in grace.items() if r not in covered}
-        w = _Layer(key, list(peers), critical, bound, grace)
+        w = _Layer(key, list(peers), critical, bound, grace, covered)
         self._take(w, 0.0)       # what is already here, so a link that delivered is not stalled
         ref = self._wait(w, t0 if not critical else None)
         if ref is None:          # every critical partial came last
@@ -150,7 +150,8 @@ class DeadlineGather:
             else:
                 if ref is None:
                     ref = max(w.arrived[r] for r in w.critical)
-                last = max(ref + (0.0 if self.stalled(r, now, w.bound[r]) else w.grace[r]) for r in missing)
+                last = max(ref + (0.0 if r in w.covered or self.stalled(r, now, w.bound[r]) else w.grace[r])
+                           for r in missing)
                 if now >= last:
                     break
                 timeout = last - now

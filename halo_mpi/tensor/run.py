@@ -111,6 +111,12 @@ def wire_dtype(o: TensorOptions) -> str:
     return "float32" if o.sync == "strict" else "float16"
 
 
+def open_and_plan(weights: str, rank: int, size: int, o: TensorOptions) -> tuple[Store, TensorPlan]:
+    """This rank's store (its shard with {rank} in the name) and the plan every rank computes alike."""
+    store = Store(store_path(weights, rank))
+    return store, make_plan(store, size, o)
+
+
 def drop_budget(o: TensorOptions) -> float | None:
     """The placement's importance cap on unstable ranks: HALO sync only (strict loses nothing)."""
     return o.drop_budget if o.sync == "halo" else None
