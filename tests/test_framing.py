@@ -8,7 +8,7 @@ from halo_mpi.net.transport import WaitPolicy
 
 
 def test_header_is_32_bytes_and_carries_step_layer_seq_and_plan():
-    assert HEADER.itemsize == 32
+    assert HEADER.itemsize == 36
     x = np.arange(12, dtype=np.float32).reshape(2, 6)
     m = decode(3, encode(Kind.PARTIAL, 70000, 29, x, 1.25, seq=5, plan=9))
     assert (m.source, m.kind, m.step, m.layer, m.seq, m.plan, m.sent_at) == \
@@ -24,19 +24,19 @@ def test_plan_ids_travel_as_int32_and_json_as_bytes():
     assert decode(1, encode(Kind.DONE, 0, 0, blob, 0.0)).json() == {"rank": 1}
 
 
-@pytest.mark.parametrize("wire, nbytes", [("float32", 2336), ("float16", 1184), ("bfloat16", 1184),
-                                          ("q8", 644)])
+@pytest.mark.parametrize("wire, nbytes", [("float32", 2340), ("float16", 1188), ("bfloat16", 1188),
+                                          ("q8", 648)])
 def test_float_payloads_go_in_the_wire_precision(wire, nbytes):
     x = np.random.default_rng(0).standard_normal((1, 576)).astype(np.float32)
     data = encode(Kind.INPUT, 1, 0, x, 0.0, wire=wire)
     assert data.size == message_nbytes(x, wire) == nbytes
-    assert Body(int(data[:32].view(HEADER)[0]["body"])) == Body[wire.upper()]
+    assert Body(int(data[:HEADER.itemsize].view(HEADER)[0]["body"])) == Body[wire.upper()]
     m = decode(0, data)
     assert m.payload.shape == (1, 576) and np.abs(m.payload - x).max() < 0.05
     ids = np.array([[1, 2]], np.int32)              # exact types stay exact whatever the wire
     assert decode(0, encode(Kind.PLAN, 1, -1, ids, 0.0, wire=wire)).payload.dtype == np.int32
     empty = encode(Kind.STOP, 2, -1, np.zeros((0, 1), np.float32), 0.0, wire=wire)
-    assert empty.size == 32 and decode(0, empty).payload.shape == (0, 1)
+    assert empty.size == 36 and decode(0, empty).payload.shape == (0, 1)
 
 
 def test_encode_into_a_longer_buffer_and_decode_from_it():

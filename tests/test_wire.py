@@ -82,14 +82,14 @@ def test_codes_map_both_ways_and_agree_with_framing_bodies():
 
 
 def test_one_token_sizes_and_segments():
-    assert HEADER.itemsize == 32
+    assert HEADER.itemsize == 36
     expected = {"float32": (2304, 2), "float16": (1152, 1), "bfloat16": (1152, 1), "q8": (612, 1)}
     for wire, (nbytes, segs) in expected.items():
         assert body_nbytes(1, 576, wire) == nbytes
         assert encode_body(np.ones((1, 576), np.float32), wire).size == nbytes
         report = wire_report(576, wire)
         assert (report["body_bytes"], report["message_bytes"], report["segments"]) == \
-            (nbytes, nbytes + 32, segs)
+            (nbytes, nbytes + 36, segs)
         assert report["code"] == WIRE_CODES[wire]
     assert body_nbytes(3, 40, "q8") == 3 * 2 * 34
 

@@ -1,8 +1,9 @@
 """The single-process LLaMA: RMSNorm, RoPE, GQA attention with KV cache, SwiGLU MLP.
 
 It reads its weights from the HDF5 store and knows nothing about MPI: every distributed mode is
-tested against it. A block's forward is two residual lines; the MLP of a block is any callable
-(T, dim) -> (T, dim), so the tensor-parallel engine can swap in a distributed one from outside.
+tested against it. A block's forward is two residual lines; a block's attention and MLP are any
+callables of the same shape, so the tensor-parallel engine can swap in distributed ones from
+outside (and the output head and the embedding lookup likewise).
 
     model = Transformer.from_store(Store("weights/smollm2-135m.h5"))
     cache = model.new_cache(max_len=256)
@@ -43,43 +44,67 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-class KVCache:
-    """Keys and values of one sequence for a set of layers: (n_kv, max_len, hd) per layer."""
+class Rope:
+    """cos, sin (T, hd) for positions pos .. pos+T-1; the tables grow by doubling."""
 
-    def __init__(self, args: ModelArgs, max_len: int, layers: Iterable[int]):
+    def __init__(self, args: ModelArgs):
+        self.args = args
+        self.cos, self.sin = rope_tables(args, 0)
+
+    def __call__(self, pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if pos + T > self.cos.shape[0]:
+            size = min(max(pos + T, 2 * self.cos.shape[0], 256), max(self.args.max_seq_len, pos + T))
+            self.cos, self.sin = rope_tables(self.args, size)
+        return self.cos[pos:pos + T], self.sin[pos:pos + T]
+
+
+class KVCache:
+    """Keys and values of one sequence for a set of layers: (n_kv, max_len, hd) per layer, n_kv
+    being the KV heads the layer's attention holds (all of them in the reference model)."""
+
+    def __init__(self, args: ModelArgs, max_len: int, kv_heads: dict[int, int]):
         if max_len > args.max_seq_len:
             raise HaloError(f"{max_len} tokens exceed the model's context of {args.max_seq_len}; "
                             f"shorten the prompt or --max-new-tokens")
         self.max_len = max_len
-        shape = (args.n_kv_heads, max_len, args.head_dim)
-        self.k = {layer: torch.zeros(shape) for layer in layers}
-        self.v = {layer: torch.zeros(shape) for layer in layers}
+        self.k = {layer: torch.zeros(n, max_len, args.head_dim) for layer, n in kv_heads.items()}
+        self.v = {layer: torch.zeros(n, max_len, args.head_dim) for layer, n in kv_heads.items()}
         self.pos = 0  # tokens already stored (advanced by the model after the last layer)
 
 
 class Attention:
-    """GQA self-attention over the groups of one layer (one group per KV head)."""
+    """GQA self-attention over a set of the layer's attention groups (one group = one KV head
+    with its query heads); over all of them in the reference model. The outputs of disjoint
+    group sets sum to the layer's attention output: o[:, S] @ attend_S(x)."""
 
-    def __init__(self, args: ModelArgs, groups: np.ndarray, dtype: torch.dtype = torch.float32):
-        # groups: (n_kv, (2*n_rep+2)*hd, dim) as stored; rows q | k | v | o^T per group
+    def __init__(self, args: ModelArgs, groups: np.ndarray, ids=None, dtype: torch.dtype = torch.float32):
+        # groups: (n, (2*n_rep+2)*hd, dim) as stored; rows q | k | v | o^T per group; ids: KV heads
         self.args = a = args
+        n = groups.shape[0]
+        self.ids = np.arange(n) if ids is None else np.asarray(ids)
+        self.n_kv, self.n_heads = n, n * a.n_rep
         w = torch.from_numpy(np.ascontiguousarray(groups))
         R, hd = a.n_rep * a.head_dim, a.head_dim
         q, k, v, o_t = w.split([R, hd, hd, R], dim=1)
         # q, k, v fused into one ((n_heads + 2*n_kv)*hd, dim) weight: one matmul per token
         self.qkv = Linear(torch.cat([q.reshape(-1, a.dim), k.reshape(-1, a.dim), v.reshape(-1, a.dim)]),
                           dtype)
-        self.o = Linear(o_t.reshape(-1, a.dim).T, dtype)                   # W_o: (dim, n_heads*hd)
-        self.n_qk = a.n_heads + a.n_kv_heads                               # heads that get RoPE
+        self.o = Linear(o_t.reshape(-1, a.dim).T, dtype)             # W_o[:, S]: (dim, n_heads*hd)
+        self.n_qk = self.n_heads + self.n_kv                         # heads that get RoPE
 
-    def __call__(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        a, T = self.args, x.shape[0]
-        heads = self.qkv(x).view(T, self.n_qk + a.n_kv_heads, a.head_dim).transpose(0, 1)
-        qk = apply_rope(heads[:self.n_qk], cos, sin)                     # (nh+n_kv, T, hd)
-        q, k = qk[:a.n_heads], qk[a.n_heads:]                            # (nh, T, hd), (n_kv, T, hd)
-        k_cache[:, pos:pos + T] = k
-        v_cache[:, pos:pos + T] = heads[self.n_qk:]                      # (n_kv, T, hd)
+    def append(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Store the K/V of x (T, dim) at pos .. pos+T-1; returns the queries (n_heads, T, hd)."""
+        T, hd = x.shape[0], self.args.head_dim
+        heads = self.qkv(x).view(T, self.n_qk + self.n_kv, hd).transpose(0, 1)
+        qk = apply_rope(heads[:self.n_qk], cos, sin)                 # (nh+n_kv, T, hd)
+        k_cache[:, pos:pos + T] = qk[self.n_heads:]                  # (n_kv, T, hd)
+        v_cache[:, pos:pos + T] = heads[self.n_qk:]                  # (n_kv, T, hd)
+        return qk[:self.n_heads]
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> torch.Tensor:
+        """Queries (n_heads, T, hd) at pos.. over the cache up to pos+T -> this set's (T, dim)."""
+        T = q.shape[1]
         S = pos + T
         mask = None
         if T > 1:  # causal within the new tokens, all of the cached past visible
@@ -87,6 +112,14 @@ class Attention:
         out = F.scaled_dot_product_attention(q[None], k_cache[None, :, :S], v_cache[None, :, :S],
                                              attn_mask=mask, enable_gqa=True)  # (1, nh, T, hd)
         return self.o(out[0].transpose(0, 1).reshape(T, -1))             # (T, nh*hd) -> (T, dim)
+
+    def __call__(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.attend(self.append(x, k_cache, v_cache, pos, cos, sin), k_cache, v_cache, pos)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qkv.nbytes + self.o.nbytes
 
 
 class Block:
@@ -111,17 +144,24 @@ class Transformer:
         # embedding, output: (vocab, dim) arrays; with tied embeddings pass the same array twice
         self.args, self.blocks, self.dtype = args, blocks, dtype
         self.norm = None if norm is None else torch.from_numpy(norm)                  # (dim,)
+        # output: (T, dim) -> (T, vocab); a Linear here, a distributed head in tensor mode
         self.output = None if output is None else Linear(torch.from_numpy(output), dtype)
         tied = embedding is not None and embedding is output
         # tied: rows are looked up in the head's weight, so the (vocab, dim) table is held once
         self.embedding = None if embedding is None or tied else torch.from_numpy(embedding)
-        self._cos, self._sin = rope_tables(args, 0)
+        # lookup: token ids (T,) -> (T, dim); tensor mode reads the rows from the store instead
+        self.lookup: Callable[[torch.Tensor], torch.Tensor] | None = (
+            self.output.rows if tied else (self.embedding.__getitem__ if self.embedding is not None
+                                           else None))
+        self.rope = Rope(args)
 
     @classmethod
     def from_store(cls, store, layers: Iterable[int] | None = None, embedding: bool = True,
                    head: bool = True, dtype: str | torch.dtype = torch.float32,
-                   mlp: Callable[[int], Callable] | None = None) -> Transformer:
-        """Load the given layers (all by default); `mlp(layer)` may supply each block's MLP."""
+                   mlp: Callable[[int], Callable] | None = None,
+                   attention: Callable[[int], Callable] | None = None) -> Transformer:
+        """Load the given layers (all by default); `mlp(layer)` and `attention(layer)` may supply
+        each block's MLP and attention (tensor mode's distributed ones)."""
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         args = store.args
         layers = range(args.n_layers) if layers is None else layers
@@ -129,7 +169,8 @@ class Transformer:
         for layer in layers:
             attn_norm, ffn_norm = store.layer_norms(layer)
             blocks[layer] = Block(args, layer, attn_norm, ffn_norm,
-                                  Attention(args, store.attn_groups(layer), dtype),
+                                  attention(layer) if attention else
+                                  Attention(args, store.attn_groups(layer), dtype=dtype),
                                   mlp(layer) if mlp else GroupMLP(store.mlp_groups(layer), dtype=dtype))
         emb = store.embedding() if embedding or (head and args.tied_embeddings) else None
         out = (emb if args.tied_embeddings else store.output()) if head else None
@@ -137,19 +178,10 @@ class Transformer:
                    norm=store.final_norm() if head else None, output=out, dtype=dtype)
 
     def new_cache(self, max_len: int) -> KVCache:
-        return KVCache(self.args, max_len, self.blocks.keys())
-
-    def rope(self, pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (T, hd) for positions pos .. pos+T-1; the tables grow by doubling."""
-        if pos + T > self._cos.shape[0]:
-            size = min(max(pos + T, 2 * self._cos.shape[0], 256), max(self.args.max_seq_len, pos + T))
-            self._cos, self._sin = rope_tables(self.args, size)
-        return self._cos[pos:pos + T], self._sin[pos:pos + T]
+        return KVCache(self.args, max_len, {l: b.attention.n_kv for l, b in self.blocks.items()})
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.embedding is None:
-            return self.output.rows(tokens)                    # (T,) -> (T, dim)
-        return self.embedding[tokens]                          # (T,) -> (T, dim)
+        return self.lookup(tokens)                             # (T,) -> (T, dim)
 
     def layers(self, h: torch.Tensor, cache: KVCache, layer_ids=None) -> torch.Tensor:
         """Run the held blocks (or the given ones) on h (T, dim); does not advance the cache."""
@@ -164,6 +196,17 @@ class Transformer:
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(rms_norm(h, self.norm, self.args.norm_eps))  # (T, dim) -> (T, vocab)
+
+    def weight_bytes(self) -> int:
+        """Resident parameter bytes: what this model object holds of the weights (a distributed
+        part reports its own share through `nbytes`)."""
+        def size(part) -> int:
+            if part is None:
+                return 0
+            return part.numel() * part.element_size() if isinstance(part, torch.Tensor) else part.nbytes
+        n = sum(size(b.attention) + size(b.feed_forward) + size(b.attn_norm) + size(b.ffn_norm)
+                for b in self.blocks.values())
+        return n + size(self.output) + size(self.embedding) + size(self.norm)
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Framing: every message between ranks is a fixed header plus a payload.
 
-The header (kind, step, layer, rows, cols, seq, send time) lets a receiver recognise a late
-message and discard it, never mixing it into a later step. `seq` is the plan version in tensor
-mode and the sequence id in pipeline mode.
+The header (kind, step, layer, rows, cols, seq, plan, pos, send time) lets a receiver recognise a
+late message and discard it, never mixing it into a later step. `seq` is the sequence id in
+pipeline mode (and the KV head of a CACHE message), `plan` the placement version in tensor mode,
+`pos` the position of the payload's first token in its sequence (attention inputs, caches).
 """
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ class Kind(IntEnum):
     DONE = 4        # worker -> rank 0: the worker's statistics (JSON), its last message
     PLAN = 5        # rank 0 -> worker: new group ids per layer, int32 (n_layers, width), -1 = none
     ACTIVATION = 6  # pipeline mode: hidden states (T, dim) of sequence `seq` entering stage `layer`
+    ATTN_INPUT = 7  # rank 0 -> worker: x (T, dim) for the attention of `layer`, first token at `pos`
+    ATTN_PARTIAL = 8  # worker -> rank 0: its attention groups' partial output (T, dim)
+    HEAD_INPUT = 9  # rank 0 -> worker: the final normalized hidden state (T, dim)
+    LOGITS = 10     # worker -> rank 0: logits of its vocabulary slice (T, stop - start), float32
+    CACHE = 11      # K/V of KV head `seq` of `layer` for positions pos.. (2n, hd): k rows, v rows
 
 
 class Body(IntEnum):
@@ -40,10 +46,11 @@ WIRE_BODIES = {wire: Body(code) for wire, code in WIRE_CODES.items()}   # wire d
 EXACT = {Body.INT32: np.int32, Body.BYTES: np.uint8}                     # bodies sent as they are
 
 # kind, payload type, layer, step, payload rows and cols, seq (pipeline: the sequence id), plan
-# (tensor: the placement version the message was made under), send time (sender's clock): 32 bytes
+# (tensor: the placement version the message was made under), pos (first token's position),
+# send time (sender's clock): 36 bytes
 HEADER = np.dtype([("kind", "u1"), ("body", "u1"), ("layer", "<i2"), ("step", "<i4"),
                    ("rows", "<i4"), ("cols", "<i4"), ("seq", "<i4"), ("plan", "<i4"),
-                   ("sent_at", "<f8")])
+                   ("pos", "<i4"), ("sent_at", "<f8")])
 assert HEADER.itemsize == HEADER_BYTES, "net/wire.py sizes messages with this header"
 
 
@@ -57,6 +64,7 @@ class Message:
     sent_at: float
     seq: int = 0            # pipeline mode: the sequence
     plan: int = 0           # tensor mode: the placement version
+    pos: int = 0            # position of the payload's first token (attention inputs, caches)
 
     def json(self) -> dict:
         return json.loads(self.payload.tobytes().decode())
@@ -92,7 +100,7 @@ def frame(payload: np.ndarray, wire: str = "float32") -> Frame:
 
 
 def write_frame(out: np.ndarray, kind: Kind, step: int, layer: int, f: Frame, sent_at: float,
-                seq: int = 0, plan: int = 0) -> int:
+                seq: int = 0, plan: int = 0, pos: int = 0) -> int:
     """Header + body written into `out` (uint8, at least `f.nbytes` long), one copy of the
     payload; returns the bytes written."""
     h = HEADER.itemsize
@@ -101,7 +109,8 @@ def write_frame(out: np.ndarray, kind: Kind, step: int, layer: int, f: Frame, se
         out[h:h + n] = f.x.view(np.uint8).reshape(-1)
     else:
         n = encode_body_into(f.x, CODE_WIRES[int(f.body)], out[h:])
-    out[:h].view(HEADER)[0] = (int(kind), int(f.body), layer, step, f.rows, f.cols, seq, plan, sent_at)
+    out[:h].view(HEADER)[0] = (int(kind), int(f.body), layer, step, f.rows, f.cols, seq, plan, pos,
+                                  sent_at)
     return h + n
 
 
@@ -137,7 +146,7 @@ def decode(source: int, data) -> Message:
     else:
         payload = decode_body(data, CODE_WIRES[int(body)], rows, cols, offset=h)
     return Message(source, Kind(int(head["kind"])), int(head["step"]), int(head["layer"]), payload,
-                   float(head["sent_at"]), int(head["seq"]), int(head["plan"]))
+                   float(head["sent_at"]), int(head["seq"]), int(head["plan"]), int(head["pos"]))
 
 
 def json_payload(obj) -> np.ndarray:

@@ -95,11 +95,12 @@ class Transport:
 
     # -- the interface
     def send(self, dest: int, kind: Kind, step: int, layer: int, payload: np.ndarray, seq: int = 0,
-             plan: int = 0):
+             plan: int = 0, pos: int = 0, exact: bool = False):
+        """exact: float payloads go as float32 whatever the wire precision (logits, caches)."""
         now = time.perf_counter()
-        f = frame(payload, self.wire)
+        f = frame(payload, "float32" if exact else self.wire)
         buf = self._buffer(f.nbytes)
-        n = write_frame(buf, kind, step, layer, f, now, seq, plan)
+        n = write_frame(buf, kind, step, layer, f, now, seq, plan, pos)
         self.stats.sent += 1
         d = self.loss.delay(self.rank, dest, n) if self.loss else 0.0
         queue = self._held.setdefault(dest, deque())

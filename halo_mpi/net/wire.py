@@ -3,7 +3,7 @@ the wire between ranks.
 
 Why: under packet loss a message that fits one TCP segment (MSS 1448 bytes) is repaired within
 milliseconds, a two-segment one waits for the retransmission timeout (~200 ms). A float32
-576-vector is 2304 bytes (2 segments with the 32-byte header); float16 and bfloat16 halve it
+576-vector is 2304 bytes (2 segments with the 36-byte header); float16 and bfloat16 halve it
 (1152 B), q8 (GGUF's Q8_0 blocks) brings it to 612 B: one segment each.
 
 Bodies, for x of shape (rows, cols):
@@ -33,7 +33,7 @@ import numpy as np
 WIRE_DTYPES = ("float32", "float16", "bfloat16", "q8")
 WIRE_CODES = {"float32": 0, "float16": 3, "bfloat16": 4, "q8": 5}   # 1, 2: framing's int32, bytes
 CODE_WIRES = {code: wire for wire, code in WIRE_CODES.items()}
-HEADER_BYTES = 32                   # net/framing.py's HEADER.itemsize (framing checks it)
+HEADER_BYTES = 36                   # net/framing.py's HEADER.itemsize (framing checks it)
 
 MSS = 1448                          # TCP payload per segment on these links (Ethernet, timestamps)
 Q8_BLOCK = 32                       # values per q8 block, as GGUF's Q8_0

@@ -152,8 +152,30 @@ class Store:
         p = layer_path(layer)
         return self._read(f"{p}/attn_norm"), self._read(f"{p}/ffn_norm")
 
-    def attn_groups(self, layer: int) -> np.ndarray:   # (n_kv_heads, (2*n_rep+2)*hd, dim)
-        return self._read(f"{layer_path(layer)}/attn_groups")
+    def attn_groups(self, layer: int, ids=None) -> np.ndarray:   # (len(ids), (2*n_rep+2)*hd, dim)
+        """Attention groups (one per KV head) by id, all of them by default."""
+        name = f"{layer_path(layer)}/attn_groups"
+        if ids is None:
+            return self._read(name)
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and (np.any(np.diff(ids) <= 0) or ids[0] < 0 or ids[-1] >= self.args.n_kv_heads):
+            raise HaloError(f"attention groups {ids.tolist()} are not sorted KV heads of this model")
+        if len(ids) and ids[-1] - ids[0] + 1 == len(ids):
+            return self._read(name, np.s_[int(ids[0]):int(ids[-1]) + 1])
+        return self._read(name, ids.tolist()) if len(ids) else np.empty(
+            (0, self.args.attn_group_rows, self.args.dim), np.float32)
+
+    def output_rows(self, start: int, stop: int) -> np.ndarray:   # (stop - start, dim)
+        """A vocabulary slice of the output head (of the embedding when tied): one contiguous read."""
+        return self._read("embedding" if self.args.tied_embeddings else "output", np.s_[start:stop])
+
+    def embedding_rows(self, ids: np.ndarray) -> np.ndarray:      # (len(ids), dim)
+        """Embedding rows of token ids, in their order, read from the file (repeats allowed)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) == 1:
+            return self._read("embedding", np.s_[int(ids[0]):int(ids[0]) + 1])
+        unique, where = np.unique(ids, return_inverse=True)    # h5py wants increasing indices
+        return self._read("embedding", unique.tolist())[where]
 
     def mlp_group_ids(self, layer: int) -> np.ndarray:
         """The global ids of the MLP groups this file holds for `layer` (all of them, unless a shard)."""

@@ -31,12 +31,16 @@ Placement = list[list[np.ndarray]]   # placement[layer][rank] -> sorted global g
 
 
 def group_counts(cluster: ClusterSpec, groups: int, layers: int, group_mb: float,
-                 importance: np.ndarray | None = None, drop_budget: float | None = None) -> list[int]:
+                 importance: np.ndarray | None = None, drop_budget: float | None = None,
+                 reserved_mb: list[float] | None = None) -> list[int]:
     """Groups per rank per layer: proportional to speed x reliability (the work a rank delivers
-    in time), capped by memory and, with a drop budget, by importance; all groups placed.
+    in time), capped by memory (less `reserved_mb`, what the rank's attention groups and head
+    slice take) and, with a drop budget, by importance; all groups placed.
     Rank 0's own link is perfect."""
-    mem_cap = [int(s.memory_mb // (group_mb * layers)) if s.memory_mb != math.inf and group_mb > 0
-               else groups for s in cluster.ranks]
+    reserved = reserved_mb or [0.0] * cluster.size
+    mem_cap = [max(0, int((s.memory_mb - reserved[r]) // (group_mb * layers)))
+               if s.memory_mb != math.inf and group_mb > 0 else groups
+               for r, s in enumerate(cluster.ranks)]
     if sum(mem_cap) < groups:
         need = groups * layers * group_mb
         allowed = sum(mem_cap) * layers * group_mb
@@ -96,12 +100,13 @@ def tiers(cluster: ClusterSpec) -> list[list[int]]:
 
 
 def plan(importance: np.ndarray, cluster: ClusterSpec, group_mb: float = 0.0,
-         previous: Placement | None = None, drop_budget: float | None = None) -> Placement:
+         previous: Placement | None = None, drop_budget: float | None = None,
+         reserved_mb: list[float] | None = None) -> Placement:
     """Placement for every layer; with `previous`, keep each group where it is if its tier allows.
     drop_budget: HALO sync's limit on the importance expected to be lost to late links (None:
     strict sync, where nothing is lost and only speed and reliability set the shares)."""
     n_layers, G = importance.shape
-    counts = group_counts(cluster, G, n_layers, group_mb, importance, drop_budget)
+    counts = group_counts(cluster, G, n_layers, group_mb, importance, drop_budget, reserved_mb)
     tier_list = tiers(cluster)
     placement = []
     for layer in range(n_layers):
@@ -223,3 +228,74 @@ class Replanner:
         loads = ", ".join(f"rank {r} loads {n}" for r, n in sorted(moved(placement, new).items())) or "none"
         probing = f"; probes (rank 0 backs up their groups): {sorted(probes)}" if probes else ""
         return new, f"re-plan at step {step}: {what}; groups moved: {loads}{probing}"
+
+
+# ---------------------------------------------------------------------------------------------
+# attention groups and the output head
+
+def holders(cluster: ClusterSpec, sync: str) -> list[int]:
+    """Ranks that may hold attention groups and head slices, whose partials are always waited
+    for: every rank in strict sync; in HALO sync rank 0 and the stable ranks only, so that an
+    unstable link never holds up the step with something that cannot be dropped."""
+    return [r for r, d in enumerate(cluster.ranks)
+            if r == 0 or sync == "strict" or d.reliability >= STABLE]
+
+
+def speed_shares(cluster: ClusterSpec, ranks: list[int], total: int) -> dict[int, int]:
+    """`total` items split over `ranks` in proportion to their speed (largest remainder, ties
+    to the lower rank)."""
+    speed = {r: cluster.ranks[r].speed for r in ranks}
+    exact = {r: total * s / sum(speed.values()) for r, s in speed.items()}
+    counts = {r: int(math.floor(x)) for r, x in exact.items()}
+    for r in sorted(ranks, key=lambda r: (-(exact[r] - counts[r]), r))[:total - sum(counts.values())]:
+        counts[r] += 1
+    return counts
+
+
+def attention_placement(cluster: ClusterSpec, n_layers: int, n_kv: int, eligible: list[int],
+                        previous: Placement | None = None) -> Placement:
+    """placement[layer][rank] -> KV heads (attention groups) it holds.
+
+    Each eligible rank holds a share of all n_layers x n_kv groups in proportion to its speed,
+    and a layer's groups are spread over as many ranks as possible (they run in parallel), so
+    the KV-head count need not divide the ranks: with 3 heads on 2 ranks, one rank holds two
+    heads of a layer and one of the next. With `previous`, a group whose rank is still eligible
+    stays (it carries its K/V cache); only the others move, to the eligible ranks with the
+    fewest groups for their speed."""
+    quota = speed_shares(cluster, eligible, n_layers * n_kv)
+    held = [[[] for _ in range(cluster.size)] for _ in range(n_layers)]
+    count = dict.fromkeys(eligible, 0)
+    todo = []
+    for layer in range(n_layers):
+        for head in range(n_kv):
+            owner = None
+            if previous is not None:
+                owner = next((r for r in eligible if r < len(previous[layer])
+                              and head in set(previous[layer][r].tolist())), None)
+            if owner is None:
+                todo.append((layer, head))
+            else:
+                held[layer][owner].append(head)
+                count[owner] += 1
+    for layer, head in todo:
+        def load(r):   # fewest groups in this layer first, then furthest below quota for its speed
+            return (len(held[layer][r]), (count[r] + 1) / max(quota[r], 1e-9), r)
+        r = min(eligible, key=load)
+        held[layer][r].append(head)
+        count[r] += 1
+    return [[np.array(sorted(h), dtype=np.int64) for h in layer] for layer in held]
+
+
+def vocab_slices(cluster: ClusterSpec, vocab: int, eligible: list[int],
+                 previous: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """rank -> [start, stop) rows of the output head, contiguous, in proportion to speed over the
+    eligible ranks (empty elsewhere). `previous` is kept while all its holders stay eligible."""
+    if previous is not None and all(a == b or r in eligible for r, (a, b) in enumerate(previous)):
+        return list(previous)
+    counts = speed_shares(cluster, eligible, vocab)
+    out, start = [], 0
+    for r in range(cluster.size):
+        n = counts.get(r, 0)
+        out.append((start, start + n))
+        start += n
+    return out
