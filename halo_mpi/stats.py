@@ -65,6 +65,7 @@ class RankStats:
     wait_s: float = 0.0
     pending_requests_at_end: int = 0
     extra: dict = field(default_factory=dict)   # what the mode adds, flattened into the JSON
+    weight_bytes: int = 0                       # resident parameter bytes on this rank
 
 
 @dataclass

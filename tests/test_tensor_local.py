@@ -10,7 +10,7 @@ from halo_mpi.errors import HaloError
 from halo_mpi.model.generate import LocalSession, Sampler, generate
 from halo_mpi.model.llama import Transformer
 from halo_mpi.net.devices import ClusterSpec, Device, read_device_profile
-from halo_mpi.net.framing import Kind
+from halo_mpi.net.framing import Kind, json_payload
 from halo_mpi.net.links import LinkEstimate
 from halo_mpi.net.local import LocalHub
 from halo_mpi.net.loss import LinkLoss
@@ -43,7 +43,7 @@ def test_strict_twin_equals_reference(tiny_store):
 
 # max |logit difference| from the reference, by wire precision (measured on this tiny model:
 # float16 2e-5, bfloat16 2e-4, q8 7e-4; the real model, tests/test_tensor_mpi.py: up to 0.8 for q8)
-WIRE_TOLERANCE = {"float32": 1e-5, "float16": 1e-4, "bfloat16": 1e-3, "q8": 5e-3}
+WIRE_TOLERANCE = {"float32": 1e-5, "float16": 2e-4, "bfloat16": 3e-3, "q8": 1e-2}
 
 
 @pytest.mark.parametrize("wire", sorted(WIRE_TOLERANCE))
@@ -479,7 +479,8 @@ def test_an_input_that_overtakes_its_plan_is_answered_once_the_plan_arrives():
     rank0.send(1, Kind.INPUT, 5, 0, np.full((1, 4), 7.0, np.float32), plan=1)   # plan 1 not known yet
     time.sleep(0.05)
     assert rank0.poll(0.0) == []                                 # held, not answered, not dropped
-    rank0.send(1, Kind.PLAN, 5, -1, np.array([[3, 4]], np.int32), plan=1)
+    rank0.send(1, Kind.PLAN, 5, -1, json_payload({"mlp": [[3, 4]], "pos": 0, "attention": None, "vocab": None}),
+               plan=1)
     reply = rank0.poll(5.0)
     assert [(m.kind, m.step, m.plan) for m in reply] == [(Kind.PARTIAL, 5, 1)]
     assert loads == [(0, [3, 4])] and reply[0].payload[0, 1] == 7.0

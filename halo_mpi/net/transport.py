@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import HaloError
-from .framing import TAG, Kind, Message, decode, frame, write_frame
+from .framing import HEADER, TAG, Kind, Message, decode, frame, write_frame
 from .launch import oversubscribed
 from .loss import LinkLoss
 
@@ -92,6 +92,7 @@ class Transport:
     def _arrived(self) -> list[Message]: ...
     def _idle(self, seconds: float): time.sleep(seconds)
     def pending_requests(self) -> int: return 0
+    max_payload_bytes = 1 << 30   # the largest payload one message may carry
 
     # -- the interface
     def send(self, dest: int, kind: Kind, step: int, layer: int, payload: np.ndarray, seq: int = 0,
@@ -174,6 +175,7 @@ class MPITransport(Transport):
         super().__init__(comm.Get_rank(), comm.Get_size(), loss, wire, wait)
         from mpi4py import MPI  # here: importing mpi4py.MPI initialises MPI, only a run may do that
         self.MPI, self.comm, self.max_bytes = MPI, comm, max_bytes
+        self.max_payload_bytes = max_bytes - HEADER.itemsize
         if peers is None:
             peers = list(range(1, self.size)) if self.rank == 0 else [0]
         self.peers = sorted(set(peers) - {self.rank})

@@ -1,19 +1,29 @@
-"""Tensor-parallel HALO mode: rank 0 coordinates, every rank computes MLP neuron groups.
+"""Tensor-parallel HALO mode: rank 0 coordinates, every rank computes a share of each layer.
 
     mpiexec -n 4 halo-mpi generate --parallel tensor --sync halo --link-loss 2:0.05,3:0.05 \\
         --prompt "The capital of France is" --temperature 0
 
-Rank 0 holds the embedding, norms, attention, residual stream, head and sampling, plus its own
-share of every layer's MLP groups. Per layer it sends the normalized hidden state to the workers
-holding groups of that layer, computes its own partial, and gathers theirs: all of them (strict
-sync), or the critical ones plus whatever else arrives before each link's deadline (HALO sync).
-A missing partial counts as zero, unless rank 0 holds a backup of those groups (--backup-share:
-the most important share of each unstable rank's groups, by calibration), which it then computes
-itself; a late partial is discarded when it arrives. A link whose missed partial is still not
-there a round-trip bound later is treated as stalled (real TCP delivers in order: what follows a
-lost segment waits for it) and not waited for until something arrives from it again; that rule
-lives in `gather.DeadlineGather`. The model itself does not know any of this: `DistributedMLP`
-replaces each block's MLP from outside.
+Rank 0 holds the residual stream, the norms and sampling; every rank (rank 0 too) holds a share
+of each layer's attention groups (KV heads with their caches), of its MLP neuron groups, and a
+vocabulary slice of the output head. Per layer, rank 0 sends the normalized hidden state to the
+ranks holding attention groups of that layer, computes its own, and gathers every attention
+partial; then the same for the MLP, where it gathers all partials (strict sync), or the critical
+ones plus whatever else arrives before each link's deadline (HALO sync). After the last layer it
+gathers every logits slice. The embedding rows are read from the store token by token.
+
+Attention partials and logits are never dropped: an attention group's partial is a third of the
+layer's attention output for SmolLM2 (not a sliver of importance like one MLP group among 64),
+and the logits decide the token. So in HALO sync attention groups and head slices sit only on
+rank 0 and the stable ranks (`placement.holders`); a re-plan that finds a holder unstable moves
+its attention groups to the others with their K/V caches, relayed through rank 0.
+
+A missing MLP partial counts as zero, unless rank 0 holds a backup of those groups
+(--backup-share: the most important share of each unstable rank's groups, by calibration), which
+it then computes itself; a late partial is discarded when it arrives. A link whose missed
+partial is still not there a round-trip bound later is treated as stalled (real TCP delivers in
+order: what follows a lost segment waits for it) and not waited for until something arrives from
+it again; that rule lives in `gather.DeadlineGather`. The model itself does not know any of this:
+`DistributedAttention`, `DistributedMLP` and `DistributedHead` replace its parts from outside.
 """
 from __future__ import annotations
 
@@ -27,11 +37,12 @@ import torch
 
 from ..errors import HaloError
 from ..model.groups import GroupMLP
-from ..net.framing import Kind
+from ..net.framing import Kind, json_payload
 from ..net.links import LinkEstimate
 from ..net.transport import Transport
+from .attention import HeldAttention, join_cache, send_cache
 from .gather import DeadlineGather, GatherResult, LayerKey
-from .placement import Placement
+from .placement import Placement, attention_placement, holders, vocab_slices
 from .policy import SyncPolicy
 
 
@@ -58,13 +69,22 @@ class Coordinator:
     replanner: moves groups when links change (optional). Partials carry the plan version in
     the header's plan field, so one computed under an old placement is never added in.
     clock: what the deadline gather and the layer's send time are measured with (tests fake it).
+    attention: placement[layer][rank] -> KV heads, with `held` rank 0's own groups and caches;
+    vocab: rank -> [start, stop) of the head, `load_head(start, stop)` reads a slice. Without
+    them the model keeps its own attention and head (an MLP-only coordinator, for tests).
     """
 
     def __init__(self, transport: Transport, placement: Placement, importance: np.ndarray,
                  policy: SyncPolicy, load_groups: LoadGroups, predictor=None, sparsity: float = 0.0,
                  replanner=None, log=None, clock: Callable[[], float] = time.perf_counter,
-                 probes: frozenset = frozenset()):
+                 probes: frozenset = frozenset(), attention: Placement | None = None,
+                 held: HeldAttention | None = None, vocab: list | None = None, load_head=None):
         self.t, self.importance, self.policy = transport, importance, policy
+        self.attention_placement, self.held = attention, held
+        self.vocab, self.load_head = vocab, load_head
+        self.head_slice = load_head(*vocab[0]) if vocab and vocab[0][1] > vocab[0][0] else None
+        self.pos = 0                                         # the sequence's length (for re-plans)
+        self.model_bytes = 0                                 # the model's own weights here (norms)
         self.deadlines = DeadlineGather(transport, policy, range(1, transport.size), clock,
                                         n_layers=len(placement))
         self.backup: dict[int, dict[int, GroupMLP]] = {}          # layer -> rank -> its backed-up groups
@@ -132,19 +152,122 @@ class Coordinator:
         if new is None:
             return
         self.version += 1
-        width = max(len(p[r]) for p in new for r in range(len(p)))
+        attention, vocab = self.attention_placement, self.vocab
+        if attention is not None:   # a holder turned unstable: its attention and head slice move
+            eligible = holders(self.replanner.cluster, self.policy.mode)
+            attention = attention_placement(self.replanner.cluster, self.n_layers, self.held.args.n_kv_heads,
+                                            eligible, previous=self.attention_placement)
+            vocab = vocab_slices(self.replanner.cluster, self.held.args.vocab_size, eligible, self.vocab)
+        moves = self.attention_moves(attention)
         for r in range(1, self.t.size):
-            ids = np.full((self.n_layers, width), -1, np.int32)   # (L, width), -1 = no group
-            for l, p in enumerate(new):
-                ids[l, :len(p[r])] = p[r]
-            self.t.send(r, Kind.PLAN, self.step, -1, ids, plan=self.version)
+            body = {"mlp": [p[r].tolist() for p in new], "pos": self.pos,
+                    "attention": None if attention is None else [p[r].tolist() for p in attention],
+                    "vocab": None if vocab is None else list(vocab[r])}
+            self.t.send(r, Kind.PLAN, self.step, -1, json_payload(body), plan=self.version)
         self.policy.unstable = frozenset(self.replanner.unstable())
         self.probes = self.replanner.probes()
         self.set_placement(new)
+        if attention is not None:
+            moved_mb = self.move_caches(moves, attention)
+            if vocab != self.vocab:
+                self.vocab = vocab
+                self.head_slice = self.load_head(*vocab[0]) if vocab[0][1] > vocab[0][0] else None
+            if moves:
+                line += f"; attention groups moved with their caches: {len(moves)} ({moved_mb:.2f} MB of K/V)"
         self.replans.append(line)
         self.log(line)
 
-    # -- one layer
+    def attention_moves(self, new: Placement | None) -> list[tuple[int, int, int, int]]:
+        """(layer, head, from rank, to rank) of every attention group that changes rank."""
+        if new is None:
+            return []
+        def owner(p, head):
+            return next(r for r in range(len(p)) if head in set(p[r].tolist()))
+        return [(l, h, owner(old, h), owner(new[l], h))
+                for l, old in enumerate(self.attention_placement) for h in range(self.held.args.n_kv_heads)
+                if owner(old, h) != owner(new[l], h)]
+
+    def move_caches(self, moves: list, attention: Placement, timeout: float = 60.0) -> float:
+        """Every moved group's K/V from its old rank (already asked by the PLAN) to its new one,
+        relayed through rank 0; returns the megabytes moved."""
+        caches: dict[tuple[int, int], np.ndarray] = {}
+        empty = np.zeros((0, self.held.args.head_dim), np.float32)
+        for l, h, src, _ in moves:
+            if src == 0 or self.pos == 0:   # (nothing stored yet: the caches start empty)
+                caches[(l, h)] = self.held.export(l, h) if src == 0 else empty
+        expected = {(l, h) for l, h, src, _ in moves if src != 0 and self.pos}
+        chunks: dict[tuple[int, int], dict[int, np.ndarray]] = {k: {} for k in expected}
+        end = time.perf_counter() + timeout
+        while expected:
+            if time.perf_counter() > end:
+                raise HaloError(f"re-plan: the K/V caches of {len(expected)} attention groups did not "
+                                f"arrive within {timeout:.0f} s")
+            for m in self.t.poll(1.0):
+                if m.kind != Kind.CACHE:
+                    self.late_discarded[m.source] += 1      # a partial of a closed layer
+                    continue
+                key = (m.layer, m.seq)
+                chunks[key][m.pos] = m.payload
+                if sum(len(c) for c in chunks[key].values()) == 2 * self.pos:
+                    caches[key] = join_cache(chunks.pop(key), self.pos)
+                    expected.discard(key)
+        for l, h, _, dst in moves:
+            if dst != 0:
+                send_cache(self.t, dst, self.step, l, h, caches[(l, h)], self.pos, plan=self.version)
+        for l in {l for l, *_ in moves}:
+            self.held.regroup(l, attention[l][0], {h: caches[(l, h)] for ll, h, _, dst in moves
+                                                   if ll == l and dst == 0})
+        self.attention_placement = attention
+        return sum(c.nbytes for c in caches.values()) / 1e6
+
+    # -- attention and head: every partial is waited for
+    def attention(self, layer: int, x: torch.Tensor, pos: int) -> torch.Tensor:
+        """The layer's attention output for x (T, dim) at positions pos..: rank 0's own groups plus
+        every other holder's partial."""
+        self.pos = pos + x.shape[0]
+        placed = self.attention_placement[layer]
+        peers = [r for r in range(1, len(placed)) if len(placed[r])]
+        payload = x.numpy()                                   # (T, dim)
+        for r in peers:
+            self.t.send(r, Kind.ATTN_INPUT, self.step, layer, payload, plan=self.version, pos=pos)
+        t0 = time.perf_counter()
+        out = self.held.step(layer, x, pos) if layer in self.held.layers else torch.zeros_like(x)
+        self.compute_s += time.perf_counter() - t0
+        for _rank, part in sorted(self.gather_all(Kind.ATTN_PARTIAL, layer, peers).items()):
+            out += torch.from_numpy(part)
+        return out
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (T, vocab): every rank's vocabulary slice, gathered strictly."""
+        peers = [r for r in range(1, len(self.vocab)) if self.vocab[r][1] > self.vocab[r][0]]
+        payload = x.numpy()                                   # (T, dim)
+        for r in peers:
+            self.t.send(r, Kind.HEAD_INPUT, self.step, self.n_layers, payload, plan=self.version)
+        t0 = time.perf_counter()
+        parts = {0: self.head_slice(x)} if self.head_slice is not None else {}
+        self.compute_s += time.perf_counter() - t0
+        parts.update((r, torch.from_numpy(p)) for r, p in self.gather_all(Kind.LOGITS, self.n_layers,
+                                                                          peers).items())
+        return torch.cat([parts[r] for r in sorted(parts, key=lambda r: self.vocab[r][0])], dim=-1)
+
+    def gather_all(self, kind: Kind, layer: int, peers: list[int]) -> dict[int, np.ndarray]:
+        """Every peer's reply of `kind` for this step and layer, however late."""
+        key = LayerKey(self.step, layer, self.version, kind)
+        shares = dict.fromkeys([0] + peers, 0.0)     # (unused: every peer is critical here)
+        got, result = self.deadlines.gather(key, peers, self.deadlines.clock(), shares, decoding=False)
+        self.late_discarded.update(result.discarded)
+        self.gather_wait_s += result.wait_s
+        return got
+
+    @property
+    def weight_bytes(self) -> int:
+        """Rank 0's resident weights here: its MLP groups, backups, attention groups, head slice."""
+        n = sum(m.nbytes for m in self.own.values() if m is not None)
+        n += sum(m.nbytes for b in self.backup.values() for m in b.values())
+        n += self.held.nbytes if self.held is not None else 0
+        return n + (self.head_slice.nbytes if self.head_slice is not None else 0)
+
+    # -- one layer of MLP
     def group_importance(self, layer: int, x: torch.Tensor) -> np.ndarray:
         """(G,) shares of this layer's importance for the current token(s). Strict sync drops
         nothing and, without sparsity, needs no per-token prediction: calibration's shares do."""
@@ -251,12 +374,37 @@ def with_mask_row(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
 
 class DistributedMLP:
     """Stands in for a block's MLP on rank 0: (T, dim) -> (T, dim) summed over all ranks' groups."""
+    nbytes = 0    # the weights are counted where they are held (Coordinator.weight_bytes)
 
     def __init__(self, coordinator: Coordinator, layer: int):
         self.coordinator, self.layer = coordinator, layer
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.coordinator.mlp(self.layer, x)
+
+
+class DistributedAttention:
+    """Stands in for a block's attention on rank 0. The K/V caches live with the groups on their
+    ranks (rank 0's in `Coordinator.held`), so the model's own cache for it is empty."""
+    n_kv = 0
+    nbytes = 0
+
+    def __init__(self, coordinator: Coordinator, layer: int):
+        self.coordinator, self.layer = coordinator, layer
+
+    def __call__(self, x, k_cache, v_cache, pos: int, cos, sin) -> torch.Tensor:
+        return self.coordinator.attention(self.layer, x, pos)
+
+
+class DistributedHead:
+    """Stands in for the output head on rank 0: (T, dim) -> (T, vocab) from every rank's slice."""
+    nbytes = 0
+
+    def __init__(self, coordinator: Coordinator):
+        self.coordinator = coordinator
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.coordinator.head(x)
 
 
 class TensorParallelSession:

@@ -12,8 +12,12 @@ The rule, per layer:
   went out, gets no grace: real TCP holds whatever follows a lost segment until it is repaired, so
   waiting is no use. A partial of the current or the previous layer shows it delivers again
   (older ones are its backlog draining);
-- a message of another step, layer or plan version is discarded and counted, never added in;
-  anything but a PARTIAL is a protocol error.
+- a message of another step, layer, kind or plan version is discarded and counted, never added in;
+  anything but a reply (PARTIAL, ATTN_PARTIAL, LOGITS) is a protocol error.
+
+Attention partials and head logits are gathered with every peer critical (`decoding=False`): they
+cannot be dropped (see tensor/coordinator.py), and their timings stay out of the link estimates,
+which describe MLP partials.
 
 Bounds and graces are read from the estimates once per step, as they stood when it began.
 Decode steps also feed each link's estimate (round trip and lag of what arrived, on-time outcome of
@@ -48,15 +52,19 @@ class Inbox(Protocol):
         """Messages that arrived, waiting up to `timeout` s for the first one."""
 
 
+REPLIES = (Kind.PARTIAL, Kind.ATTN_PARTIAL, Kind.LOGITS)
+
+
 @dataclass(frozen=True)
 class LayerKey:
     """The identity a partial must carry to be added into the current layer."""
     step: int
     layer: int
     plan: int           # placement version: a partial computed under an old plan is never used
+    kind: Kind = Kind.PARTIAL   # MLP partial, attention partial or head logits
 
     def matches(self, m: Message) -> bool:
-        return (m.step, m.layer, m.plan) == (self.step, self.layer, self.plan)
+        return (m.kind, m.step, m.layer, m.plan) == (self.kind, self.step, self.layer, self.plan)
 
 
 @dataclass
@@ -169,7 +177,7 @@ class DeadlineGather:
                 w.arrived[m.source] = self.clock()
 
     def _receive(self, m: Message, w: _Layer) -> bool:
-        if m.kind != Kind.PARTIAL:
+        if m.kind not in REPLIES:
             raise HaloError(f"rank 0 got an unexpected {m.kind.name} message from rank {m.source}")
         if w.key.matches(m):
             self.missed.pop(m.source, None)  # the link delivers again
@@ -184,8 +192,8 @@ class DeadlineGather:
         """Whether a late partial shows its link caught up: from the previous layer or newer. After
         a TCP stall the link first delivers its whole backlog, none of it in time; counting that as
         recovery would grant grace, and wait, for a link that is still behind."""
-        if self.n_layers is None:
-            return True
+        if self.n_layers is None or m.kind != Kind.PARTIAL:
+            return True                      # attention and logits are always waited for
         return m.step * self.n_layers + m.layer >= key.step * self.n_layers + key.layer - 1
 
     def _feed_links(self, w: _Layer, sent_at: float, ref: float, on_time: set[int], dropped: list[int]):

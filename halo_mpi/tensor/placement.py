@@ -277,10 +277,8 @@ def attention_placement(cluster: ClusterSpec, n_layers: int, n_kv: int, eligible
             else:
                 held[layer][owner].append(head)
                 count[owner] += 1
-    for layer, head in todo:
-        def load(r):   # fewest groups in this layer first, then furthest below quota for its speed
-            return (len(held[layer][r]), (count[r] + 1) / max(quota[r], 1e-9), r)
-        r = min(eligible, key=load)
+    for layer, head in todo:   # fewest groups in this layer first, then furthest below quota
+        r = min(eligible, key=lambda r: (len(held[layer][r]), (count[r] + 1) / max(quota[r], 1e-9), r))  # noqa: B023
         held[layer][r].append(head)
         count[r] += 1
     return [[np.array(sorted(h), dtype=np.int64) for h in layer] for layer in held]

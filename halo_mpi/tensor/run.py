@@ -4,9 +4,10 @@
 
 Every rank opens the store itself (or its own shard: `--weights 'shards/m.rank{rank}.h5'`),
 computes the same placement from the store's static importance and the options, and loads only
-its own MLP groups. Rank 0 builds the model with `DistributedMLP`s in place of the MLPs and runs
-whatever `drive(coordinator, model)` asks (a generation loop, a perplexity); the others serve
-partial sums until rank 0 stops them.
+its own attention groups, MLP groups and head slice. Rank 0 builds the model with distributed
+attention, MLPs and head in place of its own (and the embedding read row by row from the store)
+and runs whatever `drive(coordinator, model)` asks (a generation loop, a perplexity); the others
+serve partial sums until rank 0 stops them.
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..errors import HaloError
 from ..model.groups import GroupMLP
 from ..model.linear import DTYPES
-from ..model.llama import Transformer
+from ..model.llama import Attention, Transformer
 from ..net.devices import STABLE, ClusterSpec, read_device_profile
 from ..net.framing import HEADER
 from ..net.local import LocalHub
@@ -30,9 +32,27 @@ from ..net.transport import MPITransport, WaitPolicy
 from ..net.wire import WIRE_DTYPES, wire_report
 from ..stats import RankStats, RunStats, SequenceStats, cpu_seconds, peak_rss_mb
 from ..store.hdf5 import Store
-from .coordinator import Coordinator, DistributedMLP, TensorParallelSession
+from .attention import HeldAttention
+from .coordinator import (
+    Coordinator,
+    DistributedAttention,
+    DistributedHead,
+    DistributedMLP,
+    TensorParallelSession,
+)
+from .head import StoreEmbedding, VocabSlice
 from .importance import uniform_importance
-from .placement import Placement, Replanner, describe_plan, plan, probe_ranks, random_placement
+from .placement import (
+    Placement,
+    Replanner,
+    attention_placement,
+    describe_plan,
+    holders,
+    plan,
+    probe_ranks,
+    random_placement,
+    vocab_slices,
+)
 from .policy import SyncPolicy
 from .predictor import Predictor
 from .worker import Worker
@@ -77,6 +97,8 @@ class TensorPlan:
     group_mb: float = 0.0
     dim: int = 0                  # width of the hidden states on the wire
     wire: str = "float32"         # their precision there (the options' auto resolved)
+    attention: Placement | None = None             # [layer][rank] -> KV heads (attention groups)
+    vocab: list[tuple[int, int]] | None = None     # rank -> [start, stop) rows of the output head
 
 
 def store_path(pattern: str, rank: int) -> str:
@@ -136,16 +158,21 @@ def make_plan(store: Store, size: int, o: TensorOptions) -> TensorPlan:
     elif imp.shape != (a.n_layers, a.mlp_groups):
         raise HaloError(f"{store.path}: calibration is for another group layout; run halo-mpi calibrate")
     group_mb = 3 * a.group_size * a.dim * 4 / 1e6
+    eligible = holders(cluster, o.sync)
+    attention = attention_placement(cluster, a.n_layers, a.n_kv_heads, eligible)
+    vocab = vocab_slices(cluster, a.vocab_size, eligible)
+    reserved = [(sum(len(p[r]) for p in attention) * a.attn_group_rows + (vocab[r][1] - vocab[r][0]))
+                * a.dim * 4 / 1e6 for r in range(size)]          # MB of attention and head per rank
     if o.placement == "random":
         placed = random_placement(a.n_layers, a.mlp_groups, cluster, o.seed)
     else:
-        placed = plan(imp, cluster, group_mb, drop_budget=drop_budget(o))
+        placed = plan(imp, cluster, group_mb, drop_budget=drop_budget(o), reserved_mb=reserved)
     policy = SyncPolicy(o.sync, o.critical_share,
                         frozenset(r for r in workers if cluster.ranks[r].reliability < STABLE),
                         o.deadline_factor, o.deadline_margin_ms / 1e3, backup_share=o.backup_share)
     replan = not o.no_replan and o.sync == "halo" and o.placement != "random"
     return TensorPlan(size, imp, placed, loss, policy, source, cluster, o, replan, group_mb, a.dim,
-                      wire_dtype(o))
+                      wire_dtype(o), attention, vocab)
 
 
 def describe_wire(dim: int, wire: str) -> str:
@@ -171,8 +198,24 @@ def group_loader(store: Store, dtype) -> Callable:
     return lambda layer, ids: GroupMLP(store.mlp_groups(layer, ids), ids, dtype)
 
 
+def held_attention(store: Store, plan: TensorPlan, rank: int) -> HeldAttention:
+    """This rank's attention groups (KV heads) of every layer, read from its store, caches empty."""
+    dtype = DTYPES[plan.options.dtype]
+    held = HeldAttention(store.args, lambda layer, ids: Attention(store.args, store.attn_groups(layer, ids),
+                                                                   ids, dtype))
+    for layer, p in enumerate(plan.attention):
+        held.regroup(layer, p[rank])
+    return held
+
+
+def head_loader(store: Store, dtype) -> Callable:
+    """(start, stop) -> that vocabulary slice of the output head, read from this rank's store."""
+    return lambda start, stop: VocabSlice(store, start, stop, dtype)
+
+
 def make_coordinator(store: Store, plan: TensorPlan, transport, log=None) -> tuple:
-    """Rank 0: the coordinator and the reference model with DistributedMLPs in place of MLPs."""
+    """Rank 0: the coordinator and the reference model with distributed attention, MLPs and head
+    in place of its own, the embedding read row by row from the store."""
     o, dtype = plan.options, DTYPES[plan.options.dtype]
     predictor = Predictor.from_store(store) if o.placement != "static" else None
     replanner = (Replanner(plan.cluster, plan.importance, plan.group_mb, drop_budget(o))
@@ -180,16 +223,28 @@ def make_coordinator(store: Store, plan: TensorPlan, transport, log=None) -> tup
     probes = probe_ranks(plan.cluster, plan.importance, drop_budget(o)) if o.placement != "random" else set()
     coordinator = Coordinator(transport, plan.placement, plan.importance, plan.policy,
                               group_loader(store, dtype), predictor, o.sparsity, replanner, log,
-                              probes=frozenset(probes))
-    model = Transformer.from_store(store, dtype=dtype, mlp=lambda layer: DistributedMLP(coordinator, layer))
+                              probes=frozenset(probes), attention=plan.attention,
+                              held=held_attention(store, plan, 0), vocab=plan.vocab,
+                              load_head=head_loader(store, dtype))
+    model = Transformer.from_store(store, embedding=False, head=False, dtype=dtype,
+                                   mlp=lambda layer: DistributedMLP(coordinator, layer),
+                                   attention=lambda layer: DistributedAttention(coordinator, layer))
+    model.norm = torch.from_numpy(store.final_norm())                   # (dim,)
+    model.output = DistributedHead(coordinator)
+    model.lookup = StoreEmbedding(store)
+    coordinator.model_bytes = model.weight_bytes()
     return coordinator, model
 
 
 def make_worker(store: Store, plan: TensorPlan, transport) -> Worker:
-    rank, load = transport.rank, group_loader(store, DTYPES[plan.options.dtype])
+    rank, dtype = transport.rank, DTYPES[plan.options.dtype]
+    load = group_loader(store, dtype)
     mlps = {layer: load(layer, p[rank]) for layer, p in enumerate(plan.placement) if len(p[rank])}
+    start, stop = plan.vocab[rank]
+    load_head = head_loader(store, dtype)
     return Worker(transport, mlps, load, speed=plan.cluster.ranks[rank].speed,
-                  sparse=plan.options.sparsity > 0)
+                  sparse=plan.options.sparsity > 0, held=held_attention(store, plan, rank),
+                  head=load_head(start, stop) if stop > start else None, load_head=load_head)
 
 
 def wait_policy(o: TensorOptions) -> WaitPolicy:
@@ -197,7 +252,9 @@ def wait_policy(o: TensorOptions) -> WaitPolicy:
 
 
 def max_message_bytes(store: Store, prefill_chunk: int) -> int:
-    return max(HEADER.itemsize + prefill_chunk * store.args.dim * 4, 1 << 20)
+    """A prefill chunk's hidden states, or one row of logits of the whole vocabulary, 1 MB at least."""
+    a = store.args
+    return HEADER.itemsize + max(prefill_chunk * a.dim * 4, a.vocab_size * 4, 1 << 20)
 
 
 def emulated_loss(plan: TensorPlan) -> LinkLoss | None:
@@ -250,19 +307,22 @@ def tensor_stats(plan: TensorPlan, run: TensorRun, results: list) -> RunStats:
     decoding = [rec for rec in c.records if rec.decoding]
     backup = int(sum(len(m.ids) for b in c.backup.values() for m in b.values()))
     ranks = [RankStats(0, run.rss_mb[0], run.cpu_s[0], c.compute_s, c.gather_wait_s, run.pending[0],
-                       {"groups": int(sum(len(p[0]) for p in plan.placement)), "backup_groups": backup,
+                       {"groups": int(sum(len(p[0]) for p in c.placement)), "backup_groups": backup,
+                        "attention_groups": int(sum(len(c.held.heads(l)) for l in range(c.n_layers))),
+                        "head_rows": c.vocab[0][1] - c.vocab[0][0],
                         "on_time_rate": 1.0, "dropped_layers": 0, "late_discarded": 0,
-                        "held_by_loss": c.t.stats.held})]
+                        "held_by_loss": c.t.stats.held}, weight_bytes=c.weight_bytes + c.model_bytes)]
     for r in range(1, plan.size):
         w, link = dict(run.workers.get(r, {})), c.links[r]
         compute, wait = w.pop("compute_s", 0.0), w.pop("wait_s", 0.0)
         w.pop("rank", None)
-        ranks.append(RankStats(r, run.rss_mb[r], run.cpu_s[r], compute, wait, run.pending[r], {
-            **w, "on_time_rate": link.on_time_rate,
-            "dropped_layers": sum(rec.dropped_ranks[r] for rec in decoding),
-            "late_discarded": c.late_discarded[r], "recovered_by_backup": c.recovered[r],
-            "deadline_ms": 1e3 * link.deadline(), "grace_ms": 1e3 * link.grace(),
-            "link_loss": plan.loss.get(r, 0.0)}))
+        weight = w.pop("weight_bytes", 0)
+        extra = {**w, "on_time_rate": link.on_time_rate,
+                 "dropped_layers": sum(rec.dropped_ranks[r] for rec in decoding),
+                 "late_discarded": c.late_discarded[r], "recovered_by_backup": c.recovered[r],
+                 "deadline_ms": 1e3 * link.deadline(), "grace_ms": 1e3 * link.grace(),
+                 "link_loss": plan.loss.get(r, 0.0)}
+        ranks.append(RankStats(r, run.rss_mb[r], run.cpu_s[r], compute, wait, run.pending[r], extra, weight))
     decode_s = [s for res in results for s in res.decode_s]
     config = {"sync": plan.policy.mode, "placement": o.placement, "importance": plan.importance_source,
               "link_loss": {str(k): v for k, v in plan.loss.items()},
@@ -281,10 +341,12 @@ def format_report(stats: RunStats) -> str:
              f"{s['tokens_per_s'] or float('nan'):.1f} tokens/s; "
              f"dropped importance share per token: mean {s['dropped_share_mean']:.4f}, max "
              f"{s['dropped_share_max']:.4f}; requests pending at end: {s['pending_requests_at_end']}",
-             "rank  groups  compute_s  wait_s  cpu_s  on-time  dropped-layers  recovered  late-discarded  "
-             "skipped  peak-RSS-MB"]
+             "rank  groups  attn  head-rows  weights-MB  compute_s  wait_s  cpu_s  on-time  dropped-layers  "
+             "recovered  late-discarded  skipped  peak-RSS-MB"]
     for r in s["ranks"]:
-        lines.append(f"{r['rank']:4d}  {r['groups']:6d}  {r['compute_s']:9.2f}  {r['wait_s']:6.2f}  "
+        lines.append(f"{r['rank']:4d}  {r['groups']:6d}  {r.get('attention_groups', 0):4d}  "
+                     f"{r.get('head_rows', 0):9d}  {r['weight_bytes'] / 1e6:10.1f}  "
+                     f"{r['compute_s']:9.2f}  {r['wait_s']:6.2f}  "
                      f"{r['cpu_s']:5.1f}  {r['on_time_rate']:7.3f}  {r['dropped_layers']:14d}  "
                      f"{r.get('recovered_by_backup', 0):9d}  {r['late_discarded']:14d}  "
                      f"{r.get('skipped', 0):7d}  {r['peak_rss_mb']:11.0f}")
