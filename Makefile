@@ -33,6 +33,8 @@ test-serial: $(STORE)
 test-mpi: $(STORE)
 	$(PY) tests/mpi_run.py 2 -q -m mpi tests
 	$(PY) tests/mpi_run.py 4 -q -m mpi tests
+	$(PY) tests/mpi_run.py 1 -q -m mpi tests/test_tensor_mpi.py -k any_size
+	$(PY) tests/mpi_run.py 3 -q -m mpi tests/test_tensor_mpi.py -k any_size
 
 install: $(VENV)/.installed
 

@@ -63,6 +63,17 @@ def tiny_store(tiny_store_path):
         yield s
 
 
+@pytest.fixture(scope="session")
+def kv3_store(tmp_path_factory):
+    """3 layers with 3 KV heads (as SmolLM2) and an untied head (per process, like tiny_store)."""
+    from halo_mpi.store.convert import write_synthetic
+    from halo_mpi.store.hdf5 import Store
+    path = tmp_path_factory.mktemp("kv3") / "kv3.h5"
+    write_synthetic("tiny-3kv", str(path), mlp_groups=8, seed=3, progress=False)
+    with Store(str(path)) as s:
+        yield s
+
+
 REAL_FIXTURES = {"real_store_path", "real_gguf_path", "real_store", "real_model"}
 
 

@@ -68,6 +68,28 @@ def test_without_loss_equals_the_reference(tiny_store, sync):
     agree(comm, check)
 
 
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("store_name", ["tiny_store", "kv3_store"])
+def test_strict_equals_the_reference_at_any_size(request, store_name):
+    """Attention groups, their caches and the head's slices on every rank; 3 KV heads do not
+    divide 2 or 4 ranks. `make test` runs this at -n 1, 2, 3 and 4."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    store = request.getfixturevalue(store_name)
+    run = tensor_parallel(comm, store, PROMPT, 16, sync="strict")
+
+    def check():
+        tokens, logits = reference(store, PROMPT, 16)
+        diff = (run.result[1] - logits).abs().max().item()
+        if run.result[0] != tokens or diff >= 1e-3:
+            return f"-n {comm.Get_size()}: strict differs from the reference (max logit diff {diff})"
+        held = [len(run.coordinator.held.heads(l)) for l in range(store.args.n_layers)]
+        if comm.Get_size() > 1 and not any(w["attention_groups"] for w in run.workers.values()):
+            return f"no worker holds attention groups (rank 0 holds {held})"
+        return None
+    agree(comm, check)
+
+
 @pytest.mark.mpi(min_size=2)
 def test_strict_with_loss_still_equals_the_reference(tiny_store):
     from mpi4py import MPI

@@ -120,7 +120,7 @@ def generate_single(a):
     if a.stats_json:
         decode_s = [s for r in results for s in r.decode_s]
         RunStats("single", 1, a.dtype, [SequenceStats.of(i, r) for i, r in enumerate(results)],
-                 [RankStats(0, peak_rss_mb(), cpu_seconds())],
+                 [RankStats(0, peak_rss_mb(), cpu_seconds(), weight_bytes=model.weight_bytes())],
                  len(decode_s) / sum(decode_s) if decode_s else float("nan"),
                  time.perf_counter() - t0).write(a.stats_json)
 

@@ -86,6 +86,10 @@ SHAPES = {
     # tiny-8l: tiny with 8 layers, so that pipeline tests can give every one of 4 ranks 2 blocks
     "tiny-8l": dict(dim=64, n_layers=8, n_heads=4, n_kv_heads=2, hidden_dim=256, vocab_size=512,
                     rope_theta=10000.0, max_seq_len=256),
+    # tiny-3kv: 3 KV heads (as SmolLM2), so 2 or 4 ranks split a layer's attention groups unevenly;
+    # an untied output head
+    "tiny-3kv": dict(dim=96, n_layers=3, n_heads=6, n_kv_heads=3, hidden_dim=256, vocab_size=515,
+                     rope_theta=10000.0, max_seq_len=256, tied_embeddings=False),
     # the real SmolLM2-135M shape, with random weights
     "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536,
                          vocab_size=49152, rope_theta=100000.0, max_seq_len=8192),

@@ -369,6 +369,7 @@ def rank_stats(ring: Ring, stage: Stage, clock: Clock) -> dict:
     wall, layers = clock.wall(), stage.plan.split[ring.rank]
     return {"rank": ring.rank, "layers": [layers.start, layers.stop], "n_layers": len(layers),
             "embedding_and_head": ring.rank == 0, "parameters": held_parameters(stage.model),
+            "weight_bytes": stage.model.weight_bytes(),
             "compute_s": clock.compute_s, "wait_s": ring.wait_s, "wall_s": wall,
             "busy_share": clock.compute_s / wall if wall else 0.0, "peak_rss_mb": peak_rss_mb(),
             "cpu_s": cpu_seconds(),

@@ -67,8 +67,9 @@ class PipelineRun:
     def stats(self) -> RunStats:
         """The run in the schema every mode writes (halo_mpi/stats.py)."""
         common = ("rank", "peak_rss_mb", "cpu_s", "compute_s", "wait_s", "pending_requests_at_end")
-        ranks = [RankStats(*(r.get(k, 0) for k in common), {k: v for k, v in r.items() if k not in common})
-                 for r in self.ranks]
+        ranks = [RankStats(*(r.get(k, 0) for k in common),
+                           {k: v for k, v in r.items() if k not in common + ("weight_bytes",)},
+                           r.get("weight_bytes", 0)) for r in self.ranks]
         config = {"num_sequences": self.plan.in_flight, "split": [[r.start, r.stop] for r in self.plan.split]}
         return RunStats("pipeline", self.plan.size, self.plan.dtype,
                         [SequenceStats.of(s.index, s.result) for s in self.sequences], ranks,
@@ -86,7 +87,8 @@ class PipelineRun:
             a, b = r["layers"]
             ends = " + embedding, head" if r["embedding_and_head"] else ""
             lines.append(f"rank {r['rank']}: layers {a}-{b - 1} ({b - a}){ends}"
-                         f", {r['parameters'] / 1e6:.1f} M parameters | busy {100 * r['busy_share']:.0f}% "
+                         f", {r['parameters'] / 1e6:.1f} M parameters ({r['weight_bytes'] / 1e6:.0f} MB)"
+                         f" | busy {100 * r['busy_share']:.0f}% "
                          f"(compute {r['compute_s']:.2f} s, wait {r['wait_s']:.2f} s) | "
                          f"peak RSS {r['peak_rss_mb']:.0f} MB (now {r['rss_mb']:.0f} MB)")
         lines.append(f"requests pending at the end: {self.pending_requests}")

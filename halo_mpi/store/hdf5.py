@@ -24,7 +24,8 @@ Layout (layout_version 1), as `h5dump -H` shows it:
                               on calibration text, each layer's row summing to 1 (`halo-mpi calibrate`)
 
 A shard file (`halo-mpi shard`) has the same layout and attributes plus shard_rank/shard_size;
-a worker's shard holds only its MLP groups (with mlp_group_ids) and the calibration.
+a worker's shard holds its MLP groups (with mlp_group_ids), every attention group, the output head
+(the embedding when tied) and the calibration.
 
 Everything is float32 (the dequantized GGUF values), stored contiguously (no chunking) so that
 a hyperslab of consecutive groups is a single read.
@@ -238,25 +239,27 @@ def write_calibration(path: str, arrays: dict[str, np.ndarray], attrs: dict | No
 def write_shard(store: Store, path: str, rank: int, size: int, groups_per_layer: list):
     """A per-rank copy of a store holding only `groups_per_layer[l]` of each MLP layer.
 
-    Rank 0's shard also keeps the embedding, norms, attention groups and tokenizer.
+    Every shard keeps the attention groups and the output head (any rank may hold some of them,
+    and a re-plan may move them); rank 0's also the embedding, norms and tokenizer.
     """
     a = store.args
     with store_writer(path, a, name=store.name, source=f"shard {rank}/{size} of {store.path}") as w:
         w.f.attrs.update(shard_rank=rank, shard_size=size)
-        if rank == 0:
+        if rank == 0 or a.tied_embeddings:   # (tied: the embedding is the head)
             w.put("embedding", store.embedding())
+        if not a.tied_embeddings:
+            w.put("output", store.output())
+        if rank == 0:
             w.put("norm", store.final_norm())
-            if not a.tied_embeddings:
-                w.put("output", store.output())
             w.put_tokenizer(**store.tokenizer_data())
         for layer, ids in enumerate(groups_per_layer):
             ids = np.sort(np.asarray(ids, dtype=np.int64))
             p = layer_path(layer)
+            w.put(f"{p}/attn_groups", store.attn_groups(layer))
             if rank == 0:
                 attn_norm, ffn_norm = store.layer_norms(layer)
                 w.put(f"{p}/attn_norm", attn_norm)
                 w.put(f"{p}/ffn_norm", ffn_norm)
-                w.put(f"{p}/attn_groups", store.attn_groups(layer))
             w.f.create_dataset(f"{p}/mlp_groups", data=store.mlp_groups(layer, ids))
             w.f.create_dataset(f"{p}/mlp_group_ids", data=ids.astype(np.int32))
         if "calibration" in store.f:

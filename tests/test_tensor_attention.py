@@ -1,0 +1,179 @@
+"""Attention groups, their K/V caches and the head's vocabulary slices spread over the ranks
+(the single-process twin; tests/test_tensor_mpi.py runs the same under mpiexec)."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from halo_mpi.model.llama import Attention, Transformer
+from halo_mpi.net.devices import ClusterSpec, Device
+from halo_mpi.net.framing import Kind
+from halo_mpi.net.local import LocalHub
+from halo_mpi.tensor.attention import HeldAttention, join_cache
+from halo_mpi.tensor.placement import Replanner, attention_placement, holders, vocab_slices
+from halo_mpi.tensor.run import LocalCluster, TensorOptions, make_plan
+from halo_mpi.tensor.worker import Worker
+
+PROMPTS = [[5, 70, 33, 9, 120, 17, 3], [44, 2, 8]]   # two sequences: the caches start over
+
+
+def logits_of(model, new_cache, prompts, steps=5, begin=lambda decoding: None):
+    """Prefill each prompt in chunks of 3, then greedy decode: every logits row, (N, vocab)."""
+    out = []
+    with torch.inference_mode():
+        for ids in prompts:
+            cache = new_cache(len(ids) + steps)
+            for start in range(0, len(ids), 3):
+                begin(False)
+                logits = model(torch.tensor(ids[start:start + 3]), cache)
+                out.append(logits)
+            for _ in range(steps):
+                begin(True)
+                logits = model(torch.tensor([int(logits[-1].argmax())]), cache)
+                out.append(logits)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+@pytest.mark.parametrize("store_name", ["tiny_store", "kv3_store"])
+def test_strict_twin_equals_the_reference_at_every_size(request, store_name, size):
+    store = request.getfixturevalue(store_name)
+    ref_model = Transformer.from_store(store)
+    ref = logits_of(ref_model, ref_model.new_cache, PROMPTS)
+    cluster = LocalCluster(store, make_plan(store, size, TensorOptions(sync="strict")))
+    got = logits_of(cluster.model, cluster.model.new_cache, PROMPTS,
+                    begin=lambda decoding: cluster.coordinator.begin_step(decoding))
+    done = cluster.stop()
+    assert (got - ref).abs().max().item() < 1e-4
+    # every weight is held once: the ranks' bytes add up to the single process's (the embedding
+    # rows are read from the store, the head is held in slices)
+    held = cluster.coordinator.weight_bytes + cluster.coordinator.model_bytes
+    held += sum(s["weight_bytes"] for s in done.values())
+    embedding = 0 if store.args.tied_embeddings else ref_model.embedding.numel() * 4
+    assert held == ref_model.weight_bytes() - embedding
+
+
+def cluster_of(speeds, reliability=None):
+    reliability = reliability or [1.0] * len(speeds)
+    return ClusterSpec([Device(speed=s, reliability=r) for s, r in zip(speeds, reliability)])
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_three_kv_heads_spread_over_any_number_of_ranks(size):
+    cluster = cluster_of([1.0] * size)
+    placed = attention_placement(cluster, 30, 3, list(range(size)))
+    for layer in placed:                         # each head once per layer, on distinct ranks
+        heads = np.concatenate(layer)
+        assert sorted(heads.tolist()) == [0, 1, 2]
+        assert max(len(h) for h in layer) == (2 if size == 2 else 1)
+    counts = [sum(len(layer[r]) for layer in placed) for r in range(size)]
+    assert max(counts) - min(counts) <= 1 and sum(counts) == 90
+
+
+def test_halo_keeps_attention_and_head_off_unstable_ranks_and_a_replan_keeps_what_stays():
+    cluster = cluster_of([1.0, 1.0, 2.0, 1.0], [1.0, 1.0, 1.0, 0.9])
+    assert holders(cluster, "halo") == [0, 1, 2] and holders(cluster, "strict") == [0, 1, 2, 3]
+    placed = attention_placement(cluster, 12, 3, holders(cluster, "halo"))
+    counts = [sum(len(layer[r]) for layer in placed) for r in range(4)]
+    assert counts[3] == 0 and counts[2] == max(counts)           # the fast rank holds the most
+    vocab = vocab_slices(cluster, 1000, holders(cluster, "halo"))
+    assert vocab[0][0] == 0 and vocab[-1][1] == 1000 and vocab[3] == (1000, 1000)
+    assert all(a[1] == b[0] for a, b in zip(vocab, vocab[1:]))     # contiguous, in rank order
+    assert vocab[2][1] - vocab[2][0] == 500
+    cluster.ranks[1].reliability = 0.5                             # rank 1 turns unstable
+    again = attention_placement(cluster, 12, 3, holders(cluster, "halo"), previous=placed)
+    for old, new in zip(placed, again):
+        assert len(new[1]) == 0
+        for r in (0, 2):                                           # nothing else moves
+            assert set(old[r].tolist()) <= set(new[r].tolist())
+    start, stop = vocab_slices(cluster, 1000, holders(cluster, "halo"), previous=vocab)[1]
+    assert start == stop                                           # its head slice moves too
+
+
+def test_a_worker_behind_appends_every_steps_k_v_and_answers_only_the_newest(kv3_store):
+    """Inputs of three steps reach the worker in one batch: its cache must hold all three
+    positions (no hole), and only the newest step gets a partial back."""
+    a = kv3_store.args
+    load = lambda layer, ids: Attention(a, kv3_store.attn_groups(layer, ids), ids)   # noqa: E731
+    held = HeldAttention(a, load)
+    held.regroup(0, np.array([1, 2]))
+    hub = LocalHub(2)
+    xs = torch.randn(3, a.dim)
+    for step in range(3):                                      # queued before the worker runs
+        hub.transports[0].send(1, Kind.ATTN_INPUT, step + 1, 0, xs[step:step + 1].numpy(), pos=step)
+    hub.transports[0].send(1, Kind.STOP, 9, -1, np.zeros((0, 1), np.float32))
+    worker = Worker(hub.transports[1], {}, held=held)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    thread.join(10)
+    replies = [m for m in hub.transports[0].poll(0.5) if m.kind == Kind.ATTN_PARTIAL]
+    assert [m.step for m in replies] == [3] and worker.appended_only == 2
+    # the reference: the full attention over the same three inputs, one at a time
+    ref = HeldAttention(a, load)
+    ref.regroup(0, np.array([1, 2]))
+    with torch.inference_mode():
+        for step in range(3):
+            want = ref.step(0, xs[step:step + 1], step)
+    assert held.layers[0].pos == 3
+    assert torch.equal(held.layers[0].k[:, :3], ref.layers[0].k[:, :3])
+    assert torch.equal(held.layers[0].v[:, :3], ref.layers[0].v[:, :3])
+    assert np.allclose(replies[0].payload, want.numpy(), atol=1e-6)
+
+
+def test_an_attention_input_past_the_cache_is_one_clear_error(kv3_store):
+    a = kv3_store.args
+    held = HeldAttention(a, lambda layer, ids: Attention(a, kv3_store.attn_groups(layer, ids), ids))
+    held.regroup(0, np.array([0]))
+    with pytest.raises(Exception, match="hole"):
+        held.step(0, torch.randn(1, a.dim), 4)
+
+
+class DemoteRankOne:
+    """A replanner that, at a given decode step, finds rank 1's link unstable."""
+
+    def __init__(self, plan, at_step):
+        self.inner = Replanner(plan.cluster, plan.importance, plan.group_mb, drop_budget=0.01)
+        self.cluster, self.at_step = self.inner.cluster, at_step
+
+    def update(self, links, placement, step):
+        if step != self.at_step:
+            return None, ""
+        self.cluster.ranks[1].reliability = 0.5
+        from halo_mpi.tensor.placement import plan as make
+        new = make(self.inner.importance, self.cluster, 0.0, placement, 0.01)
+        return new, f"re-plan at step {step}: rank 1 demoted (test)"
+
+    def unstable(self):
+        return self.inner.unstable()
+
+    def probes(self):
+        return set()
+
+
+def test_a_replan_moves_attention_groups_with_their_caches(kv3_store):
+    """HALO sync waiting for everything (critical share 1): rank 1 turns unstable mid-sequence,
+    its attention groups and head slice move away with their K/V caches, and the logits stay
+    those of the reference."""
+    ref_model = Transformer.from_store(kv3_store)
+    ref = logits_of(ref_model, ref_model.new_cache, PROMPTS[:1], steps=8)
+    plan = make_plan(kv3_store, 3, TensorOptions(sync="halo", critical_share=1.0, wire_dtype="float32"))
+    assert any(len(layer[1]) for layer in plan.attention) and plan.vocab[1][1] > plan.vocab[1][0]
+    cluster = LocalCluster(kv3_store, plan)
+    c = cluster.coordinator
+    c.replanner = DemoteRankOne(plan, at_step=6)
+    got = logits_of(cluster.model, cluster.model.new_cache, PROMPTS[:1], steps=8,
+                    begin=lambda decoding: c.begin_step(decoding))
+    done = cluster.stop()
+    assert (got - ref).abs().max().item() < 1e-4
+    assert len(c.replans) == 1 and "attention groups moved with their caches" in c.replans[0]
+    assert all(len(layer[1]) == 0 for layer in c.attention_placement)
+    assert done[1]["attention_groups"] == 0 and done[1]["head_rows"] == 0
+    assert c.vocab[0][0] == 0 and c.vocab[-1][1] == kv3_store.args.vocab_size
+
+
+def test_join_cache_puts_chunks_back_in_order():
+    kv = np.arange(2 * 5 * 2, dtype=np.float32).reshape(10, 2)       # (2 * pos, hd), pos 5
+    k, v = kv[:5], kv[5:]
+    chunks = {3: np.concatenate([k[3:], v[3:]]), 0: np.concatenate([k[:3], v[:3]])}
+    assert np.array_equal(join_cache(chunks, 5), kv)
