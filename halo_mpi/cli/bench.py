@@ -60,13 +60,19 @@ def add_parser(sub):
     b.add_argument("--dtypes", default="float32,float16", help="with --decode: comma list of dtypes")
     b.add_argument("--profile", action="store_true", help="with --decode: profile one decode step")
     add_threads_argument(b)
-    b.add_argument("--json", help="with --decode: also write the rows to this JSON file")
+    b.add_argument("--json", help="with --decode or --attention-drop: also write the rows to this JSON file")
+    b.add_argument("--attention-drop", metavar="RATES",
+                   help="instead: held-out perplexity (one process, --eval-tokens) with each attention "
+                        "group's output lost at each rate in this comma list, then each MLP group's "
+                        "(why HALO sync always waits for attention partials)")
     b.set_defaults(func=run)
 
 
 def run(a):
     if a.decode:
         return bench_decode(a)
+    if a.attention_drop:
+        return bench_attention_drop(a)
     if a.calibrate_emulation:
         return calibrate_emulation(a)
     from ..bench.loss import BenchConfig, run_bench, write_results
@@ -86,6 +92,31 @@ def run(a):
     plotted = write_results(results, a.out, command)
     print(f"wrote {a.out}/results.json, results.md"
           f"{', results.png' if plotted else ' (no plot: pip install matplotlib)'}")
+
+
+def bench_attention_drop(a):
+    import torch
+
+    from ..bench.attention_drop import attention_drop
+    from ..model.evaluate import perplexity, teacher_forced_nll
+    from ..model.generate import LocalSession
+    from ..model.llama import Transformer
+    from ..model.texts import evaluation_text
+    from ..model.tokenizer import Tokenizer
+    from ..store.hdf5 import Store
+    rates = parse_floats(a.attention_drop, "--attention-drop")
+    if not rates or not all(0.0 <= p <= 1.0 for p in rates):
+        raise HaloError(f"--attention-drop {a.attention_drop!r}: give rates in [0, 1]")
+    with Store(a.weights) as store:
+        ids = Tokenizer.from_store(store).encode(evaluation_text())[: a.eval_tokens + 1]
+        with torch.inference_mode():
+            base = perplexity(teacher_forced_nll(LocalSession(Transformer.from_store(store), len(ids)), ids))
+        print(f"no loss: perplexity {base:.3f} over {len(ids) - 1} held-out tokens")
+        rows = attention_drop(store, ids, rates, progress=lambda r: print(
+            f"{r['part']:9s} groups lost at {r['rate']:g}: perplexity {r['perplexity']:.3f} "
+            f"({100 * (r['perplexity'] / base - 1):+.1f}%), {r['groups_lost']} group outputs lost"))
+    if a.json:
+        write_json(a.json, {"baseline": base, "tokens": len(ids) - 1, "rows": rows})
 
 
 def bench_decode(a):
