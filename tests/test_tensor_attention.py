@@ -18,19 +18,27 @@ from halo_mpi.tensor.worker import Worker
 PROMPTS = [[5, 70, 33, 9, 120, 17, 3], [44, 2, 8]]   # two sequences: the caches start over
 
 
-def logits_of(model, new_cache, prompts, steps=5, begin=lambda decoding: None):
+class Reference:
+    """The single-process model behind the same step() as TensorParallelSession."""
+
+    def __init__(self, model, max_len):
+        self.model, self.cache = model, model.new_cache(max_len)
+
+    def step(self, tokens, decoding, last_only=True):
+        return self.model(tokens, self.cache, last_only=last_only)
+
+
+def logits_of(session_for, prompts, steps=5):
     """Prefill each prompt in chunks of 3, then greedy decode: every logits row, (N, vocab)."""
     out = []
     with torch.inference_mode():
         for ids in prompts:
-            cache = new_cache(len(ids) + steps)
+            session = session_for(len(ids) + steps)
             for start in range(0, len(ids), 3):
-                begin(False)
-                logits = model(torch.tensor(ids[start:start + 3]), cache)
+                logits = session.step(torch.tensor(ids[start:start + 3]), decoding=False, last_only=False)
                 out.append(logits)
             for _ in range(steps):
-                begin(True)
-                logits = model(torch.tensor([int(logits[-1].argmax())]), cache)
+                logits = session.step(torch.tensor([int(logits[-1].argmax())]), decoding=True, last_only=False)
                 out.append(logits)
     return torch.cat(out)
 
@@ -40,18 +48,22 @@ def logits_of(model, new_cache, prompts, steps=5, begin=lambda decoding: None):
 def test_strict_twin_equals_the_reference_at_every_size(request, store_name, size):
     store = request.getfixturevalue(store_name)
     ref_model = Transformer.from_store(store)
-    ref = logits_of(ref_model, ref_model.new_cache, PROMPTS)
-    cluster = LocalCluster(store, make_plan(store, size, TensorOptions(sync="strict")))
-    got = logits_of(cluster.model, cluster.model.new_cache, PROMPTS,
-                    begin=lambda decoding: cluster.coordinator.begin_step(decoding))
+    ref = logits_of(lambda n: Reference(ref_model, n), PROMPTS)
+    plan = make_plan(store, size, TensorOptions(sync="strict"))
+    assert plan.exchange
+    cluster = LocalCluster(store, plan)
+    got = logits_of(cluster.session, PROMPTS)
     done = cluster.stop()
     assert (got - ref).abs().max().item() < 1e-4
     # every weight is held once: the ranks' bytes add up to the single process's (the embedding
-    # rows are read from the store, the head is held in slices)
+    # rows are read from the store, the head is held in slices), except the norms, which every
+    # rank of the all-reduce keeps
     held = cluster.coordinator.weight_bytes + cluster.coordinator.model_bytes
     held += sum(s["weight_bytes"] for s in done.values())
-    embedding = 0 if store.args.tied_embeddings else ref_model.embedding.numel() * 4
-    assert held == ref_model.weight_bytes() - embedding
+    a = store.args
+    embedding = 0 if a.tied_embeddings else ref_model.embedding.numel() * 4
+    norms = (2 * a.n_layers + 1) * a.dim * 4
+    assert held == ref_model.weight_bytes() - embedding + (size - 1) * norms
 
 
 def cluster_of(speeds, reliability=None):
@@ -156,14 +168,13 @@ def test_a_replan_moves_attention_groups_with_their_caches(kv3_store):
     its attention groups and head slice move away with their K/V caches, and the logits stay
     those of the reference."""
     ref_model = Transformer.from_store(kv3_store)
-    ref = logits_of(ref_model, ref_model.new_cache, PROMPTS[:1], steps=8)
+    ref = logits_of(lambda n: Reference(ref_model, n), PROMPTS[:1], steps=8)
     plan = make_plan(kv3_store, 3, TensorOptions(sync="halo", critical_share=1.0, wire_dtype="float32"))
     assert any(len(layer[1]) for layer in plan.attention) and plan.vocab[1][1] > plan.vocab[1][0]
     cluster = LocalCluster(kv3_store, plan)
     c = cluster.coordinator
     c.replanner = DemoteRankOne(plan, at_step=6)
-    got = logits_of(cluster.model, cluster.model.new_cache, PROMPTS[:1], steps=8,
-                    begin=lambda decoding: c.begin_step(decoding))
+    got = logits_of(cluster.session, PROMPTS[:1], steps=8)
     done = cluster.stop()
     assert (got - ref).abs().max().item() < 1e-4
     assert len(c.replans) == 1 and "attention groups moved with their caches" in c.replans[0]

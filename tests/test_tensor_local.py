@@ -34,9 +34,7 @@ def test_strict_twin_equals_reference(tiny_store):
     ref = ref_model(torch.tensor(ids), ref_model.new_cache(8))
     plan = make_plan(tiny_store, 3, TensorOptions(sync="strict"))
     cluster = LocalCluster(tiny_store, plan)
-    cache = cluster.model.new_cache(8)
-    cluster.coordinator.begin_step(decoding=False)
-    got = cluster.model(torch.tensor(ids), cache)
+    got = cluster.session(8).step(torch.tensor(ids), decoding=False, last_only=False)
     cluster.stop()
     assert (got - ref).abs().max().item() < 1e-4
 
@@ -53,9 +51,7 @@ def test_strict_twin_with_each_wire_dtype_stays_within_its_tolerance(tiny_store,
     ref = ref_model(torch.tensor(ids), ref_model.new_cache(16))
     plan = make_plan(tiny_store, 3, TensorOptions(sync="strict", wire_dtype=wire))
     cluster = LocalCluster(tiny_store, plan)
-    cache = cluster.model.new_cache(16)
-    cluster.coordinator.begin_step(decoding=False)
-    got = cluster.model(torch.tensor(ids), cache)
+    got = cluster.session(16).step(torch.tensor(ids), decoding=False, last_only=False)
     cluster.stop()
     err = (got - ref).abs().max().item()
     assert err < WIRE_TOLERANCE[wire]

@@ -5,7 +5,9 @@ least important ones on an unstable rank), so the scheduler can bound what is lo
 group is one KV head: a third of a layer's attention output for SmolLM2. This ablation runs the
 single-process reference with each attention group's output lost with probability p per token and
 layer (its K/V still appended, as a late worker does) and reports held-out perplexity, next to
-losing MLP groups of the same weight count at the same rate.
+losing MLP groups at the same rate (random ones, not HALO's least important): per group output
+lost, attention costs several times more, and there is no unimportant KV head to give to a bad
+link (measured figures in the README).
 
     halo-mpi bench --attention-drop 0.01,0.05 --eval-tokens 256
 """

@@ -30,6 +30,8 @@ class Kind(IntEnum):
     HEAD_INPUT = 9  # rank 0 -> worker: the final normalized hidden state (T, dim)
     LOGITS = 10     # worker -> rank 0: logits of its vocabulary slice (T, stop - start), float32
     CACHE = 11      # K/V of KV head `seq` of `layer` for positions pos.. (2n, hd): k rows, v rows
+    STEP = 12       # rank 0 -> all (strict all-reduce): the step's token ids (T,) int32, first at
+                    # `pos`; `layer` 1: logits of the last token only
 
 
 class Body(IntEnum):

@@ -78,8 +78,11 @@ class Coordinator:
                  policy: SyncPolicy, load_groups: LoadGroups, predictor=None, sparsity: float = 0.0,
                  replanner=None, log=None, clock: Callable[[], float] = time.perf_counter,
                  probes: frozenset = frozenset(), attention: Placement | None = None,
-                 held: HeldAttention | None = None, vocab: list | None = None, load_head=None):
+                 held: HeldAttention | None = None, vocab: list | None = None, load_head=None,
+                 exchange=None):
         self.t, self.importance, self.policy = transport, importance, policy
+        self.exchange = exchange    # strict sync as an all-reduce (tensor/exchange.py), or None
+        self.announced = -1         # the last step whose tokens the workers were told
         self.attention_placement, self.held = attention, held
         self.vocab, self.load_head = vocab, load_head
         self.head_slice = load_head(*vocab[0]) if vocab and vocab[0][1] > vocab[0][0] else None
@@ -221,10 +224,32 @@ class Coordinator:
         return sum(c.nbytes for c in caches.values()) / 1e6
 
     # -- attention and head: every partial is waited for
+    def announce(self, tokens: torch.Tensor, pos: int, last_only: bool):
+        """All-reduce mode: tell every worker the step's tokens, so that it runs the step too."""
+        if self.exchange is None:
+            return
+        self.exchange.step = self.announced = self.step
+        ids = tokens.numpy().astype(np.int32).reshape(-1, 1)             # (T, 1)
+        for r in range(1, self.t.size):
+            self.t.send(r, Kind.STEP, self.step, int(last_only), ids, pos=pos)
+
+    def own_compute(self, compute):
+        t0 = time.perf_counter()
+        out = compute()
+        self.compute_s += time.perf_counter() - t0
+        return out
+
     def attention(self, layer: int, x: torch.Tensor, pos: int) -> torch.Tensor:
         """The layer's attention output for x (T, dim) at positions pos..: rank 0's own groups plus
         every other holder's partial."""
         self.pos = pos + x.shape[0]
+        if self.exchange is not None:
+            if self.announced != self.step:
+                raise HaloError("all-reduce mode: run each step through TensorParallelSession.step, "
+                                "which tells the workers its tokens")
+            held = layer in self.held.layers
+            own = self.own_compute(lambda: self.held.step(layer, x, pos)) if held else None
+            return self.exchange.allreduce(Kind.ATTN_PARTIAL, layer, own, x)
         placed = self.attention_placement[layer]
         peers = [r for r in range(1, len(placed)) if len(placed[r])]
         payload = x.numpy()                                   # (T, dim)
@@ -241,13 +266,13 @@ class Coordinator:
         """Logits (T, vocab): every rank's vocabulary slice, gathered strictly."""
         peers = [r for r in range(1, len(self.vocab)) if self.vocab[r][1] > self.vocab[r][0]]
         payload = x.numpy()                                   # (T, dim)
-        for r in peers:
-            self.t.send(r, Kind.HEAD_INPUT, self.step, self.n_layers, payload, plan=self.version)
-        t0 = time.perf_counter()
-        parts = {0: self.head_slice(x)} if self.head_slice is not None else {}
-        self.compute_s += time.perf_counter() - t0
-        parts.update((r, torch.from_numpy(p)) for r, p in self.gather_all(Kind.LOGITS, self.n_layers,
-                                                                          peers).items())
+        if self.exchange is None:     # (in the all-reduce, workers compute their slices unasked)
+            for r in peers:
+                self.t.send(r, Kind.HEAD_INPUT, self.step, self.n_layers, payload, plan=self.version)
+        parts = {0: self.own_compute(lambda: self.head_slice(x))} if self.head_slice is not None else {}
+        got = (self.exchange.collect(Kind.LOGITS, self.n_layers, peers) if self.exchange is not None
+               else self.gather_all(Kind.LOGITS, self.n_layers, peers))
+        parts.update((r, torch.from_numpy(p)) for r, p in got.items())
         return torch.cat([parts[r] for r in sorted(parts, key=lambda r: self.vocab[r][0])], dim=-1)
 
     def gather_all(self, kind: Kind, layer: int, peers: list[int]) -> dict[int, np.ndarray]:
@@ -278,6 +303,10 @@ class Coordinator:
         return g / g.sum()
 
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        if self.exchange is not None:
+            own = self.own.get(layer)
+            part = self.own_compute(lambda: own(x)) if own is not None else None
+            return self.exchange.allreduce(Kind.PARTIAL, layer, part, x)
         imp = self.group_importance(layer, x)
         keep = None
         if self.sparsity > 0:             # contextual sparsity: skip the least important groups
@@ -416,10 +445,14 @@ class TensorParallelSession:
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
         for start in range(0, len(ids), self.chunk):
-            self.coordinator.begin_step(decoding=False)
-            logits = self.model(torch.tensor(ids[start:start + self.chunk]), self.cache, last_only=True)
+            logits = self.step(torch.tensor(ids[start:start + self.chunk]), decoding=False)
         return logits[0]
 
     def decode(self, token: int) -> torch.Tensor:
-        self.coordinator.begin_step(decoding=True)
-        return self.model(torch.tensor([token]), self.cache, last_only=True)[0]
+        return self.step(torch.tensor([token]), decoding=True)[0]
+
+    def step(self, tokens: torch.Tensor, decoding: bool, last_only: bool = True) -> torch.Tensor:
+        """Logits of tokens (T,) appended to the sequence: (1, vocab), or (T, vocab)."""
+        self.coordinator.begin_step(decoding)
+        self.coordinator.announce(tokens, self.cache.pos, last_only)
+        return self.model(tokens, self.cache, last_only=last_only)

@@ -40,6 +40,7 @@ from .coordinator import (
     DistributedMLP,
     TensorParallelSession,
 )
+from .exchange import ComputeClock, Exchange, ExchangeAttention, ExchangeMLP, Follower
 from .head import StoreEmbedding, VocabSlice
 from .importance import uniform_importance
 from .placement import (
@@ -99,6 +100,7 @@ class TensorPlan:
     wire: str = "float32"         # their precision there (the options' auto resolved)
     attention: Placement | None = None             # [layer][rank] -> KV heads (attention groups)
     vocab: list[tuple[int, int]] | None = None     # rank -> [start, stop) rows of the output head
+    exchange: bool = False        # strict sync run as an all-reduce among the ranks (tensor/exchange.py)
 
 
 def store_path(pattern: str, rank: int) -> str:
@@ -171,8 +173,11 @@ def make_plan(store: Store, size: int, o: TensorOptions) -> TensorPlan:
                         frozenset(r for r in workers if cluster.ranks[r].reliability < STABLE),
                         o.deadline_factor, o.deadline_margin_ms / 1e3, backup_share=o.backup_share)
     replan = not o.no_replan and o.sync == "halo" and o.placement != "random"
+    # strict sync with exact partials and no per-token skipping needs no decision of rank 0's:
+    # every rank can run the model and all-reduce the partials (one message latency per round)
+    exchange = o.sync == "strict" and o.sparsity == 0 and wire_dtype(o) == "float32"
     return TensorPlan(size, imp, placed, loss, policy, source, cluster, o, replan, group_mb, a.dim,
-                      wire_dtype(o), attention, vocab)
+                      wire_dtype(o), attention, vocab, exchange)
 
 
 def describe_wire(dim: int, wire: str) -> str:
@@ -221,11 +226,12 @@ def make_coordinator(store: Store, plan: TensorPlan, transport, log=None) -> tup
     replanner = (Replanner(plan.cluster, plan.importance, plan.group_mb, drop_budget(o))
                  if plan.replan else None)
     probes = probe_ranks(plan.cluster, plan.importance, drop_budget(o)) if o.placement != "random" else set()
+    exchange = Exchange(transport, plan.attention, plan.placement) if plan.exchange else None
     coordinator = Coordinator(transport, plan.placement, plan.importance, plan.policy,
                               group_loader(store, dtype), predictor, o.sparsity, replanner, log,
                               probes=frozenset(probes), attention=plan.attention,
                               held=held_attention(store, plan, 0), vocab=plan.vocab,
-                              load_head=head_loader(store, dtype))
+                              load_head=head_loader(store, dtype), exchange=exchange)
     model = Transformer.from_store(store, embedding=False, head=False, dtype=dtype,
                                    mlp=lambda layer: DistributedMLP(coordinator, layer),
                                    attention=lambda layer: DistributedAttention(coordinator, layer))
@@ -236,15 +242,30 @@ def make_coordinator(store: Store, plan: TensorPlan, transport, log=None) -> tup
     return coordinator, model
 
 
-def make_worker(store: Store, plan: TensorPlan, transport) -> Worker:
+def make_worker(store: Store, plan: TensorPlan, transport) -> Worker | Follower:
     rank, dtype = transport.rank, DTYPES[plan.options.dtype]
     load = group_loader(store, dtype)
     mlps = {layer: load(layer, p[rank]) for layer, p in enumerate(plan.placement) if len(p[rank])}
     start, stop = plan.vocab[rank]
     load_head = head_loader(store, dtype)
+    if plan.exchange:
+        return make_follower(store, plan, transport, mlps, load_head(start, stop) if stop > start else None)
     return Worker(transport, mlps, load, speed=plan.cluster.ranks[rank].speed,
                   sparse=plan.options.sparsity > 0, held=held_attention(store, plan, rank),
                   head=load_head(start, stop) if stop > start else None, load_head=load_head)
+
+
+def make_follower(store: Store, plan: TensorPlan, transport, mlps: dict, head) -> Follower:
+    """A worker of the all-reduce: the model with its own groups' parts, the embedding read from
+    the store and its head slice as the output."""
+    exchange, clock = Exchange(transport, plan.attention, plan.placement), ComputeClock()
+    held = held_attention(store, plan, transport.rank)
+    model = Transformer.from_store(store, embedding=False, head=False, dtype=DTYPES[plan.options.dtype],
+                                   mlp=lambda layer: ExchangeMLP(exchange, mlps, layer, clock),
+                                   attention=lambda layer: ExchangeAttention(exchange, held, layer, clock))
+    model.norm = torch.from_numpy(store.final_norm())                   # (dim,)
+    model.output, model.lookup = head, StoreEmbedding(store)
+    return Follower(transport, exchange, model, held, mlps, clock)
 
 
 def wait_policy(o: TensorOptions) -> WaitPolicy:
@@ -282,6 +303,7 @@ def run_tensor(comm, store: Store, plan: TensorPlan, drive, log=None) -> TensorR
     rank = comm.Get_rank()
     o = plan.options
     transport = MPITransport(comm, max_message_bytes(store, o.prefill_chunk), emulated_loss(plan),
+                             peers=range(plan.size) if plan.exchange else None,   # all-reduce: all pairs
                              wire=plan.wire, wait=wait_policy(o))
     result = coordinator = None
     workers: dict = {}

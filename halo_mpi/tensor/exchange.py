@@ -1,0 +1,180 @@
+"""Strict sync as an all-reduce: every rank runs the model, partial sums are exchanged.
+
+In HALO sync rank 0 must decide alone which partials a layer uses, so the others send theirs to
+it and it sends the next input back: two messages and rank 0's bookkeeping per round. Strict sync
+uses every partial, so it can be the blocking all-reduce that other systems run: each rank that
+holds groups of a layer sends its partial to every other rank, every rank adds all of them in
+rank order (so every rank holds the same residual stream, bit for bit) and goes on with the next
+sub-layer itself. A round costs one message latency instead of two plus rank 0's turn-around.
+
+Rank 0 still drives: it announces each step's token ids (STEP); every worker then embeds them
+(rows read from its store), runs the same layers and sends its logits slice to rank 0, which
+samples. Used for `--sync strict` with a float32 wire and no `--sparsity` (both need rank 0's
+per-token decisions); otherwise strict runs through the coordinator like HALO.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..errors import HaloError
+from ..net.framing import Kind, Message, json_payload
+from ..net.transport import Transport
+from .attention import HeldAttention
+from .placement import Placement
+
+
+class Exchange:
+    """The all-reduce of one rank: sends its partial to all, adds everyone's in rank order.
+
+    Messages that arrive before they are needed (a faster rank's next layer, a worker's logits
+    while rank 0 is still in the last layer) wait in `early`, keyed by (kind, step, layer, source).
+    """
+
+    def __init__(self, transport: Transport, attention: Placement, mlp: Placement):
+        self.t = transport
+        self.step = 0
+        self.early: dict[tuple[int, int, int, int], np.ndarray] = {}
+        self.others: list[Message] = []    # control messages met while waiting (STEP, STOP, DONE)
+        # contributors per layer: the ranks holding attention groups, MLP groups of it
+        self.attn_from = [[r for r in range(len(p)) if len(p[r])] for p in attention]
+        self.mlp_from = [[r for r in range(len(p)) if len(p[r])] for p in mlp]
+        self.wait_s = 0.0
+
+    def allreduce(self, kind: Kind, layer: int, own: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """The sum over the contributing ranks of their partials (T, dim), in rank order."""
+        contributors = (self.attn_from if kind == Kind.ATTN_PARTIAL else self.mlp_from)[layer]
+        me = self.t.rank
+        if own is not None:
+            payload = own.numpy()
+            for r in range(self.t.size):
+                if r != me:
+                    self.t.send(r, kind, self.step, layer, payload, exact=True)
+        parts = self.collect(kind, layer, [r for r in contributors if r != me])
+        if own is not None:
+            parts[me] = payload
+        if not parts:
+            return torch.zeros_like(like)
+        order = sorted(parts)
+        out = torch.from_numpy(parts[order[0]].copy())
+        for r in order[1:]:
+            out += torch.from_numpy(parts[r])
+        return out
+
+    def collect(self, kind: Kind, layer: int, sources: list[int]) -> dict[int, np.ndarray]:
+        """The messages of `kind` for (this step, layer) from `sources`, however long they take."""
+        keys = {r: (int(kind), self.step, layer, r) for r in sources}
+        t0 = time.perf_counter()
+        while any(k not in self.early for k in keys.values()):
+            for m in self.t.poll(1.0):
+                if m.kind in (Kind.PARTIAL, Kind.ATTN_PARTIAL, Kind.LOGITS):
+                    self.early[(int(m.kind), m.step, m.layer, m.source)] = m.payload
+                else:
+                    self.others.append(m)
+        self.wait_s += time.perf_counter() - t0
+        return {r: self.early.pop(k) for r, k in keys.items()}
+
+
+class ExchangeAttention:
+    """A block's attention on any rank: its own groups' partial, all-reduced."""
+    n_kv = 0        # the caches live with the groups (`HeldAttention`)
+    nbytes = 0      # counted where they are held
+
+    def __init__(self, exchange: Exchange, held: HeldAttention, layer: int, clock):
+        self.exchange, self.held, self.layer, self.clock = exchange, held, layer, clock
+
+    def __call__(self, x, k_cache, v_cache, pos: int, cos, sin) -> torch.Tensor:
+        with self.clock:
+            own = self.held.step(self.layer, x, pos) if self.layer in self.held.layers else None
+        return self.exchange.allreduce(Kind.ATTN_PARTIAL, self.layer, own, x)
+
+
+class ExchangeMLP:
+    """A block's MLP on any rank: its own neuron groups' partial, all-reduced."""
+    nbytes = 0
+
+    def __init__(self, exchange: Exchange, mlps: dict, layer: int, clock):
+        self.exchange, self.mlps, self.layer, self.clock = exchange, mlps, layer, clock
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.mlps.get(self.layer)
+        with self.clock:
+            own = mlp(x) if mlp is not None else None
+        return self.exchange.allreduce(Kind.PARTIAL, self.layer, own, x)
+
+
+class ComputeClock:
+    """`with clock:` adds the block's seconds to `seconds`."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.seconds += time.perf_counter() - self._t0
+
+
+class Follower:
+    """A worker of the all-reduce: runs every step rank 0 announces, sends rank 0 its logits slice.
+
+    model: the Transformer with ExchangeAttention/ExchangeMLP parts, the embedding read from the
+    store and this rank's vocabulary slice as its output (None: no slice here); held, mlps: the
+    groups it holds (for the statistics).
+    """
+
+    def __init__(self, transport: Transport, exchange: Exchange, model, held: HeldAttention, mlps: dict,
+                 clock: ComputeClock):
+        self.t, self.exchange, self.model, self.clock = transport, exchange, model, clock
+        self.held, self.mlps = held, mlps
+        self.cache = model.new_cache(model.args.max_seq_len)     # empty: the caches are in `held`
+        self.steps = 0
+
+    def next_message(self) -> Message:
+        while not self.exchange.others:
+            for m in self.t.poll(1.0):
+                if m.kind in (Kind.PARTIAL, Kind.ATTN_PARTIAL):
+                    self.exchange.early[(int(m.kind), m.step, m.layer, m.source)] = m.payload
+                else:
+                    self.exchange.others.append(m)
+        return self.exchange.others.pop(0)
+
+    def run(self) -> dict:
+        while True:
+            m = self.next_message()
+            if m.kind == Kind.STOP:
+                return self.finish()
+            if m.kind != Kind.STEP:
+                raise HaloError(f"rank {self.t.rank} got an unexpected {m.kind.name} from rank {m.source}")
+            self.run_step(m)
+
+    @torch.inference_mode()
+    def run_step(self, m: Message):
+        """STEP: token ids (T,) int32 at position `pos`; `layer` 1 = logits of the last token only."""
+        self.exchange.step = m.step
+        tokens = torch.from_numpy(m.payload.reshape(-1).astype(np.int64))
+        self.cache.pos = m.pos
+        h = self.model.layers(self.model.embed(tokens), self.cache)
+        if self.model.output is not None:
+            with self.clock:
+                logits = self.model.head(h[-1:] if m.layer == 1 else h)       # (1 or T, slice)
+            self.t.send(0, Kind.LOGITS, m.step, self.model.args.n_layers, logits.numpy(), exact=True)
+        self.steps += 1
+
+    def finish(self) -> dict:
+        s, head, mlps = self.t.stats, self.model.output, [m for m in self.mlps.values() if m is not None]
+        # the model's own bytes are its head slice and norms
+        weights = self.held.nbytes + sum(m.nbytes for m in mlps) + self.model.weight_bytes()
+        stats = {"rank": self.t.rank, "computed": self.steps, "skipped": 0, "appended_only": 0, "plans": 0,
+                 "compute_s": self.clock.seconds, "wait_s": self.exchange.wait_s,
+                 "sent": s.sent, "held_by_loss": s.held, "held_seconds": s.held_seconds,
+                 "groups": int(sum(len(m.ids) for m in mlps)),
+                 "attention_groups": int(sum(len(h.attention.ids) for h in self.held.layers.values())),
+                 "head_rows": 0 if head is None else head.stop - head.start, "weight_bytes": weights}
+        self.t.pump(flush=True)
+        self.t.send(0, Kind.DONE, 0, 0, json_payload(stats))
+        self.t.pump(flush=True)
+        return stats
