@@ -191,7 +191,8 @@ def describe(plan: TensorPlan, store: Store) -> str:
     o = plan.options
     predictor = (o.placement != "static" and (o.sync == "halo" or o.sparsity > 0)
                  and store.calibration("predictor_current_A") is not None)
-    return (f"tensor-parallel on {plan.size} ranks, sync {plan.policy.mode}, placement {o.placement}, "
+    sync = plan.policy.mode + (" (all-reduce)" if plan.exchange else "")
+    return (f"tensor-parallel on {plan.size} ranks, sync {sync}, placement {o.placement}, "
             f"importance {plan.importance_source}{' + per-token predictor' if predictor else ''}, "
             f"link loss {plan.loss or 'none'}, unstable ranks {sorted(plan.policy.unstable) or 'none'}"
             f"{f', sparsity {o.sparsity:g}' if o.sparsity else ''}, {describe_wire(plan.dim, plan.wire)}\n"
@@ -328,7 +329,8 @@ def tensor_stats(plan: TensorPlan, run: TensorRun, results: list) -> RunStats:
     c, o = run.coordinator, plan.options
     decoding = [rec for rec in c.records if rec.decoding]
     backup = int(sum(len(m.ids) for b in c.backup.values() for m in b.values()))
-    ranks = [RankStats(0, run.rss_mb[0], run.cpu_s[0], c.compute_s, c.gather_wait_s, run.pending[0],
+    wait0 = c.gather_wait_s + (c.exchange.wait_s if c.exchange is not None else 0.0)
+    ranks = [RankStats(0, run.rss_mb[0], run.cpu_s[0], c.compute_s, wait0, run.pending[0],
                        {"groups": int(sum(len(p[0]) for p in c.placement)), "backup_groups": backup,
                         "attention_groups": int(sum(len(c.held.heads(l)) for l in range(c.n_layers))),
                         "head_rows": c.vocab[0][1] - c.vocab[0][0],
@@ -346,7 +348,8 @@ def tensor_stats(plan: TensorPlan, run: TensorRun, results: list) -> RunStats:
                  "link_loss": plan.loss.get(r, 0.0)}
         ranks.append(RankStats(r, run.rss_mb[r], run.cpu_s[r], compute, wait, run.pending[r], extra, weight))
     decode_s = [s for res in results for s in res.decode_s]
-    config = {"sync": plan.policy.mode, "placement": o.placement, "importance": plan.importance_source,
+    config = {"sync": plan.policy.mode, "all_reduce": plan.exchange, "placement": o.placement,
+              "importance": plan.importance_source,
               "link_loss": {str(k): v for k, v in plan.loss.items()},
               "unstable_ranks": sorted(plan.policy.unstable), "critical_share": plan.policy.critical_share,
               "backup_share": o.backup_share, "sparsity": o.sparsity, "replans": list(c.replans),
