@@ -38,7 +38,8 @@ def logits_of(session_for, prompts, steps=5):
                 logits = session.step(torch.tensor(ids[start:start + 3]), decoding=False, last_only=False)
                 out.append(logits)
             for _ in range(steps):
-                logits = session.step(torch.tensor([int(logits[-1].argmax())]), decoding=True, last_only=False)
+                token = torch.tensor([int(logits[-1].argmax())])
+                logits = session.step(token, decoding=True, last_only=False)
                 out.append(logits)
     return torch.cat(out)
 

@@ -136,19 +136,23 @@ def encode(kind: Kind, step: int, layer: int, payload: np.ndarray, sent_at: floa
     return out
 
 
+_KINDS = {int(k): k for k in Kind}      # (calling an Enum by value costs ~5 us; a dict ~0.1)
+_BODIES = {int(b): b for b in Body}
+
+
 def decode(source: int, data) -> Message:
     """The message at the start of `data` (a receive buffer may be longer: the header says how
     much is the message). The payload is a fresh array: the buffer can take the next message."""
-    head = np.frombuffer(data, HEADER, count=1)[0]
-    rows, cols, body = int(head["rows"]), int(head["cols"]), Body(int(head["body"]))
+    (kind, body, layer, step, rows, cols, seq, plan, pos, sent_at) = np.frombuffer(
+        data, HEADER, count=1)[0].tolist()
+    body = _BODIES[body]
     h = HEADER.itemsize
     if body in EXACT:
         flat = np.frombuffer(data, EXACT[body], count=rows * cols, offset=h).copy()
         payload = flat if body == Body.BYTES else flat.reshape(rows, cols)
     else:
         payload = decode_body(data, CODE_WIRES[int(body)], rows, cols, offset=h)
-    return Message(source, Kind(int(head["kind"])), int(head["step"]), int(head["layer"]), payload,
-                   float(head["sent_at"]), int(head["seq"]), int(head["plan"]), int(head["pos"]))
+    return Message(source, _KINDS[kind], step, layer, payload, sent_at, seq, plan, pos)
 
 
 def json_payload(obj) -> np.ndarray:

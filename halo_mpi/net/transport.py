@@ -103,7 +103,10 @@ class Transport:
         buf = self._buffer(f.nbytes)
         n = write_frame(buf, kind, step, layer, f, now, seq, plan, pos)
         self.stats.sent += 1
-        d = self.loss.delay(self.rank, dest, n) if self.loss else 0.0
+        if self.loss is None:
+            self._post(dest, buf, n)
+            return
+        d = self.loss.delay(self.rank, dest, n)
         queue = self._held.setdefault(dest, deque())
         in_order = self.loss is not None and self.loss.in_order
         if d <= 0 and not (in_order and queue):

@@ -58,10 +58,10 @@ class Exchange:
         if not parts:
             return torch.zeros_like(like)
         order = sorted(parts)
-        out = torch.from_numpy(parts[order[0]].copy())
+        out = parts[order[0]].copy()                         # (T, dim), summed in rank order
         for r in order[1:]:
-            out += torch.from_numpy(parts[r])
-        return out
+            out += parts[r]
+        return torch.from_numpy(out)
 
     def collect(self, kind: Kind, layer: int, sources: list[int]) -> dict[int, np.ndarray]:
         """The messages of `kind` for (this step, layer) from `sources`, however long they take."""
