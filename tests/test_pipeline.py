@@ -427,6 +427,10 @@ def test_cli_pipeline_prints_each_sequence_and_equals_single_mode(deep_store_pat
         [(rank, [b.start, b.stop]) for rank, b in enumerate(split_layers(8, n))]
     for r in stats["ranks"]:
         assert {"busy_share", "peak_rss_mb", "compute_s", "wait_s"} <= set(r)
+    # resident weights per rank: the stages' shares add up to the single process's (pipeline
+    # stages hold whole layers; rank 0 the embedding and head as well)
+    single = single_mode_stats["ranks"][0]["weight_bytes"]
+    assert single > 0 and sum(r["weight_bytes"] for r in stats["ranks"]) == single
     assert "tokens/s total" in pipe.stderr and "busy" in pipe.stderr and "peak RSS" in pipe.stderr
 
 

@@ -25,6 +25,7 @@ def test_one_rank_tensor_mode_equals_single_mode(tiny_store_path, tmp_path):
     assert tensor.stdout == single.stdout
     stats = json.loads((tmp_path / "s.json").read_text())
     assert stats["pending_requests_at_end"] == 0 and len(stats["ranks"]) == 1
+    assert stats["ranks"][0]["weight_bytes"] > 0
 
 
 def test_stats_json_of_a_lossy_halo_run(tiny_store_path, tmp_path):
@@ -36,7 +37,8 @@ def test_stats_json_of_a_lossy_halo_run(tiny_store_path, tmp_path):
         assert key in s
     assert 0 <= s["dropped_share_mean"] <= 1 and s["pending_requests_at_end"] == 0
     assert [r["rank"] for r in s["ranks"]] == [0, 1, 2]
-    assert all(r["cpu_s"] > 0 and r["peak_rss_mb"] > 0 for r in s["ranks"])
+    assert all(r["cpu_s"] > 0 and r["peak_rss_mb"] > 0 and r["weight_bytes"] > 0 for r in s["ranks"])
+    assert "weights-MB" in done.stderr
     assert "on-time" in done.stderr and "dropped importance share" in done.stderr
     assert f"re-plans: {len(s['config']['replans'])}" in done.stderr
 

@@ -167,7 +167,10 @@ def test_real_model_strict_on_a_lossy_wire_stays_within_its_tolerance(real_store
 
     def check():
         tokens, logits = reference(real_store, ids, 12)
-        diff = (run.result[1] - logits).abs().max().item()
+        # rows up to the first greedy token that differs (the rows after it have another history:
+        # with attention inputs and partials on the wire too, q8's noise can flip a close call)
+        same = next((i for i, (a, b) in enumerate(zip(run.result[0], tokens)) if a != b), len(tokens))
+        diff = (run.result[1][:same + 1] - logits[:same + 1]).abs().max().item()
         if not 1e-6 < diff < tolerance:
             return f"{wire}: max logit diff {diff}, expected in (1e-6, {tolerance})"
         return None

@@ -117,6 +117,8 @@ def generate_single(a):
     results = generate_each(a, tok, prompts, encoded, lambda max_len: LocalSession(model, max_len))
     for result in results:
         print(result.summary(), file=sys.stderr)
+    print(f"weights {model.weight_bytes() / 1e6:.1f} MB resident, peak RSS {peak_rss_mb():.0f} MB",
+          file=sys.stderr)
     if a.stats_json:
         decode_s = [s for r in results for s in r.decode_s]
         RunStats("single", 1, a.dtype, [SequenceStats.of(i, r) for i, r in enumerate(results)],

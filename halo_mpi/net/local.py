@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import queue
+import threading
 
+import numpy as np
+
+from ..errors import HaloError
 from .framing import Message, decode
 from .loss import LinkLoss
 from .transport import Transport, WaitPolicy
@@ -17,6 +21,27 @@ class LocalHub:
         # threads share the cores: they wait by napping, never by spinning
         wait = WaitPolicy(spin_s=0.0)
         self.transports = [LocalTransport(self, r, loss, wire, wait) for r in range(size)]
+        self._rounds: dict[int, dict[int, np.ndarray]] = {}   # all-reduce round -> rank -> its x
+        self._calls = [0] * size                               # all-reduce calls per rank
+        self._cv = threading.Condition()
+
+    def allreduce(self, rank: int, x: np.ndarray, timeout: float = 60.0) -> np.ndarray:
+        """Every rank's x summed in rank order, once all have called (ranks are threads)."""
+        with self._cv:
+            n = self._calls[rank]
+            self._calls[rank] += 1
+            parts = self._rounds.setdefault(n, {})
+            parts[rank] = x
+            self._cv.notify_all()
+            if not self._cv.wait_for(lambda: len(parts) >= self.size, timeout):
+                raise HaloError(f"all-reduce {n}: ranks {sorted(set(range(self.size)) - set(parts))} "
+                                   f"never came")
+            out = parts[0].copy()
+            for r in range(1, self.size):
+                out += parts[r]
+            if min(self._calls) > n:          # every rank has taken this round's sum
+                self._rounds.pop(n, None)
+            return out
 
 
 class LocalTransport(Transport):
@@ -33,6 +58,9 @@ class LocalTransport(Transport):
             source, data = inbox.get_nowait()
             out.append(decode(source, data))
         return out
+
+    def allreduce(self, x: np.ndarray) -> np.ndarray:
+        return self.hub.allreduce(self.rank, x)
 
     def close(self) -> int:
         self.pump(flush=True)

@@ -159,6 +159,22 @@ class Transport:
         self.stats.received += len(got)
         return got
 
+    def allreduce(self, x: np.ndarray) -> np.ndarray:
+        """The sum of every rank's x (T, dim) float32, the same on all ranks: a collective, which
+        every rank must call in the same order. Strict sync's all-reduce when no loss is emulated
+        (an emulated loss holds framed messages back; a collective would slip past it)."""
+        raise NotImplementedError
+
+    def _wait_until(self, done) -> None:
+        """Wait as `poll` does (spin, then naps that double) until done() is true."""
+        t0 = time.perf_counter()
+        spin_end, nap = t0 + self.wait.spin_s, self.wait.nap_min_s
+        while not done():
+            if time.perf_counter() >= spin_end:
+                self._idle(nap)
+                nap = min(2 * nap, self.wait.nap_max_s)
+        self.stats.wait_seconds += time.perf_counter() - t0
+
     def close(self) -> int:
         """Flush held messages, complete sends, cancel receives; returns requests still pending."""
         self.pump(flush=True)
@@ -223,6 +239,12 @@ class MPITransport(Transport):
 
     def pending_requests(self) -> int:
         return sum(1 for r in self._recvs if r != self.MPI.REQUEST_NULL) + len(self._sends)
+
+    def allreduce(self, x: np.ndarray) -> np.ndarray:
+        out = np.empty_like(x)
+        req = self.comm.Iallreduce(x, out, op=self.MPI.SUM)   # waited for by the WaitPolicy, not
+        self._wait_until(req.Test)                             # in MPI (a blocking wait spins)
+        return out
 
     def close(self, timeout: float = 10.0) -> int:
         self.pump(flush=True)

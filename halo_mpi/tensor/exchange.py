@@ -2,10 +2,12 @@
 
 In HALO sync rank 0 must decide alone which partials a layer uses, so the others send theirs to
 it and it sends the next input back: two messages and rank 0's bookkeeping per round. Strict sync
-uses every partial, so it can be the blocking all-reduce that other systems run: each rank that
-holds groups of a layer sends its partial to every other rank, every rank adds all of them in
-rank order (so every rank holds the same residual stream, bit for bit) and goes on with the next
-sub-layer itself. A round costs one message latency instead of two plus rank 0's turn-around.
+uses every partial, so it can be the blocking all-reduce that other systems run: every rank adds
+the same partials (MPI_Iallreduce, waited for by the transport's spin-then-nap policy; under
+emulated loss, which holds framed messages back, framed messages from every contributing rank to
+every other, added in rank order), so every rank holds the same residual stream and goes on with
+the next sub-layer itself. A round costs one all-reduce instead of two messages plus rank 0's
+turn-around.
 
 Rank 0 still drives: it announces each step's token ids (STEP); every worker then embeds them
 (rows read from its store), runs the same layers and sends its logits slice to rank 0, which
@@ -33,8 +35,10 @@ class Exchange:
     while rank 0 is still in the last layer) wait in `early`, keyed by (kind, step, layer, source).
     """
 
-    def __init__(self, transport: Transport, attention: Placement, mlp: Placement):
+    def __init__(self, transport: Transport, attention: Placement, mlp: Placement, collective: bool = True):
         self.t = transport
+        # collective: the transport's all-reduce; else framed messages to every peer (emulated loss)
+        self.collective = collective and transport.loss is None
         self.step = 0
         self.early: dict[tuple[int, int, int, int], np.ndarray] = {}
         self.others: list[Message] = []    # control messages met while waiting (STEP, STOP, DONE)
@@ -45,6 +49,9 @@ class Exchange:
 
     def allreduce(self, kind: Kind, layer: int, own: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         """The sum over the contributing ranks of their partials (T, dim), in rank order."""
+        if self.collective:      # the transport's own all-reduce (MPI_Iallreduce): every rank joins
+            x = own.numpy() if own is not None else np.zeros(tuple(like.shape), np.float32)
+            return torch.from_numpy(self.t.allreduce(x))
         contributors = (self.attn_from if kind == Kind.ATTN_PARTIAL else self.mlp_from)[layer]
         me = self.t.rank
         if own is not None:
