@@ -189,3 +189,14 @@ def test_join_cache_puts_chunks_back_in_order():
     k, v = kv[:5], kv[5:]
     chunks = {3: np.concatenate([k[3:], v[3:]]), 0: np.concatenate([k[:3], v[:3]])}
     assert np.array_equal(join_cache(chunks, 5), kv)
+
+
+def test_a_slow_device_is_emulated_in_the_all_reduce_too():
+    import time
+
+    from halo_mpi.tensor.exchange import ComputeClock
+    clock = ComputeClock(speed=0.5)
+    t0 = time.perf_counter()
+    with clock:
+        time.sleep(0.02)
+    assert time.perf_counter() - t0 >= 0.04 and clock.seconds >= 0.04

@@ -51,7 +51,10 @@ class Exchange:
         """The sum over the contributing ranks of their partials (T, dim), in rank order."""
         if self.collective:      # the transport's own all-reduce (MPI_Iallreduce): every rank joins
             x = own.numpy() if own is not None else np.zeros(tuple(like.shape), np.float32)
-            return torch.from_numpy(self.t.allreduce(x))
+            t0 = time.perf_counter()
+            out = self.t.allreduce(x)
+            self.wait_s += time.perf_counter() - t0
+            return torch.from_numpy(out)
         contributors = (self.attn_from if kind == Kind.ATTN_PARTIAL else self.mlp_from)[layer]
         me = self.t.rank
         if own is not None:
@@ -113,15 +116,18 @@ class ExchangeMLP:
 
 
 class ComputeClock:
-    """`with clock:` adds the block's seconds to `seconds`."""
+    """`with clock:` adds the block's seconds to `seconds`; with speed < 1 it first stretches the
+    block to emulate a slower device (as the star's Worker does), sleeping (1/speed - 1) x its time."""
 
-    def __init__(self):
-        self.seconds = 0.0
+    def __init__(self, speed: float = 1.0):
+        self.seconds, self.speed = 0.0, speed
 
     def __enter__(self):
         self._t0 = time.perf_counter()
 
     def __exit__(self, *exc):
+        if self.speed < 1.0:
+            time.sleep((time.perf_counter() - self._t0) * (1.0 / self.speed - 1.0))
         self.seconds += time.perf_counter() - self._t0
 
 

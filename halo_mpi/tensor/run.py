@@ -259,7 +259,8 @@ def make_worker(store: Store, plan: TensorPlan, transport) -> Worker | Follower:
 def make_follower(store: Store, plan: TensorPlan, transport, mlps: dict, head) -> Follower:
     """A worker of the all-reduce: the model with its own groups' parts, the embedding read from
     the store and its head slice as the output."""
-    exchange, clock = Exchange(transport, plan.attention, plan.placement), ComputeClock()
+    exchange = Exchange(transport, plan.attention, plan.placement)
+    clock = ComputeClock(plan.cluster.ranks[transport.rank].speed)
     held = held_attention(store, plan, transport.rank)
     model = Transformer.from_store(store, embedding=False, head=False, dtype=DTYPES[plan.options.dtype],
                                    mlp=lambda layer: ExchangeMLP(exchange, mlps, layer, clock),
