@@ -8,6 +8,7 @@ starts the sequence over from there (a new prompt).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from ..errors import HaloError
 from ..model.config import ModelArgs
 from ..model.llama import Attention, Rope
 from ..net.framing import Kind
+from .placement import Placement
 
 LoadAttention = Callable[[int, np.ndarray], Attention]   # (layer, KV heads) -> their Attention
 
@@ -138,3 +140,43 @@ def join_cache(chunks: dict[int, np.ndarray], pos: int) -> np.ndarray:
     if len(kv) != 2 * pos:
         raise HaloError(f"a K/V cache arrived with {len(kv) // 2} positions, expected {pos}")
     return kv
+
+
+def attention_moves(old: Placement, new: Placement, n_kv: int) -> list[tuple[int, int, int, int]]:
+    """(layer, head, from rank, to rank) of every attention group that changes rank."""
+    def owner(p, head):
+        return next(r for r in range(len(p)) if head in set(p[r].tolist()))
+    return [(l, h, owner(old[l], h), owner(new[l], h)) for l in range(len(old)) for h in range(n_kv)
+            if owner(old[l], h) != owner(new[l], h)]
+
+
+def relay_caches(transport, held: HeldAttention, moves: list, pos: int, step: int, plan: int,
+                 on_other=lambda m: None, timeout: float = 60.0) -> dict[tuple[int, int], np.ndarray]:
+    """Rank 0's part of a re-plan's cache moves: the caches of the groups leaving a worker (which
+    it sends, asked by the PLAN) are collected and sent on to their new worker; those leaving or
+    joining rank 0 are taken from or kept for `held`. Returns (layer, head) -> (2 * pos, hd) for
+    every move; other messages met meanwhile go to `on_other` (late partials)."""
+    caches: dict[tuple[int, int], np.ndarray] = {}
+    for l, h, src, _ in moves:
+        if src == 0 or pos == 0:          # (nothing stored yet: the caches start empty)
+            caches[(l, h)] = held.export(l, h) if src == 0 else np.zeros((0, held.args.head_dim), np.float32)
+    expected = {(l, h) for l, h, src, _ in moves if src != 0 and pos}
+    chunks: dict[tuple[int, int], dict[int, np.ndarray]] = {k: {} for k in expected}
+    end = time.perf_counter() + timeout
+    while expected:
+        if time.perf_counter() > end:
+            raise HaloError(f"re-plan: the K/V caches of {len(expected)} attention groups did not "
+                            f"arrive within {timeout:.0f} s")
+        for m in transport.poll(1.0):
+            if m.kind != Kind.CACHE:
+                on_other(m)
+                continue
+            key = (m.layer, m.seq)
+            chunks[key][m.pos] = m.payload
+            if sum(len(c) for c in chunks[key].values()) == 2 * pos:
+                caches[key] = join_cache(chunks.pop(key), pos)
+                expected.discard(key)
+    for l, h, _, dst in moves:
+        if dst != 0:
+            send_cache(transport, dst, step, l, h, caches[(l, h)], pos, plan=plan)
+    return caches

@@ -9,13 +9,17 @@ vocabulary slice of the output head. Per layer, rank 0 sends the normalized hidd
 ranks holding attention groups of that layer, computes its own, and gathers every attention
 partial; then the same for the MLP, where it gathers all partials (strict sync), or the critical
 ones plus whatever else arrives before each link's deadline (HALO sync). After the last layer it
-gathers every logits slice. The embedding rows are read from the store token by token.
+gathers every logits slice. The embedding rows are read from the store token by token. (Strict
+sync with exact partials runs as an all-reduce instead, tensor/exchange.py: rank 0 only announces
+each step's tokens and gathers the logits.)
 
 Attention partials and logits are never dropped: an attention group's partial is a third of the
-layer's attention output for SmolLM2 (not a sliver of importance like one MLP group among 64),
-and the logits decide the token. So in HALO sync attention groups and head slices sit only on
-rank 0 and the stable ranks (`placement.holders`); a re-plan that finds a holder unstable moves
-its attention groups to the others with their K/V caches, relayed through rank 0.
+layer's attention output for SmolLM2 (one MLP group is a 24th of an MLP, and HALO drops only the
+least important ones), losing attention outputs costs several times more perplexity per group
+than losing MLP groups (`halo-mpi bench --attention-drop`), and the logits decide the token. So
+in HALO sync attention groups and head slices sit only on rank 0 and the stable ranks
+(`placement.holders`); a re-plan that finds a holder unstable moves its attention groups to the
+others with their K/V caches, relayed through rank 0.
 
 A missing MLP partial counts as zero, unless rank 0 holds a backup of those groups
 (--backup-share: the most important share of each unstable rank's groups, by calibration), which
@@ -40,7 +44,7 @@ from ..model.groups import GroupMLP
 from ..net.framing import Kind, json_payload
 from ..net.links import LinkEstimate
 from ..net.transport import Transport
-from .attention import HeldAttention, join_cache, send_cache
+from .attention import HeldAttention, attention_moves, relay_caches
 from .gather import DeadlineGather, GatherResult, LayerKey
 from .placement import Placement, attention_placement, holders, vocab_slices
 from .policy import SyncPolicy
@@ -181,42 +185,13 @@ class Coordinator:
         self.log(line)
 
     def attention_moves(self, new: Placement | None) -> list[tuple[int, int, int, int]]:
-        """(layer, head, from rank, to rank) of every attention group that changes rank."""
-        if new is None:
-            return []
-        def owner(p, head):
-            return next(r for r in range(len(p)) if head in set(p[r].tolist()))
-        return [(l, h, owner(old, h), owner(new[l], h))
-                for l, old in enumerate(self.attention_placement) for h in range(self.held.args.n_kv_heads)
-                if owner(old, h) != owner(new[l], h)]
+        n_kv = self.held.args.n_kv_heads
+        return [] if new is None else attention_moves(self.attention_placement, new, n_kv)
 
-    def move_caches(self, moves: list, attention: Placement, timeout: float = 60.0) -> float:
-        """Every moved group's K/V from its old rank (already asked by the PLAN) to its new one,
-        relayed through rank 0; returns the megabytes moved."""
-        caches: dict[tuple[int, int], np.ndarray] = {}
-        empty = np.zeros((0, self.held.args.head_dim), np.float32)
-        for l, h, src, _ in moves:
-            if src == 0 or self.pos == 0:   # (nothing stored yet: the caches start empty)
-                caches[(l, h)] = self.held.export(l, h) if src == 0 else empty
-        expected = {(l, h) for l, h, src, _ in moves if src != 0 and self.pos}
-        chunks: dict[tuple[int, int], dict[int, np.ndarray]] = {k: {} for k in expected}
-        end = time.perf_counter() + timeout
-        while expected:
-            if time.perf_counter() > end:
-                raise HaloError(f"re-plan: the K/V caches of {len(expected)} attention groups did not "
-                                f"arrive within {timeout:.0f} s")
-            for m in self.t.poll(1.0):
-                if m.kind != Kind.CACHE:
-                    self.late_discarded[m.source] += 1      # a partial of a closed layer
-                    continue
-                key = (m.layer, m.seq)
-                chunks[key][m.pos] = m.payload
-                if sum(len(c) for c in chunks[key].values()) == 2 * self.pos:
-                    caches[key] = join_cache(chunks.pop(key), self.pos)
-                    expected.discard(key)
-        for l, h, _, dst in moves:
-            if dst != 0:
-                send_cache(self.t, dst, self.step, l, h, caches[(l, h)], self.pos, plan=self.version)
+    def move_caches(self, moves: list, attention: Placement) -> float:
+        """Every moved group's K/V to its new rank (through rank 0); returns the MB moved."""
+        caches = relay_caches(self.t, self.held, moves, self.pos, self.step, self.version,
+                              on_other=lambda m: self.late_discarded.update([m.source]))
         for l in {l for l, *_ in moves}:
             self.held.regroup(l, attention[l][0], {h: caches[(l, h)] for ll, h, _, dst in moves
                                                    if ll == l and dst == 0})

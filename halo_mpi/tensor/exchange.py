@@ -3,11 +3,11 @@
 In HALO sync rank 0 must decide alone which partials a layer uses, so the others send theirs to
 it and it sends the next input back: two messages and rank 0's bookkeeping per round. Strict sync
 uses every partial, so it can be the blocking all-reduce that other systems run: every rank adds
-the same partials (MPI_Iallreduce, waited for by the transport's spin-then-nap policy; under
-emulated loss, which holds framed messages back, framed messages from every contributing rank to
-every other, added in rank order), so every rank holds the same residual stream and goes on with
-the next sub-layer itself. A round costs one all-reduce instead of two messages plus rank 0's
-turn-around.
+the same partials, so every rank holds the same residual stream and goes on with the next
+sub-layer itself. A round costs one all-reduce instead of two messages plus rank 0's turn-around.
+The all-reduce is MPI_Iallreduce, waited for by the transport's spin-then-nap policy; when ranks
+share cores (the policy naps at once), or under emulated loss (which holds framed messages back),
+it is framed messages from every contributing rank to every other, added in rank order.
 
 Rank 0 still drives: it announces each step's token ids (STEP); every worker then embeds them
 (rows read from its store), runs the same layers and sends its logits slice to rank 0, which
@@ -37,8 +37,11 @@ class Exchange:
 
     def __init__(self, transport: Transport, attention: Placement, mlp: Placement, collective: bool = True):
         self.t = transport
-        # collective: the transport's all-reduce; else framed messages to every peer (emulated loss)
-        self.collective = collective and transport.loss is None
+        # collective: the transport's all-reduce. A collective advances only while every rank is
+        # inside MPI: fine when each rank spins on its own core, slow when ranks share cores and
+        # nap between tests (-n 4 on 2 cores: 829 ms/token against 104 framed). So framed
+        # messages to every peer when the wait policy naps at once, and under emulated loss.
+        self.collective = collective and transport.loss is None and transport.wait.spin_s > 0
         self.step = 0
         self.early: dict[tuple[int, int, int, int], np.ndarray] = {}
         self.others: list[Message] = []    # control messages met while waiting (STEP, STOP, DONE)
