@@ -412,7 +412,7 @@ class DistributedHead:
 
 
 class TensorParallelSession:
-    """The generate() session of rank 0: the model with DistributedMLPs, one KV cache."""
+    """The generate() session of rank 0: the model with its distributed parts, one sequence."""
 
     def __init__(self, model, coordinator: Coordinator, max_len: int, prefill_chunk: int):
         self.model, self.coordinator, self.chunk = model, coordinator, prefill_chunk
