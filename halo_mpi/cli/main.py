@@ -16,7 +16,7 @@ import traceback
 
 from ..errors import HaloError
 from ..net.launch import CollectiveError, abort, abort_message, world_rank, world_size
-from . import bench, evaluate, generate, testbed, weights
+from . import bench, evaluate, generate, serve, testbed, weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(sub)
     weights.add_preparation_parsers(sub)
     evaluate.add_parser(sub)
+    serve.add_parser(sub)
     bench.add_parser(sub)
     testbed.add_parser(sub)
     return p

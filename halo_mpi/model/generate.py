@@ -82,7 +82,9 @@ class GenerationResult:
 
 def generate(session, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
              stop_ids=frozenset(), on_token=None) -> GenerationResult:
-    """Prefill the prompt, then sample up to max_new_tokens, calling on_token(id) for each."""
+    """Prefill the prompt, then sample up to max_new_tokens, calling on_token(id) for each; a
+    true answer from on_token ends the generation there (stopped by "stop": a stop string, a
+    client gone)."""
     result = GenerationResult(prompt_tokens=len(prompt_ids))
     t0 = time.perf_counter()
     logits = session.prefill(prompt_ids)
@@ -93,8 +95,9 @@ def generate(session, prompt_ids: list[int], max_new_tokens: int, sampler: Sampl
             result.stopped_by = "end-of-sequence token"
             break
         result.tokens.append(token)
-        if on_token:
-            on_token(token)
+        if on_token and on_token(token):
+            result.stopped_by = "stop"
+            break
         if i == max_new_tokens - 1:
             break
         t0 = time.perf_counter()

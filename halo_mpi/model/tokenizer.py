@@ -82,6 +82,14 @@ class Tokenizer:
         return (f"<|im_start|>system\n{system}<|im_end|>\n"
                 f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
 
+    def chat_messages(self, messages: list[dict]) -> str:
+        """ChatML of a conversation ([{"role", "content"}, ...]) with a generation prompt; the
+        model's own system message first unless the conversation brings one."""
+        if not messages or messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": self.system_prompt}] + list(messages)
+        turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return turns + "<|im_start|>assistant\n"
+
     def streamer(self) -> TextStreamer:
         return TextStreamer(self)
 

@@ -1,0 +1,75 @@
+"""Between the HTTP server (its own thread, asyncio) and the rank that runs the model (MPI).
+
+A request becomes a `Job`; the server puts it in the `Broker`'s bounded queue (full: the client
+gets 503) and awaits its events; the driver takes jobs, and for each token calls `job.text(...)`,
+at the end `job.done(...)`. A client that goes away sets `job.cancelled`, and the driver ends
+that job at its next token.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Job:
+    ids: list[int]                 # prompt token ids
+    max_new: int                   # tokens to generate at most
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)   # strings that end the text (not included)
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue | None = None              # ("text", str) ..., then ("done", dict)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    queued_at: float = field(default_factory=time.perf_counter)
+
+    def _put(self, event):
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def text(self, piece: str):
+        self._put(("text", piece))
+
+    def done(self, finish_reason: str, completion_tokens: int, error: str | None = None):
+        self._put(("done", {"finish_reason": finish_reason, "completion_tokens": completion_tokens,
+                            "prompt_tokens": len(self.ids), "error": error}))
+
+
+class Broker:
+    """A bounded queue of jobs, and what /health reports about them."""
+
+    def __init__(self, capacity: int):
+        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=capacity)
+        self.closed = threading.Event()
+        self.running = 0                  # jobs being generated now
+        self.served = 0
+
+    def submit(self, job: Job) -> bool:
+        """False when the queue is full."""
+        try:
+            self.jobs.put_nowait(job)
+            return True
+        except queue.Full:
+            return False
+
+    def take(self, timeout: float) -> Job | None:
+        try:
+            return self.jobs.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def take_nowait(self) -> Job | None:
+        return self.take(0.0) if not self.jobs.empty() else None
+
+    @property
+    def queued(self) -> int:
+        return self.jobs.qsize()
+
+    def drain(self, reason: str = "shutdown"):
+        """Every job still queued ends at once (the server is going down)."""
+        while (job := self.take_nowait()) is not None:
+            job.done(reason, 0, error="the server is shutting down")
