@@ -1,0 +1,175 @@
+"""`halo-mpi serve` as users run it (a subprocess, under mpiexec for tensor mode), exercised with
+the official `openai` client. Traffic goes to 127.0.0.1 only; every test's server is stopped."""
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
+HALO = [sys.executable, "-m", "halo_mpi.cli"]
+PROMPT = "What is the capital of France?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, cmd: list[str], port: int):
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        end = time.monotonic() + 120
+        while True:
+            try:
+                self.health()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > end:
+                    self.stop()
+                    raise RuntimeError(f"the server did not come up: {self.proc.stderr.read()}") from None
+                time.sleep(0.3)
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+            return json.loads(r.read())
+
+    def client(self):
+        from openai import OpenAI
+        return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def stop(self) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return self.proc.returncode, err
+
+
+def serve_cmd(weights, port, ranks: int, *extra) -> list[str]:
+    cmd = [*HALO, "serve", "--weights", str(weights), "--port", str(port), *extra]
+    return [MPIEXEC, "-n", str(ranks), *cmd] if ranks > 1 else cmd
+
+
+@pytest.fixture(scope="module", params=["single", "tensor"])
+def server(request, real_store_path):
+    port = free_port()
+    extra = ("--parallel", "tensor", "--sync", "strict") if request.param == "tensor" else ()
+    live = LiveServer(serve_cmd(real_store_path, port, 2 if request.param == "tensor" else 1, *extra), port)
+    live.mode = request.param
+    yield live
+    code, err = live.stop()
+    assert code == 0, err
+    assert "server stopped" in err
+
+
+def generated_text(weights, *args) -> str:
+    done = subprocess.run([*HALO, "generate", "--weights", str(weights), "--temperature", "0",
+                           "--quiet", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.rstrip("\n")
+
+
+@pytest.mark.slow
+def test_streamed_chat_equals_generate_chat(server, real_store_path):
+    client = server.client()
+    model = client.models.list().data[0].id
+    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
+                                            max_tokens=24, temperature=0, stream=True)
+    pieces, finish = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    want = generated_text(real_store_path, "--chat", "--prompt", PROMPT, "--max-new-tokens", "24")
+    assert "".join(pieces) == want and finish in ("stop", "length")
+
+
+@pytest.mark.slow
+def test_completion_with_usage_stop_and_four_clients_at_once(server):
+    client = server.client()
+    model = client.models.list().data[0].id
+    one = client.completions.create(model=model, prompt="The capital of France is", max_tokens=12,
+                                    temperature=0)
+    assert one.usage.prompt_tokens == 5 and one.usage.completion_tokens == 12
+    assert one.choices[0].finish_reason == "length" and one.choices[0].text.strip()
+    stopped = client.completions.create(model=model, prompt="The capital of France is", max_tokens=12,
+                                        temperature=0, stop=["."])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == one.choices[0].text.split(".")[0]
+    answers: dict[int, str] = {}
+
+    def ask(i: int):
+        r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=12,
+                                      temperature=0)
+        answers[i] = r.choices[0].text
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert answers == {i: one.choices[0].text for i in range(4)}      # queued, all complete
+
+
+@pytest.mark.slow
+def test_bad_requests_get_the_documented_errors(server):
+    import openai
+    client = server.client()
+    model = client.models.list().data[0].id
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=model, prompt="x", max_tokens=2, temperature=7)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model=model, prompt="word " * 9000, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model=model, messages=[], max_tokens=2)
+    req = urllib.request.Request(server.url + "/v1/completions", data=b"not json",
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 400 and json.loads(e.value.read())["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.slow
+def test_a_client_that_leaves_mid_stream_leaves_the_server_serving(server):
+    client = server.client()
+    model = client.models.list().data[0].id
+    stream = client.completions.create(model=model, prompt="Once upon a time", max_tokens=400,
+                                       temperature=0, stream=True)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()                                          # the connection goes away
+    end = time.monotonic() + 60
+    while server.health()["running"] and time.monotonic() < end:   # its job ends at the next token
+        time.sleep(0.2)
+    health = server.health()
+    assert health["running"] == 0 and health["queued"] == 0
+    r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+    if server.mode == "tensor":
+        assert health["ranks"] == 2 and "tensor" in health["mode"]
+
+
+def test_a_port_in_use_is_one_clear_error(tiny_store_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        done = subprocess.run([*HALO, "serve", "--weights", str(tiny_store_path), "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
