@@ -287,10 +287,10 @@ def test_local_ring_failure_on_one_rank_ends_all(deep_store, monkeypatch, failin
     from halo_mpi.pipeline import ring
     run = ring.Stage.run
 
-    def failing_run(self, seq, step, h):
+    def failing_run(self, seq, step, h, capacity):
         if self.rank == failing_rank and step > 0:
             raise RuntimeError("injected failure")
-        return run(self, seq, step, h)
+        return run(self, seq, step, h, capacity)
 
     monkeypatch.setattr(ring.Stage, "run", failing_run)
     with pytest.raises(RuntimeError, match="injected failure"):

@@ -6,7 +6,8 @@
         -d '{"messages": [{"role": "user", "content": "Hello"}], "stream": true}'
 
 The model is loaded once; requests queue on rank 0 (halo_mpi/serve/) and run one at a time
-through the same session generate uses. SIGTERM or Ctrl-C ends the streams and every rank.
+through the same session generate uses, or in pipeline mode up to --num-sequences at once on the
+ring. SIGTERM or Ctrl-C ends the streams and every rank.
 """
 from __future__ import annotations
 
@@ -36,9 +37,12 @@ def add_parser(sub):
                                    "\"stream\": true), GET /v1/models and /health. Requests queue "
                                    "and run one at a time; the other ranks follow rank 0's steps.")
     add_weights_argument(s)
-    s.add_argument("--parallel", choices=["none", "tensor"], default="none",
-                   help="none: one process; tensor: HALO tensor parallelism over the ranks "
-                        "(default: %(default)s)")
+    s.add_argument("--parallel", choices=["none", "tensor", "pipeline"], default="none",
+                   help="none: one process; tensor: HALO tensor parallelism over the ranks, one "
+                        "request at a time; pipeline: layer blocks on a ring, --num-sequences "
+                        "requests at once (default: %(default)s)")
+    s.add_argument("--num-sequences", type=positive_int, default=None,
+                   help="pipeline mode: requests generated at once on the ring (default: one per rank)")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
@@ -61,6 +65,8 @@ def run(a):
         raise HaloError(f"--port {a.port} is not a TCP port (1-65535)")
     if a.parallel == "tensor":
         return serve_tensor(a)
+    if a.parallel == "pipeline":
+        return serve_ring_mode(a)
     if world_size() > 1:
         raise HaloError(f"this run has {world_size()} MPI ranks; serve with --parallel tensor, or "
                         f"launch with -n 1")
@@ -170,4 +176,40 @@ def serve_tensor(a):
         broker.closed.set()
         server.stop()
         store.close()
+    print("halo-mpi: server stopped", file=sys.stderr)
+
+
+def serve_ring_mode(a):
+    """Pipeline mode: rank 0 serves and conducts; the other ranks run their blocks."""
+    from mpi4py import MPI
+
+    from ..model.tokenizer import Tokenizer
+    from ..net.devices import read_device_profile
+    from ..pipeline.ring import Options
+    from ..pipeline.run import collectively, serve_pipeline
+    from ..serve.broker import Broker
+    from ..serve.driver import serve_ring
+    from ..store.hdf5 import Store
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    devices = collectively(comm, lambda: read_device_profile(a.device_profile, size).ranks
+                           if rank == 0 and a.device_profile else None)
+    if rank != 0:
+        on_signals(signal.SIG_IGN)          # rank 0 stops the ring when it is told to end
+        serve_pipeline(comm, a.weights, options_from(Options, a), drive=None, devices=devices)
+        return
+    store = Store(a.weights)
+    tok = Tokenizer.from_store(store)
+    options = options_from(Options, a, in_flight=a.num_sequences or size, stop_ids=frozenset(tok.stop_ids))
+    broker = Broker(a.queue_size)
+    server = start_serving(a, broker, tok, store, store.args.max_seq_len, lambda: {
+        "mode": f"pipeline ({options.in_flight} in flight)", "ranks": size})
+    store.close()
+    try:
+        serve_pipeline(comm, a.weights, options, devices=devices,
+                       drive=lambda ring, stage, clock: serve_ring(broker, tok, ring, stage, clock, options))
+    finally:
+        broker.closed.set()
+        server.stop()
     print("halo-mpi: server stopped", file=sys.stderr)

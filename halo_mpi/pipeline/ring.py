@@ -15,7 +15,9 @@ waiting prompt takes its place.
 Messages (comm.Kind), identified by sequence (`seq`, the prompt's index) and `step`:
     ACTIVATION  (T, dim) hidden states of tokens step .. step+T-1 of `seq`, entering the block
                 that starts at `layer`; layer = n_layers: home to rank 0's head (T = 1);
-                T = 0: the sequence has finished, free its KV caches
+                T = 0: the sequence has finished, free its KV caches. The header also carries
+                the sequence's prompt length (`pos`) and KV capacity, prompt + new tokens
+                (`plan`), so a stage needs no list of the prompts (a server's come as they come)
     STOP        rank 0 -> 1 -> ... -> N-1 along the ring, so it trails every activation on a link
     DONE        each rank -> rank 0: the rank's statistics (JSON), its last message
 A prompt's prefill goes round once, in chunks of --prefill-chunk tokens; then one token per hop.
@@ -56,6 +58,7 @@ class Request:
     """One sequence to generate."""
     ids: list[int]          # prompt token ids
     max_new: int            # tokens to generate at most
+    sampling: tuple | None = None   # its own (temperature, top_p, seed); None: the run's Options
 
 
 @dataclass
@@ -72,8 +75,6 @@ class Options:
 
 @dataclass
 class Plan:
-    prompt_lens: list[int]      # per sequence
-    max_lens: list[int]         # KV cache slots per sequence: prompt + max_new
     split: list[range]          # layers of each rank, contiguous, rank 0's first
     in_flight: int              # S
     chunk: int                  # prompt tokens per prefill message
@@ -102,11 +103,22 @@ def make_plan(args: ModelArgs, requests: list[Request], size: int, options: Opti
     in_flight = min(options.in_flight or len(requests), len(requests))
     max_lens = [len(r.ids) + r.max_new for r in requests]
     kv_tokens = sum(sorted(max_lens)[-in_flight:])     # the S longest sequences, all at once
+    return ring_plan(args, size, options, in_flight, kv_tokens, devices)
+
+
+def serving_plan(args: ModelArgs, size: int, options: Options, devices: list[Device] | None = None,
+                 kv_tokens: int = 0) -> Plan:
+    """The plan of a server, whose prompts come later: `options.in_flight` sequences at once
+    (default: one per rank); `kv_tokens`, the KV cache tokens the split may count on."""
+    in_flight = options.in_flight or size
+    return ring_plan(args, size, options, in_flight, kv_tokens or in_flight * args.max_seq_len, devices)
+
+
+def ring_plan(args: ModelArgs, size: int, options: Options, in_flight: int, kv_tokens: int,
+              devices: list[Device] | None) -> Plan:
     costs = stage_costs(args, options.dtype, kv_tokens) if devices else None
-    return Plan(prompt_lens=[len(r.ids) for r in requests], max_lens=max_lens,
-                split=split_layers(args.n_layers, size, devices, costs), in_flight=in_flight,
-                chunk=options.prefill_chunk, dim=args.dim, n_layers=args.n_layers,
-                dtype=options.dtype)
+    return Plan(split=split_layers(args.n_layers, size, devices, costs), in_flight=in_flight,
+                chunk=options.prefill_chunk, dim=args.dim, n_layers=args.n_layers, dtype=options.dtype)
 
 
 def load_stage_model(store, plan: Plan, rank: int) -> Transformer:
@@ -124,11 +136,12 @@ class Stage:
         self.caches: dict[int, KVCache] = {}     # seq -> its cache for this rank's layers
 
     @torch.inference_mode()
-    def run(self, seq: int, step: int, h: torch.Tensor) -> torch.Tensor:
-        """This rank's block on tokens step .. step+T-1 of seq: (T, dim) -> (T, dim)."""
+    def run(self, seq: int, step: int, h: torch.Tensor, capacity: int) -> torch.Tensor:
+        """This rank's block on tokens step .. step+T-1 of seq: (T, dim) -> (T, dim); the
+        sequence's KV cache (`capacity` tokens) is made at its step 0."""
         cache = self.caches.get(seq)
         if cache is None and step == 0:
-            cache = self.caches[seq] = self.model.new_cache(self.plan.max_lens[seq])
+            cache = self.caches[seq] = self.model.new_cache(capacity)
         if cache is None or cache.pos != step:
             raise RuntimeError(f"rank {self.rank}: sequence {seq} sent step {step}, its cache "
                                f"holds {None if cache is None else cache.pos} tokens")
@@ -178,11 +191,15 @@ class Ring:
         self.wait_s = 0.0
         self._loopback: deque[Message] = deque()
 
-    def send(self, dest: int, kind: Kind, step: int, layer: int, payload: np.ndarray, seq: int = 0):
+    def send(self, dest: int, kind: Kind, step: int, layer: int, payload: np.ndarray, seq: int = 0,
+             span: tuple[int, int] = (0, 0)):
+        """span: the sequence's (prompt length, KV capacity), in the header's pos and plan fields."""
+        prompt_len, capacity = span
         if dest == self.rank:
-            self._loopback.append(Message(dest, kind, step, layer, payload, time.perf_counter(), seq))
+            self._loopback.append(Message(dest, kind, step, layer, payload, time.perf_counter(), seq,
+                                          capacity, prompt_len))
         else:
-            self.transport.send(dest, kind, step, layer, payload, seq=seq)
+            self.transport.send(dest, kind, step, layer, payload, seq=seq, plan=capacity, pos=prompt_len)
 
     def poll(self, timeout: float) -> list[Message]:
         """Arrived messages in arrival order, waiting up to timeout (sleeping) for the first."""
@@ -197,14 +214,15 @@ class Ring:
         self.wait_s += time.perf_counter() - t0
         return got
 
-    def pass_on(self, plan: Plan, seq: int, step: int, h: torch.Tensor):
+    def pass_on(self, plan: Plan, seq: int, step: int, h: torch.Tensor, span: tuple[int, int]):
         """A block's output (T, dim) goes to the next stage; from the last stage, only the newest
-        token's state goes home, and only once the whole prompt is in (a next token is due)."""
+        token's state goes home, and only once the whole prompt is in (a next token is due).
+        span: the sequence's (prompt length, KV capacity)."""
         T = h.shape[0]
         if not self.is_last:
-            self.send(self.next, Kind.ACTIVATION, step, plan.split[self.next].start, h.numpy(), seq)
-        elif step + T >= plan.prompt_lens[seq]:
-            self.send(0, Kind.ACTIVATION, step + T - 1, plan.n_layers, h[-1:].numpy(), seq)
+            self.send(self.next, Kind.ACTIVATION, step, plan.split[self.next].start, h.numpy(), seq, span)
+        elif step + T >= span[0]:
+            self.send(0, Kind.ACTIVATION, step + T - 1, plan.n_layers, h[-1:].numpy(), seq, span)
 
     def release(self, plan: Plan, seq: int):
         """Tell the next stage that seq has finished (the last stage tells no one)."""
@@ -232,28 +250,35 @@ class Sequence:
         """Position of the newest token, whose state comes home next."""
         return len(self.ids) + len(self.result.tokens) - 1
 
+    @property
+    def span(self) -> tuple[int, int]:
+        """(prompt length, KV capacity) as the ring's messages carry them."""
+        return len(self.ids), len(self.ids) + self.max_new
+
 
 class Conductor:
     """Rank 0's duties besides its block: start sequences, sample from the head, retire them."""
 
-    def __init__(self, ring: Ring, stage: Stage, clock: Clock, requests: list[Request],
-                 options: Options, on_finish=None):
+    def __init__(self, ring: Ring, stage: Stage, clock: Clock, requests, options: Options,
+                 on_finish=None, on_token=None):
+        # requests: index -> Request (a list, or a dict a server fills as requests come);
+        # on_token(sequence, token) -> True ends that sequence there (a stop string, a client gone)
         self.ring, self.stage, self.clock, self.plan = ring, stage, clock, stage.plan
-        self.requests, self.options, self.on_finish = requests, options, on_finish
+        self.requests, self.options, self.on_finish, self.on_token = requests, options, on_finish, on_token
         self.active: dict[int, Sequence] = {}
         self.done: dict[int, Sequence] = {}
 
     def start(self, index: int):
         """Prefill: the prompt goes round once, chunk by chunk, behind this rank's block."""
         o, req = self.options, self.requests[index]
-        self.active[index] = Sequence(index, req.ids, req.max_new,
-                                      Sampler(o.temperature, o.top_p, o.seed),
-                                      GenerationResult(prompt_tokens=len(req.ids)), time.perf_counter())
+        sampler = Sampler(*(o.temperature, o.top_p, o.seed) if req.sampling is None else req.sampling)
+        seq = self.active[index] = Sequence(index, req.ids, req.max_new, sampler,
+                                            GenerationResult(prompt_tokens=len(req.ids)), time.perf_counter())
         ids, model = torch.tensor(req.ids), self.stage.model
         for p in range(0, len(req.ids), self.plan.chunk):
             with self.clock.compute():
-                h = self.stage.run(index, p, model.embed(ids[p:p + self.plan.chunk]))  # (T, dim)
-            self.ring.pass_on(self.plan, index, p, h)
+                h = self.stage.run(index, p, model.embed(ids[p:p + self.plan.chunk]), seq.span[1])
+            self.ring.pass_on(self.plan, index, p, h, seq.span)                     # h: (T, dim)
 
     def on_return(self, msg: Message):
         """The final hidden state of a sequence's newest token: sample, then send the next round."""
@@ -270,11 +295,14 @@ class Conductor:
         if token in self.options.stop_ids:
             return self.finish(seq, "end-of-sequence token")
         seq.result.tokens.append(token)
+        if self.on_token is not None and self.on_token(seq, token):
+            return self.finish(seq, "stop")
         if len(seq.result.tokens) >= seq.max_new:
             return self.finish(seq, "max-new-tokens")
         with self.clock.compute():
-            h = self.stage.run(seq.index, seq.next_pos, self.stage.model.embed(torch.tensor([token])))
-        self.ring.pass_on(self.plan, seq.index, seq.next_pos, h)
+            h = self.stage.run(seq.index, seq.next_pos, self.stage.model.embed(torch.tensor([token])),
+                               seq.span[1])
+        self.ring.pass_on(self.plan, seq.index, seq.next_pos, h, seq.span)
 
     def _record(self, seq: Sequence, logits: torch.Tensor):
         now = time.perf_counter()
@@ -350,8 +378,8 @@ def run_activation(ring: Ring, stage: Stage, clock: Clock, msg: Message):
         ring.release(stage.plan, msg.seq)
         return
     with clock.compute():
-        h = stage.run(msg.seq, msg.step, torch.from_numpy(msg.payload))     # (T, dim)
-    ring.pass_on(stage.plan, msg.seq, msg.step, h)
+        h = stage.run(msg.seq, msg.step, torch.from_numpy(msg.payload), capacity=msg.plan)  # (T, dim)
+    ring.pass_on(stage.plan, msg.seq, msg.step, h, span=(msg.pos, msg.plan))
 
 
 def held_parameters(model: Transformer) -> int:

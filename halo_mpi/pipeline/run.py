@@ -31,6 +31,7 @@ from .ring import (
     make_plan,
     rank_stats,
     serve,
+    serving_plan,
     stop_ring,
 )
 
@@ -143,11 +144,40 @@ def run_pipeline(comm, weights: str, requests: list[Request] | None, options: Op
     """Every rank calls this; requests and devices are read on rank 0 only. Returns the run on
     rank 0, None elsewhere. Each rank opens the store itself and reads only its own layers. An
     error on any rank propagates; the caller ends the job (net.launch.abort)."""
+    def plan(args, size):
+        return make_plan(args, requests, size, options, devices)
+    run, pending = on_the_ring(comm, weights, plan, lambda ring, stage: run_rank(ring, stage, requests,
+                                                                                 options, on_finish))
+    if run is not None:
+        run.set_pending(pending)
+    return run
+
+
+def serve_pipeline(comm, weights: str, options: Options, drive, devices: list[Device] | None = None):
+    """A server's ring: rank 0 runs drive(ring, stage, clock) (it starts sequences as requests
+    come, halo_mpi/serve/driver.py) and then stops the ring; the other ranks serve until then."""
+    def plan(args, size):
+        return serving_plan(args, size, options, devices)
+
+    def role(ring: Ring, stage: Stage):
+        clock = Clock()
+        if ring.rank != 0:
+            return serve(ring, stage, clock)
+        try:
+            return drive(ring, stage, clock)
+        finally:
+            stop_ring(ring)
+    return on_the_ring(comm, weights, plan, role)[0]
+
+
+def on_the_ring(comm, weights: str, plan_for, role) -> tuple:
+    """Plan on rank 0 (plan_for(args, size)), load each rank's stage, run role(ring, stage) on
+    every rank; returns (rank 0's result, requests pending per rank) on rank 0."""
     rank, size = comm.Get_rank(), comm.Get_size()
 
     def plan_on_rank0():
         with Store(weights) as store:
-            return make_plan(store.args, requests, size, options, devices)
+            return plan_for(store.args, size)
 
     plan = comm.bcast(collectively(comm, plan_on_rank0 if rank == 0 else lambda: None), root=0)
 
@@ -158,13 +188,10 @@ def run_pipeline(comm, weights: str, requests: list[Request] | None, options: Op
     stage = Stage(collectively(comm, load), rank, plan)
     transport = MPITransport(comm, plan.max_bytes, peers=ring_peers(rank, size)) if size > 1 else None
     gentle_barrier(comm)                    # the clocks start together
-    run = run_rank(Ring(transport, rank, size), stage, requests, options, on_finish)
+    result = role(Ring(transport, rank, size), stage)
     pending = transport.close() if transport else 0
     gentle_barrier(comm)
-    pending = comm.gather(pending, root=0)
-    if run is not None:
-        run.set_pending(pending)
-    return run
+    return result, comm.gather(pending, root=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -94,3 +94,51 @@ def serve_sessions(broker: Broker, tok, session_for, stop_ids, poll_s: float = 0
             broker.served += 1
     broker.drain()
     time.sleep(0)   # (let the server thread deliver the last events)
+
+
+def serve_ring(broker: Broker, tok, ring, stage, clock, options, poll_s: float = 0.05):
+    """Pipeline mode: up to `stage.plan.in_flight` jobs at once on the ring (its recurrent
+    pipeline is the natural batch); a job that finishes frees its slot for the next in the
+    queue. When the broker closes, the running jobs end at their next token."""
+    from ..pipeline.ring import Conductor, Request
+    jobs: dict[int, Job] = {}
+    outs: dict[int, TextOut] = {}
+
+    def on_token(seq, token: int) -> bool:
+        return outs[seq.index].push(token)
+
+    def on_finish(seq):
+        job, out = jobs.pop(seq.index), outs.pop(seq.index)
+        out.close()
+        reason = ("cancelled" if job.cancelled.is_set() else "stop"
+                  if out.stopped or seq.result.stopped_by in ("stop", "end-of-sequence token") else "length")
+        job.done(reason, len(seq.result.tokens))
+        broker.running, broker.served = len(jobs), broker.served + 1
+
+    conductor = Conductor(ring, stage, clock, {}, options, on_finish, on_token)
+    index = 0
+    while True:
+        closing = broker.closed.is_set()
+        if closing:
+            for job in jobs.values():
+                job.cancelled.set()
+            if not conductor.active:
+                break
+        started = False
+        while not closing and len(conductor.active) < stage.plan.in_flight:
+            job = broker.take_nowait() if conductor.active else broker.take(poll_s)
+            if job is None:
+                break
+            if job.cancelled.is_set():
+                job.done("cancelled", 0)
+                continue
+            conductor.requests[index] = Request(job.ids, job.max_new, (job.temperature, job.top_p, job.seed))
+            jobs[index], outs[index] = job, TextOut(job, tok)
+            broker.running = len(jobs)
+            with torch.inference_mode():
+                conductor.start(index)
+            index, started = index + 1, True
+        if conductor.active:
+            for msg in ring.poll(0.0 if started else poll_s):
+                conductor.on_return(msg)
+    broker.drain()
