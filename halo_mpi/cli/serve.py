@@ -2,6 +2,7 @@
 
     halo-mpi serve --port 8000
     mpiexec -n 2 halo-mpi serve --parallel tensor --sync strict --host 0.0.0.0 --port 8000
+    mpiexec -n 4 halo-mpi serve --parallel pipeline --num-sequences 4
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"messages": [{"role": "user", "content": "Hello"}], "stream": true}'
 
@@ -35,7 +36,8 @@ def add_parser(sub):
                        description="Serve the model on rank 0 over HTTP, in the OpenAI shape: "
                                    "POST /v1/chat/completions and /v1/completions (streaming with "
                                    "\"stream\": true), GET /v1/models and /health. Requests queue "
-                                   "and run one at a time; the other ranks follow rank 0's steps.")
+                                   "on rank 0 and run one at a time (pipeline mode: up to "
+                                   "--num-sequences at once); the other ranks follow rank 0's steps.")
     add_weights_argument(s)
     s.add_argument("--parallel", choices=["none", "tensor", "pipeline"], default="none",
                    help="none: one process; tensor: HALO tensor parallelism over the ranks, one "
