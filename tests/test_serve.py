@@ -177,3 +177,52 @@ def test_a_port_in_use_is_one_clear_error(tiny_store_path):
                               capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_full_queue_and_a_closing_server_answer_503(tiny_store):
+    """The API alone, no model running: the queue holds one job, the next request is refused."""
+    from fastapi.testclient import TestClient
+
+    from halo_mpi.model.tokenizer import Tokenizer
+    from halo_mpi.serve.api import make_app
+    from halo_mpi.serve.broker import Broker, Job
+    broker = Broker(capacity=1)
+    assert broker.submit(Job([1, 2], 4))
+    app = make_app(broker, Tokenizer.from_store(tiny_store), "tiny", 256, lambda: {"mode": "none", "ranks": 1})
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2})
+        assert r.status_code == 503 and "queue is full" in r.json()["error"]["message"]
+        assert client.get("/health").json()["queued"] == 1
+        broker.closed.set()
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+        assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+
+
+def rank_pids(port: int) -> dict[int, int]:
+    """rank -> pid of the processes serving on `port` (from their MPI environment)."""
+    out = {}
+    for pid in filter(str.isdigit, __import__("os").listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in cmd and str(port).encode() in cmd and b"halo_mpi.cli" in cmd:
+            rank = next((int(e.split(b"=")[1]) for e in env if e.startswith(b"PMI_RANK=")), None)
+            if rank is not None:
+                out[rank] = int(pid)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_a_worker_that_dies_ends_the_server_with_an_error(tiny_store_path, mode):
+    port = free_port()
+    ranks, extra = MODES[mode]
+    live = LiveServer(serve_cmd(tiny_store_path, port, ranks, *extra), port)
+    try:
+        __import__("os").kill(rank_pids(port)[1], signal.SIGKILL)
+        code = live.proc.wait(timeout=60)        # never a hang
+    finally:
+        code, err = live.stop()
+    assert code != 0
