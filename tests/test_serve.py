@@ -188,7 +188,8 @@ def test_a_full_queue_and_a_closing_server_answer_503(tiny_store):
     from halo_mpi.serve.broker import Broker, Job
     broker = Broker(capacity=1)
     assert broker.submit(Job([1, 2], 4))
-    app = make_app(broker, Tokenizer.from_store(tiny_store), "tiny", 256, lambda: {"mode": "none", "ranks": 1})
+    health = lambda: {"mode": "none", "ranks": 1}      # noqa: E731
+    app = make_app(broker, Tokenizer.from_store(tiny_store), "tiny", 256, health)
     with TestClient(app) as client:
         r = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2})
         assert r.status_code == 503 and "queue is full" in r.json()["error"]["message"]
