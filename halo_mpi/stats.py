@@ -1,7 +1,8 @@
 """Run statistics: one schema for every mode, written by `--stats-json` and read by `bench`.
 
     {"mode": "tensor", "ranks_total": 4, "dtype": "float32", "tokens": 64,
-     "ms_per_token_median": ..., "ms_per_token_p95": ..., "tokens_per_s": ..., "decode_ms": [...],
+     "ms_per_token_median": ..., "ms_per_token_p95": ..., "ms_per_token_p99": ..., "ms_per_token_max": ...,
+     "slow_tokens": (tokens over 3x the median), "tokens_per_s": ..., "decode_ms": [...],
      "dropped_share_mean": ..., "pending_requests_at_end": 0, "wall_s": ..., "prefill_s": ...,
      "config": {mode-specific settings}, "sequences": [...], "ranks": [...]}
 
@@ -96,6 +97,10 @@ class RunStats:
             tokens=self.tokens, decode_ms=decode,
             ms_per_token_median=statistics.median(decode) if decode else math.nan,
             ms_per_token_p95=quantile(decode, 0.95),
+            ms_per_token_p99=quantile(decode, 0.99),
+            ms_per_token_max=max(decode, default=math.nan),
+            # a stall hides in a median: count the tokens that took over 3x it
+            slow_tokens=sum(d > 3 * statistics.median(decode) for d in decode) if decode else 0,
             prefill_s=sum(s.prefill_s for s in self.sequences),
             dropped_share_mean=sum(dropped) / len(dropped) if dropped else 0.0,
             dropped_share_max=max(dropped, default=0.0),

@@ -20,9 +20,11 @@ from .options import (
     add_tensor_arguments,
     add_threads_argument,
     add_weights_argument,
+    non_negative_float,
     options_from,
     positive_int,
     set_threads,
+    top_p,
 )
 from .prompts import TokenPrinter, encode_prompt, read_prompts, stop_ids
 
@@ -45,9 +47,9 @@ def add_parser(sub):
     g.add_argument("--stats-json", help="write run statistics (per rank) to this JSON file")
     g.add_argument("--max-new-tokens", type=positive_int, default=64,
                    help="tokens to generate at most (default: %(default)s)")
-    g.add_argument("--temperature", type=float, default=0.7,
+    g.add_argument("--temperature", type=non_negative_float, default=0.7,
                    help="sampling temperature; 0 = greedy (default: %(default)s)")
-    g.add_argument("--top-p", type=float, default=0.9,
+    g.add_argument("--top-p", type=top_p, default=0.9,
                    help="nucleus sampling: keep the most likely tokens up to this probability "
                         "(default: %(default)s)")
     g.add_argument("--seed", type=int, default=0,

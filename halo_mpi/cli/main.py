@@ -19,8 +19,18 @@ from ..net.launch import CollectiveError, abort, abort_message, world_rank, worl
 from . import bench, evaluate, generate, serve, testbed, weights
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one line per error, printed by rank 0 only (every rank parses the same
+    arguments: a usage block from each would repeat the same mistake N times), exit status 2."""
+
+    def error(self, message: str):
+        if world_rank() == 0:
+            print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="halo-mpi",
         description="Distributed LLaMA inference for clusters of small devices on lossy networks "
                     "(HALO tensor-parallel mode, MDI-LLM pipeline mode) over MPI.")

@@ -27,6 +27,13 @@ def non_negative_float(s: str) -> float:
     return v
 
 
+def top_p(s: str) -> float:
+    v = float(s)
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
+    return v
+
+
 def options_from(cls, a: argparse.Namespace, **overrides):
     """A dataclass of options (TensorOptions, ...) filled once from the parsed arguments."""
     values = {f.name: getattr(a, f.name) for f in fields(cls) if hasattr(a, f.name)}

@@ -17,6 +17,9 @@ def read_prompts(a) -> list[str]:
             prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
     except OSError as e:
         raise HaloError(f"cannot read --prompt-file {a.prompt_file}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise HaloError(f"--prompt-file {a.prompt_file} is not UTF-8 text (byte {e.start}); "
+                        f"convert it, e.g. iconv -t UTF-8") from None
     if not prompts:
         raise HaloError(f"--prompt-file {a.prompt_file} holds no prompt")
     return prompts

@@ -362,8 +362,10 @@ def tensor_stats(plan: TensorPlan, run: TensorRun, results: list) -> RunStats:
 
 def format_report(stats: RunStats) -> str:
     s = stats.as_json()
-    lines = [f"{s['tokens']} tokens: {s['ms_per_token_median'] or float('nan'):.1f} ms/token median (p95 "
-             f"{s['ms_per_token_p95'] or float('nan'):.1f}), "
+    nan = float("nan")
+    lines = [f"{s['tokens']} tokens: {s['ms_per_token_median'] or nan:.1f} ms/token median (p95 "
+             f"{s['ms_per_token_p95'] or nan:.1f}, p99 {s['ms_per_token_p99'] or nan:.1f}, max "
+             f"{s['ms_per_token_max'] or nan:.1f}; {s['slow_tokens']} over 3x the median), "
              f"{s['tokens_per_s'] or float('nan'):.1f} tokens/s; "
              f"dropped importance share per token: mean {s['dropped_share_mean']:.4f}, max "
              f"{s['dropped_share_max']:.4f}; requests pending at end: {s['pending_requests_at_end']}",
