@@ -11,6 +11,7 @@ ranks (MPI_Abort) within seconds.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        check_outputs(args)
         args.func(args)
     except CollectiveError as e:          # every rank has it: rank 0 says it once
         if e.rank == 0:
@@ -58,6 +60,23 @@ def main(argv=None) -> int:
     except (HaloError, KeyboardInterrupt, Exception) as e:
         return fail(e)
     return 0
+
+
+OUTPUT_FILES = ("stats_json", "json")     # options naming a file a command writes at its end
+
+
+def check_outputs(args: argparse.Namespace):
+    """An output file that cannot be written is an error before any work, not after it."""
+    for name in OUTPUT_FILES:
+        path = getattr(args, name, None)
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        option = "--" + name.replace("_", "-")
+        if not os.path.isdir(folder):
+            raise HaloError(f"{option} {path}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise HaloError(f"{option} {path}: the folder {folder} is not writable")
 
 
 def fail(error: BaseException) -> int:
