@@ -95,6 +95,7 @@ class Coordinator:
         self.deadlines = DeadlineGather(transport, policy, range(1, transport.size), clock,
                                         n_layers=len(placement))
         self.backup: dict[int, dict[int, GroupMLP]] = {}          # layer -> rank -> its backed-up groups
+        self.prefill_copies: dict[tuple[int, int], GroupMLP] = {}  # (layer, unstable rank) -> its groups
         self.probes = set(probes)   # ranks whose groups only probe their link: all backed up
         self.load_groups, self.predictor, self.sparsity = load_groups, predictor, sparsity
         self.replanner, self.log = replanner, log or (lambda line: None)
@@ -121,6 +122,7 @@ class Coordinator:
         changed = [l for l in range(self.n_layers)
                    if not self.placement or not np.array_equal(self.placement[l][0], placement[l][0])]
         self.placement = placement
+        self.prefill_copies.clear()                          # (read again where still needed)
         for l in changed:
             self.own[l] = self.load_groups(l, placement[l][0]) if len(placement[l][0]) else None
         self.set_backup()
@@ -264,6 +266,7 @@ class Coordinator:
         """Rank 0's resident weights here: its MLP groups, backups, attention groups, head slice."""
         n = sum(m.nbytes for m in self.own.values() if m is not None)
         n += sum(m.nbytes for b in self.backup.values() for m in b.values())
+        n += sum(m.nbytes for m in self.prefill_copies.values())
         n += self.held.nbytes if self.held is not None else 0
         return n + (self.head_slice.nbytes if self.head_slice is not None else 0)
 
@@ -295,6 +298,11 @@ class Coordinator:
                   for r in range(len(placed))}
         peers = [r for r in range(1, len(placed)) if len(placed[r])
                  and (keep is None or local_keep[r].any())]
+        # HALO prefill waits for every partial (the prompt's KV cache lasts), so an unstable link
+        # that stalls would hold the whole prompt: rank 0 computes those ranks' groups itself
+        here = [r for r in peers if not self.decoding and self.policy.mode == "halo"
+                and r in self.policy.unstable and keep is None]
+        peers = [r for r in peers if r not in here]
         payload = x.numpy()                                   # (T, dim)
         for r in peers:
             body = payload if keep is None else with_mask_row(payload, local_keep[r])
@@ -306,6 +314,8 @@ class Coordinator:
             out = torch.zeros_like(x)
         else:
             out = own(x) if keep is None else own.subset(x, local_keep[0])
+        for r in here:
+            out += self.prefill_copy(layer, r)(x)
         self.compute_s += time.perf_counter() - t0
         backup = self.backup.get(layer)
         backed = {r: self.backed_up(backup[r], imp, keep) for r in peers if r in backup} if backup else {}
@@ -321,6 +331,19 @@ class Coordinator:
                 self.recovered[r] += 1
         self.compute_s += time.perf_counter() - t0
         return out
+
+    def prefill_copy(self, layer: int, rank: int) -> GroupMLP:
+        """Rank 0's copy of an unstable rank's groups for prefill: its backup when that is all of
+        them, else read from the store once (the drop budget keeps an unstable rank's share
+        small: 3 of 24 groups of SmolLM2 at -n 2)."""
+        ids = self.placement[layer][rank]
+        backup = self.backup.get(layer, {}).get(rank)
+        if backup is not None and np.array_equal(backup.ids, ids):
+            return backup
+        copy = self.prefill_copies.get((layer, rank))
+        if copy is None or not np.array_equal(copy.ids, ids):
+            copy = self.prefill_copies[(layer, rank)] = self.load_groups(layer, ids)
+        return copy
 
     @staticmethod
     def backed_up(mlp: GroupMLP, imp: np.ndarray, keep) -> tuple:
