@@ -200,3 +200,18 @@ def test_a_slow_device_is_emulated_in_the_all_reduce_too():
     with clock:
         time.sleep(0.02)
     assert time.perf_counter() - t0 >= 0.04 and clock.seconds >= 0.04
+
+
+def test_halo_prefill_does_not_wait_for_an_unstable_rank(kv3_store):
+    """Rank 0 computes an unstable rank's groups itself during prefill: the prompt never waits
+    on a link that may stall, and the prompt's logits stay the reference's."""
+    ref_model = Transformer.from_store(kv3_store)
+    ids = torch.tensor(PROMPTS[0])
+    want = ref_model(ids, ref_model.new_cache(16), last_only=True)
+    plan = make_plan(kv3_store, 3, TensorOptions(sync="halo", unstable_ranks="2", wire_dtype="float32"))
+    assert any(len(p[2]) for p in plan.placement)                  # rank 2 holds MLP groups
+    cluster = LocalCluster(kv3_store, plan)
+    got = cluster.session(16).step(ids, decoding=False)
+    done = cluster.stop()
+    assert done[2]["computed"] == 0 and done[1]["computed"] > 0
+    assert (got - want).abs().max().item() < 1e-4
