@@ -61,6 +61,14 @@ class StepRecord:
 
 LoadGroups = Callable[[int, np.ndarray], "GroupMLP | None"]   # (layer, ids) -> the groups' MLP
 
+# MPICH's shared-memory path sends from a pool of 64 cells per process (MPIR_CVAR_CH4_SHM_POSIX_
+# IQUEUE_NUM_CELLS) and a cell comes back only when its receiver reads it. A worker that stops
+# receiving (frozen: SIGSTOP, a stalled SD card) keeps every cell sent to it, and once rank 0's
+# pool is empty its messages to *every* rank wait: one frozen unstable rank stalled HALO for the
+# whole freeze (a 5 s SIGSTOP cost a 4.9 s token at -n 3). So rank 0 keeps at most this many MLP
+# inputs unanswered on one rank; past it the rank's partials count as missing until it answers.
+UNANSWERED_LIMIT = 24
+
 
 # ---------------------------------------------------------------------------------------------
 # rank 0
@@ -96,6 +104,7 @@ class Coordinator:
                                         n_layers=len(placement))
         self.backup: dict[int, dict[int, GroupMLP]] = {}          # layer -> rank -> its backed-up groups
         self.prefill_copies: dict[tuple[int, int], GroupMLP] = {}  # (layer, unstable rank) -> its groups
+        self.unanswered = Counter()                          # rank -> MLP inputs sent since it last answered
         self.probes = set(probes)   # ranks whose groups only probe their link: all backed up
         self.load_groups, self.predictor, self.sparsity = load_groups, predictor, sparsity
         self.replanner, self.log = replanner, log or (lambda line: None)
@@ -257,6 +266,8 @@ class Coordinator:
         key = LayerKey(self.step, layer, self.version, kind)
         shares = dict.fromkeys([0] + peers, 0.0)     # (unused: every peer is critical here)
         got, result = self.deadlines.gather(key, peers, self.deadlines.clock(), shares, decoding=False)
+        for r in set(got) | set(result.discarded):
+            self.unanswered[r] = 0
         self.late_discarded.update(result.discarded)
         self.gather_wait_s += result.wait_s
         return got
@@ -305,8 +316,11 @@ class Coordinator:
         peers = [r for r in peers if r not in here]
         payload = x.numpy()                                   # (T, dim)
         for r in peers:
+            if self.unanswered[r] >= UNANSWERED_LIMIT:   # not receiving (frozen?): see the constant
+                continue                                  # (still a peer: its partial counts as missing)
             body = payload if keep is None else with_mask_row(payload, local_keep[r])
             self.t.send(r, Kind.INPUT, self.step, layer, body, plan=self.version)
+            self.unanswered[r] += 1
         sent_at = self.sent_at = self.deadlines.clock()   # the gather's clock: round trips count from here
         t0 = time.perf_counter()
         own = self.own.get(layer)
@@ -359,6 +373,8 @@ class Coordinator:
         backs up); without it, the whole share."""
         key = LayerKey(self.step, layer, self.version)
         got, result = self.deadlines.gather(key, peers, sent_at, shares, self.decoding, covered)
+        for r in set(got) | set(result.discarded):        # it receives and answers again
+            self.unanswered[r] = 0
         self.used.update(got.keys())
         self.late_discarded.update(result.discarded)
         self.account(result, lost or {r: shares[r] for r in peers})
