@@ -77,7 +77,7 @@ def evaluate_tensor(a):
     from ..model.evaluate import perplexity, teacher_forced_nll
     from ..net.launch import collective
     from ..tensor.coordinator import TensorParallelSession
-    from ..tensor.run import TensorOptions, open_and_plan, run_tensor
+    from ..tensor.run import TensorOptions, end_if_silent, open_and_plan, run_tensor
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -108,3 +108,4 @@ def evaluate_tensor(a):
           f"dropped importance share {result['dropped_share_mean']:.4f}")
     if a.json:
         write_json(a.json, result)
+    end_if_silent(run)

@@ -138,7 +138,15 @@ def generate_tensor(a):
     from ..model.tokenizer import Tokenizer
     from ..net.launch import collective
     from ..tensor.coordinator import TensorParallelSession
-    from ..tensor.run import TensorOptions, describe, format_report, open_and_plan, run_tensor, tensor_stats
+    from ..tensor.run import (
+        TensorOptions,
+        describe,
+        end_if_silent,
+        format_report,
+        open_and_plan,
+        run_tensor,
+        tensor_stats,
+    )
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -171,6 +179,7 @@ def generate_tensor(a):
         print(format_report(stats), file=sys.stderr)
         if a.stats_json:
             stats.write(a.stats_json)
+        end_if_silent(run)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def serve_tensor(a):
     from ..serve.broker import Broker
     from ..serve.driver import serve_sessions
     from ..tensor.coordinator import TensorParallelSession
-    from ..tensor.run import TensorOptions, describe, open_and_plan, run_tensor
+    from ..tensor.run import TensorOptions, describe, end_if_silent, open_and_plan, run_tensor
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -173,11 +173,12 @@ def serve_tensor(a):
         return serve_sessions(broker, tok, lambda max_len: TensorParallelSession(
             model, coordinator, max_len, options.prefill_chunk), tok.stop_ids)
     try:
-        run_tensor(comm, store, plan, drive)
+        run = run_tensor(comm, store, plan, drive)
     finally:
         broker.closed.set()
         server.stop()
         store.close()
+    end_if_silent(run)
     print("halo-mpi: server stopped", file=sys.stderr)
 
 

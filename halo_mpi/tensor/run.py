@@ -318,11 +318,24 @@ def run_tensor(comm, store: Store, plan: TensorPlan, drive, log=None) -> TensorR
         make_worker(store, plan, transport).run()
     wall = time.perf_counter() - t0
     pending = transport.close()
+    if rank == 0 and coordinator.silent:   # a collective would wait for them forever: the caller
+        nan = float("nan")                  # reports this rank's figures and ends the job
+        return TensorRun(result, coordinator, workers, [pending] + [0] * (plan.size - 1),
+                         [peak_rss_mb()] + [nan] * (plan.size - 1), [cpu_seconds()] + [nan] * (plan.size - 1),
+                         wall)
     gathered = comm.gather((pending, peak_rss_mb(), cpu_seconds()), root=0)
     if rank != 0:
         return TensorRun(None, None, {}, [], [], [], wall)
     pend, rss, cpu = (list(x) for x in zip(*gathered))
     return TensorRun(result, coordinator, workers, pend, rss, cpu, wall)
+
+
+def end_if_silent(run: TensorRun):
+    """After the report: workers that never answered STOP end the job with one line."""
+    if run.coordinator is not None and run.coordinator.silent:
+        raise HaloError(f"rank{'s' if len(run.coordinator.silent) > 1 else ''} "
+                        f"{', '.join(map(str, run.coordinator.silent))} did not answer at the end "
+                        f"(frozen or gone): its statistics are missing; ending the job")
 
 
 def tensor_stats(plan: TensorPlan, run: TensorRun, results: list) -> RunStats:
@@ -354,7 +367,7 @@ def tensor_stats(plan: TensorPlan, run: TensorRun, results: list) -> RunStats:
               "link_loss": {str(k): v for k, v in plan.loss.items()},
               "unstable_ranks": sorted(plan.policy.unstable), "critical_share": plan.policy.critical_share,
               "backup_share": o.backup_share, "sparsity": o.sparsity, "replans": list(c.replans),
-              "wire": wire_report(plan.dim, plan.wire)}
+              "wire": wire_report(plan.dim, plan.wire), "silent": list(c.silent)}
     return RunStats("tensor", plan.size, o.dtype, [SequenceStats.of(i, res) for i, res in enumerate(results)],
                     ranks, len(decode_s) / sum(decode_s) if decode_s else float("nan"), run.wall_s,
                     [rec.dropped_share for rec in decoding], config)
@@ -372,12 +385,14 @@ def format_report(stats: RunStats) -> str:
              "rank  groups  attn  head-rows  weights-MB  compute_s  wait_s  cpu_s  on-time  dropped-layers  "
              "recovered  late-discarded  skipped  peak-RSS-MB"]
     for r in s["ranks"]:
-        lines.append(f"{r['rank']:4d}  {r['groups']:6d}  {r.get('attention_groups', 0):4d}  "
+        lines.append(f"{r['rank']:4d}  {r.get('groups', 0):6d}  {r.get('attention_groups', 0):4d}  "
                      f"{r.get('head_rows', 0):9d}  {r['weight_bytes'] / 1e6:10.1f}  "
                      f"{r['compute_s']:9.2f}  {r['wait_s']:6.2f}  "
-                     f"{r['cpu_s']:5.1f}  {r['on_time_rate']:7.3f}  {r['dropped_layers']:14d}  "
+                     f"{r['cpu_s'] or nan:5.1f}  {r['on_time_rate']:7.3f}  {r['dropped_layers']:14d}  "
                      f"{r.get('recovered_by_backup', 0):9d}  {r['late_discarded']:14d}  "
-                     f"{r.get('skipped', 0):7d}  {r['peak_rss_mb']:11.0f}")
+                     f"{r.get('skipped', 0):7d}  {r['peak_rss_mb'] or nan:11.0f}"
+                     + ("  (silent at the end: no statistics)" if r["rank"] in s["config"].get("silent", [])
+                        else ""))
     replans = s["config"]["replans"]
     lines.append(f"re-plans: {len(replans)}" + "".join(f"\n  {line}" for line in replans))
     return "\n".join(lines)
