@@ -139,3 +139,11 @@ def test_a_frozen_unstable_worker_does_not_stall_halo(real_store_path, tmp_path)
     assert proc.returncode == 0, err
     decode = json.loads(stats.read_text())["decode_ms"]
     assert len(decode) == 63 and max(decode) < 1000, sorted(decode)[-5:]
+
+
+def test_progress_lines_show_tokens_per_second_and_link_rates(tiny_store_path):
+    done = generate(2, tiny_store_path, "--parallel", "tensor", "--sync", "halo", "--link-loss", "1:0.05",
+                    "--progress", "0.000001", "--max-new-tokens", "12")
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("progress: ")]
+    assert len(lines) >= 5 and "tokens/s" in lines[-1] and "on-time rank:rate 1:" in lines[-1]

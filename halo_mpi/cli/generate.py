@@ -64,6 +64,9 @@ def add_parser(sub):
     add_threads_argument(g)
     g.add_argument("--quiet", action="store_true",
                    help="print only the generated text at the end, no streaming")
+    g.add_argument("--progress", type=non_negative_float, default=0.0, metavar="SECONDS",
+                   help="every SECONDS, one line on stderr: tokens so far, tokens/s, and in tensor "
+                        "mode each link's on-time rate (default: 0 = off)")
     g.add_argument("--ignore-eos", action="store_true",
                    help="always generate --max-new-tokens tokens (for benchmarks)")
     add_tensor_arguments(g)
@@ -82,18 +85,43 @@ def run(a):
     return generate_single(a)
 
 
-def generate_each(a, tok, prompts: list[str], encoded: list, session_for) -> list:
+class Progress:
+    """`--progress SECONDS`: a line on stderr every SECONDS while tokens come; `links()` gives
+    rank -> on-time rate (tensor mode) or nothing."""
+
+    def __init__(self, every_s: float, links=lambda: {}):
+        import time
+        self.every_s, self.links, self.clock = every_s, links, time.perf_counter
+        self.start = self.last = self.clock()
+        self.tokens = 0
+
+    def __call__(self, token: int):
+        self.tokens += 1
+        now = self.clock()
+        if self.every_s and now - self.last >= self.every_s:
+            self.last = now
+            rates = " ".join(f"{r}:{v:.2f}" for r, v in sorted(self.links().items()))
+            print(f"progress: {self.tokens} tokens, {self.tokens / (now - self.start):.1f} tokens/s"
+                  + (f", on-time rank:rate {rates}" if rates else ""), file=sys.stderr, flush=True)
+
+
+def generate_each(a, tok, prompts: list[str], encoded: list, session_for, links=lambda: {}) -> list:
     """Each prompt in turn through `session_for(max_len)`, its tokens streamed as they come."""
     import torch
 
     from ..model.generate import Sampler, generate
     results = []
+    progress = Progress(getattr(a, "progress", 0.0), links)
     for index, (prompt, (ids, max_new)) in enumerate(zip(prompts, encoded)):
         printer = TokenPrinter(tok, prompt if not a.chat else "", a.quiet,
                                label=f"[{index}] " if len(prompts) > 1 else "")
+
+        def on_token(token: int, printer=printer):
+            printer(token)
+            progress(token)
         with torch.inference_mode():
             result = generate(session_for(len(ids) + max_new), ids, max_new,
-                              Sampler(a.temperature, a.top_p, a.seed), stop_ids(tok, a), printer)
+                              Sampler(a.temperature, a.top_p, a.seed), stop_ids(tok, a), on_token)
         printer.close(result.tokens)
         results.append(result)
     return results
@@ -166,8 +194,9 @@ def generate_tensor(a):
         print(describe(plan, store), file=sys.stderr)
 
     def drive(coordinator, model):
+        links = lambda: {r: link.on_time_rate for r, link in coordinator.links.items()}  # noqa: E731
         return generate_each(a, tok, prompts, encoded, lambda max_len: TensorParallelSession(
-            model, coordinator, max_len, options.prefill_chunk))
+            model, coordinator, max_len, options.prefill_chunk), links)
 
     # while tokens stream to the terminal a log line would land inside the text: then the
     # re-plans are told in the report at the end (which lists them anyway)
