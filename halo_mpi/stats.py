@@ -35,6 +35,19 @@ def rss_mb() -> float:
         return 0.0
 
 
+class RssTrace:
+    """Resident memory every `every` ticks (steps, messages): [[tick, MB], ...], so a long run
+    shows whether memory grows (the soak check: the last sample against an early one)."""
+
+    def __init__(self, every: int):
+        self.every, self.ticks, self.samples = every, 0, []
+
+    def tick(self):
+        self.ticks += 1
+        if self.ticks % self.every == 0:
+            self.samples.append([self.ticks, round(rss_mb(), 1)])
+
+
 def cpu_seconds() -> float:
     """CPU time this process used: with waiting that never spins it stays near compute time."""
     u = resource.getrusage(resource.RUSAGE_SELF)

@@ -44,6 +44,7 @@ from ..model.groups import GroupMLP
 from ..net.framing import Kind, json_payload
 from ..net.links import LinkEstimate
 from ..net.transport import Transport
+from ..stats import RssTrace
 from .attention import HeldAttention, attention_moves, relay_caches
 from .gather import DeadlineGather, GatherResult, LayerKey
 from .placement import Placement, attention_placement, holders, vocab_slices
@@ -106,6 +107,7 @@ class Coordinator:
         self.prefill_copies: dict[tuple[int, int], GroupMLP] = {}  # (layer, unstable rank) -> its groups
         self.unanswered = Counter()                          # rank -> MLP inputs sent since it last answered
         self.silent: list[int] = []                          # workers that did not answer STOP
+        self.rss = RssTrace(every=50)                        # resident MB every 50 steps
         self.probes = set(probes)   # ranks whose groups only probe their link: all backed up
         self.load_groups, self.predictor, self.sparsity = load_groups, predictor, sparsity
         self.replanner, self.log = replanner, log or (lambda line: None)
@@ -163,6 +165,7 @@ class Coordinator:
         self.step += 1
         self.decoding = decoding
         self.records.append(StepRecord(self.step, decoding))
+        self.rss.tick()
         if decoding and self.replanner is not None:
             self.maybe_replan()
 

@@ -349,7 +349,8 @@ def tensor_stats(plan: TensorPlan, run: TensorRun, results: list) -> RunStats:
                         "attention_groups": int(sum(len(c.held.heads(l)) for l in range(c.n_layers))),
                         "head_rows": c.vocab[0][1] - c.vocab[0][0],
                         "on_time_rate": 1.0, "dropped_layers": 0, "late_discarded": 0,
-                        "held_by_loss": c.t.stats.held}, weight_bytes=c.weight_bytes + c.model_bytes)]
+                        "held_by_loss": c.t.stats.held, "rss_mb_trace": c.rss.samples},
+                       weight_bytes=c.weight_bytes + c.model_bytes)]
     for r in range(1, plan.size):
         w, link = dict(run.workers.get(r, {})), c.links[r]
         compute, wait = w.pop("compute_s", 0.0), w.pop("wait_s", 0.0)

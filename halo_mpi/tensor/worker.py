@@ -18,6 +18,7 @@ from ..errors import HaloError
 from ..model.groups import GroupMLP
 from ..net.framing import Kind, Message, json_payload
 from ..net.transport import Transport
+from ..stats import RssTrace
 from .attention import HeldAttention, join_cache, send_cache
 from .coordinator import LoadGroups
 
@@ -44,6 +45,7 @@ class Worker:
         self.computed = self.skipped = self.appended_only = self.plans = 0
         self.compute_s = 0.0
         self.importing: dict[int, dict] = {}   # layer -> {"ids", "pos", "chunks": {head: {p: kv}}}
+        self.rss = RssTrace(every=500)         # resident MB every 500 inputs
 
     def run(self) -> dict:
         stash: list[Message] = []   # messages held back until their PLAN or their groups' caches arrive
@@ -67,6 +69,7 @@ class Worker:
             retry = bool(stash) and (self.version, len(self.importing)) != before
 
     def serve(self, m: Message, newest: bool):
+        self.rss.tick()
         answer = newest and m.plan == self.version   # else: a closed step, or an old plan
         if m.kind == Kind.ATTN_INPUT:
             self.timed(m, lambda m, x: self.held.step(m.layer, x, m.pos, reply=answer))
@@ -172,4 +175,4 @@ class Worker:
                 "groups": int(sum(len(m.ids) for m in held)),
                 "attention_groups": int(sum(len(h.attention.ids) for h in attention)),
                 "head_rows": 0 if self.head is None else self.head.stop - self.head.start,
-                "weight_bytes": self.weight_bytes}
+                "weight_bytes": self.weight_bytes, "rss_mb_trace": self.rss.samples}
