@@ -6,8 +6,6 @@ token limits and clients that go away.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..model.generate import Sampler, generate
@@ -93,7 +91,6 @@ def serve_sessions(broker: Broker, tok, session_for, stop_ids, poll_s: float = 0
             broker.running -= 1
             broker.served += 1
     broker.drain()
-    time.sleep(0)   # (let the server thread deliver the last events)
 
 
 def serve_ring(broker: Broker, tok, ring, stage, clock, options, poll_s: float = 0.05):
