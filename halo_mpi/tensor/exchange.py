@@ -81,13 +81,17 @@ class Exchange:
         keys = {r: (int(kind), self.step, layer, r) for r in sources}
         t0 = time.perf_counter()
         while any(k not in self.early for k in keys.values()):
-            for m in self.t.poll(1.0):
-                if m.kind in (Kind.PARTIAL, Kind.ATTN_PARTIAL, Kind.LOGITS):
-                    self.early[(int(m.kind), m.step, m.layer, m.source)] = m.payload
-                else:
-                    self.others.append(m)
+            self.sort(self.t.poll(1.0))
         self.wait_s += time.perf_counter() - t0
         return {r: self.early.pop(k) for r, k in keys.items()}
+
+    def sort(self, messages: list[Message]):
+        """Partials and logits into `early` by (kind, step, layer, source); the rest into `others`."""
+        for m in messages:
+            if m.kind in (Kind.PARTIAL, Kind.ATTN_PARTIAL, Kind.LOGITS):
+                self.early[(int(m.kind), m.step, m.layer, m.source)] = m.payload
+            else:
+                self.others.append(m)
 
 
 class ExchangeAttention:
@@ -151,11 +155,7 @@ class Follower:
 
     def next_message(self) -> Message:
         while not self.exchange.others:
-            for m in self.t.poll(1.0):
-                if m.kind in (Kind.PARTIAL, Kind.ATTN_PARTIAL):
-                    self.exchange.early[(int(m.kind), m.step, m.layer, m.source)] = m.payload
-                else:
-                    self.exchange.others.append(m)
+            self.exchange.sort(self.t.poll(1.0))
         return self.exchange.others.pop(0)
 
     def run(self) -> dict:
