@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from ..errors import HaloError
 from ..model.config import SHAPES
 from ..stats import write_json
 from ..store.convert import DEFAULT_MLP_GROUPS
+from ..store.hdf5 import STORE_DTYPES
 from .options import DEFAULT_WEIGHTS, add_threads_argument, positive_int, set_threads
 
 
@@ -26,9 +29,11 @@ def add_file_parsers(sub):
 
     c = sub.add_parser("convert", help="GGUF -> HDF5 neuron-group store (or a synthetic model)",
                        description="Dequantize a LLaMA GGUF file into a halo-mpi HDF5 store with "
-                                   "attention groups (one per KV head) and MLP neuron groups, or "
-                                   "write a random-weight model of a named shape.")
-    c.add_argument("gguf", nargs="?", help="input .gguf file (omit with --synthetic)")
+                                   "attention groups (one per KV head) and MLP neuron groups, "
+                                   "write a random-weight model of a named shape, or re-write a "
+                                   "float32 store (e.g. calibrated) in another --store-dtype.")
+    c.add_argument("gguf", nargs="?", help="input .gguf file, or a float32 .h5 store to re-write "
+                                           "(omit with --synthetic)")
     c.add_argument("-o", "--output", required=True, help="output .h5 store")
     c.add_argument("--mlp-groups", type=positive_int, default=None,
                    help=f"G, neuron groups per MLP layer; must divide the intermediate size "
@@ -36,6 +41,10 @@ def add_file_parsers(sub):
     c.add_argument("--synthetic", choices=sorted(SHAPES), metavar="NAME",
                    help=f"write random weights of a named LLaMA shape instead: {', '.join(SHAPES)}")
     c.add_argument("--seed", type=int, default=0, help="random seed for --synthetic (default: %(default)s)")
+    c.add_argument("--store-dtype", choices=STORE_DTYPES, default="float32",
+                   help="weights as float32, or quantized in blocks of 32: q8_0 (8-bit, 1.06 "
+                        "bytes/weight) or q4 (4-bit with an offset, 0.625 bytes/weight); norms "
+                        "stay float32 (default: %(default)s)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=convert)
 
@@ -95,17 +104,22 @@ def fetch_weights(a):
 
 
 def convert(a):
-    from ..store.convert import convert_gguf, write_synthetic
+    from ..store.convert import convert_gguf, convert_store, write_synthetic
     if (a.gguf is None) == (a.synthetic is None):
         raise HaloError("convert needs either a GGUF file or --synthetic NAME (not both)")
     if os.path.dirname(a.output):
         os.makedirs(os.path.dirname(a.output), exist_ok=True)
     if a.synthetic:
-        args = write_synthetic(a.synthetic, a.output, a.mlp_groups, seed=a.seed, progress=not a.quiet)
+        args = write_synthetic(a.synthetic, a.output, a.mlp_groups, seed=a.seed, progress=not a.quiet,
+                               store_dtype=a.store_dtype)
+    elif a.gguf.endswith((".h5", ".hdf5")):
+        if a.mlp_groups:
+            raise HaloError("--mlp-groups applies to a GGUF or --synthetic; a store keeps its groups")
+        args = convert_store(a.gguf, a.output, a.store_dtype, progress=not a.quiet)
     else:
-        args = convert_gguf(a.gguf, a.output, a.mlp_groups, progress=not a.quiet)
+        args = convert_gguf(a.gguf, a.output, a.mlp_groups, progress=not a.quiet, store_dtype=a.store_dtype)
     print(f"wrote {a.output}: {args.n_params() / 1e6:.1f} M parameters, {args.n_layers} layers, "
-          f"{args.mlp_groups} MLP groups of {args.group_size} neurons, "
+          f"{args.mlp_groups} MLP groups of {args.group_size} neurons, {a.store_dtype}, "
           f"{os.path.getsize(a.output) / 1e6:.0f} MB")
 
 
@@ -116,6 +130,12 @@ def info(a):
         for k, v in s.args.as_dict().items():
             print(f"  {k:16s} {v}")
         print(f"  {'parameters':16s} {s.args.n_params() / 1e6:.1f} M")
+        print(f"  {'store_dtype':16s} {s.store_dtype}")
+        for what, ds in (("MLP group", "layers/000/mlp_groups"),
+                         ("attention group", "layers/000/attn_groups")):
+            d = s.f[ds]
+            print(f"  {'bytes/' + what:16s} {d.dtype.itemsize * int(np.prod(d.shape[1:], dtype=np.int64))}")
+        print(f"  {'file':16s} {os.path.getsize(a.weights) / 1e6:.1f} MB")
         print(f"  {'tokenizer':16s} {'yes' if s.has_tokenizer() else 'no'}")
 
 

@@ -10,21 +10,31 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .linear import Linear
+from .linear import Linear, make_linear
+from .quant import concat, from_records, records_dtype
 
 
 class GroupMLP:
     """The SwiGLU MLP restricted to a set of neuron groups (all of them in the reference model)."""
 
     def __init__(self, groups: np.ndarray, ids=None, dtype: torch.dtype = torch.float32):
-        # groups: (n, 3, group_size, dim) as stored (see store.py); ids: their global group ids
-        n, _, gs, dim = groups.shape
+        # groups: (n, 3, group_size, dim) float as stored (see store/hdf5.py), or (n,) quantized
+        # records with fields gate, up (gs, dim) and down (dim, gs); ids: their global group ids
+        n = groups.shape[0]
         self.ids = np.arange(n) if ids is None else np.asarray(ids)
+        self.quantized = records_dtype(groups) is not None
+        if self.quantized:
+            gs = groups.dtype["gate_codes"].shape[0]
+            # gate and up fused so that a token costs one matmul: (2*n*gs, dim)
+            self.gate_up = make_linear(concat([from_records(groups, "gate"), from_records(groups, "up")], 0))
+            self.down = make_linear(from_records(groups, "down", axis=1))    # W_down[:, S]: (dim, n*gs)
+        else:
+            gs, dim = groups.shape[2:]
+            w = torch.from_numpy(np.ascontiguousarray(groups))
+            self.gate_up = Linear(torch.cat([w[:, 0].reshape(n * gs, dim), w[:, 1].reshape(n * gs, dim)]),
+                                  dtype)
+            self.down = Linear(w[:, 2].reshape(n * gs, dim).T, dtype)   # W_down[:, S]: (dim, n*gs)
         self.group_size, self.hidden = gs, n * gs
-        w = torch.from_numpy(np.ascontiguousarray(groups))
-        # gate and up fused so that a token costs one matmul: (2*n*gs, dim)
-        self.gate_up = Linear(torch.cat([w[:, 0].reshape(n * gs, dim), w[:, 1].reshape(n * gs, dim)]), dtype)
-        self.down = Linear(w[:, 2].reshape(n * gs, dim).T, dtype)       # W_down[:, S]: (dim, n*gs)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(T, dim) -> (T, dim), the sum of the held groups' contributions."""
@@ -33,7 +43,14 @@ class GroupMLP:
 
     def subset(self, x: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
         """The sum over the kept groups only (keep: (n,) bool), one matmul chain per run of
-        consecutive kept groups, so skipped groups' weights are never read."""
+        consecutive kept groups, so skipped groups' weights are never read. Quantized weights
+        cannot be sliced (the int4 kernel's packed layout interleaves K): there every weight is
+        read and the skipped groups' activations are zeroed, the same sum at the full cost."""
+        if self.quantized:
+            gate, up = self.gate_up(x).split(self.hidden, dim=-1)              # (T, n*gs) each
+            act = F.silu(gate).mul_(up).view(x.shape[0], -1, self.group_size)  # (T, n, gs)
+            act *= torch.from_numpy(np.asarray(keep, dtype=np.float32))[None, :, None]
+            return self.down(act.view(x.shape[0], -1))
         out = torch.zeros(x.shape[0], self.down.out_features)
         gs, H = self.group_size, self.hidden
         for a, b in runs(keep):
@@ -46,8 +63,7 @@ class GroupMLP:
         """Each group's own contribution: (T, dim) -> (T, n, dim). For importance statistics."""
         gate, up = self.gate_up(x).split(self.hidden, dim=-1)
         act = (F.silu(gate) * up).view(x.shape[0], -1, self.group_size)          # (T, n, gs)
-        w_down = self.down.w_t if self.down.dtype == torch.float32 else self.down.w.T.float()
-        down = w_down.reshape(-1, self.group_size, x.shape[-1])                   # (n, gs, dim)
+        down = self.down.weight().T.reshape(-1, self.group_size, x.shape[-1])     # (n, gs, dim)
         return torch.einsum("tng,ngd->tnd", act, down.float())
 
     @property

@@ -7,11 +7,15 @@ the 2-core dev machine over 30 cache-cold matrices of the model's shapes (halo-m
 - bfloat16 / float16: F.linear(x, W) with W (out, in) is ~2x faster than fp32 per token, but
   x @ W_t is 5-40x slower (no fast kernel for that layout).
 So each Linear keeps W_t for float32 and W for the half types, and always returns float32.
+Quantized weights (q8_0, q4) get a QuantLinear (model/quant.py) instead: `make_linear` picks.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .quant import QMatrix, QuantLinear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,7 +54,19 @@ class Linear:
             return self.w_t[:, index].T.contiguous()    # (in, T) -> (T, in)
         return self.w[index].float()
 
+    def weight(self) -> torch.Tensor:
+        """W (out, in) as float32, for statistics (calibration, importance)."""
+        return self.w_t.T if self.dtype == torch.float32 else self.w.float()
+
     @property
     def nbytes(self) -> int:
         t = self.w_t if self.dtype == torch.float32 else self.w
         return t.numel() * t.element_size()
+
+
+def make_linear(w, dtype: torch.dtype = torch.float32):
+    """The layer for a weight W (out, in): float (numpy or torch) -> Linear in `dtype`;
+    a QMatrix -> QuantLinear, which computes on the quantized weights (dtype does not apply)."""
+    if isinstance(w, QMatrix):
+        return QuantLinear(w)
+    return Linear(torch.from_numpy(w) if isinstance(w, np.ndarray) else w, dtype)

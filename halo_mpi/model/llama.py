@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from ..errors import HaloError
 from .config import ModelArgs
 from .groups import GroupMLP
-from .linear import DTYPES, Linear
+from .linear import DTYPES, make_linear
+from .quant import QuantRows, from_records, records_dtype
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -79,18 +80,28 @@ class Attention:
     group sets sum to the layer's attention output: o[:, S] @ attend_S(x)."""
 
     def __init__(self, args: ModelArgs, groups: np.ndarray, ids=None, dtype: torch.dtype = torch.float32):
-        # groups: (n, (2*n_rep+2)*hd, dim) as stored; rows q | k | v | o^T per group; ids: KV heads
+        # groups: (n, (2*n_rep+2)*hd, dim) float as stored, rows q | k | v | o^T per group, or
+        # (n,) quantized records with fields qkv ((n_rep+2)*hd, dim) and o (dim, n_rep*hd);
+        # ids: their KV heads
         self.args = a = args
         n = groups.shape[0]
         self.ids = np.arange(n) if ids is None else np.asarray(ids)
         self.n_kv, self.n_heads = n, n * a.n_rep
-        w = torch.from_numpy(np.ascontiguousarray(groups))
         R, hd = a.n_rep * a.head_dim, a.head_dim
-        q, k, v, o_t = w.split([R, hd, hd, R], dim=1)
-        # q, k, v fused into one ((n_heads + 2*n_kv)*hd, dim) weight: one matmul per token
-        self.qkv = Linear(torch.cat([q.reshape(-1, a.dim), k.reshape(-1, a.dim), v.reshape(-1, a.dim)]),
-                          dtype)
-        self.o = Linear(o_t.reshape(-1, a.dim).T, dtype)             # W_o[:, S]: (dim, n_heads*hd)
+        # q, k, v fused into one ((n_heads + 2*n_kv)*hd, dim) weight: one matmul per token, rows
+        # ordered as all groups' q, then all k, then all v
+        if records_dtype(groups):
+            qkv = from_records(groups, "qkv")                        # (n*(R+2hd), dim), per group
+            per = np.arange(n * (R + 2 * hd)).reshape(n, R + 2 * hd)
+            order = np.concatenate([per[:, :R].ravel(), per[:, R:R + hd].ravel(), per[:, R + hd:].ravel()])
+            self.qkv = make_linear(qkv.take_rows(order))
+            self.o = make_linear(from_records(groups, "o", axis=1))  # W_o[:, S]: (dim, n_heads*hd)
+        else:
+            w = torch.from_numpy(np.ascontiguousarray(groups))
+            q, k, v, o_t = w.split([R, hd, hd, R], dim=1)
+            self.qkv = make_linear(torch.cat([q.reshape(-1, a.dim), k.reshape(-1, a.dim),
+                                              v.reshape(-1, a.dim)]), dtype)
+            self.o = make_linear(o_t.reshape(-1, a.dim).T, dtype)    # W_o[:, S]: (dim, n_heads*hd)
         self.n_qk = self.n_heads + self.n_kv                         # heads that get RoPE
 
     def append(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -142,14 +153,20 @@ class Transformer:
 
     def __init__(self, args: ModelArgs, blocks: dict[int, Block], embedding=None, norm=None,
                  output=None, dtype: torch.dtype = torch.float32):
-        # embedding, output: (vocab, dim) arrays; with tied embeddings pass the same array twice
+        # embedding, output: (vocab, dim) float arrays or (vocab,) quantized row records; with
+        # tied embeddings pass the same array twice
         self.args, self.blocks, self.dtype = args, blocks, dtype
         self.norm = None if norm is None else torch.from_numpy(norm)                  # (dim,)
         # output: (T, dim) -> (T, vocab); a Linear here, a distributed head in tensor mode
-        self.output = None if output is None else Linear(torch.from_numpy(output), dtype)
-        tied = embedding is not None and embedding is output
-        # tied: rows are looked up in the head's weight, so the (vocab, dim) table is held once
-        self.embedding = None if embedding is None or tied else torch.from_numpy(embedding)
+        self.output = None
+        if output is not None:
+            self.output = make_linear(from_records(output, "row") if records_dtype(output) else output, dtype)
+        quantized = embedding is not None and records_dtype(embedding) is not None
+        tied = embedding is not None and embedding is output and not quantized
+        # tied float: rows are looked up in the head's weight, so the (vocab, dim) table is held
+        # once; quantized: the stored rows are kept (a packed kernel layout has no row lookup)
+        self.embedding = (None if embedding is None or tied else
+                          QuantRows(embedding, "row") if quantized else torch.from_numpy(embedding))
         # lookup: token ids (T,) -> (T, dim); tensor mode reads the rows from the store instead
         self.lookup: Callable[[torch.Tensor], torch.Tensor] | None = (
             self.output.rows if tied else (self.embedding.__getitem__ if self.embedding is not None

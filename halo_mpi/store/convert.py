@@ -1,7 +1,11 @@
 """GGUF -> HDF5 neuron-group store, and synthetic random-weight stores of named LLaMA shapes.
 
     halo-mpi convert weights/SmolLM2-135M-Instruct.Q4_1.gguf -o weights/smollm2-135m.h5 --mlp-groups 24
+    halo-mpi convert weights/smollm2-135m.h5 -o weights/smollm2-135m-q4.h5 --store-dtype q4
     halo-mpi convert --synthetic tinyllama-1.1b -o weights/tinyllama-1.1b-synthetic.h5
+
+Quantized stores are written from float32 values: the GGUF's tensors dequantized, or a float32
+store (calibrated and regrouped: calibration reorders neurons, so it runs on float32 first).
 """
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ from tqdm import tqdm
 
 from ..errors import HaloError
 from ..model.config import SHAPES, ModelArgs
+from ..model.quant import records_dtype
 from ..model.tokenizer import byte_symbols
-from .hdf5 import store_writer
+from .hdf5 import Store, records_to_float, store_writer
 
 DEFAULT_MLP_GROUPS = 24
 SUPPORTED_ARCHS = ("llama",)
@@ -113,7 +118,7 @@ def gguf_args(reader, mlp_groups: int | None) -> ModelArgs:
 
 
 def convert_gguf(gguf_path: str, out_path: str, mlp_groups: int | None = None,
-                 progress: bool = True) -> ModelArgs:
+                 progress: bool = True, store_dtype: str = "float32") -> ModelArgs:
     from gguf.quants import dequantize
     reader = _open_gguf(gguf_path)
     args = gguf_args(reader, mlp_groups)
@@ -131,7 +136,7 @@ def convert_gguf(gguf_path: str, out_path: str, mlp_groups: int | None = None,
                             f"truncated: fetch it again") from None
 
     name = str(_field(reader, "general.name", os.path.basename(gguf_path)))
-    with store_writer(out_path, args, name=name, source=_source_tag(gguf_path)) as w:
+    with store_writer(out_path, args, name=name, source=_source_tag(gguf_path), store_dtype=store_dtype) as w:
         w.put("embedding", tensor("token_embd.weight"))
         w.put("norm", tensor("output_norm.weight"))
         if not args.tied_embeddings:
@@ -185,7 +190,7 @@ def byte_tokenizer(vocab_size: int) -> dict:
 
 
 def write_synthetic(shape: str, out_path: str, mlp_groups: int | None = None, seed: int = 0,
-                    progress: bool = True) -> ModelArgs:
+                    progress: bool = True, store_dtype: str = "float32") -> ModelArgs:
     """Random weights (LLaMA-style init: N(0, 0.02), residual projections scaled down by depth)."""
     args = synthetic_args(shape, mlp_groups)
     rng = np.random.default_rng(seed)
@@ -195,7 +200,8 @@ def write_synthetic(shape: str, out_path: str, mlp_groups: int | None = None, se
 
     out_std = 0.02 / np.sqrt(2 * args.n_layers)
     hd_all = args.n_heads * args.head_dim
-    with store_writer(out_path, args, name=f"synthetic-{shape}", source=f"random seed {seed}") as w:
+    with store_writer(out_path, args, name=f"synthetic-{shape}", source=f"random seed {seed}",
+                      store_dtype=store_dtype) as w:
         w.put("embedding", normal(args.vocab_size, args.dim))
         w.put("norm", np.ones(args.dim, np.float32))
         if not args.tied_embeddings:
@@ -211,3 +217,39 @@ def write_synthetic(shape: str, out_path: str, mlp_groups: int | None = None, se
                                                  normal(args.dim, args.hidden_dim, std=out_std)))
         w.put_tokenizer(**byte_tokenizer(args.vocab_size))
     return args
+
+
+# ---------------------------------------------------------------------------------------------
+# a float32 store -> another store dtype
+
+def convert_store(src_path: str, out_path: str, store_dtype: str, progress: bool = True) -> ModelArgs:
+    """Re-write a float32 store (whole, not a shard) in store_dtype, keeping its tokenizer,
+    calibration and predictors; one layer in memory at a time. A quantized store can be
+    written back as float32 (exactly its dequantized weights), not quantized again."""
+    with Store(src_path) as src:
+        if src.store_dtype != "float32" and store_dtype != "float32":
+            raise HaloError(f"{src_path} is a {src.store_dtype} store; convert from the float32 "
+                            f"store or the GGUF (quantizing twice would round twice)")
+        if "shard_rank" in src.f.attrs:
+            raise HaloError(f"{src_path} is a shard; convert the whole store, then shard it")
+        a = src.args
+        with store_writer(out_path, a, name=src.name, source=f"{store_dtype} of {src_path}",
+                          store_dtype=store_dtype) as w:
+            def floats(kind: str, w: np.ndarray) -> np.ndarray:
+                return records_to_float(a, kind, w) if records_dtype(w) else w
+            w.put("embedding", floats("row", src.embedding()))
+            w.put("norm", src.final_norm())
+            if not a.tied_embeddings:
+                w.put("output", floats("row", src.output()))
+            for layer in tqdm(range(a.n_layers), desc=f"{store_dtype} layers", unit="layer",
+                              disable=not progress):
+                attn_norm, ffn_norm = src.layer_norms(layer)
+                w.put_layer(layer, attn_norm, ffn_norm, floats("attn", src.attn_groups(layer)),
+                            floats("mlp", src.mlp_groups(layer)))
+            for extra in ("tokenizer", "calibration"):
+                if extra in src.f:
+                    src.f.copy(extra, w.f)
+            for key, value in src.f.attrs.items():       # e.g. what calibration recorded
+                if key not in w.f.attrs:
+                    w.f.attrs[key] = value
+    return a

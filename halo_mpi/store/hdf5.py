@@ -1,9 +1,9 @@
 """The HDF5 neuron-group store: one self-describing file per model (or per rank, for shards).
 
-Layout (layout_version 1), as `h5dump -H` shows it:
+Layout (layout_version 2), as `h5dump -H` shows it for store_dtype float32:
 
-    /                       attrs: format="halo-mpi-store", layout_version, name, source,
-                                   and every ModelArgs field (dim, n_layers, ..., mlp_groups)
+    /                       attrs: format="halo-mpi-store", layout_version, store_dtype, name,
+                                   source, and every ModelArgs field (dim, n_layers, ..., mlp_groups)
     /embedding              (vocab_size, dim)    float32  token embedding
     /norm                   (dim,)               float32  final RMSNorm weight
     /output                 (vocab_size, dim)    float32  output head (only if not tied_embeddings)
@@ -27,8 +27,19 @@ A shard file (`halo-mpi shard`) has the same layout and attributes plus shard_ra
 a worker's shard holds its MLP groups (with mlp_group_ids), every attention group, the output head
 (the embedding when tied) and the calibration.
 
-Everything is float32 (the dequantized GGUF values), stored contiguously (no chunking) so that
-a hyperslab of consecutive groups is a single read.
+Weights are stored contiguously (no chunking) so that a hyperslab of consecutive groups is a
+single read. store_dtype float32 holds the dequantized GGUF values as above. store_dtype q8_0 or
+q4 (see model/quant.py) holds the same datasets as records, one HDF5 compound element per group
+(per row for /embedding and /output), each element carrying its codes and its blocks' scales, so a
+group is still one contiguous read:
+    /embedding, /output     (vocab_size,)  fields row_codes, row_scale[, row_zero]: a (1, dim) matrix
+    /layers/000/attn_groups (n_kv_heads,)  qkv ((n_rep+2)*hd, dim): the q, k, v rows;
+                                           o: W_o[:, heads of the group], (dim, n_rep*hd)
+    /layers/000/mlp_groups  (G,)           gate (group_size, dim), up (group_size, dim),
+                                           down: W_down[:, neurons of the group], (dim, group_size)
+Blocks of 32 run along each matrix's input dimension, so a quantized store needs a group_size and
+a head_dim*n_rep that are multiples of 32. Norms stay float32.
+Version 1 stores (float32 only, no store_dtype) are refused with the command that reconverts them.
 """
 from __future__ import annotations
 
@@ -40,9 +51,11 @@ import numpy as np
 
 from ..errors import HaloError
 from ..model.config import ModelArgs
+from ..model.quant import BLOCK, QUANT_DTYPES, from_records, record_fields, records_dtype, to_records
 
 FORMAT = "halo-mpi-store"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+STORE_DTYPES = ("float32",) + QUANT_DTYPES
 _STR = h5py.string_dtype("utf-8")
 
 
@@ -51,22 +64,98 @@ def layer_path(layer: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# quantized records: the matrices of a group (or a row) and their shapes
+
+def record_parts(args: ModelArgs, kind: str) -> list[tuple[str, tuple[int, int]]]:
+    """The (N, K) matrices of one record: kind "mlp" (a neuron group), "attn" (a KV-head group)
+    or "row" (a row of the embedding or head)."""
+    a, R = args, args.n_rep * args.head_dim
+    return {"mlp": [("gate", (a.group_size, a.dim)), ("up", (a.group_size, a.dim)),
+                    ("down", (a.dim, a.group_size))],
+            "attn": [("qkv", (R + 2 * a.head_dim, a.dim)), ("o", (a.dim, R))],
+            "row": [("row", (1, a.dim))]}[kind]
+
+
+def record_dtype(args: ModelArgs, kind: str, store_dtype: str) -> np.dtype:
+    return np.dtype(sum((record_fields(n, shape, store_dtype) for n, shape in record_parts(args, kind)), []))
+
+
+def check_quantizable(args: ModelArgs, store_dtype: str):
+    """Blocks of 32 along every matrix's input: one clear error before any work."""
+    if store_dtype not in QUANT_DTYPES:
+        return
+    bad = [(what, n) for what, n in (("dim", args.dim), ("group_size (hidden_dim / mlp_groups)",
+                                                          args.group_size),
+                                     ("n_rep * head_dim", args.n_rep * args.head_dim)) if n % BLOCK]
+    if bad:
+        what = ", ".join(f"{w} = {n}" for w, n in bad)
+        raise HaloError(f"--store-dtype {store_dtype} quantizes blocks of {BLOCK} values, but {what} "
+                        f"is not a multiple of {BLOCK}" + ("; choose --mlp-groups so that "
+                        "hidden_dim / mlp_groups is" if "group_size" in what else ""))
+
+
+def float_to_records(args: ModelArgs, kind: str, w: np.ndarray, store_dtype: str) -> np.ndarray:
+    """Float arrays in the float32 layout -> records (n,) of store_dtype.
+    mlp: (G, 3, gs, dim); attn: (n_kv, (2*n_rep+2)*hd, dim); row: (vocab, dim)."""
+    recs = np.zeros(w.shape[0], dtype=record_dtype(args, kind, store_dtype))
+    if kind == "mlp":
+        to_records(recs, "gate", w[:, 0])
+        to_records(recs, "up", w[:, 1])
+        to_records(recs, "down", w[:, 2].transpose(0, 2, 1))      # (G, gs, dim) -> (G, dim, gs)
+    elif kind == "attn":
+        split = (2 + args.n_rep) * args.head_dim                    # q | k | v rows, then o^T
+        to_records(recs, "qkv", w[:, :split])
+        to_records(recs, "o", w[:, split:].transpose(0, 2, 1))      # (n, R, dim) -> (n, dim, R)
+    else:
+        to_records(recs, "row", w[:, None, :])                     # (vocab, dim) -> (vocab, 1, dim)
+    return recs
+
+
+def records_to_float(args: ModelArgs, kind: str, recs: np.ndarray) -> np.ndarray:
+    """The inverse of float_to_records: exact (dequantizing rounds nothing)."""
+    n = recs.shape[0]
+
+    def each(name: str) -> np.ndarray:                              # (n, N, K)
+        m = from_records(recs, name)
+        return m.dequantize().reshape(n, -1, m.shape[1])
+    if kind == "mlp":
+        return np.stack([each("gate"), each("up"), each("down").transpose(0, 2, 1)], axis=1)
+    if kind == "attn":
+        return np.concatenate([each("qkv"), each("o").transpose(0, 2, 1)], axis=1)
+    return each("row")[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------
 # writing
 
 class StoreWriter:
     """Writes a store tensor by tensor, so that a large model never sits whole in memory."""
 
-    def __init__(self, path: str, args: ModelArgs, name: str, source: str):
-        self.path, self.args = path, args
+    def __init__(self, path: str, args: ModelArgs, name: str, source: str, store_dtype: str = "float32"):
+        if store_dtype not in STORE_DTYPES:
+            raise HaloError(f"unknown store dtype {store_dtype!r}; choose one of {', '.join(STORE_DTYPES)}")
+        check_quantizable(args, store_dtype)
+        self.path, self.args, self.store_dtype = path, args, store_dtype
         self._tmp = f"{path}.partial"
         self.f = h5py.File(self._tmp, "w")
-        self.f.attrs.update(format=FORMAT, layout_version=LAYOUT_VERSION, name=name, source=source,
-                            **args.to_attrs())
+        self.f.attrs.update(format=FORMAT, layout_version=LAYOUT_VERSION, store_dtype=store_dtype,
+                            name=name, source=source, **args.to_attrs())
 
     def put(self, name: str, array: np.ndarray):
+        """A float32 array (norms, and weights of a float32 store), or a weight matrix given as
+        float32 that a quantized store quantizes (/embedding, /output)."""
+        if records_dtype(array):                     # already records (copied from a store)
+            self.f.create_dataset(name, data=array)
+            return
         expected = self._expected_shape(name)
         if expected is not None and tuple(array.shape) != expected:
             raise HaloError(f"{name}: shape {tuple(array.shape)}, expected {expected}")
+        leaf = name.rsplit("/", 1)[-1]
+        kind = {"embedding": "row", "output": "row", "attn_groups": "attn", "mlp_groups": "mlp"}.get(leaf)
+        if kind and self.store_dtype != "float32":
+            array = float_to_records(self.args, kind, np.asarray(array, np.float32), self.store_dtype)
+            self.f.create_dataset(name, data=array)
+            return
         self.f.create_dataset(name, data=np.ascontiguousarray(array, dtype=np.float32))
 
     def put_layer(self, layer: int, attn_norm, ffn_norm, attn_groups, mlp_groups, group_ids=None):
@@ -74,7 +163,7 @@ class StoreWriter:
         self.put(f"{p}/attn_norm", attn_norm)
         self.put(f"{p}/ffn_norm", ffn_norm)
         self.put(f"{p}/attn_groups", attn_groups)
-        self.f.create_dataset(f"{p}/mlp_groups", data=np.ascontiguousarray(mlp_groups, np.float32))
+        self.put(f"{p}/mlp_groups", mlp_groups)
         if group_ids is not None:
             self.f.create_dataset(f"{p}/mlp_group_ids", data=np.asarray(group_ids, np.int32))
 
@@ -101,8 +190,8 @@ class StoreWriter:
 
 
 @contextmanager
-def store_writer(path: str, args: ModelArgs, name: str, source: str):
-    w = StoreWriter(path, args, name, source)
+def store_writer(path: str, args: ModelArgs, name: str, source: str, store_dtype: str = "float32"):
+    w = StoreWriter(path, args, name, source, store_dtype)
     try:
         yield w
     except BaseException:
@@ -122,6 +211,7 @@ class Store:
         self.f = open_store_file(self.path)
         self.args = ModelArgs.from_attrs(self.f.attrs)
         self.name = str(self.f.attrs.get("name", os.path.basename(self.path)))
+        self.store_dtype = str(self.f.attrs["store_dtype"])   # float32, q8_0 or q4
 
     def close(self):
         self.f.close()
@@ -133,8 +223,10 @@ class Store:
         self.close()
 
     def _read(self, name: str, sel=()) -> np.ndarray:
+        """float32 arrays, or records (quantized weights; see model/quant.py) as stored."""
         try:
-            return np.asarray(self.f[name][sel], dtype=np.float32)
+            ds = self.f[name]
+            return ds[sel] if ds.dtype.names else np.asarray(ds[sel], dtype=np.float32)
         except KeyError:
             raise HaloError(f"{self.path}: dataset /{name} is missing; reconvert the model") from None
         except OSError as e:
@@ -163,8 +255,10 @@ class Store:
             raise HaloError(f"attention groups {ids.tolist()} are not sorted KV heads of this model")
         if len(ids) and ids[-1] - ids[0] + 1 == len(ids):
             return self._read(name, np.s_[int(ids[0]):int(ids[-1]) + 1])
-        return self._read(name, ids.tolist()) if len(ids) else np.empty(
-            (0, self.args.attn_group_rows, self.args.dim), np.float32)
+        if len(ids):
+            return self._read(name, ids.tolist())
+        ds = self.f[name]
+        return np.empty((0,) + ds.shape[1:], ds.dtype if ds.dtype.names else np.float32)
 
     def output_rows(self, start: int, stop: int) -> np.ndarray:   # (stop - start, dim)
         """A vocabulary slice of the output head (of the embedding when tied): one contiguous read."""
@@ -196,13 +290,14 @@ class Store:
         if np.any(rows >= len(held)) or np.any(held[np.minimum(rows, len(held) - 1)] != ids):
             raise HaloError(f"{self.path}: layer {layer} does not hold MLP groups "
                             f"{sorted(set(ids.tolist()) - set(held.tolist()))}")
-        shape = (len(rows),) + self.f[name].shape[1:]
+        ds = self.f[name]
+        shape, dtype = (len(rows),) + ds.shape[1:], ds.dtype if ds.dtype.names else np.float32
         if len(rows) == 0:
-            return np.empty(shape, np.float32)
+            return np.empty(shape, dtype)
         if np.all(np.diff(rows) == 1):
             return self._read(name, np.s_[rows[0]:rows[-1] + 1])
         order = np.argsort(rows)                            # h5py wants increasing indices
-        out = np.empty(shape, np.float32)
+        out = np.empty(shape, dtype)
         out[order] = self._read(name, rows[order].tolist())
         return out
 
@@ -243,7 +338,8 @@ def write_shard(store: Store, path: str, rank: int, size: int, groups_per_layer:
     and a re-plan may move them); rank 0's also the embedding, norms and tokenizer.
     """
     a = store.args
-    with store_writer(path, a, name=store.name, source=f"shard {rank}/{size} of {store.path}") as w:
+    with store_writer(path, a, name=store.name, source=f"shard {rank}/{size} of {store.path}",
+                      store_dtype=store.store_dtype) as w:
         w.f.attrs.update(shard_rank=rank, shard_size=size)
         if rank == 0 or a.tied_embeddings:   # (tied: the embedding is the head)
             w.put("embedding", store.embedding())
@@ -287,5 +383,6 @@ def open_store_file(path: str) -> h5py.File:
     if version != LAYOUT_VERSION:
         f.close()
         raise HaloError(f"{path} has store layout version {version}, this halo-mpi reads version "
-                        f"{LAYOUT_VERSION}; convert the model again")
+                        f"{LAYOUT_VERSION}; convert the model again: `halo-mpi convert "
+                        f"weights/SmolLM2-135M-Instruct.Q4_1.gguf -o {path}` (or `make weights`)")
     return f

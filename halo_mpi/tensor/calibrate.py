@@ -34,8 +34,7 @@ def neuron_contributions(model: Transformer, xs: dict) -> dict[int, torch.Tensor
     for l, x in xs.items():
         mlp = model.blocks[l].feed_forward
         gate, up = mlp.gate_up(x).split(mlp.hidden, dim=-1)
-        down_norm = (mlp.down.w_t.norm(dim=1) if mlp.down.dtype == torch.float32
-                     else mlp.down.w.float().norm(dim=0))
+        down_norm = mlp.down.weight().norm(dim=0)          # W_down (dim, H): a column's norm
         out[l] = (torch.nn.functional.silu(gate) * up).abs() * down_norm       # (T, H)
     return out
 

@@ -3,14 +3,15 @@
 A rank holding rows [start, stop) of the head computes those logits; rank 0 gathers every slice
 strictly, once per token (the logits decide the token), and concatenates them in vocabulary
 order. The embedding table is never held whole: rank 0 reads the rows of the tokens it embeds
-(one contiguous read of 4 x dim bytes per token, ~5 us from the page cache).
+(one contiguous read of a row per token, ~5 us from the page cache).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ..model.linear import Linear
+from ..model.linear import make_linear
+from ..model.quant import from_records, records_dtype
 
 
 class VocabSlice:
@@ -18,7 +19,8 @@ class VocabSlice:
 
     def __init__(self, store, start: int, stop: int, dtype: torch.dtype = torch.float32):
         self.start, self.stop = start, stop
-        self.linear = Linear(torch.from_numpy(store.output_rows(start, stop)), dtype)
+        rows = store.output_rows(start, stop)            # (n, dim) float, or (n,) records
+        self.linear = make_linear(from_records(rows, "row") if records_dtype(rows) else rows, dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
@@ -35,4 +37,5 @@ class StoreEmbedding:
         self.store = store
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.store.embedding_rows(np.asarray(tokens, dtype=np.int64)))
+        rows = self.store.embedding_rows(np.asarray(tokens, dtype=np.int64))
+        return torch.from_numpy(from_records(rows, "row").dequantize() if records_dtype(rows) else rows)
