@@ -31,6 +31,7 @@ BLOCK = 32
 QUANT_DTYPES = ("q8_0", "q4")
 BITS = {"q8_0": 8, "q4": 4}
 _TILE_N = 64         # the int4 kernel packs rows by tiles of 64: N is padded to a multiple
+_PACK_ROWS = 64 * 64  # rows packed at a time (tiles are independent, so slices pack alike)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,26 +185,25 @@ class QuantLinear:
     def __init__(self, m: QMatrix):
         self.dtype, self.out_features, self.in_features = m.dtype, *m.shape
         N, K = m.shape
-        codes = torch.from_numpy(m.codes.astype(np.int32))
-        scale, zero = torch.from_numpy(m.scale), torch.from_numpy(m.zero)
+        P = self.n_pad = -(-N // _TILE_N) * _TILE_N    # rows padded with weights 0
         if m.dtype == "q8_0":     # 16*hi + lo: two 4-bit matrices whose results sum to the 8-bit one
-            codes = torch.cat([codes >> 4, codes & 15])                   # (2N, K)
-            scale, zero = torch.cat([16 * scale, scale]), torch.cat([zero, 8 * scale])
-        rows = codes.shape[0]
-        self.n_pad = -(-N // _TILE_N) * _TILE_N
-        pad = (2 if m.dtype == "q8_0" else 1) * self.n_pad - rows
-        if m.dtype == "q8_0" and pad:    # pad each half so that the lo half starts at n_pad
-            z = torch.zeros(self.n_pad - N, K, dtype=torch.int32)
-            codes = torch.cat([codes[:N], z + 8, codes[N:], z + 8])
-            zs = torch.zeros(self.n_pad - N, K // BLOCK)
-            scale, zero = torch.cat([scale[:N], zs, scale[N:], zs]), torch.cat([zero[:N], zs, zero[N:], zs])
-        elif pad:                        # rows of code 8 with scale 0 and zero 0: weights 0
-            codes = torch.cat([codes, torch.full((pad, K), 8, dtype=torch.int32)])
-            scale = torch.cat([scale, torch.zeros(pad, K // BLOCK)])
-            zero = torch.cat([zero, torch.zeros(pad, K // BLOCK)])
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
-        # (K/32, rows, 2): scale and offset per block and output row, in the activations' dtype
-        self.scale_zero = torch.stack([scale.T, zero.T], dim=-1).contiguous().to(torch.bfloat16)
+            halves = [(m.codes >> 4, 16 * m.scale, m.zero), (m.codes & 15, m.scale, 8 * m.scale)]
+        else:
+            halves = [(m.codes, m.scale, m.zero)]
+        self.packed = torch.empty(len(halves) * P, K // 2, dtype=torch.uint8)   # (rows, K/2)
+        scale_zero = np.zeros((K // BLOCK, len(halves) * P, 2), np.float32)     # (K/32, rows, 2)
+        for h, (codes, scale, zero) in enumerate(halves):
+            for a in range(0, P, _PACK_ROWS):          # in slices: the int32 copy stays small
+                b = min(a + _PACK_ROWS, P)
+                block = np.full((b - a, K), 8, np.int32)                # code 8, scale 0: weight 0
+                real = codes[a:min(b, N)]
+                block[:len(real)] = real
+                self.packed[h * P + a:h * P + b] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                    torch.from_numpy(block), 1)
+            scale_zero[:, h * P:h * P + N, 0] = scale.T
+            scale_zero[:, h * P:h * P + N, 1] = zero.T
+        # scale and offset per block and output row, in the activations' dtype (bfloat16-exact)
+        self.scale_zero = torch.from_numpy(scale_zero).to(torch.bfloat16)
         self._scale_zero32 = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

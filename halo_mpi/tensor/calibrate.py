@@ -86,6 +86,10 @@ def calibrate(path: str, text: str | None, tokens: int, rank: int, do_regroup: b
     with Store(path) as store:
         if store.f.attrs.get("shard_size") is not None:
             raise HaloError(f"{path} is a shard; calibrate the full store, then shard it again")
+        if do_regroup and store.store_dtype != "float32":
+            raise HaloError(f"{path} is a {store.store_dtype} store: regrouping moves neurons across "
+                            f"quantization blocks; calibrate it without --regroup, or regroup the "
+                            f"float32 store and convert that")
         tok = Tokenizer.from_store(store)
         ids = tok.encode(text or calibration_text())[:tokens]
         model = Transformer.from_store(store)
