@@ -14,6 +14,7 @@ from ..errors import HaloError
 from ..net.ranks import parse_floats, parse_ranks
 from ..net.wire import WIRE_DTYPES
 from ..stats import write_json
+from ..store.hdf5 import STORE_DTYPES
 from ..testbed.netns import tool
 from .options import DEFAULT_WEIGHTS, DTYPE_CHOICES, add_threads_argument, positive_int, set_threads
 
@@ -57,7 +58,12 @@ def add_parser(sub):
                         "the emulated loss model to them and compare both distributions")
     b.add_argument("--count", type=positive_int, default=1000,
                    help="with --calibrate-emulation: round trips per size and loss (default: %(default)s)")
-    b.add_argument("--dtypes", default="float32,float16", help="with --decode: comma list of dtypes")
+    b.add_argument("--dtypes", default="float32,float16",
+                   help="with --decode: comma list of compute dtypes for float32 stores "
+                        "(default: %(default)s)")
+    b.add_argument("--store-dtypes", default=None,
+                   help="with --decode: comma list among float32, q8_0, q4; each is --weights when it "
+                        "has that dtype, else <stem>-<dtype>.h5 beside it (default: --weights only)")
     b.add_argument("--profile", action="store_true", help="with --decode: profile one decode step")
     add_threads_argument(b)
     b.add_argument("--json", help="with --decode or --attention-drop: also write the rows to this JSON file")
@@ -122,7 +128,13 @@ def bench_attention_drop(a):
 def bench_decode(a):
     from ..bench.decode import bench_single
     set_threads(a.threads)
-    rows = bench_single(a.weights, a.dtypes.split(","), a.tokens, a.warmup, a.profile)
+    store_dtypes = a.store_dtypes.split(",") if a.store_dtypes else None
+    unknown = sorted(set(store_dtypes or []) - set(STORE_DTYPES))
+    if unknown:
+        raise HaloError(f"--store-dtypes: unknown {', '.join(unknown)}; "
+                        f"choose among {', '.join(STORE_DTYPES)}")
+    rows = bench_single(a.weights, a.dtypes.split(","), a.tokens, a.warmup, a.profile, store_dtypes,
+                        a.eval_tokens if store_dtypes else 0)
     if a.json:
         write_json(a.json, rows)
 

@@ -216,9 +216,11 @@ class QuantLinear:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(),
                                                            self.packed, BLOCK, self.scale_zero)
         N, P = self.out_features, self.n_pad
-        if self.dtype == "q8_0":                           # (T, 2P): hi half + lo half
-            return y[:, :N].float() + y[:, P:P + N].float()
-        return y[:, :N].float()
+        if self.dtype == "q8_0":                           # (T, 2P): hi half + lo half, in float32
+            y = y.view(-1, 2, P).sum(1, dtype=torch.float32)
+        else:
+            y = y.float()
+        return y if N == P else y[:, :N]
 
     def weight(self) -> torch.Tensor:
         """W (out, in) as float32 (the kernel run exactly on the identity): for statistics."""
@@ -244,6 +246,11 @@ class QuantRows:
     def __getitem__(self, index: torch.Tensor) -> torch.Tensor:   # (T,) -> (T, dim)
         idx = np.asarray(index, dtype=np.int64).reshape(-1)
         return torch.from_numpy(from_records(self.records[idx], self.name).dequantize())
+
+    def numel(self) -> int:
+        """Parameters, as a float table's numel: vocab x dim."""
+        per_byte = 8 // BITS[records_dtype(self.records)]
+        return self.records.shape[0] * self.records.dtype[f"{self.name}_codes"].shape[-1] * per_byte
 
     @property
     def nbytes(self) -> int:
