@@ -7,6 +7,8 @@ HALO := $(VENV)/bin/halo-mpi
 MPIEXEC := $(VENV)/bin/mpiexec
 GGUF := weights/SmolLM2-135M-Instruct.Q4_1.gguf
 STORE := weights/smollm2-135m.h5
+STORE_Q4 := weights/smollm2-135m-q4.h5
+STORE_Q8 := weights/smollm2-135m-q8_0.h5
 MLP_GROUPS ?= 24
 # the CPU wheel of torch 2.13.0 lies in /opt/wheels on the dev machines
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
@@ -43,7 +45,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check $(PIP_FLAGS) -e '.[test,bench]'
 	touch $@
 
-weights: $(STORE)
+weights: $(STORE) $(STORE_Q4) $(STORE_Q8)
 
 $(GGUF): | $(VENV)/.installed
 	$(HALO) fetch-weights --dir weights
@@ -51,9 +53,16 @@ $(GGUF): | $(VENV)/.installed
 # convert, regroup neurons by co-activation, measure importance and fit the predictors; the store
 # appears only when all of it succeeded
 $(STORE): $(GGUF)
-	$(HALO) convert $(GGUF) -o $(STORE).tmp --mlp-groups $(MLP_GROUPS)
+	$(HALO) convert $(GGUF) -o $(STORE).tmp --mlp-groups $(MLP_GROUPS) --store-dtype float32
 	$(HALO) calibrate --weights $(STORE).tmp --regroup
 	mv $(STORE).tmp $(STORE)
+
+# quantized stores straight from the GGUF (q4 keeps its Q4_1 codes; regrouping would move neurons
+# across blocks and round them again), calibrated without regrouping
+weights/smollm2-135m-%.h5: $(GGUF)
+	$(HALO) convert $(GGUF) -o $@.tmp --mlp-groups $(MLP_GROUPS) --store-dtype $*
+	$(HALO) calibrate --weights $@.tmp
+	mv $@.tmp $@
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -8,8 +8,15 @@ from conftest import HALO
 
 from halo_mpi.errors import HaloError
 from halo_mpi.model.llama import Transformer
-from halo_mpi.model.quant import (QUANT_DTYPES, QuantLinear, bf16_round, from_records, quantize,
-                                  record_fields, to_records)
+from halo_mpi.model.qlinear import QuantLinear
+from halo_mpi.model.quant import (
+    QUANT_DTYPES,
+    bf16_round,
+    from_records,
+    quantize,
+    record_fields,
+    to_records,
+)
 from halo_mpi.pipeline.ring import Options, Request
 from halo_mpi.pipeline.run import run_local
 from halo_mpi.store.convert import convert_store, write_synthetic
@@ -35,14 +42,15 @@ def reference_block(block: np.ndarray, dtype: str):
         return r
     if dtype == "q8_0":
         scale = bf16_up(np.float32(np.abs(block).max()) / np.float32(127))
-        codes = [128 if scale == 0 else int(np.clip(np.rint(np.float32(w) / np.float32(scale)), -127, 127)) + 128
-                 for w in block]
+        codes = [128 if scale == 0 else
+                 int(np.clip(np.rint(np.float32(w) / np.float32(scale)), -127, 127)) + 128 for w in block]
         return np.array(codes), scale, 0.0
     lo, hi = block.min(), block.max()
     scale = bf16_up(np.float32(hi - lo) / np.float32(15))
     zero = float(torch.tensor(np.float32(lo) + np.float32(8) * np.float32(scale)).bfloat16().float())
     safe = scale if scale > 0 else 1.0
-    codes = [int(np.clip(np.rint((np.float32(w) - np.float32(zero)) / np.float32(safe)) + 8, 0, 15)) for w in block]
+    codes = [int(np.clip(np.rint((np.float32(w) - np.float32(zero)) / np.float32(safe)) + 8, 0, 15))
+             for w in block]
     return np.array(codes), scale, zero
 
 
@@ -231,6 +239,7 @@ def test_convert_cli_writes_each_store_dtype_and_info_shows_it(tiny_store_path, 
         done = subprocess.run([*HALO, "convert", str(tiny_store_path), "-o", str(out), "--store-dtype", dtype,
                                "--quiet"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-        info = subprocess.run([*HALO, "info", "--weights", str(out)], capture_output=True, text=True, timeout=60)
+        info = subprocess.run([*HALO, "info", "--weights", str(out)], capture_output=True, text=True,
+                              timeout=60)
         assert f"store_dtype      {dtype}" in info.stdout and "bytes/MLP group" in info.stdout
         assert out.stat().st_size < (0.35 if dtype == "q8_0" else 0.25) * tiny_store_path.stat().st_size

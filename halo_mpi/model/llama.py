@@ -22,7 +22,8 @@ from ..errors import HaloError
 from .config import ModelArgs
 from .groups import GroupMLP
 from .linear import DTYPES, make_linear
-from .quant import QuantRows, from_records, records_dtype
+from .qlinear import QuantRows
+from .quant import from_records, records_dtype
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
