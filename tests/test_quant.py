@@ -1,5 +1,7 @@
 """Quantized stores: the quantizers against a block-by-block reference, the kernel against the
 dequantized weights, and every mode on a quantized store against the single process on it."""
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -243,3 +245,26 @@ def test_convert_cli_writes_each_store_dtype_and_info_shows_it(tiny_store_path, 
                               timeout=60)
         assert f"store_dtype      {dtype}" in info.stdout and "bytes/MLP group" in info.stdout
         assert out.stat().st_size < (0.35 if dtype == "q8_0" else 0.25) * tiny_store_path.stat().st_size
+
+
+def test_a_bfloat16_store_holds_the_rounded_weights_at_half_the_size(tiny_store, tmp_path):
+    path = tmp_path / "bf16.h5"
+    convert_store(tiny_store.path, str(path), "bfloat16", progress=False)
+    with Store(str(path)) as b:
+        assert b.store_dtype == "bfloat16" and b.f["layers/000/mlp_groups"].dtype == np.uint16
+        w = tiny_store.mlp_groups(1, [2, 5])
+        assert np.array_equal(b.mlp_groups(1, [2, 5]), torch.from_numpy(w).bfloat16().float().numpy())
+        assert np.array_equal(b.final_norm(), tiny_store.final_norm())          # norms stay float32
+    assert path.stat().st_size < 0.6 * Path(tiny_store.path).stat().st_size
+
+
+def test_a_shard_of_a_quantized_store_keeps_its_records(quant_stores, tmp_path):
+    from halo_mpi.store.hdf5 import write_shard
+    q, _ = quant_stores
+    groups = [[1, 4, 6]] * q.args.n_layers
+    write_shard(q, str(tmp_path / "s.h5"), 1, 2, groups)
+    with Store(str(tmp_path / "s.h5")) as s:
+        assert s.store_dtype == q.store_dtype
+        assert np.array_equal(s.mlp_groups(2, [4, 6]), q.mlp_groups(2, [4, 6]))
+        assert np.array_equal(s.attn_groups(0), q.attn_groups(0))
+        assert np.array_equal(s.output_rows(3, 9), q.output_rows(3, 9))

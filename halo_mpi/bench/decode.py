@@ -15,6 +15,7 @@ from ..errors import HaloError
 from ..model.evaluate import perplexity, teacher_forced_nll
 from ..model.generate import LocalSession
 from ..model.llama import Transformer
+from ..model.quant import QUANT_DTYPES
 from ..model.texts import evaluation_text
 from ..model.tokenizer import Tokenizer
 from ..store.hdf5 import Store
@@ -89,17 +90,17 @@ def _timed(fn) -> float:
 
 def bench_single(weights: str, dtypes: list[str], tokens: int, warmup: int, profile: bool,
                  store_dtypes: list[str] | None = None, eval_tokens: int = 0, log=print) -> list[dict]:
-    """One row per (store dtype, compute dtype); compute dtypes apply to float32 stores only
-    (quantized weights have their own kernel). eval_tokens > 0 adds held-out perplexity."""
+    """One row per (store dtype, compute dtype); compute dtypes apply to float32 and bfloat16
+    stores (quantized weights have their own kernel). eval_tokens > 0 adds held-out perplexity."""
     rows = []
     for store_dtype in store_dtypes or [None]:
         path = weights if store_dtype is None else store_for(weights, store_dtype)
         with Store(path) as store:
             ids = (Tokenizer.from_store(store).encode(evaluation_text())[: eval_tokens + 1]
                    if eval_tokens > 0 else [])
-            for dtype in (dtypes if store.store_dtype == "float32" else ["bfloat16"]):
-                model = Transformer.from_store(store, dtype="float32" if store.store_dtype != "float32"
-                                               else dtype)
+            quantized = store.store_dtype in QUANT_DTYPES
+            for dtype in (["bfloat16"] if quantized else dtypes):
+                model = Transformer.from_store(store, dtype="float32" if quantized else dtype)
                 with torch.inference_mode():
                     times = decode_times(model, tokens, warmup)
                     row = {"mode": "single", "store": path, "store_dtype": store.store_dtype,
@@ -121,7 +122,8 @@ def bench_single(weights: str, dtypes: list[str], tokens: int, warmup: int, prof
 
 
 def format_row(row: dict) -> str:
-    compute = "int4 kernel, bfloat16 activations" if row["store_dtype"] != "float32" else row["dtype"]
+    compute = ("int4 kernel, bfloat16 activations" if row["store_dtype"] in QUANT_DTYPES
+               else f"computed in {row['dtype']}")
     s = (f"{row['mode']} {row['store_dtype']:7s} store ({row['store_mb']:.0f} MB, {compute}), "
          f"threads={row['threads']}: median {row['ms_per_token_median']:.1f} ms/token, "
          f"p95 {row['ms_per_token_p95']:.1f}, {row['tokens_per_s']:.1f} tokens/s over {row['tokens']} "

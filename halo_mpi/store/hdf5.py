@@ -28,7 +28,9 @@ a worker's shard holds its MLP groups (with mlp_group_ids), every attention grou
 (the embedding when tied) and the calibration.
 
 Weights are stored contiguously (no chunking) so that a hyperslab of consecutive groups is a
-single read. store_dtype float32 holds the dequantized GGUF values as above. store_dtype q8_0 or
+single read. store_dtype float32 holds the dequantized GGUF values as above; bfloat16 the same
+shapes as uint16, the upper 16 bits of each float32 after rounding to the nearest bfloat16 (read
+back as float32; `--dtype bfloat16` computes in bfloat16). store_dtype q8_0 or
 q4 (see model/quant.py) holds the same datasets as records, one HDF5 compound element per group
 (per row for /embedding and /output), each element carrying its codes and its blocks' scales, so a
 group is still one contiguous read:
@@ -52,11 +54,21 @@ import numpy as np
 
 from ..errors import HaloError
 from ..model.config import ModelArgs
-from ..model.quant import BLOCK, QUANT_DTYPES, from_records, record_fields, records_dtype, to_records
+from ..model.quant import (
+    BLOCK,
+    QUANT_DTYPES,
+    bf16_bits,
+    bf16_round,
+    from_bf16_bits,
+    from_records,
+    record_fields,
+    records_dtype,
+    to_records,
+)
 
 FORMAT = "halo-mpi-store"
 LAYOUT_VERSION = 2
-STORE_DTYPES = ("float32",) + QUANT_DTYPES
+STORE_DTYPES = ("float32", "bfloat16") + QUANT_DTYPES
 _STR = h5py.string_dtype("utf-8")
 
 
@@ -153,6 +165,9 @@ class StoreWriter:
             raise HaloError(f"{name}: shape {tuple(array.shape)}, expected {expected}")
         leaf = name.rsplit("/", 1)[-1]
         kind = {"embedding": "row", "output": "row", "attn_groups": "attn", "mlp_groups": "mlp"}.get(leaf)
+        if kind and self.store_dtype == "bfloat16":         # the 16 bits of each bfloat16 value
+            self.f.create_dataset(name, data=bf16_bits(bf16_round(np.asarray(array, np.float32))))
+            return
         if kind and self.store_dtype != "float32":
             # the embedding and head of a q4 store are q8_0, as in llama.cpp's Q4 files: at 4 bits
             # they alone cost SmolLM2 +9.8% perplexity, at 8 bits +0.1% (bench in the README)
@@ -230,6 +245,8 @@ class Store:
         """float32 arrays, or records (quantized weights; see model/quant.py) as stored."""
         try:
             ds = self.f[name]
+            if ds.dtype == np.uint16:                          # a bfloat16 store's weights
+                return from_bf16_bits(ds[sel])
             return ds[sel] if ds.dtype.names else np.asarray(ds[sel], dtype=np.float32)
         except KeyError:
             raise HaloError(f"{self.path}: dataset /{name} is missing; reconvert the model") from None
@@ -360,7 +377,7 @@ def write_shard(store: Store, path: str, rank: int, size: int, groups_per_layer:
                 attn_norm, ffn_norm = store.layer_norms(layer)
                 w.put(f"{p}/attn_norm", attn_norm)
                 w.put(f"{p}/ffn_norm", ffn_norm)
-            w.f.create_dataset(f"{p}/mlp_groups", data=store.mlp_groups(layer, ids))
+            w.put(f"{p}/mlp_groups", store.mlp_groups(layer, ids))
             w.f.create_dataset(f"{p}/mlp_group_ids", data=ids.astype(np.int32))
         if "calibration" in store.f:
             store.f.copy("calibration", w.f)
