@@ -30,16 +30,16 @@ class QuantLinear:
         N, K = m.shape
         P = self.n_pad = -(-N // _TILE_N) * _TILE_N    # rows padded with weights 0
         if m.dtype == "q8_0":     # 16*hi + lo: two 4-bit matrices whose results sum to the 8-bit one
-            halves = [(m.codes >> 4, 16 * m.scale, m.zero), (m.codes & 15, m.scale, 8 * m.scale)]
+            halves = [(lambda c: c >> 4, 16 * m.scale, m.zero), (lambda c: c & 15, m.scale, 8 * m.scale)]
         else:
-            halves = [(m.codes, m.scale, m.zero)]
+            halves = [(lambda c: c, m.scale, m.zero)]
         self.packed = torch.empty(len(halves) * P, K // 2, dtype=torch.uint8)   # (rows, K/2)
         scale_zero = np.zeros((K // BLOCK, len(halves) * P, 2), np.float32)     # (K/32, rows, 2)
-        for h, (codes, scale, zero) in enumerate(halves):
+        for h, (nibble, scale, zero) in enumerate(halves):
             for a in range(0, P, _PACK_ROWS):          # in slices: the int32 copy stays small
                 b = min(a + _PACK_ROWS, P)
                 block = np.full((b - a, K), 8, np.int32)                # code 8, scale 0: weight 0
-                real = codes[a:min(b, N)]
+                real = nibble(m.codes[a:min(b, N)])
                 block[:len(real)] = real
                 self.packed[h * P + a:h * P + b] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                     torch.from_numpy(block), 1)
