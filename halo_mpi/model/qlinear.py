@@ -48,6 +48,7 @@ class QuantLinear:
         # scale and offset per block and output row, in the activations' dtype (bfloat16-exact)
         self.scale_zero = torch.from_numpy(scale_zero).to(torch.bfloat16)
         self._scale_zero32 = None
+        self._weight = None           # W as float32, made by weight() on demand
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.exact:
@@ -66,12 +67,15 @@ class QuantLinear:
         return y if N == P else y[:, :N]
 
     def weight(self) -> torch.Tensor:
-        """W (out, in) as float32 (the kernel run exactly on the identity): for statistics."""
-        exact, QuantLinear.exact = QuantLinear.exact, True
-        try:
-            return self(torch.eye(self.in_features)).T.contiguous()     # (K, N) -> (N, K)
-        finally:
-            QuantLinear.exact = exact
+        """W (out, in) as float32: the kernel run exactly on the identity, once (kept afterwards:
+        only calibration and importance statistics ask for it)."""
+        if self._weight is None:
+            exact, QuantLinear.exact = QuantLinear.exact, True
+            try:
+                self._weight = self(torch.eye(self.in_features)).T.contiguous()   # (K, N) -> (N, K)
+            finally:
+                QuantLinear.exact = exact
+        return self._weight
 
     @property
     def nbytes(self) -> int:
