@@ -27,6 +27,13 @@ def non_negative_float(s: str) -> float:
     return v
 
 
+def positive_float(s: str) -> float:
+    v = float(s)
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
 def top_p(s: str) -> float:
     v = float(s)
     if not 0.0 < v <= 1.0:
@@ -61,6 +68,11 @@ def add_tensor_arguments(g):
                            "memory budgets (default: equal shares)")
     both.add_argument("--prefill-chunk", type=positive_int, default=64,
                       help="prompt tokens per message during prefill (default: %(default)s)")
+    both.add_argument("--rank-timeout", type=positive_float, default=60.0, metavar="S",
+                      help="a rank silent for S seconds (no message, no heartbeat: frozen or dead) "
+                           "is unreachable: HALO sync re-places its MLP groups and goes on; strict "
+                           "sync, pipeline mode, and HALO when it holds attention or head rows end "
+                           "with one line naming it and a non-zero exit (default: %(default)s)")
     t = g.add_argument_group("tensor-parallel mode (--parallel tensor)")
     t.add_argument("--sync", choices=["strict", "halo"], default="halo",
                    help="strict: wait for every partial (the blocking-allreduce baseline); halo: "

@@ -32,6 +32,8 @@ class Kind(IntEnum):
     CACHE = 11      # K/V of KV head `seq` of `layer` for positions pos.. (2n, hd): k rows, v rows
     STEP = 12       # rank 0 -> all (strict all-reduce): the step's token ids (T,) int32, first at
                     # `pos`; `layer` 1: logits of the last token only
+    BEAT = 13       # heartbeat (empty): "this rank is alive", from a thread every beat period;
+                    # the transport counts it and never hands it on (net/transport.py)
 
 
 class Body(IntEnum):

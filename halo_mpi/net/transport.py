@@ -6,6 +6,13 @@
   is decoded), `Isend`s from a pool of send buffers, each returned once its send completes;
 - `LocalHub` (net/local.py): the in-process twin used in tests.
 
+Liveness: every message from a peer, and a heartbeat (BEAT) its thread sends every `beat_s`
+while the process runs, refreshes `heard[peer]`. A peer silent for `rank_timeout` seconds is
+frozen or dead; if it is in `fatal` (its silence leaves this rank nothing to wait for: a strict
+peer, an attention holder, rank 0 for a worker), waiting raises RankSilent naming it, instead of
+waiting forever. Heartbeats stop going to a peer silent for 5 beat periods: a frozen receiver's
+queue would fill the sender's shared-memory cells (see tensor/coordinator.py, UNANSWERED_LIMIT).
+
 A message is encoded once, straight into its send buffer (one copy of the payload), and decoded
 once, straight out of the receive buffer (one copy). Messages between a pair are delivered in
 order, as over one TCP connection.
@@ -13,6 +20,7 @@ order, as over one TCP connection.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -51,6 +59,15 @@ class WaitPolicy:
                    float(env("HALO_NAP_MAX_S", hi)))
 
 
+class RankSilent(HaloError):
+    """A peer this rank cannot go on without has been silent for the rank timeout."""
+
+    def __init__(self, ranks: list[int], timeout: float, where: str = ""):
+        self.ranks = ranks
+        who = ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+        super().__init__(f"{who} silent for {timeout:g} s (--rank-timeout), frozen or dead{where}")
+
+
 @dataclass
 class TransportStats:
     sent: int = 0
@@ -82,6 +99,15 @@ class Transport:
         self.stats = TransportStats()
         self._held: dict[int, deque[_Held]] = {}
         self._n_held = 0
+        now = time.perf_counter()
+        self.heard = {r: now for r in range(size) if r != rank}   # peer -> when it was last heard
+        self.rank_timeout: float | None = None     # seconds of silence that make a peer unreachable
+        self.fatal: set[int] = set()               # peers whose silence ends the run (RankSilent)
+        self.silence_note = ""                     # said after the ranks in RankSilent's line
+        self._stash: list[Message] = []            # messages met while waiting in a collective
+        self._checked = now                        # when silences were last checked
+        self._beats: threading.Thread | None = None
+        self._beating = threading.Event()
 
     # -- what subclasses provide
     def _buffer(self, nbytes: int) -> np.ndarray:
@@ -91,6 +117,7 @@ class Transport:
     def _post(self, dest: int, buf: np.ndarray, nbytes: int): ...
     def _arrived(self) -> list[Message]: ...
     def _idle(self, seconds: float): time.sleep(seconds)
+    def _beat(self, dest: int): ...
     def pending_requests(self) -> int: return 0
     max_payload_bytes = 1 << 30   # the largest payload one message may carry
 
@@ -138,16 +165,67 @@ class Transport:
         times = [q[0].release_at for q in self._held.values() if q]
         return min(times) if times else None
 
+    # -- liveness
+    def start_beats(self, to: list[int], period: float):
+        """A daemon thread that tells `to` every `period` s that this rank is alive."""
+        def beat():
+            while not self._beating.wait(period):
+                now = time.perf_counter()
+                for r in to:
+                    if now - self.heard.get(r, now) < 5 * period:   # not to a silent peer
+                        self._beat(r)
+        self._beats = threading.Thread(target=beat, name="halo-beats", daemon=True)
+        self._beats.start()
+
+    def stop_beats(self):
+        if self._beats is not None:
+            self._beating.set()
+            self._beats.join(timeout=5)
+            self._beats = None
+
+    def silent(self, timeout: float | None = None, among=None) -> list[int]:
+        """Peers (of `among`, default all) not heard from for `timeout` s (default rank_timeout)."""
+        timeout = self.rank_timeout if timeout is None else timeout
+        if timeout is None:
+            return []
+        now = time.perf_counter()
+        return sorted(r for r in (self.heard if among is None else among)
+                      if r in self.heard and now - self.heard[r] > timeout)
+
+    def check_fatal(self):
+        """RankSilent if a peer this rank cannot do without has been silent too long."""
+        if self.rank_timeout is not None and self.fatal:
+            gone = self.silent(among=self.fatal)
+            if gone:
+                raise RankSilent(gone, self.rank_timeout, self.silence_note)
+
+    def _receive(self) -> list[Message]:
+        """What arrived, heard-times refreshed and heartbeats taken out."""
+        got = self._arrived()
+        if not got:
+            return got
+        now = time.perf_counter()
+        for m in got:
+            self.heard[m.source] = now
+        return [m for m in got if m.kind != Kind.BEAT]
+
     def poll(self, timeout: float) -> list[Message]:
         """Messages that arrived, waiting up to `timeout` s for the first one (WaitPolicy)."""
+        if self._stash:
+            got, self._stash = self._stash, []
+            self.stats.received += len(got)
+            return got
         t0 = time.perf_counter()
         end = t0 + max(0.0, timeout)
         spin_end = t0 + min(self.wait.spin_s, max(0.0, timeout))
         nap = self.wait.nap_min_s
         while True:
             self.pump()
-            got = self._arrived()
+            got = self._receive()
             now = time.perf_counter()
+            if now - self._checked > 0.25:
+                self._checked = now
+                self.check_fatal()
             if got or now >= end:
                 break
             if now < spin_end:
@@ -166,13 +244,19 @@ class Transport:
         raise NotImplementedError
 
     def _wait_until(self, done) -> None:
-        """Wait as `poll` does (spin, then naps that double) until done() is true."""
+        """Wait as `poll` does (spin, then naps that double) until done() is true; meanwhile
+        messages are received (kept for the next poll), so heartbeats keep peers heard."""
         t0 = time.perf_counter()
         spin_end, nap = t0 + self.wait.spin_s, self.wait.nap_min_s
         while not done():
-            if time.perf_counter() >= spin_end:
+            now = time.perf_counter()
+            if now >= spin_end:
                 self._idle(nap)
                 nap = min(2 * nap, self.wait.nap_max_s)
+            if now - self._checked > 0.25:
+                self._checked = now
+                self._stash.extend(self._receive())
+                self.check_fatal()
         self.stats.wait_seconds += time.perf_counter() - t0
 
     def close(self) -> int:
@@ -215,6 +299,13 @@ class MPITransport(Transport):
     def _post(self, dest: int, buf: np.ndarray, nbytes: int):
         self._sends.append((self.comm.Isend([buf, nbytes, self.MPI.BYTE], dest=dest, tag=TAG), buf))
 
+    def _beat(self, dest: int):
+        """From the heartbeat thread: its own small buffers and requests (MPI_THREAD_MULTIPLE)."""
+        buf = np.empty(HEADER.itemsize, np.uint8)
+        n = write_frame(buf, Kind.BEAT, 0, 0, frame(np.empty((0, 0), np.float32)), time.perf_counter())
+        self._beat_sends = [(r, b) for r, b in getattr(self, "_beat_sends", []) if not r.Test()]
+        self._beat_sends.append((self.comm.Isend([buf, n, self.MPI.BYTE], dest=dest, tag=TAG), buf))
+
     def _complete_sends(self):
         still = []
         for req, buf in self._sends:
@@ -247,6 +338,7 @@ class MPITransport(Transport):
         return out
 
     def close(self, timeout: float = 10.0) -> int:
+        self.stop_beats()
         self.pump(flush=True)
         end = time.perf_counter() + timeout
         while self._sends and time.perf_counter() < end:

@@ -71,6 +71,7 @@ class Options:
     prefill_chunk: int = 64             # prompt tokens per activation message
     dtype: str = "float32"
     keep_logits: bool = False           # keep every sequence's logits (tests)
+    rank_timeout: float = 60.0          # seconds of silence after which a rank counts as lost
 
 
 @dataclass

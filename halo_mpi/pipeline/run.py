@@ -116,9 +116,24 @@ def run_rank(ring: Ring, stage: Stage, requests: list[Request] | None, options: 
 # under MPI
 
 def ring_peers(rank: int, size: int) -> list[int]:
-    """Whom a rank receives from: rank 0 from everyone (activations from the last, DONE from
-    all); the others from their predecessor only."""
-    return list(range(1, size)) if rank == 0 else [rank - 1]
+    """Whom a rank receives from: rank 0 from everyone (activations from the last, DONE and
+    heartbeats from all); the others from their predecessor, and rank 0's heartbeats."""
+    return list(range(1, size)) if rank == 0 else sorted({rank - 1, 0})
+
+
+def watch_ring(transport: MPITransport, timeout: float):
+    """Heartbeats, and silence that ends the run (net/transport.py, liveness): rank 0 cannot go on
+    without any stage; a stage not without rank 0 (which waits less, so it names the rank)."""
+    period = min(1.0, timeout / 4)
+    if transport.rank == 0:
+        transport.rank_timeout, transport.fatal = timeout, set(range(1, transport.size))
+        transport.silence_note = (": pipeline mode cannot go on without its layers; the sequences "
+                                  "written so far are complete")
+        transport.start_beats(list(range(1, transport.size)), period)
+    else:
+        transport.rank_timeout, transport.fatal = timeout + 5.0, {0}
+        transport.silence_note = ": rank 0 leads the run; ending"
+        transport.start_beats([0], period)
 
 
 def gentle_barrier(comm):
@@ -147,7 +162,8 @@ def run_pipeline(comm, weights: str, requests: list[Request] | None, options: Op
     def plan(args, size):
         return make_plan(args, requests, size, options, devices)
     run, pending = on_the_ring(comm, weights, plan, lambda ring, stage: run_rank(ring, stage, requests,
-                                                                                 options, on_finish))
+                                                                                 options, on_finish),
+                               options.rank_timeout)
     if run is not None:
         run.set_pending(pending)
     return run
@@ -167,10 +183,10 @@ def serve_pipeline(comm, weights: str, options: Options, drive, devices: list[De
             return drive(ring, stage, clock)
         finally:
             stop_ring(ring)
-    return on_the_ring(comm, weights, plan, role)[0]
+    return on_the_ring(comm, weights, plan, role, options.rank_timeout)[0]
 
 
-def on_the_ring(comm, weights: str, plan_for, role) -> tuple:
+def on_the_ring(comm, weights: str, plan_for, role, rank_timeout: float = 60.0) -> tuple:
     """Plan on rank 0 (plan_for(args, size)), load each rank's stage, run role(ring, stage) on
     every rank; returns (rank 0's result, requests pending per rank) on rank 0."""
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -187,6 +203,8 @@ def on_the_ring(comm, weights: str, plan_for, role) -> tuple:
 
     stage = Stage(collectively(comm, load), rank, plan)
     transport = MPITransport(comm, plan.max_bytes, peers=ring_peers(rank, size)) if size > 1 else None
+    if transport is not None:
+        watch_ring(transport, rank_timeout)
     gentle_barrier(comm)                    # the clocks start together
     result = role(Ring(transport, rank, size), stage)
     pending = transport.close() if transport else 0

@@ -107,6 +107,7 @@ class Coordinator:
         self.prefill_copies: dict[tuple[int, int], GroupMLP] = {}  # (layer, unstable rank) -> its groups
         self.unanswered = Counter()                          # rank -> MLP inputs sent since it last answered
         self.silent: list[int] = []                          # workers that did not answer STOP
+        self.unreachable: dict[int, int] = {}                # rank -> step it was found silent
         self.rss = RssTrace(every=50)                        # resident MB every 50 steps
         self.probes = set(probes)   # ranks whose groups only probe their link: all backed up
         self.load_groups, self.predictor, self.sparsity = load_groups, predictor, sparsity
@@ -166,13 +167,43 @@ class Coordinator:
         self.decoding = decoding
         self.records.append(StepRecord(self.step, decoding))
         self.rss.tick()
+        self.watch_silence()
         if decoding and self.replanner is not None:
             self.maybe_replan()
 
+    def watch_silence(self):
+        """A worker silent for the rank timeout (frozen or dead) is unreachable: said once, its MLP
+        groups re-placed on the others (their stores hold every group) where the re-planner has
+        room; otherwise its partials keep counting as missing. A rank whose silence is fatal (an
+        attention or head holder, any rank in strict sync) ends the run in the transport instead.
+        Should it answer again, the next plan reaches it and its link earns its groups back."""
+        if self.t.rank_timeout is None:
+            return
+        for r in self.t.silent():
+            if r in self.unreachable or r in self.t.fatal:
+                continue
+            self.unreachable[r] = self.step
+            line = f"rank {r} silent for {self.t.rank_timeout:g} s at step {self.step}: unreachable"
+            if self.replanner is None:
+                line += "; its partials count as missing (re-planning is off)"
+                self.replans.append(line)
+                self.log(line)
+                continue
+            new, why = self.replanner.exclude(r, self.placement)
+            line += f"; {why}"
+            if new is None:
+                self.replans.append(line)
+                self.log(line)
+            else:
+                self.apply_plan(new, line)
+
     def maybe_replan(self):
         new, line = self.replanner.update(self.links, self.placement, self.step)
-        if new is None:
-            return
+        if new is not None:
+            self.apply_plan(new, line)
+
+    def apply_plan(self, new: Placement, line: str):
+        """Tell every worker its new groups, load rank 0's, move attention groups with caches."""
         self.version += 1
         attention, vocab = self.attention_placement, self.vocab
         if attention is not None:   # a holder turned unstable: its attention and head slice move
@@ -196,6 +227,9 @@ class Coordinator:
                 self.head_slice = self.load_head(*vocab[0]) if vocab[0][1] > vocab[0][0] else None
             if moves:
                 line += f"; attention groups moved with their caches: {len(moves)} ({moved_mb:.2f} MB of K/V)"
+            if self.t.rank_timeout is not None and self.policy.mode == "halo":   # holders may change
+                self.t.fatal = {r for r in range(1, self.t.size)
+                                if any(len(p[r]) for p in attention) or vocab[r][1] > vocab[r][0]}
         self.replans.append(line)
         self.log(line)
 
@@ -402,8 +436,9 @@ class Coordinator:
             self.t.send(r, Kind.STOP, self.step + 1, -1, np.zeros((0, 1), np.float32))
         done: dict[int, dict] = {}
         end = time.perf_counter() + timeout
-        while len(done) < self.t.size - 1:
-            if time.perf_counter() > end:
+        while True:
+            waiting = set(range(1, self.t.size)) - set(done) - set(self.t.silent())   # (unreachable:
+            if not waiting or time.perf_counter() > end:                              #  not waited for)
                 self.silent = sorted(set(range(1, self.t.size)) - set(done))
                 break
             for m in self.t.poll(1.0):

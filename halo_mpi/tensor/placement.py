@@ -191,6 +191,7 @@ class Replanner:
         # time, and treating it as stable would make rank 0 wait through its 200 ms stalls
         self.recover_outcomes = recover_outcomes
         self.drift = drift
+        self.excluded: dict[int, float] = {}     # unreachable rank -> its speed before (exclude)
 
     def unstable(self) -> set[int]:
         return {r for r, s in enumerate(self.cluster.ranks) if r and s.reliability < STABLE}
@@ -198,12 +199,28 @@ class Replanner:
     def probes(self) -> set[int]:
         return probe_ranks(self.cluster, self.importance, self.drop_budget)
 
+    def exclude(self, rank: int, placement: Placement):
+        """(new placement, what it did) for a rank found unreachable: its speed and reliability
+        set to nearly none, so its groups go to the others wherever memory allows (it may keep
+        one to measure its link, as any late link does); (None, why) when there is no room."""
+        spec = self.cluster.ranks[rank]
+        self.excluded[rank] = spec.speed
+        spec.speed, spec.reliability = 1e-6, 0.01
+        try:
+            new = plan(self.importance, self.cluster, self.group_mb, placement, self.drop_budget)
+        except HaloError as e:
+            return None, f"no room elsewhere ({e}): its groups count as missing"
+        loads = ", ".join(f"rank {r} loads {n}" for r, n in sorted(moved(placement, new).items())) or "none"
+        return new, f"groups moved: {loads}"
+
     def update(self, links: dict, placement: Placement, step: int):
         """(new placement, log line) when some rank changed tier, else (None, "")."""
         changes = []
         for r, link in links.items():
             if len(link.recent) < self.min_outcomes:
                 continue
+            if r in self.excluded and link.recent_rate >= self.drop_below:   # it answers again
+                self.cluster.ranks[r].speed = self.excluded.pop(r)
             rate, spec = link.recent_rate, self.cluster.ranks[r]
             long_record = len(link.recent) >= self.recover_outcomes
             if spec.reliability >= STABLE:

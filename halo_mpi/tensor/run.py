@@ -82,6 +82,7 @@ class TensorOptions:
     prefill_chunk: int = 64              # prompt tokens per message
     wire_dtype: str = "auto"             # precision of hidden states and partials on the wire
     spin_us: float | None = None         # busy-wait before napping (None: net.transport's default)
+    rank_timeout: float = 60.0           # seconds of silence after which a rank is unreachable
 
 
 @dataclass
@@ -307,6 +308,7 @@ def run_tensor(comm, store: Store, plan: TensorPlan, drive, log=None) -> TensorR
     transport = MPITransport(comm, max_message_bytes(store, o.prefill_chunk), emulated_loss(plan),
                              peers=range(plan.size) if plan.exchange else None,   # all-reduce: all pairs
                              wire=plan.wire, wait=wait_policy(o))
+    watch_ranks(transport, plan)
     result = coordinator = None
     workers: dict = {}
     t0 = time.perf_counter()
@@ -328,6 +330,38 @@ def run_tensor(comm, store: Store, plan: TensorPlan, drive, log=None) -> TensorR
         return TensorRun(None, None, {}, [], [], [], wall)
     pend, rss, cpu = (list(x) for x in zip(*gathered))
     return TensorRun(result, coordinator, workers, pend, rss, cpu, wall)
+
+
+WORKER_GRACE_S = 5.0    # a worker waits this much longer for rank 0 than rank 0 for a worker,
+                        # so that rank 0, which can name the silent rank, ends the run first
+
+
+def watch_ranks(transport, plan: TensorPlan):
+    """Heartbeats and the ranks whose silence ends the run (net/transport.py, liveness): for rank
+    0 every worker in strict sync, the holders of attention groups or head rows in HALO sync (their
+    K/V caches cannot be rebuilt elsewhere); for a worker, rank 0."""
+    timeout = plan.options.rank_timeout
+    period = min(1.0, timeout / 4)
+    if transport.rank == 0:
+        transport.rank_timeout = timeout
+        transport.fatal = fatal_ranks(plan)
+        transport.silence_note = (": strict sync cannot go on without it" if plan.policy.mode == "strict"
+                                  else ": it holds attention groups with their K/V cache or head rows, "
+                                       "which HALO sync cannot rebuild elsewhere")
+        transport.start_beats(list(range(1, plan.size)), period)
+    else:
+        transport.rank_timeout = timeout + WORKER_GRACE_S
+        transport.fatal = {0}
+        transport.silence_note = ": rank 0 leads the run; ending"
+        transport.start_beats([0], period)
+
+
+def fatal_ranks(plan: TensorPlan, attention=None, vocab=None) -> set[int]:
+    if plan.policy.mode == "strict":
+        return set(range(1, plan.size))
+    attention, vocab = attention or plan.attention, vocab or plan.vocab
+    held = {r for layer in (attention or []) for r in range(1, len(layer)) if len(layer[r])}
+    return held | {r for r in range(1, len(vocab or [])) if vocab[r][1] > vocab[r][0]}
 
 
 def end_if_silent(run: TensorRun):
@@ -368,6 +402,8 @@ def tensor_stats(plan: TensorPlan, run: TensorRun, results: list) -> RunStats:
               "link_loss": {str(k): v for k, v in plan.loss.items()},
               "unstable_ranks": sorted(plan.policy.unstable), "critical_share": plan.policy.critical_share,
               "backup_share": o.backup_share, "sparsity": o.sparsity, "replans": list(c.replans),
+              "unreachable": {str(r): step for r, step in c.unreachable.items()},
+              "rank_timeout": o.rank_timeout,
               "wire": wire_report(plan.dim, plan.wire), "silent": list(c.silent)}
     return RunStats("tensor", plan.size, o.dtype, [SequenceStats.of(i, res) for i, res in enumerate(results)],
                     ranks, len(decode_s) / sum(decode_s) if decode_s else float("nan"), run.wall_s,
