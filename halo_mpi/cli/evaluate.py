@@ -72,14 +72,13 @@ def evaluate_tensor(a):
     """Teacher-forced perplexity through the tensor-parallel engine, under the same loss."""
     import numpy as np
     import torch
-    from mpi4py import MPI
 
     from ..model.evaluate import perplexity, teacher_forced_nll
-    from ..net.launch import collective
+    from ..net.launch import collective, world_comm
     from ..tensor.coordinator import TensorParallelSession
     from ..tensor.run import TensorOptions, end_if_silent, open_and_plan, run_tensor
 
-    comm = MPI.COMM_WORLD
+    comm = world_comm()
     rank, size = comm.Get_rank(), comm.Get_size()
     options = options_from(TensorOptions, a)
 

@@ -161,10 +161,8 @@ def generate_single(a):
 # tensor-parallel mode
 
 def generate_tensor(a):
-    from mpi4py import MPI
-
     from ..model.tokenizer import Tokenizer
-    from ..net.launch import collective
+    from ..net.launch import collective, world_comm
     from ..tensor.coordinator import TensorParallelSession
     from ..tensor.run import (
         TensorOptions,
@@ -176,7 +174,7 @@ def generate_tensor(a):
         tensor_stats,
     )
 
-    comm = MPI.COMM_WORLD
+    comm = world_comm()
     rank, size = comm.Get_rank(), comm.Get_size()
     options = options_from(TensorOptions, a)
 
@@ -216,13 +214,12 @@ def generate_tensor(a):
 
 def generate_pipeline(a):
     """`mpiexec -n N halo-mpi generate --parallel pipeline ...` on every rank."""
-    from mpi4py import MPI
-
     from ..net.devices import read_device_profile
+    from ..net.launch import world_comm
     from ..pipeline.ring import Options, Request
     from ..pipeline.run import collectively, run_pipeline
 
-    comm = MPI.COMM_WORLD
+    comm = world_comm()
     rank, size = comm.Get_rank(), comm.Get_size()
     prompts, requests, tok = collectively(comm, (lambda: read_requests(a)) if rank == 0
                                           else lambda: (None,) * 3)

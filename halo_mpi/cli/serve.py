@@ -140,16 +140,14 @@ def serve_single(a):
 
 
 def serve_tensor(a):
-    from mpi4py import MPI
-
     from ..model.tokenizer import Tokenizer
-    from ..net.launch import collective
+    from ..net.launch import collective, world_comm
     from ..serve.broker import Broker
     from ..serve.driver import serve_sessions
     from ..tensor.coordinator import TensorParallelSession
     from ..tensor.run import TensorOptions, describe, end_if_silent, open_and_plan, run_tensor
 
-    comm = MPI.COMM_WORLD
+    comm = world_comm()
     rank, size = comm.Get_rank(), comm.Get_size()
     options = options_from(TensorOptions, a)
     store, plan = collective(comm, lambda: open_and_plan(a.weights, rank, size, options))
@@ -184,17 +182,16 @@ def serve_tensor(a):
 
 def serve_ring_mode(a):
     """Pipeline mode: rank 0 serves and conducts; the other ranks run their blocks."""
-    from mpi4py import MPI
-
     from ..model.tokenizer import Tokenizer
     from ..net.devices import read_device_profile
+    from ..net.launch import world_comm
     from ..pipeline.ring import Options
     from ..pipeline.run import collectively, serve_pipeline
     from ..serve.broker import Broker
     from ..serve.driver import serve_ring
     from ..store.hdf5 import Store
 
-    comm = MPI.COMM_WORLD
+    comm = world_comm()
     rank, size = comm.Get_rank(), comm.Get_size()
     devices = collectively(comm, lambda: read_device_profile(a.device_profile, size).ranks
                            if rank == 0 and a.device_profile else None)

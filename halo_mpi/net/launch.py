@@ -7,7 +7,9 @@ stand in. The world size and rank are also read from the launcher's environment,
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 
 from ..errors import HaloError
@@ -60,6 +62,23 @@ class CollectiveError(HaloError):
     def __init__(self, message: str, rank: int):
         super().__init__(message)
         self.rank = rank
+
+
+# Set when the launcher reports that a process of the job died. MPICH's hydra, started with
+# `mpiexec -disable-auto-cleanup`, keeps the other ranks running and sends each a SIGUSR1, whose
+# default action ends a process without a word (measured with MPICH 5.0.2: point-to-point traffic
+# among the survivors goes on; MPIR_CVAR_ENABLE_FT=1 fails an assertion in MPI_Init). Caught, it
+# lets the transport name the rank that fell silent (net/transport.py) and HALO go on without it.
+peer_died = threading.Event()
+
+
+def world_comm():
+    """MPI's COMM_WORLD, MPI initialised here, and from then on SIGUSR1 from the launcher means a
+    peer died (see peer_died; after MPI_Init, which would otherwise own the signal)."""
+    from mpi4py import MPI
+    if world_size() > 1 and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, lambda signum, frame: peer_died.set())
+    return MPI.COMM_WORLD
 
 
 def collective(comm, fn):

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import HaloError
 from .framing import HEADER, TAG, Kind, Message, decode, frame, write_frame
-from .launch import oversubscribed
+from .launch import oversubscribed, peer_died
 from .loss import LinkLoss
 
 
@@ -62,10 +62,12 @@ class WaitPolicy:
 class RankSilent(HaloError):
     """A peer this rank cannot go on without has been silent for the rank timeout."""
 
-    def __init__(self, ranks: list[int], timeout: float, where: str = ""):
+    def __init__(self, ranks: list[int], timeout: float, where: str = "", died: bool = False):
         self.ranks = ranks
         who = ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
-        super().__init__(f"{who} silent for {timeout:g} s (--rank-timeout), frozen or dead{where}")
+        what = ("died (the launcher reported a process failure)" if died else
+                f"silent for {timeout:g} s (--rank-timeout), frozen or dead")
+        super().__init__(f"{who} {what}{where}")
 
 
 @dataclass
@@ -107,6 +109,7 @@ class Transport:
         self._stash: list[Message] = []            # messages met while waiting in a collective
         self._checked = now                        # when silences were last checked
         self._beats: threading.Thread | None = None
+        self.beat_s = 0.0                          # the heartbeat period (0: no heartbeats)
         self._beating = threading.Event()
 
     # -- what subclasses provide
@@ -168,6 +171,7 @@ class Transport:
     # -- liveness
     def start_beats(self, to: list[int], period: float):
         """A daemon thread that tells `to` every `period` s that this rank is alive."""
+        self.beat_s = period
         def beat():
             while not self._beating.wait(period):
                 now = time.perf_counter()
@@ -184,10 +188,13 @@ class Transport:
             self._beats = None
 
     def silent(self, timeout: float | None = None, among=None) -> list[int]:
-        """Peers (of `among`, default all) not heard from for `timeout` s (default rank_timeout)."""
+        """Peers (of `among`, default all) not heard from for `timeout` s (default rank_timeout;
+        once the launcher has reported a dead process, 3 heartbeat periods: the dead one)."""
         timeout = self.rank_timeout if timeout is None else timeout
         if timeout is None:
             return []
+        if peer_died.is_set() and self.beat_s:
+            timeout = min(timeout, 3 * self.beat_s + 0.5)
         now = time.perf_counter()
         return sorted(r for r in (self.heard if among is None else among)
                       if r in self.heard and now - self.heard[r] > timeout)
@@ -197,7 +204,7 @@ class Transport:
         if self.rank_timeout is not None and self.fatal:
             gone = self.silent(among=self.fatal)
             if gone:
-                raise RankSilent(gone, self.rank_timeout, self.silence_note)
+                raise RankSilent(gone, self.rank_timeout, self.silence_note, died=peer_died.is_set())
 
     def _receive(self) -> list[Message]:
         """What arrived, heard-times refreshed and heartbeats taken out."""
