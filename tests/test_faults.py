@@ -1,0 +1,93 @@
+"""Fault injection under mpiexec: a rank frozen for good (SIGSTOP, never resumed), with MPICH's
+shared memory and without (MPIR_CVAR_NOLOCAL=1). Strict sync and a frozen rank 0 end the job
+naming the rank; HALO sync goes on without an unstable rank; nothing hangs past the timeouts."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
+HALO = [sys.executable, "-m", "halo_mpi.cli"]
+SHM = {"shm": {}, "no-shm": {"MPIR_CVAR_NOLOCAL": "1"}}
+
+
+def pid_of_rank(mark: str, rank: int):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"HALO_TEST_MARK={mark}".encode() in env and f"PMI_RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+def freeze_during_run(args: list[str], rank: int, env: dict, limit: float = 120.0):
+    """Start a 3-rank tensor run, SIGSTOP `rank` for good once rank 0 has reported its plan;
+    returns (exit code, seconds from the freeze to the end, stdout, stderr)."""
+    mark = uuid.uuid4().hex
+    proc = subprocess.Popen([MPIEXEC, "-n", "3", *HALO, "generate", "--parallel", "tensor", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env, "HALO_TEST_MARK": mark})
+    pid = None
+    try:
+        lines, end = [], time.time() + limit
+        while time.time() < end and proc.poll() is None:
+            lines.append(proc.stderr.readline())
+            if "tensor-parallel on 3 ranks" in lines[-1]:
+                break
+        pid = pid_of_rank(mark, rank)
+        assert pid is not None and proc.poll() is None, "".join(lines)
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.time()
+        out, err = proc.communicate(timeout=limit)
+        return proc.returncode, time.time() - t0, out, "".join(lines) + err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+@pytest.mark.parametrize("shm", sorted(SHM))
+def test_strict_ends_within_the_rank_timeout_naming_the_frozen_rank(tiny_store_path, shm):
+    code, took, _, err = freeze_during_run(
+        ["--sync", "strict", "--weights", str(tiny_store_path), "--prompt", "hi", "--max-new-tokens", "250",
+         "--ignore-eos", "--quiet", "--rank-timeout", "2"], rank=2, env=SHM[shm])
+    assert code != 0 and took < 2 + 6, err
+    assert err.count("halo-mpi: error on rank 0: rank 2 silent for 2 s (--rank-timeout)") == 1, err
+    assert "strict sync cannot go on without it" in err
+
+
+def test_a_worker_ends_when_rank_0_freezes(tiny_store_path):
+    code, took, _, err = freeze_during_run(
+        ["--sync", "strict", "--weights", str(tiny_store_path), "--prompt", "hi", "--max-new-tokens", "250",
+         "--ignore-eos", "--quiet", "--rank-timeout", "1"], rank=0, env={})
+    assert code != 0 and took < 1 + 5 + 6, err           # a worker waits 5 s longer than rank 0
+    assert "rank 0 silent for 6 s (--rank-timeout), frozen or dead: rank 0 leads the run" in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shm", sorted(SHM))
+def test_halo_goes_on_without_a_frozen_unstable_rank(real_store_path, tmp_path, shm):
+    stats = tmp_path / "s.json"
+    code, took, out, err = freeze_during_run(
+        ["--sync", "halo", "--link-loss", "2:0.05", "--weights", str(real_store_path),
+         "--prompt", "Once upon a time", "--max-new-tokens", "48", "--ignore-eos", "--temperature", "0",
+         "--rank-timeout", "2", "--stats-json", str(stats)], rank=2, env=SHM[shm], limit=300)
+    s = json.loads(stats.read_text())
+    assert s["tokens"] == 48 and s["pending_requests_at_end"] == 0, err
+    assert s["ms_per_token_max"] < 2000 + 1000, err        # no token waits past the timeout + 1 s
+    assert "2" in s["config"]["unreachable"] and "rank 2 silent for 2 s at step" in err, err
+    # the frozen rank cannot be finalized: the job ends with one line saying so, not a hang
+    assert code != 0 and err.count("rank 2 did not answer at the end") == 1, err
