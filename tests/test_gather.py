@@ -30,6 +30,7 @@ class FakeClock:
 class ScriptedTransport:
     """Delivers each scripted message at its clock time. `poll(timeout)` returns what is due; if
     nothing is, it moves the clock to the next arrival within the timeout, or by the whole timeout."""
+    rank_timeout = None     # no liveness watch (net/transport.py)
 
     def __init__(self, clock: FakeClock, script=(), size: int = 4):
         self.clock, self.size = clock, size
