@@ -338,6 +338,29 @@ def test_replan_after_a_rank_turns_lossy_moves_few_groups():
     assert again is None                                # no change, no re-plan
 
 
+def test_a_re_rating_that_moves_nothing_is_said_once():
+    """Two ranks, rank 1 already keeping the fewest groups: it is late more and more, nothing can
+    move, and the re-planner says so once (not at every re-rating)."""
+    from halo_mpi.net.links import LinkEstimate
+    imp = np.random.default_rng(3).random((2, 8))
+    imp /= imp.sum(1, keepdims=True)
+    cluster = ClusterSpec.uniform(2)
+    cluster.ranks[1].reliability = 0.5
+    first = plan(imp, cluster, drop_budget=0.0)
+    assert all(len(p[1]) == 1 for p in first)         # one group each layer, to measure the link
+    replanner = Replanner(cluster, imp, drop_budget=0.0)
+    lines = []
+    for step, rate in enumerate([0.3, 0.15, 0.05]):
+        links = {1: LinkEstimate()}
+        for i in range(64):
+            links[1].add_outcome(i < 64 * rate)
+        new, line = replanner.update(links, first, step=step)
+        assert new is None
+        lines.append(line)
+    assert "nothing to move" in lines[0] and "rank 1 on-time 0.31 (was 0.50)" in lines[0]
+    assert lines[1:] == ["", ""]
+
+
 def test_placement_respects_memory_budgets():
     cluster = ClusterSpec([Device(memory_mb=40), Device(memory_mb=1000), Device(memory_mb=1000)])
     counts = group_counts(cluster, 24, 10, 0.5)          # rank 0 holds at most 8 groups per layer

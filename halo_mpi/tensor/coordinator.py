@@ -201,6 +201,9 @@ class Coordinator:
         new, line = self.replanner.update(self.links, self.placement, self.step)
         if new is not None:
             self.apply_plan(new, line)
+        elif line:                      # re-rated with nothing to move: said once, in the summary
+            self.replans.append(line)
+            self.log(line)
 
     def apply_plan(self, new: Placement, line: str):
         """Tell every worker its new groups, load rank 0's, move attention groups with caches."""

@@ -192,6 +192,7 @@ class Replanner:
         self.recover_outcomes = recover_outcomes
         self.drift = drift
         self.excluded: dict[int, float] = {}     # unreachable rank -> its speed before (exclude)
+        self.said_stuck: set[int] = set()        # ranks whose re-rating moved nothing, said once
 
     def unstable(self) -> set[int]:
         return {r for r, s in enumerate(self.cluster.ranks) if r and s.reliability < STABLE}
@@ -239,9 +240,16 @@ class Replanner:
             links[r].recent.clear()                      # judge the new tier on fresh outcomes
         new = plan(self.importance, self.cluster, self.group_mb, placement, self.drop_budget)
         probes = self.probes()
-        if not moved(placement, new) and probes == probes_before:
-            return None, ""              # re-rated, but nothing changes: no new plan version
         what = ", ".join(f"rank {r} on-time {new:.2f} (was {old:.2f})" for r, old, new in changes)
+        if not moved(placement, new) and probes == probes_before:
+            # re-rated, but nothing changes: no new plan version; said once per rank
+            first = [r for r, _, _ in changes if r not in self.said_stuck]
+            self.said_stuck.update(first)
+            if not first:
+                return None, ""
+            return None, (f"at step {step}: {what}; nothing to move: no other rank has room for "
+                          f"its groups, or it already keeps the fewest it can; its late partials "
+                          f"count as missing")
         loads = ", ".join(f"rank {r} loads {n}" for r, n in sorted(moved(placement, new).items())) or "none"
         probing = f"; probes (rank 0 backs up their groups): {sorted(probes)}" if probes else ""
         return new, f"re-plan at step {step}: {what}; groups moved: {loads}{probing}"
