@@ -53,6 +53,7 @@ class BenchConfig:
     timeout: float = 1800.0
     wire: str = "auto"               # --wire-dtype of the tensor-parallel modes
     extra: list[str] = field(default_factory=list)
+    rto_min_ms: float | None = None  # testbed: TCP's minimum retransmission timeout (None: 200 ms)
 
 
 def halo_command(cfg: BenchConfig, mode: str, loss: float, sub: str, out_json: str) -> list[str]:
@@ -74,7 +75,8 @@ def halo_command(cfg: BenchConfig, mode: str, loss: float, sub: str, out_json: s
 
 def launch(cfg: BenchConfig, n: int, cmd: list[str], loss: float):
     if cfg.net == "testbed" and n > 1:
-        with Testbed(n, {r: loss for r in cfg.lossy_ranks} if loss > 0 else {}) as tb:
+        with Testbed(n, {r: loss for r in cfg.lossy_ranks} if loss > 0 else {},
+                     rto_min_ms=cfg.rto_min_ms) as tb:
             done = tb.run(cmd[3:], module="halo_mpi.cli", timeout=cfg.timeout, capture=True)
             drops = tb.drop_counters()
         if done.returncode != 0:
@@ -147,6 +149,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     for r in runs:
         r.pop("generated")
     return {"model": model_name, "ranks": cfg.ranks, "net": cfg.net, "lossy_ranks": cfg.lossy_ranks,
+            "rto_min_ms": cfg.rto_min_ms,
             "machine": machine_description(), "tokens": cfg.tokens, "warmup": cfg.warmup,
             "eval_tokens": cfg.eval_tokens, "single_ms_per_token_median": single_ms, "runs": runs}
 
@@ -172,8 +175,9 @@ def write_results(results: dict, out: str, command: str):
 
 
 def results_markdown(r: dict, command: str) -> str:
+    rto = f", TCP rto_min {r['rto_min_ms']:g} ms" if r.get("rto_min_ms") is not None else ""
     lines = [f"# halo-mpi bench: {r['model']}, {r['ranks']} ranks, {r['net']} loss on ranks "
-             f"{r['lossy_ranks']}", "", f"Command: `{command}`", "", f"Machine: {r['machine']}; all "
+             f"{r['lossy_ranks']}{rto}", "", f"Command: `{command}`", "", f"Machine: {r['machine']}; all "
              f"ranks share these cores. {r['tokens']} timed decode tokens after {r['warmup']} warm-up; "
              f"perplexity teacher-forced over {r['eval_tokens']} held-out tokens.", "",
              "| mode | wire | loss | median ms/token | x single | p95 ms/token | mean ms/token "

@@ -41,6 +41,9 @@ def add_parser(sub):
                    help="testbed: real kernel packet loss in network namespaces (root); emulated: "
                         "the transport's loss model (default: testbed when root with iptables, else "
                         "emulated)")
+    b.add_argument("--rto-min", type=float, default=None, metavar="MS",
+                   help="with --net testbed: TCP's minimum retransmission timeout on the ranks' routes "
+                        "in ms (Linux's default 200; see `halo-mpi testbed up --rto-min`)")
     b.add_argument("--tokens", type=positive_int, default=64,
                    help="timed decode tokens per run (default: %(default)s)")
     b.add_argument("--warmup", type=int, default=8, help="untimed decode tokens first (default: %(default)s)")
@@ -92,7 +95,11 @@ def run(a):
     lossy = (sorted(parse_ranks(a.lossy_ranks, "--lossy-ranks", range(1, a.ranks))) if a.lossy_ranks
              else list(range(max(1, a.ranks // 2), a.ranks)))
     cfg = BenchConfig(a.weights, a.ranks, modes, losses, lossy, a.tokens, a.warmup, a.eval_tokens,
-                      a.net or default_net(), a.out, wire=a.wire_dtype, extra=["--dtype", a.dtype])
+                      a.net or default_net(), a.out, wire=a.wire_dtype, extra=["--dtype", a.dtype],
+                      rto_min_ms=a.rto_min)
+    if a.rto_min is not None and cfg.net != "testbed":
+        raise HaloError("--rto-min sets real TCP's timeout on the testbed's routes: "
+                        "use it with --net testbed")
     results = run_bench(cfg)
     command = "halo-mpi " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "halo-mpi bench"
     plotted = write_results(results, a.out, command)

@@ -21,14 +21,15 @@ from ..testbed.delays import ENGINE_MESSAGE, measure_delays, stall_histogram, su
 def describe(tb: Testbed) -> str:
     loss = ", ".join(f"rank {r}: {p:g}" for r, p in sorted(tb.loss.items()) if p > 0) or "none"
     rate = ", ".join(f"rank {r}: {m:g} Mbit/s" for r, m in sorted(tb.rate.items())) or "none"
+    rto = f"; TCP rto_min {tb.rto_min_ms:g} ms" if tb.rto_min_ms is not None else ""
     return (f"testbed {tb.name}: {tb.ranks} ranks in namespaces {tb.namespace(0)}.."
             f"{tb.namespace(tb.ranks - 1)} on {SUBNET}.0/24 (interface {IFACE}); "
-            f"loss {loss}; rate caps {rate}")
+            f"loss {loss}; rate caps {rate}{rto}")
 
 
 def cmd_up(a):
     tb = Testbed(a.ranks, parse_rank_values(a.loss, "--loss"), parse_rank_values(a.rate, "--rate"),
-                 a.name or "", persistent=True).up()
+                 a.name or "", persistent=True, rto_min_ms=a.rto_min).up()
     print(describe(tb))
     print(f"run with:    halo-mpi testbed run --name {tb.name} -- generate --parallel tensor ...")
     print(f"remove with: halo-mpi testbed down --name {tb.name}")
@@ -42,14 +43,14 @@ def cmd_run(a):
                         "`halo-mpi testbed run --ranks 2 --loss 1:0.05 -- generate --parallel tensor ...`")
     recorded = a.name and os.path.exists(os.path.join(STATE_DIR, f"{a.name}.json"))
     if recorded:
-        if a.ranks or a.loss or a.rate:
-            raise HaloError(f"testbed {a.name} is up already with its own ranks, loss and rate: "
-                            f"drop --ranks/--loss/--rate, or choose another --name")
+        if a.ranks or a.loss or a.rate or a.rto_min is not None:
+            raise HaloError(f"testbed {a.name} is up already with its own ranks, loss, rate and "
+                            f"rto_min: drop --ranks/--loss/--rate/--rto-min, or choose another --name")
         tb = Testbed.load(a.name)
         code = tb.run(argv, timeout=a.timeout, down_on_error=not a.keep).returncode
     else:                                  # a testbed for this run alone
         tb = Testbed(a.ranks or 2, parse_rank_values(a.loss, "--loss"),
-                     parse_rank_values(a.rate, "--rate"), a.name or "")
+                     parse_rank_values(a.rate, "--rate"), a.name or "", rto_min_ms=a.rto_min)
         with tb:
             print(describe(tb), file=sys.stderr)
             code = tb.run(argv, timeout=a.timeout).returncode
@@ -190,6 +191,9 @@ def add_spec_arguments(p, defaults: bool = True):
     p.add_argument("--rate", metavar="RANK:MBIT,...",
                    help="cap RANK's link to MBIT Mbit/s in each direction (tbf)")
     p.add_argument("--name", help="short id (letters, digits) in every name; random when omitted")
+    p.add_argument("--rto-min", type=float, default=None, metavar="MS",
+                   help="TCP's minimum retransmission timeout on every rank's route, in ms (Linux's "
+                        "default is 200; `ip route ... rto_min`, as a deployment sets it)")
 
 
 def add_parser(subparsers):

@@ -111,6 +111,7 @@ class Testbed:
     loss: dict[int, float] = field(default_factory=dict)    # rank -> drop probability, both ways
     rate: dict[int, float] = field(default_factory=dict)    # rank -> Mbit/s cap, both ways
     name: str = ""                                           # short id; random when empty
+    rto_min_ms: float | None = None   # TCP's minimum retransmission timeout on every rank's route
     persistent: bool = False    # made by `testbed up`: stays until `testbed down`
     owner: list[int] | None = None  # [pid, start time] of the process that removes it at exit
     is_up: bool = False
@@ -120,6 +121,9 @@ class Testbed:
         self.loss = {int(k): float(v) for k, v in (self.loss or {}).items()}
         self.rate = {int(k): float(v) for k, v in (self.rate or {}).items()}
         check_spec(self.ranks, self.loss, self.rate, self.name)
+        if self.rto_min_ms is not None and not 0 < self.rto_min_ms <= 200:
+            raise HaloError(f"--rto-min {self.rto_min_ms:g}: give milliseconds in (0, 200] "
+                            f"(Linux's default minimum is 200 ms)")
         self._made_by = None          # pid that made it for itself (not persistent), if here
 
     # names ------------------------------------------------------------------------------------
@@ -177,6 +181,9 @@ class Testbed:
             netns.add_namespace(ns)
             netns.add_veth(self.hub, BRIDGE, f"v{rank}", ns, IFACE, f"{self.address(rank)}/24")
         self._add_drop_rules()
+        if self.rto_min_ms is not None:
+            for rank in range(self.ranks):
+                netns.set_rto_min(self.namespace(rank), f"{SUBNET}.0/24", IFACE, self.rto_min_ms)
         for rank, mbit in self.rate.items():
             netns.set_rate(self.namespace(rank), IFACE, mbit)
             netns.set_rate(self.hub, f"v{rank}", mbit)
@@ -257,7 +264,8 @@ class Testbed:
                             f"it): check `ip netns list | grep {PREFIX}-{name}-`, delete those "
                             f"namespaces and the file") from None
         return cls(ranks=s["ranks"], loss=s["loss"], rate=s["rate"], name=s["name"],
-                   persistent=s["persistent"], owner=s["owner"], is_up=s["is_up"])
+                   persistent=s["persistent"], owner=s["owner"], is_up=s["is_up"],
+                   rto_min_ms=s.get("rto_min_ms"))
 
     # running ----------------------------------------------------------------------------------
     def env(self) -> dict[str, str]:

@@ -129,6 +129,17 @@ def add_veth(hub: str, bridge: str, hub_end: str, ns: str, ns_end: str, address_
     sh([ip, "-n", ns, "link", "set", ns_end, "up"])
 
 
+def set_rto_min(ns: str, subnet_cidr: str, iface: str, ms: float):
+    """Linux's minimum TCP retransmission timeout (200 ms by default) for this namespace's route to
+    the subnet: a per-route setting (`ip route ... rto_min`), so a deployment sets it the same way
+    on its devices' routes to each other."""
+    sh([tool("ip"), "-n", ns, "route", "replace", subnet_cidr, "dev", iface, "rto_min", f"{ms:g}ms"])
+
+
+def routes(ns: str) -> list[str]:
+    return sh([tool("ip"), "-n", ns, "route", "show"]).stdout.splitlines()
+
+
 def links(ns: str | None = None) -> list[str]:
     argv = [tool("ip")] + (["-n", ns] if ns else []) + ["-o", "link", "show"]
     return [line.split(":")[1].strip().split("@")[0] for line in sh(argv).stdout.splitlines()]
