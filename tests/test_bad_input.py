@@ -1,6 +1,7 @@
 """Bad input, as a user types it: each case is one line `halo-mpi...: error: ...`, exit status 2,
 within 10 s, no traceback, and no file left behind. A few run under mpiexec -n 2 as well: the
 line is printed once, not once per rank."""
+import os
 import subprocess
 import sys
 import time
@@ -103,3 +104,38 @@ def test_under_mpiexec_the_line_is_printed_once(bad, tiny_store_path, args, says
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and says in lines[0], done.stderr
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 256 KB tmpfs (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root, or no CAP_SYS_ADMIN)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_file(full_disk, tiny_store_path):
+    done, _ = run([*HALO, "convert", "--synthetic", "tiny", "--mlp-groups", "8",
+                   "-o", str(full_disk / "t.h5"), "--quiet"])
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "cannot write" in lines[0] and "No space left on device" in lines[0]
+    assert list(full_disk.iterdir()) == []
+    fd = os.open(full_disk / "ballast", os.O_WRONLY | os.O_CREAT)   # --stats-json at the end: no room
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    os.close(fd)
+    done, _ = run([*HALO, "generate", "--weights", str(tiny_store_path), "--prompt", "hi",
+                   "--max-new-tokens", "4", "--stats-json", str(full_disk / "s.json")])
+    assert done.returncode == 2 and done.stdout.strip(), done.stderr      # the text came out first
+    assert "cannot write" in done.stderr and "No space left on device" in done.stderr
+    assert sorted(p.name for p in full_disk.iterdir()) == ["ballast"]

@@ -201,7 +201,11 @@ class StoreWriter:
                 "attn_groups": (a.n_kv_heads, a.attn_group_rows, a.dim)}.get(leaf)
 
     def close(self, ok: bool = True):
-        self.f.close()
+        try:
+            self.f.close()
+        except OSError:
+            if ok:
+                raise
         if ok:
             os.replace(self._tmp, self.path)  # a crash never leaves a half-written store behind
         elif os.path.exists(self._tmp):
@@ -213,10 +217,13 @@ def store_writer(path: str, args: ModelArgs, name: str, source: str, store_dtype
     w = StoreWriter(path, args, name, source, store_dtype)
     try:
         yield w
-    except BaseException:
+        w.close()
+    except BaseException as e:
         w.close(ok=False)
+        if isinstance(e, OSError) and not isinstance(e, HaloError):   # a full disk, a lost mount
+            why = os.strerror(e.errno) if e.errno else str(e).splitlines()[0]
+            raise HaloError(f"cannot write {path}: {why}; nothing was left behind") from None
         raise
-    w.close()
 
 
 # ---------------------------------------------------------------------------------------------
