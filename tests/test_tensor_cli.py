@@ -165,3 +165,26 @@ def test_a_short_soak_neither_hangs_nor_grows(tiny_store_path, tmp_path):
     assert all(len(t) >= 2 for t in traces), traces
     for t in traces:
         assert t[-1][1] <= 1.05 * t[0][1], t
+
+
+def test_ctrl_c_on_mpiexec_prints_one_line(tiny_store_path):
+    """Ctrl-C reaches every rank through mpiexec: the user reads rank 0's line only."""
+    cmd = [MPIEXEC, "-n", "3", *HALO, "generate", "--parallel", "tensor", "--sync", "strict",
+           "--link-loss", "1:0.3,2:0.3", "--weights", str(tiny_store_path), "--prompt", "hi",
+           "--max-new-tokens", "240", "--ignore-eos", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line, end = "", time.time() + 120
+        while "tensor-parallel on 3 ranks" not in line and time.time() < end:
+            line = proc.stderr.readline()
+        time.sleep(1)
+        assert proc.poll() is None, "the run ended before the interrupt"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()
+    assert proc.returncode != 0
+    assert err.count("halo-mpi: interrupted") == 1 and "halo-mpi: interrupted on rank 0" in err, err

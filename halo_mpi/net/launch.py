@@ -19,6 +19,7 @@ _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"
 _RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 _LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPIR_CVAR_LOCALNRANKS")
 ABORT_GRACE_S = 0.3        # between a rank's last line and MPI_Abort (see abort)
+INTERRUPT_WAIT_S = 1.5     # a worker's wait before it reports Ctrl-C itself (see abort)
 
 
 def _env_int(names: tuple[str, ...], default: int) -> int:
@@ -123,6 +124,10 @@ def abort(comm, error: BaseException) -> int:
     or Ctrl-C on one rank must never leave the others waiting. Returns the exit code, should
     MPI_Abort return while the launcher ends the job."""
     line, code = abort_message(error, comm.Get_rank())
+    if isinstance(error, KeyboardInterrupt) and comm.Get_rank() != 0:
+        # Ctrl-C on mpiexec reaches every rank: rank 0's line and MPI_Abort come first and end
+        # this rank during the wait, so the user reads one line; a rank interrupted alone prints.
+        time.sleep(INTERRUPT_WAIT_S)
     print(line, file=sys.stderr, flush=True)
     # Hydra's proxy forwards a rank's stderr and acts on its abort in one event loop; abort at once
     # and the line can be lost (CI once ended a run non-zero with no line; the likely cause,
