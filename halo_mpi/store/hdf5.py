@@ -329,6 +329,14 @@ class Store:
         out[order] = self._read(name, rows[order].tolist())
         return out
 
+    def item_bytes(self, what: str) -> int:
+        """Bytes one element takes as stored: an MLP group ("mlp"), an attention group ("attn")
+        or a row of the output head ("head"), in this store's dtype (placement's memory budgets)."""
+        name = {"mlp": "layers/000/mlp_groups", "attn": "layers/000/attn_groups",
+                "head": "embedding" if self.args.tied_embeddings else "output"}[what]
+        ds = self.f[name]
+        return ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64))
+
     def tokenizer_data(self) -> dict:
         if "tokenizer" not in self.f:
             raise HaloError(f"{self.path} holds no tokenizer (synthetic store?); pass token ids instead")

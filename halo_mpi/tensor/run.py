@@ -160,12 +160,13 @@ def make_plan(store: Store, size: int, o: TensorOptions) -> TensorPlan:
         imp, source = uniform_importance(a.n_layers, a.mlp_groups), "uniform (no calibration in store)"
     elif imp.shape != (a.n_layers, a.mlp_groups):
         raise HaloError(f"{store.path}: calibration is for another group layout; run halo-mpi calibrate")
-    group_mb = 3 * a.group_size * a.dim * 4 / 1e6
+    group_mb = store.item_bytes("mlp") / 1e6                     # as stored: float32, bf16 or q4..
     eligible = holders(cluster, o.sync)
     attention = attention_placement(cluster, a.n_layers, a.n_kv_heads, eligible)
     vocab = vocab_slices(cluster, a.vocab_size, eligible)
-    reserved = [(sum(len(p[r]) for p in attention) * a.attn_group_rows + (vocab[r][1] - vocab[r][0]))
-                * a.dim * 4 / 1e6 for r in range(size)]          # MB of attention and head per rank
+    attn_b, row_b = store.item_bytes("attn"), store.item_bytes("head")
+    reserved = [(sum(len(p[r]) for p in attention) * attn_b + (vocab[r][1] - vocab[r][0]) * row_b) / 1e6
+                for r in range(size)]                               # MB of attention and head per rank
     if o.placement == "random":
         placed = random_placement(a.n_layers, a.mlp_groups, cluster, o.seed)
     else:
