@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 HOSTFILE=${1:-hostfile}
 RANKS=${2:-1}
+jobs/check-hostfile.sh "$HOSTFILE"
 mkdir -p jobs/out
 log="jobs/out/generate-$(date +%Y%m%d-%H%M%S).log"
 .venv/bin/mpiexec -hostfile "$HOSTFILE" -n "$RANKS" .venv/bin/halo-mpi generate \

@@ -139,3 +139,19 @@ def test_a_full_disk_is_one_line_and_leaves_no_file(full_disk, tiny_store_path):
     assert done.returncode == 2 and done.stdout.strip(), done.stderr      # the text came out first
     assert "cannot write" in done.stderr and "No space left on device" in done.stderr
     assert sorted(p.name for p in full_disk.iterdir()) == ["ballast"]
+
+
+@pytest.mark.parametrize("text, says", [
+    ("localhost:2\nnosuchhost.invalid:1\n", "host nosuchhost.invalid does not resolve"),
+    ("localhost:x\n", "slots must be a whole number"),
+    ("# only a comment\n\n", "lists no host"),
+])
+def test_a_bad_hostfile_is_one_line_before_mpiexec(tmp_path, text, says):
+    """The launch scripts check the hostfile first (hydra's own failure is a five-line dump)."""
+    script = Path(__file__).resolve().parent.parent / "jobs" / "check-hostfile.sh"
+    (tmp_path / "hosts").write_text(text)
+    done, took = run(["bash", str(script), str(tmp_path / "hosts")])
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and says in lines[0], done.stderr
+    (tmp_path / "good").write_text("localhost:2\n# rank 0 first\n127.0.0.1\n")
+    assert run(["bash", str(script), str(tmp_path / "good")])[0].returncode == 0
