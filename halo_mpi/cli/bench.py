@@ -50,7 +50,8 @@ def add_parser(sub):
     b.add_argument("--eval-tokens", type=positive_int, default=128,
                    help="held-out tokens for perplexity (default: %(default)s)")
     b.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
-                   help="weight precision (default: %(default)s)")
+                   help="weight precision for compute of a float32 or bfloat16 store (q8_0 and q4 stores "
+                        "compute on their quantized weights) (default: %(default)s)")
     b.add_argument("--wire-dtype", choices=("auto",) + WIRE_DTYPES, default="auto",
                    help="precision of hidden states and partials on the wire in the tensor-parallel "
                         "modes (default: %(default)s)")

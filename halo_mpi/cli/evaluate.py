@@ -30,7 +30,8 @@ def add_parser(sub):
     e.add_argument("--parallel", choices=["none", "tensor"], default="none",
                    help="none: the reference; tensor: the tensor-parallel engine (default: %(default)s)")
     e.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
-                   help="weight precision (default: %(default)s)")
+                   help="weight precision for compute of a float32 or bfloat16 store (q8_0 and q4 stores "
+                        "compute on their quantized weights) (default: %(default)s)")
     add_threads_argument(e)
     e.add_argument("--seed", type=int, default=0, help="seed of the loss emulation (default: %(default)s)")
     e.add_argument("--json", help="write the result to this JSON file")

@@ -59,8 +59,9 @@ def add_parser(sub):
     g.add_argument("--system", default=None,
                    help="system message for --chat (default: the model's own)")
     g.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
-                   help="weight precision for compute: float32 is exact; float16 is ~1.8x faster "
-                        "per token on AVX2 CPUs, logits within ~0.1 (default: %(default)s)")
+                   help="weight precision for compute of a float32 or bfloat16 store: float32 is "
+                        "exact; float16/bfloat16 halve the weights' memory, logits within ~0.1; q8_0 "
+                        "and q4 stores compute on their quantized weights (default: %(default)s)")
     add_threads_argument(g)
     g.add_argument("--quiet", action="store_true",
                    help="print only the generated text at the end, no streaming")

@@ -55,7 +55,8 @@ def add_parser(sub):
     s.add_argument("--model-name", default=None,
                    help="the model id clients name (default: the store's file name without .h5)")
     s.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
-                   help="weight precision for compute (default: %(default)s)")
+                   help="weight precision for compute of a float32 or bfloat16 store (q8_0 and q4 stores "
+                        "compute on their quantized weights) (default: %(default)s)")
     add_threads_argument(s)
     add_tensor_arguments(s)
     s.set_defaults(func=run)
