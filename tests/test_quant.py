@@ -268,3 +268,14 @@ def test_a_shard_of_a_quantized_store_keeps_its_records(quant_stores, tmp_path):
         assert np.array_equal(s.mlp_groups(2, [4, 6]), q.mlp_groups(2, [4, 6]))
         assert np.array_equal(s.attn_groups(0), q.attn_groups(0))
         assert np.array_equal(s.output_rows(3, 9), q.output_rows(3, 9))
+
+
+def test_pipeline_split_counts_a_quantized_store_at_its_stored_size(quant_stores):
+    from halo_mpi.pipeline.run import quantized_bytes
+    from halo_mpi.pipeline.split import stage_costs
+    q, f = quant_stores
+    per_weight = quantized_bytes(q)
+    assert quantized_bytes(f) is None
+    assert per_weight == pytest.approx(1.0625 if q.store_dtype == "q8_0" else 0.625, rel=0.01)
+    small, big = stage_costs(q.args, "float32", 64, per_weight), stage_costs(q.args, "float32", 64)
+    assert small.block_bytes < 0.4 * big.block_bytes and small.kv_bytes == big.kv_bytes

@@ -94,7 +94,7 @@ class Plan:
 
 
 def make_plan(args: ModelArgs, requests: list[Request], size: int, options: Options,
-              devices: list[Device] | None = None) -> Plan:
+              devices: list[Device] | None = None, bytes_per_weight: float | None = None) -> Plan:
     if not requests:
         raise HaloError("pipeline mode needs at least one prompt")
     for i, r in enumerate(requests):
@@ -104,20 +104,22 @@ def make_plan(args: ModelArgs, requests: list[Request], size: int, options: Opti
     in_flight = min(options.in_flight or len(requests), len(requests))
     max_lens = [len(r.ids) + r.max_new for r in requests]
     kv_tokens = sum(sorted(max_lens)[-in_flight:])     # the S longest sequences, all at once
-    return ring_plan(args, size, options, in_flight, kv_tokens, devices)
+    return ring_plan(args, size, options, in_flight, kv_tokens, devices, bytes_per_weight)
 
 
 def serving_plan(args: ModelArgs, size: int, options: Options, devices: list[Device] | None = None,
-                 kv_tokens: int = 0) -> Plan:
+                 kv_tokens: int = 0, bytes_per_weight: float | None = None) -> Plan:
     """The plan of a server, whose prompts come later: `options.in_flight` sequences at once
     (default: one per rank); `kv_tokens`, the KV cache tokens the split may count on."""
     in_flight = options.in_flight or size
-    return ring_plan(args, size, options, in_flight, kv_tokens or in_flight * args.max_seq_len, devices)
+    return ring_plan(args, size, options, in_flight, kv_tokens or in_flight * args.max_seq_len, devices,
+                     bytes_per_weight)
 
 
 def ring_plan(args: ModelArgs, size: int, options: Options, in_flight: int, kv_tokens: int,
-              devices: list[Device] | None) -> Plan:
-    costs = stage_costs(args, options.dtype, kv_tokens) if devices else None
+              devices: list[Device] | None, bytes_per_weight: float | None = None) -> Plan:
+    """bytes_per_weight: a quantized store's (its weights stay so in memory); None: the dtype's."""
+    costs = stage_costs(args, options.dtype, kv_tokens, bytes_per_weight) if devices else None
     return Plan(split=split_layers(args.n_layers, size, devices, costs), in_flight=in_flight,
                 chunk=options.prefill_chunk, dim=args.dim, n_layers=args.n_layers, dtype=options.dtype)
 

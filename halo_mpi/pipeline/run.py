@@ -159,8 +159,8 @@ def run_pipeline(comm, weights: str, requests: list[Request] | None, options: Op
     """Every rank calls this; requests and devices are read on rank 0 only. Returns the run on
     rank 0, None elsewhere. Each rank opens the store itself and reads only its own layers. An
     error on any rank propagates; the caller ends the job (net.launch.abort)."""
-    def plan(args, size):
-        return make_plan(args, requests, size, options, devices)
+    def plan(store, size):
+        return make_plan(store.args, requests, size, options, devices, quantized_bytes(store))
     run, pending = on_the_ring(comm, weights, plan, lambda ring, stage: run_rank(ring, stage, requests,
                                                                                  options, on_finish),
                                options.rank_timeout)
@@ -172,8 +172,8 @@ def run_pipeline(comm, weights: str, requests: list[Request] | None, options: Op
 def serve_pipeline(comm, weights: str, options: Options, drive, devices: list[Device] | None = None):
     """A server's ring: rank 0 runs drive(ring, stage, clock) (it starts sequences as requests
     come, halo_mpi/serve/driver.py) and then stops the ring; the other ranks serve until then."""
-    def plan(args, size):
-        return serving_plan(args, size, options, devices)
+    def plan(store, size):
+        return serving_plan(store.args, size, options, devices, bytes_per_weight=quantized_bytes(store))
 
     def role(ring: Ring, stage: Stage):
         clock = Clock()
@@ -186,14 +186,22 @@ def serve_pipeline(comm, weights: str, options: Options, drive, devices: list[De
     return on_the_ring(comm, weights, plan, role, options.rank_timeout)[0]
 
 
+def quantized_bytes(store) -> float | None:
+    """Bytes per weight of a q8_0/q4 store's matrices (they stay so in memory); None otherwise."""
+    if store.store_dtype not in ("q8_0", "q4"):
+        return None
+    a = store.args
+    return store.item_bytes("mlp") / (3 * a.group_size * a.dim)
+
+
 def on_the_ring(comm, weights: str, plan_for, role, rank_timeout: float = 60.0) -> tuple:
-    """Plan on rank 0 (plan_for(args, size)), load each rank's stage, run role(ring, stage) on
+    """Plan on rank 0 (plan_for(store, size)), load each rank's stage, run role(ring, stage) on
     every rank; returns (rank 0's result, requests pending per rank) on rank 0."""
     rank, size = comm.Get_rank(), comm.Get_size()
 
     def plan_on_rank0():
         with Store(weights) as store:
-            return plan_for(store.args, size)
+            return plan_for(store, size)
 
     plan = comm.bcast(collectively(comm, plan_on_rank0 if rank == 0 else lambda: None), root=0)
 

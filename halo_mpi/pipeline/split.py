@@ -34,9 +34,11 @@ class StageCosts:
     head_blocks: float    # the head's per-token work in blocks (bytes streamed per token)
 
 
-def stage_costs(args: ModelArgs, dtype: str, kv_tokens: int) -> StageCosts:
-    """Sizes at the compute dtype; kv_tokens = cache slots of all sequences in flight together."""
-    w = 2 if dtype in HALF_DTYPES else 4                      # bytes per weight of a Linear
+def stage_costs(args: ModelArgs, dtype: str, kv_tokens: int,
+                bytes_per_weight: float | None = None) -> StageCosts:
+    """Sizes at the compute dtype (or, for a quantized store, at its bytes per weight);
+    kv_tokens = cache slots of all sequences in flight together."""
+    w = bytes_per_weight or (2 if dtype in HALF_DTYPES else 4)   # bytes per weight of a Linear
     hd = args.head_dim
     attn = args.dim * hd * (2 * args.n_heads + 2 * args.n_kv_heads)
     block = (attn + 3 * args.dim * args.hidden_dim) * w + 2 * args.dim * 4   # + two fp32 norms
