@@ -36,8 +36,12 @@ def measure_delays(testbed: Testbed | None, sizes_bytes: list[int], loss: float 
         testbed.set_loss({**testbed.loss, peer: loss})
     with tempfile.TemporaryDirectory(prefix="halo-delays-") as tmp:
         out = os.path.join(tmp, "delays.json")
+        # one round trip may take minutes at 30% loss: TCP doubles its timeout at each lost
+        # retransmission, up to Linux's 120 s (seen: over 60 s once in ~650 round trips)
+        per_round = 60 + 1200 * (loss or testbed.loss.get(peer, 0.0))
         argv = ["--sizes", ",".join(map(str, sizes_bytes)), "--count", str(count), "--peer", str(peer),
-                "--warmup", str(warmup), "--interval-ms", str(interval_ms), "--out", out]
+                "--warmup", str(warmup), "--interval-ms", str(interval_ms), "--out", out,
+                "--timeout", f"{per_round:g}"]
         before = testbed.drop_counters().get(peer, 0)
         tcp_before = {r: netns.tcp_counters(testbed.namespace(r)) for r in (0, peer)}
         if timeout is None:   # generous: every message stalled by a doubled RTO, and then some
@@ -45,8 +49,9 @@ def measure_delays(testbed: Testbed | None, sizes_bytes: list[int], loss: float 
         done = testbed.run(argv, module="halo_mpi.testbed.pingpong", timeout=timeout, capture=True,
                            down_on_error=False)
         if done.returncode != 0 or not os.path.exists(out):
+            lines = [line for line in (done.stderr or "").splitlines() if line.strip()]
             raise HaloError(f"ping-pong on testbed {testbed.name} failed (exit {done.returncode}): "
-                            f"{(done.stderr or '').strip()[-800:]}")
+                            f"{lines[-1].strip() if lines else 'no message'}")
         with open(out) as f:
             result = json.load(f)
     result["drops"] = testbed.drop_counters().get(peer, 0) - before
