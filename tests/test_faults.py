@@ -28,9 +28,10 @@ def pid_of_rank(mark: str, rank: int):
     return None
 
 
-def freeze_during_run(args: list[str], rank: int, env: dict, limit: float = 120.0):
-    """Start a 3-rank tensor run, SIGSTOP `rank` for good once rank 0 has reported its plan;
-    returns (exit code, seconds from the freeze to the end, stdout, stderr)."""
+def freeze_during_run(args: list[str], rank: int, env: dict, limit: float = 120.0,
+                      sig: int = signal.SIGSTOP):
+    """Start a 3-rank tensor run, SIGSTOP `rank` for good (or send it `sig`) once rank 0 has
+    reported its plan; returns (exit code, seconds from the signal to the end, stdout, stderr)."""
     mark = uuid.uuid4().hex
     proc = subprocess.Popen([MPIEXEC, "-n", "3", *HALO, "generate", "--parallel", "tensor", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -44,7 +45,7 @@ def freeze_during_run(args: list[str], rank: int, env: dict, limit: float = 120.
                 break
         pid = pid_of_rank(mark, rank)
         assert pid is not None and proc.poll() is None, "".join(lines)
-        os.kill(pid, signal.SIGSTOP)
+        os.kill(pid, sig)
         t0 = time.time()
         out, err = proc.communicate(timeout=limit)
         return proc.returncode, time.time() - t0, out, "".join(lines) + err
@@ -91,3 +92,13 @@ def test_halo_goes_on_without_a_frozen_unstable_rank(real_store_path, tmp_path, 
     assert "2" in s["config"]["unreachable"] and "rank 2 silent for 2 s at step" in err, err
     # the frozen rank cannot be finalized: the job ends with one line saying so, not a hang
     assert code != 0 and err.count("rank 2 did not answer at the end") == 1, err
+
+
+@pytest.mark.parametrize("shm", sorted(SHM))
+def test_a_killed_worker_ends_the_job_at_once(tiny_store_path, shm):
+    """SIGKILL: MPICH's launcher ends every rank (exit 9, its banner; no rank can name the dead one:
+    README, "A dead worker"); what matters here is that nothing waits for it."""
+    code, took, _, err = freeze_during_run(
+        ["--sync", "halo", "--link-loss", "2:0.05", "--weights", str(tiny_store_path), "--prompt", "hi",
+         "--max-new-tokens", "250", "--ignore-eos", "--quiet"], rank=2, env=SHM[shm], sig=signal.SIGKILL)
+    assert code != 0 and took < 10, err
