@@ -61,7 +61,7 @@ class WaitPolicy:
 
 class RankSilent(HaloError):
     """A peer this rank cannot go on without has been silent for the rank timeout."""
-
+    exit_code = 3       # not bad input (2): the run lost a rank
     def __init__(self, ranks: list[int], timeout: float, where: str = "", died: bool = False):
         self.ranks = ranks
         who = ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))

@@ -333,6 +333,11 @@ def run_tensor(comm, store: Store, plan: TensorPlan, drive, log=None) -> TensorR
     return TensorRun(result, coordinator, workers, pend, rss, cpu, wall)
 
 
+class RankLost(HaloError):
+    """The run finished without a rank (frozen or gone): it cannot be finalized."""
+    exit_code = 3       # as RankSilent: the run lost a rank
+
+
 WORKER_GRACE_S = 5.0    # a worker waits this much longer for rank 0 than rank 0 for a worker,
                         # so that rank 0, which can name the silent rank, ends the run first
 
@@ -368,7 +373,7 @@ def fatal_ranks(plan: TensorPlan, attention=None, vocab=None) -> set[int]:
 def end_if_silent(run: TensorRun):
     """After the report: workers that never answered STOP end the job with one line."""
     if run.coordinator is not None and run.coordinator.silent:
-        raise HaloError(f"rank{'s' if len(run.coordinator.silent) > 1 else ''} "
+        raise RankLost(f"rank{'s' if len(run.coordinator.silent) > 1 else ''} "
                         f"{', '.join(map(str, run.coordinator.silent))} did not answer at the end "
                         f"(frozen or gone): its statistics are missing; ending the job")
 
