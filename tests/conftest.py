@@ -4,7 +4,9 @@ Tests that need the real model are marked `slow`; without the files they skip, u
 HALO_REQUIRE_WEIGHTS=1 (set by `make test` and CI), where a missing file is a failure.
 """
 import os
+import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,30 @@ def kv3_store(tmp_path_factory):
     write_synthetic("tiny-3kv", str(path), mlp_groups=8, seed=3, progress=False)
     with Store(str(path)) as s:
         yield s
+
+
+def pid_of_rank(mark: str, rank: int):
+    """The pid of MPI rank `rank` of the run launched with HALO_TEST_MARK=mark in its environment."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"HALO_TEST_MARK={mark}".encode() in env and f"PMI_RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+@contextmanager
+def launched(cmd: list[str], **popen):
+    """A process with its stdout and stderr piped (text), killed and reaped if still running."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 REAL_FIXTURES = {"real_store_path", "real_gguf_path", "real_store", "real_model"}

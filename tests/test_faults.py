@@ -11,21 +11,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import pid_of_rank
 
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
 HALO = [sys.executable, "-m", "halo_mpi.cli"]
 SHM = {"shm": {}, "no-shm": {"MPIR_CVAR_NOLOCAL": "1"}}
-
-
-def pid_of_rank(mark: str, rank: int):
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"HALO_TEST_MARK={mark}".encode() in env and f"PMI_RANK={rank}".encode() in env:
-            return int(pid)
-    return None
 
 
 def freeze_during_run(args: list[str], rank: int, env: dict, limit: float = 120.0,

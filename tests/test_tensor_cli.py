@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import launched, pid_of_rank
 
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
 HALO = [sys.executable, "-m", "halo_mpi.cli"]
@@ -57,17 +58,6 @@ def test_missing_weights_on_every_rank(tmp_path):
     assert done.returncode == 2 and done.stderr.count("halo-mpi: error:") == 1, done.stderr
 
 
-def _pid_of_rank(mark: str, rank: int):
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"HALO_TEST_MARK={mark}".encode() in env and f"PMI_RANK={rank}".encode() in env:
-            return int(pid)
-    return None
-
-
 def test_interrupt_on_a_worker_ends_every_rank(tiny_store_path):
     mark = uuid.uuid4().hex
     cmd = [MPIEXEC, "-n", "3", *HALO, "generate", "--parallel", "tensor", "--sync", "strict",
@@ -78,7 +68,7 @@ def test_interrupt_on_a_worker_ends_every_rank(tiny_store_path):
     try:
         pid, end = None, time.time() + 60
         while pid is None and time.time() < end and proc.poll() is None:
-            pid = _pid_of_rank(mark, 1)
+            pid = pid_of_rank(mark, 1)
             time.sleep(0.2)
         assert pid is not None, "rank 1 never started"
         line, end = "", time.time() + 120      # rank 0 reports its plan once every rank is set up
@@ -172,8 +162,7 @@ def test_ctrl_c_on_mpiexec_prints_one_line(tiny_store_path):
     cmd = [MPIEXEC, "-n", "3", *HALO, "generate", "--parallel", "tensor", "--sync", "strict",
            "--link-loss", "1:0.3,2:0.3", "--weights", str(tiny_store_path), "--prompt", "hi",
            "--max-new-tokens", "240", "--ignore-eos", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with launched(cmd) as proc:
         line, end = "", time.time() + 120
         while "tensor-parallel on 3 ranks" not in line and time.time() < end:
             line = proc.stderr.readline()
@@ -181,10 +170,6 @@ def test_ctrl_c_on_mpiexec_prints_one_line(tiny_store_path):
         assert proc.poll() is None, "the run ended before the interrupt"
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     err = proc.stderr.read()
     assert proc.returncode != 0
     assert err.count("halo-mpi: interrupted") == 1 and "halo-mpi: interrupted on rank 0" in err, err
