@@ -6,10 +6,10 @@ lets one read at a time through per process; pread releases the GIL, so backgrou
 load groups while the main thread computes (the parallel loading of HALO's second mechanism
 builds on this). Measured with jobs/read_rates.py (319 MB of MLP groups, two runs): pread 8.4-8.5
 GB/s from the page cache and 1.0-1.2 GB/s cold, h5py 4.1-7.7 and 0.85-0.87; a thread reading cold
-slowed 300 float32 matvecs by 5-13%, about the same for both. `read_mbps` paces reads like a slow device (a Pi's SD
-card reads ~40 MB/s), and `drop_cache` asks the kernel to forget the file's pages
-(posix_fadvise DONTNEED), so that a benchmark can measure cold reads on a machine whose page cache
-would otherwise serve everything from memory.
+slowed 300 float32 matvecs by 5-13%, about the same for both.
+`read_mbps` paces reads like a slow device (a Pi's SD card reads ~40 MB/s), and `drop_cache` asks
+the kernel to forget the file's pages (posix_fadvise DONTNEED), so that a benchmark can measure
+cold reads on a machine whose page cache would otherwise serve everything from memory.
 """
 from __future__ import annotations
 
