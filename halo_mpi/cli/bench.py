@@ -16,7 +16,13 @@ from ..net.wire import WIRE_DTYPES
 from ..stats import write_json
 from ..store.hdf5 import STORE_DTYPES
 from ..testbed.netns import tool
-from .options import DEFAULT_WEIGHTS, DTYPE_CHOICES, add_threads_argument, positive_int, set_threads
+from .options import (
+    DEFAULT_WEIGHTS,
+    add_dtype_argument,
+    add_threads_argument,
+    positive_int,
+    set_threads,
+)
 
 
 def add_parser(sub):
@@ -49,9 +55,7 @@ def add_parser(sub):
     b.add_argument("--warmup", type=int, default=8, help="untimed decode tokens first (default: %(default)s)")
     b.add_argument("--eval-tokens", type=positive_int, default=128,
                    help="held-out tokens for perplexity (default: %(default)s)")
-    b.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
-                   help="weight precision for compute of a float32 or bfloat16 store (q8_0 and q4 stores "
-                        "compute on their quantized weights) (default: %(default)s)")
+    add_dtype_argument(b)
     b.add_argument("--wire-dtype", choices=("auto",) + WIRE_DTYPES, default="auto",
                    help="precision of hidden states and partials on the wire in the tensor-parallel "
                         "modes (default: %(default)s)")

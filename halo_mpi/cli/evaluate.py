@@ -9,7 +9,7 @@ from ..errors import HaloError
 from ..net.launch import world_size
 from ..stats import write_json
 from .options import (
-    DTYPE_CHOICES,
+    add_dtype_argument,
     add_tensor_arguments,
     add_threads_argument,
     add_weights_argument,
@@ -29,9 +29,7 @@ def add_parser(sub):
     e.add_argument("--tokens", type=positive_int, default=128, help="tokens to score (default: %(default)s)")
     e.add_argument("--parallel", choices=["none", "tensor"], default="none",
                    help="none: the reference; tensor: the tensor-parallel engine (default: %(default)s)")
-    e.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
-                   help="weight precision for compute of a float32 or bfloat16 store (q8_0 and q4 stores "
-                        "compute on their quantized weights) (default: %(default)s)")
+    add_dtype_argument(e)
     add_threads_argument(e)
     e.add_argument("--seed", type=int, default=0, help="seed of the loss emulation (default: %(default)s)")
     e.add_argument("--json", help="write the result to this JSON file")

@@ -16,7 +16,7 @@ from ..errors import HaloError
 from ..net.launch import world_size
 from ..stats import RankStats, RunStats, SequenceStats, cpu_seconds, peak_rss_mb
 from .options import (
-    DTYPE_CHOICES,
+    add_dtype_argument,
     add_tensor_arguments,
     add_threads_argument,
     add_weights_argument,
@@ -58,10 +58,7 @@ def add_parser(sub):
                    help="wrap the prompt as one user turn in the model's ChatML format")
     g.add_argument("--system", default=None,
                    help="system message for --chat (default: the model's own)")
-    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
-                   help="weight precision for compute of a float32 or bfloat16 store: float32 is "
-                        "exact; float16/bfloat16 halve the weights' memory, logits within ~0.1; q8_0 "
-                        "and q4 stores compute on their quantized weights (default: %(default)s)")
+    add_dtype_argument(g)
     add_threads_argument(g)
     g.add_argument("--quiet", action="store_true",
                    help="print only the generated text at the end, no streaming")

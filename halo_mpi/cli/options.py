@@ -58,6 +58,13 @@ def add_threads_argument(p):
                    help="torch threads per rank; 0 = this node's cores / ranks on it (default: %(default)s)")
 
 
+def add_dtype_argument(p):
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                   help="weight precision for compute of a float32 or bfloat16 store: float32 is "
+                        "exact; float16/bfloat16 halve the weights' memory, logits within ~0.1; q8_0 "
+                        "and q4 stores compute on their quantized weights (default: %(default)s)")
+
+
 def add_tensor_arguments(g):
     both = g.add_argument_group("both parallel modes")
     both.add_argument("--device-profile", metavar="TOML",

@@ -21,7 +21,7 @@ import time
 from ..errors import HaloError
 from ..net.launch import world_size
 from .options import (
-    DTYPE_CHOICES,
+    add_dtype_argument,
     add_tensor_arguments,
     add_threads_argument,
     add_weights_argument,
@@ -54,9 +54,7 @@ def add_parser(sub):
                    help="tokens to generate when a request gives no max_tokens (default: %(default)s)")
     s.add_argument("--model-name", default=None,
                    help="the model id clients name (default: the store's file name without .h5)")
-    s.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
-                   help="weight precision for compute of a float32 or bfloat16 store (q8_0 and q4 stores "
-                        "compute on their quantized weights) (default: %(default)s)")
+    add_dtype_argument(s)
     add_threads_argument(s)
     add_tensor_arguments(s)
     s.set_defaults(func=run)
