@@ -169,6 +169,19 @@ class Transport:
         return min(times) if times else None
 
     # -- liveness
+    def watch(self, timeout: float, fatal: set[int], note: str, worker_grace: float = 5.0):
+        """Heartbeats and the peers whose silence ends the run: on rank 0 `fatal` (`note` says
+        why), silent for `timeout`; on a worker rank 0, silent for timeout + worker_grace, so that
+        rank 0, which can name the silent rank, ends the run first."""
+        period = min(1.0, timeout / 4)
+        if self.rank == 0:
+            self.rank_timeout, self.fatal, self.silence_note = timeout, set(fatal), note
+            self.start_beats(list(range(1, self.size)), period)
+        else:
+            self.rank_timeout, self.fatal = timeout + worker_grace, {0}
+            self.silence_note = ": rank 0 leads the run; ending"
+            self.start_beats([0], period)
+
     def start_beats(self, to: list[int], period: float):
         """A daemon thread that tells `to` every `period` s that this rank is alive."""
         self.beat_s = period

@@ -121,21 +121,6 @@ def ring_peers(rank: int, size: int) -> list[int]:
     return list(range(1, size)) if rank == 0 else sorted({rank - 1, 0})
 
 
-def watch_ring(transport: MPITransport, timeout: float):
-    """Heartbeats, and silence that ends the run (net/transport.py, liveness): rank 0 cannot go on
-    without any stage; a stage not without rank 0 (which waits less, so it names the rank)."""
-    period = min(1.0, timeout / 4)
-    if transport.rank == 0:
-        transport.rank_timeout, transport.fatal = timeout, set(range(1, transport.size))
-        transport.silence_note = (": pipeline mode cannot go on without its layers; the sequences "
-                                  "written so far are complete")
-        transport.start_beats(list(range(1, transport.size)), period)
-    else:
-        transport.rank_timeout, transport.fatal = timeout + 5.0, {0}
-        transport.silence_note = ": rank 0 leads the run; ending"
-        transport.start_beats([0], period)
-
-
 def gentle_barrier(comm):
     """A barrier that sleeps while it waits: MPI's own spins a core, slowing ranks still loading."""
     req = comm.Ibarrier()
@@ -212,7 +197,9 @@ def on_the_ring(comm, weights: str, plan_for, role, rank_timeout: float = 60.0) 
     stage = Stage(collectively(comm, load), rank, plan)
     transport = MPITransport(comm, plan.max_bytes, peers=ring_peers(rank, size)) if size > 1 else None
     if transport is not None:
-        watch_ring(transport, rank_timeout)
+        # rank 0 cannot go on without any stage
+        transport.watch(rank_timeout, set(range(1, size)), ": pipeline mode cannot go on without its "
+                        "layers; the sequences written so far are complete")
     gentle_barrier(comm)                    # the clocks start together
     result = role(Ring(transport, rank, size), stage)
     pending = transport.close() if transport else 0

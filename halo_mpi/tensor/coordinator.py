@@ -47,7 +47,7 @@ from ..net.transport import Transport
 from ..stats import RssTrace
 from .attention import HeldAttention, attention_moves, relay_caches
 from .gather import DeadlineGather, GatherResult, LayerKey
-from .placement import Placement, attention_placement, holders, vocab_slices
+from .placement import Placement, attention_placement, held_by, holders, vocab_slices
 from .policy import SyncPolicy
 
 
@@ -231,8 +231,7 @@ class Coordinator:
             if moves:
                 line += f"; attention groups moved with their caches: {len(moves)} ({moved_mb:.2f} MB of K/V)"
             if self.t.rank_timeout is not None and self.policy.mode == "halo":   # holders may change
-                self.t.fatal = {r for r in range(1, self.t.size)
-                                if any(len(p[r]) for p in attention) or vocab[r][1] > vocab[r][0]}
+                self.t.fatal = held_by(attention, vocab, self.t.size)
         self.replans.append(line)
         self.log(line)
 

@@ -258,6 +258,13 @@ class Replanner:
 # ---------------------------------------------------------------------------------------------
 # attention groups and the output head
 
+def held_by(attention: Placement, vocab: list[tuple[int, int]], size: int) -> set[int]:
+    """Workers holding attention groups (with their K/V caches) or head rows: the ranks whose
+    loss HALO sync cannot make up elsewhere."""
+    return {r for r in range(1, size)
+            if any(len(layer[r]) for layer in attention) or vocab[r][1] > vocab[r][0]}
+
+
 def holders(cluster: ClusterSpec, sync: str) -> list[int]:
     """Ranks that may hold attention groups and head slices, whose partials are always waited
     for: every rank in strict sync; in HALO sync rank 0 and the stable ranks only, so that an

@@ -48,6 +48,7 @@ from .placement import (
     Replanner,
     attention_placement,
     describe_plan,
+    held_by,
     holders,
     plan,
     probe_ranks,
@@ -338,36 +339,17 @@ class RankLost(HaloError):
     exit_code = 3       # as RankSilent: the run lost a rank
 
 
-WORKER_GRACE_S = 5.0    # a worker waits this much longer for rank 0 than rank 0 for a worker,
-                        # so that rank 0, which can name the silent rank, ends the run first
-
-
 def watch_ranks(transport, plan: TensorPlan):
-    """Heartbeats and the ranks whose silence ends the run (net/transport.py, liveness): for rank
-    0 every worker in strict sync, the holders of attention groups or head rows in HALO sync (their
-    K/V caches cannot be rebuilt elsewhere); for a worker, rank 0."""
-    timeout = plan.options.rank_timeout
-    period = min(1.0, timeout / 4)
-    if transport.rank == 0:
-        transport.rank_timeout = timeout
-        transport.fatal = fatal_ranks(plan)
-        transport.silence_note = (": strict sync cannot go on without it" if plan.policy.mode == "strict"
-                                  else ": it holds attention groups with their K/V cache or head rows, "
-                                       "which HALO sync cannot rebuild elsewhere")
-        transport.start_beats(list(range(1, plan.size)), period)
-    else:
-        transport.rank_timeout = timeout + WORKER_GRACE_S
-        transport.fatal = {0}
-        transport.silence_note = ": rank 0 leads the run; ending"
-        transport.start_beats([0], period)
-
-
-def fatal_ranks(plan: TensorPlan, attention=None, vocab=None) -> set[int]:
+    """Heartbeats and the ranks whose silence ends the run (net/transport.py, liveness): every
+    worker in strict sync; in HALO sync the holders of attention groups or head rows (their K/V
+    caches cannot be rebuilt elsewhere); rank 0 for a worker."""
     if plan.policy.mode == "strict":
-        return set(range(1, plan.size))
-    attention, vocab = attention or plan.attention, vocab or plan.vocab
-    held = {r for layer in (attention or []) for r in range(1, len(layer)) if len(layer[r])}
-    return held | {r for r in range(1, len(vocab or [])) if vocab[r][1] > vocab[r][0]}
+        fatal, note = set(range(1, plan.size)), ": strict sync cannot go on without it"
+    else:
+        fatal = held_by(plan.attention, plan.vocab, plan.size) if plan.attention else set()
+        note = (": it holds attention groups with their K/V cache or head rows, which HALO sync "
+                "cannot rebuild elsewhere")
+    transport.watch(plan.options.rank_timeout, fatal, note)
 
 
 def end_if_silent(run: TensorRun):
