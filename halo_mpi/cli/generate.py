@@ -17,6 +17,7 @@ from ..net.launch import world_size
 from ..stats import RankStats, RunStats, SequenceStats, cpu_seconds, peak_rss_mb
 from .options import (
     add_dtype_argument,
+    add_load_arguments,
     add_tensor_arguments,
     add_threads_argument,
     add_weights_argument,
@@ -68,6 +69,7 @@ def add_parser(sub):
     g.add_argument("--ignore-eos", action="store_true",
                    help="always generate --max-new-tokens tokens (for benchmarks)")
     add_tensor_arguments(g)
+    add_load_arguments(g)
     g.set_defaults(func=run)
 
 
@@ -131,28 +133,55 @@ def generate_each(a, tok, prompts: list[str], encoded: list, session_for, links=
 def generate_single(a):
     import time
 
+    from ..loading.parts import LoadOptions, budgeted_transformer
     from ..model.generate import LocalSession
     from ..model.llama import Transformer
     from ..model.tokenizer import Tokenizer
     from ..store.hdf5 import Store
 
     prompts = read_prompts(a)
-    with Store(a.weights) as store:
+    load = options_from(LoadOptions, a)
+    with Store(a.weights) as store:        # open to the end: a budgeted run reads from it
         tok = Tokenizer.from_store(store)
         encoded = [encode_prompt(tok, p, a, store.args.max_seq_len) for p in prompts]
-        model = Transformer.from_store(store, dtype=a.dtype)
-    t0 = time.perf_counter()
-    results = generate_each(a, tok, prompts, encoded, lambda max_len: LocalSession(model, max_len))
+        weights = None
+        if load.mem_budget:
+            model, weights = budgeted_transformer(store, load, a.dtype)
+            print(f"memory: {weights.residency.describe()}", file=sys.stderr)
+        else:
+            model = Transformer.from_store(store, dtype=a.dtype)
+        t0 = time.perf_counter()
+        try:
+            results = generate_each(a, tok, prompts, encoded, lambda max_len: LocalSession(model, max_len))
+        finally:
+            loading = weights.stats() if weights else None
+            if weights:
+                weights.close()
     for result in results:
         print(result.summary(), file=sys.stderr)
-    print(f"weights {model.weight_bytes() / 1e6:.1f} MB resident, peak RSS {peak_rss_mb():.0f} MB",
-          file=sys.stderr)
+    resident = loading["resident_bytes"] if loading else model.weight_bytes()
+    print(f"weights {resident / 1e6:.1f} MB resident, peak RSS {peak_rss_mb():.0f} MB", file=sys.stderr)
+    tokens = sum(len(r.tokens) for r in results)
+    if loading:
+        print(describe_loading(loading, tokens), file=sys.stderr)
     if a.stats_json:
         decode_s = [s for r in results for s in r.decode_s]
         RunStats("single", 1, a.dtype, [SequenceStats.of(i, r) for i, r in enumerate(results)],
-                 [RankStats(0, peak_rss_mb(), cpu_seconds(), weight_bytes=model.weight_bytes())],
+                 [RankStats(0, peak_rss_mb(), cpu_seconds(), weight_bytes=resident,
+                            extra={"loading": loading} if loading else {})],
                  len(decode_s) / sum(decode_s) if decode_s else float("nan"),
                  time.perf_counter() - t0).write(a.stats_json)
+
+
+def describe_loading(s: dict, tokens: int) -> str:
+    """One line of a rank's loading statistics (loading/parts.py BudgetedWeights.stats)."""
+    if "reads" not in s:
+        return "loading: nothing streamed"
+    per = max(tokens, 1)
+    return (f"loading: {s['bytes_read'] / 1e6 / per:.1f} MB read per token, hit rate "
+            f"{s['hit_rate']:.2f}, blocked {1e3 * s['blocked_s'] / per:.1f} ms per token, reads "
+            f"{s['reads']} taking {s['read_s']:.2f} s, late parts {s['late']} "
+            f"({s['late_groups']} MLP groups counted missing)")
 
 
 # ---------------------------------------------------------------------------------------------

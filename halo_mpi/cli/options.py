@@ -140,6 +140,29 @@ def add_tensor_arguments(g):
 
 
 
+def add_load_arguments(g):
+    m = g.add_argument_group("memory budget (every mode)")
+    m.add_argument("--mem-budget", metavar="SIZE|PERCENT%",
+                   help="the most weight bytes each rank keeps resident: a size (150MB, 1.5GB) or "
+                        "a share of its weights (50%%). The least important MLP groups (and, if "
+                        "need be, the attention) are streamed from a scratch file every token, "
+                        "read ahead while the layers before them compute. Covers the pinned "
+                        "weights, the load buffers, the head slice and norms; not the interpreter, "
+                        "torch or the KV cache, reported beside it (default: all resident)")
+    m.add_argument("--load-dir", metavar="DIR",
+                   help="where the scratch file of streamed weights is written (unnamed, removed "
+                        "when the process ends) (default: the store's directory)")
+    m.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                   help="read each streamed part when it is needed instead of ahead (the baseline "
+                        "prefetching is measured against)")
+    m.add_argument("--read-mbps", type=positive_float, default=None, metavar="MB/S",
+                   help="emulate a slow disk: each read of streamed weights takes at least its "
+                        "size / MB/S (a Pi's SD card: ~40) (default: the disk's own speed)")
+    m.add_argument("--cold-reads", dest="cold", action="store_true",
+                   help="drop streamed weights from the page cache after each read, so that they "
+                        "come from the disk every time as on a device with no memory to spare")
+
+
 def set_threads(threads: int) -> int:
     """torch's thread count for this rank (--threads; 0 = its share of the node's cores)."""
     import torch  # here, not at the top: `halo-mpi --help` must not wait for torch

@@ -70,6 +70,10 @@ class GroupMLP:
     def nbytes(self) -> int:
         return self.gate_up.nbytes + self.down.nbytes
 
+    def linears(self) -> list:
+        """Its weight layers, in a fixed order (a loader streams and binds their tensors)."""
+        return [self.gate_up, self.down]
+
 
 def runs(keep: np.ndarray) -> list[tuple[int, int]]:
     """[a, b) ranges of consecutive True entries."""

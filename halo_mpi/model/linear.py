@@ -62,7 +62,19 @@ class Linear:
     @property
     def nbytes(self) -> int:
         t = self.w_t if self.dtype == torch.float32 else self.w
-        return t.numel() * t.element_size()
+        return 0 if t is None else t.numel() * t.element_size()
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The weight tensors as computed on (a loader writes them out and binds them back)."""
+        return [self.w_t if self.dtype == torch.float32 else self.w]
+
+    def bind(self, tensors: list[torch.Tensor] | None):
+        """Compute on these tensors (views into a load buffer), or on none (evicted)."""
+        t = None if tensors is None else tensors[0]
+        if self.dtype == torch.float32:
+            self.w_t = t
+        else:
+            self.w = t
 
 
 def make_linear(w, dtype: torch.dtype = torch.float32):

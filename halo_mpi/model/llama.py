@@ -134,6 +134,10 @@ class Attention:
     def nbytes(self) -> int:
         return self.qkv.nbytes + self.o.nbytes
 
+    def linears(self) -> list:
+        """Its weight layers, in a fixed order (a loader streams and binds their tensors)."""
+        return [self.qkv, self.o]
+
 
 class Block:
     def __init__(self, args: ModelArgs, layer: int, attn_norm, ffn_norm, attention: Attention,

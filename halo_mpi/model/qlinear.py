@@ -79,7 +79,18 @@ class QuantLinear:
 
     @property
     def nbytes(self) -> int:
+        if self.packed is None:
+            return 0
         return self.packed.numel() * self.packed.element_size() + self.scale_zero.numel() * 2
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The kernel's tensors (a loader writes them out and binds them back)."""
+        return [self.packed, self.scale_zero]
+
+    def bind(self, tensors: list[torch.Tensor] | None):
+        """Compute on these tensors (views into a load buffer), or on none (evicted)."""
+        self.packed, self.scale_zero = (None, None) if tensors is None else tensors
+        self._scale_zero32 = self._weight = None
 
 
 class QuantRows:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import HaloError
+from ..loading.embedding import StoreEmbedding
 from ..model.groups import GroupMLP
 from ..model.linear import DTYPES
 from ..model.llama import Attention, Transformer
@@ -41,7 +42,7 @@ from .coordinator import (
     TensorParallelSession,
 )
 from .exchange import ComputeClock, Exchange, ExchangeAttention, ExchangeMLP, Follower
-from .head import StoreEmbedding, VocabSlice
+from .head import VocabSlice
 from .importance import uniform_importance
 from .placement import (
     Placement,

@@ -1,0 +1,1 @@
+"""Weights kept under a memory budget: what stays resident, and the rest streamed while computing."""

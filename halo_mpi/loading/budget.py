@@ -1,0 +1,150 @@
+"""How much of a rank's weights stay resident under `--mem-budget`, and what streams.
+
+A token uses every layer's attention and MLP in order, so the weights a rank cannot keep are read
+again every token, cyclically. For a cyclic order the best cache keeps a fixed set resident
+(pinned) and streams the rest through a few load buffers (slots): the buffer just used holds what
+is needed furthest ahead, so it is the one to refill (Belady's rule). The choice is then how much
+to pin: every byte pinned is a byte not read per token, but each slot costs as much as the largest
+streamed part. `plan_residency` tries each split (the attention of every layer pinned or
+streamed; the s least important MLP groups of every layer streamed, s = 0..G) and keeps the one
+that fits the budget and reads the fewest bytes per token.
+
+What the budget covers: the weights this rank keeps resident, i.e. its pinned parts, its slots,
+its slice of the output head and the norms. Not covered (reported beside it): the interpreter with
+torch and h5py, the KV cache, activations and messages. The embedding is read from the store one
+row per token (not resident). Sizes are exact, from the shapes (`linear_bytes`), known before
+anything is loaded, so a budget too small fails at once.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import HaloError
+from ..model.config import ModelArgs
+
+ITEM = {"float32": 4, "bfloat16": 2, "float16": 2}
+_TILE_N, _BLOCK = 64, 32          # the int4 kernel's row tile and quantization block (qlinear.py)
+
+
+def parse_budget(text: str) -> tuple[float | None, float | None]:
+    """'150MB', '1.5GB', '800M', '50%' -> (bytes, None) or (None, share of the rank's weights)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[kKmMgG]i?[bB]?|[bB]?)\s*", text or "")
+    if not m or float(m.group(1)) <= 0:
+        raise HaloError(f"--mem-budget {text!r}: give a size (150MB, 1.5GB) or a share of the rank's "
+                        f"weights (50%)")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    if unit == "%":
+        if value > 100:
+            raise HaloError(f"--mem-budget {text}: a share is at most 100%")
+        return None, value / 100
+    scale = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "ki": 2**10, "mi": 2**20, "gi": 2**30}[unit]
+    return value * scale, None
+
+
+def linear_bytes(N: int, K: int, kind: str) -> int:
+    """Resident bytes of an (N, K) weight computed as `kind` (a float dtype, or q8_0 / q4 on the
+    int4 kernel: rows padded to 64, q8_0 as two 4-bit halves, a bfloat16 scale and offset per block
+    of 32 and row)."""
+    if kind in ITEM:
+        return N * K * ITEM[kind]
+    halves = 2 if kind == "q8_0" else 1
+    P = -(-N // _TILE_N) * _TILE_N
+    return halves * P * K // 2 + (K // _BLOCK) * halves * P * 2 * 2
+
+
+def weight_kinds(store_dtype: str, dtype: str) -> tuple[str, str]:
+    """How the layers' and the head's weights are computed: (layers, head)."""
+    if store_dtype in ("q8_0", "q4"):
+        return store_dtype, "q8_0"          # quantized stores keep the head in q8_0
+    return dtype, dtype
+
+
+def mlp_bytes(args: ModelArgs, groups: int, kind: str) -> int:
+    gs = args.group_size
+    return linear_bytes(2 * groups * gs, args.dim, kind) + linear_bytes(args.dim, groups * gs, kind)
+
+
+def attention_bytes(args: ModelArgs, heads: int, kind: str) -> int:
+    R, hd = args.n_rep * args.head_dim, args.head_dim
+    return linear_bytes((R + 2 * hd) * heads, args.dim, kind) + linear_bytes(args.dim, R * heads, kind)
+
+
+@dataclass
+class LayerShare:
+    """What a rank holds of one layer."""
+    layer: int
+    attention: int                       # bytes of its attention groups (0: none)
+    groups: int                          # MLP groups held
+    mlp_bytes: Callable[[int], int]      # bytes of k of them
+
+
+@dataclass
+class Residency:
+    budget: int                 # bytes the weights may take
+    share: int                  # bytes of this rank's weights, all resident
+    fixed: int                  # always resident: head slice, norms
+    stream_attention: bool      # every layer's attention streamed (else pinned)
+    streamed_groups: int        # per layer, the least important this many MLP groups stream
+    slots: int                  # load buffers
+    slot_bytes: int             # each, the largest streamed part
+    pinned: int                 # bytes of the pinned attention and MLP groups
+    streamed: int               # bytes read per token
+
+    @property
+    def resident(self) -> int:
+        return self.fixed + self.pinned + self.slots * self.slot_bytes
+
+    @property
+    def streaming(self) -> bool:
+        return self.streamed > 0
+
+    def describe(self) -> str:
+        mb = 1e6
+        if not self.streaming:
+            return (f"budget {self.budget / mb:.1f} MB: all {self.share / mb:.1f} MB of weights "
+                    f"resident, nothing streamed")
+        what = ", ".join(w for w, on in (("attention", self.stream_attention),
+                                         (f"{self.streamed_groups} MLP groups per layer",
+                                          self.streamed_groups > 0)) if on)
+        return (f"budget {self.budget / mb:.1f} MB of {self.share / mb:.1f} MB: resident "
+                f"{self.resident / mb:.1f} MB (pinned {self.pinned / mb:.1f}, head and norms "
+                f"{self.fixed / mb:.1f}, {self.slots} load buffers of {self.slot_bytes / mb:.2f}); "
+                f"streamed {self.streamed / mb:.1f} MB per token ({what})")
+
+
+def plan_residency(layers: list[LayerShare], fixed: int, budget: float | None, share: float | None,
+                   prefetch: bool = True, where: str = "this rank") -> Residency:
+    """The split of the parts into pinned and streamed that fits `budget` bytes (or `share` of the
+    rank's weights) and reads the fewest bytes per token (module docstring)."""
+    total = fixed + sum(la.attention + la.mlp_bytes(la.groups) for la in layers)
+    limit = int(budget if budget is not None else share * total)
+    best, least = None, None
+    for stream_attention in (False, True):
+        for s in range(max((la.groups for la in layers), default=0) + 1):
+            pinned = streamed = largest = 0
+            for la in layers:
+                k = min(s, la.groups)
+                pinned += la.mlp_bytes(la.groups - k) if k < la.groups else 0
+                streamed += la.mlp_bytes(k) if k else 0
+                largest = max(largest, la.mlp_bytes(k) if k else 0)
+                if stream_attention:
+                    streamed += la.attention
+                    largest = max(largest, la.attention)
+                else:
+                    pinned += la.attention
+            for slots in ((3, 2) if prefetch else (1,)) if streamed else (0,):
+                r = Residency(limit, total, fixed, stream_attention, s, slots, largest, pinned, streamed)
+                if least is None or r.resident < least.resident:
+                    least = r
+                better = best is None or (r.streamed, -r.slots) < (best.streamed, -best.slots)
+                if r.resident <= limit and better:
+                    best = r
+    if best is None:
+        raise HaloError(f"--mem-budget: {limit / 1e6:.1f} MB is too small for {where}: it needs at "
+                        f"least {least.resident / 1e6:.1f} MB (head slice and norms {fixed / 1e6:.1f} MB, "
+                        f"{least.slots} load buffers of {least.slot_bytes / 1e6:.2f} MB for its largest "
+                        f"streamed part) of its {total / 1e6:.1f} MB of weights")
+    return best

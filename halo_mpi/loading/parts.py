@@ -1,0 +1,244 @@
+"""A rank's attention and MLP layers under a memory budget: pinned ones built resident, streamed
+ones built once, written to the scratch file in their compute layout and loaded per use.
+
+`BudgetedWeights` is what the modes call instead of building `GroupMLP`s and `Attention`s
+directly; the model code is unchanged (a `StreamedMLP` has GroupMLP's calls, a
+`StreamedAttention` Attention's). Building a layer from the store's form costs more than the layer
+computes (q4: unpacking and repacking for the int4 kernel; float32: the transpose into x @ W_t
+layout; measured in the closing note of the budget issue), so the parts are built once at start
+and streamed in the exact bytes the kernels use.
+
+    weights = BudgetedWeights(store, residency, LoadOptions(...), importance, dtype)
+    model = Transformer.from_store(store, mlp=..., attention=...)   # through weights.mlp/attention
+    weights.start()                                                 # the reader thread
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..model.config import ModelArgs
+from ..model.groups import GroupMLP
+from ..model.linear import DTYPES
+from ..model.llama import Attention
+from .budget import (
+    LayerShare,
+    Residency,
+    attention_bytes,
+    linear_bytes,
+    mlp_bytes,
+    parse_budget,
+    plan_residency,
+    weight_kinds,
+)
+from .cache import Part, ScratchFile, WeightCache
+
+
+@dataclass
+class LoadOptions:
+    mem_budget: str | None = None     # SIZE (150MB) or PERCENT% of the rank's weights; None: all resident
+    load_dir: str | None = None       # where the scratch file of streamed parts goes (default: the store's)
+    prefetch: bool = True             # read ahead in a background thread (else read on use)
+    read_mbps: float | None = None    # emulate a slow disk: reads take at least bytes / rate
+    cold: bool = False                # reads bypass the page cache (posix_fadvise DONTNEED)
+
+
+def rank_residency(args: ModelArgs, store_dtype: str, dtype: str, heads: dict[int, int],
+                   groups: dict[int, int], head_rows: int, final_norm: bool, o: LoadOptions,
+                   where: str = "this rank") -> Residency:
+    """The residency of a rank holding heads[layer] KV heads and groups[layer] MLP groups of the
+    given layers and head_rows rows of the output head (budget.py), from shapes alone."""
+    layer_kind, head_kind = weight_kinds(store_dtype, dtype)
+    layers = [LayerShare(l, attention_bytes(args, heads.get(l, 0), layer_kind) if heads.get(l) else 0,
+                         groups.get(l, 0), lambda k: mlp_bytes(args, k, layer_kind) if k else 0)
+              for l in sorted(set(heads) | set(groups))]
+    norms = 4 * args.dim * (2 * len(layers) + (1 if final_norm else 0))
+    fixed = (linear_bytes(head_rows, args.dim, head_kind) if head_rows else 0) + norms
+    budget, share = parse_budget(o.mem_budget)
+    return plan_residency(layers, fixed, budget, share, o.prefetch, where)
+
+
+def bind_layers(linears: list, layout: list[tuple[int, torch.dtype, tuple]]):
+    """A Part's bind: views of a loaded buffer as the layers' tensors, in `layout` order."""
+    def bind(buf: np.ndarray | None):
+        if buf is None:
+            for lin in linears:
+                lin.bind(None)
+            return
+        tensors = iter(torch.from_numpy(buf[o:o + n]).view(dt).view(shape) for o, n, dt, shape in layout)
+        for lin in linears:
+            lin.bind([next(tensors) for _ in lin.tensors()])
+    return bind
+
+
+class StreamedMLP:
+    """A layer's MLP groups under a budget: the most important ones resident (`pinned`), the rest
+    computed while their part is loaded; in HALO sync a part not loaded in time may be skipped
+    (its groups counted in `late_groups`), never in strict sync."""
+
+    def __init__(self, pinned: GroupMLP | None, streamed: GroupMLP, part: Part, cache: WeightCache,
+                 skippable: bool, dim: int):
+        self.pinned, self.streamed, self.part, self.cache = pinned, streamed, part, cache
+        self.skippable, self.dim = skippable, dim
+        self.ids = np.concatenate([pinned.ids if pinned else np.zeros(0, np.int64), streamed.ids])
+        self.group_size = streamed.group_size
+        self.hidden = len(self.ids) * self.group_size
+        self.late_groups = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, dim) -> (T, dim)."""
+        return self._sum(x, None)
+
+    def subset(self, x: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
+        """Over the kept groups (keep: (n,) bool in `ids` order)."""
+        return self._sum(x, keep)
+
+    def _sum(self, x: torch.Tensor, keep) -> torch.Tensor:
+        n = 0 if self.pinned is None else len(self.pinned.ids)
+        out = torch.zeros(x.shape[0], self.dim)
+        if self.pinned is not None:
+            out += self.pinned(x) if keep is None else self.pinned.subset(x, keep[:n])
+        if keep is not None and not keep[n:].any():
+            return out
+        if self.cache.acquire(self.part, self.skippable):
+            out += self.streamed(x) if keep is None else self.streamed.subset(x, keep[n:])
+        else:
+            self.late_groups += len(self.streamed.ids) if keep is None else int(keep[n:].sum())
+        return out
+
+    @property
+    def nbytes(self) -> int:            # the streamed part sits in the cache's buffers
+        return 0 if self.pinned is None else self.pinned.nbytes
+
+
+class StreamedAttention:
+    """A layer's attention groups under a budget, loaded whenever it appends or attends."""
+
+    def __init__(self, attention: Attention, part: Part, cache: WeightCache):
+        self.attention, self.part, self.cache = attention, part, cache
+
+    def __getattr__(self, name):        # ids, n_kv, n_heads, args ...
+        return getattr(self.attention, name)
+
+    def append(self, *args, **kw):
+        self.cache.acquire(self.part)
+        return self.attention.append(*args, **kw)
+
+    def attend(self, *args, **kw):
+        self.cache.acquire(self.part)
+        return self.attention.attend(*args, **kw)
+
+    def __call__(self, *args, **kw):
+        self.cache.acquire(self.part)
+        return self.attention(*args, **kw)
+
+    nbytes = 0                          # its weights sit in the cache's buffers
+
+
+class BudgetedWeights:
+    """Builds a rank's layers under `residency` (module docstring)."""
+
+    def __init__(self, store, residency: Residency, o: LoadOptions, importance: np.ndarray | None,
+                 dtype: str = "float32", skippable: bool = False):
+        self.store, self.residency, self.options = store, residency, o
+        self.importance, self.dtype, self.skippable = importance, DTYPES[dtype], skippable
+        self.cache = None
+        if residency.streaming:
+            directory = o.load_dir or os.path.dirname(os.path.abspath(store.path))
+            self.cache = WeightCache(ScratchFile(directory), residency.slots, o.prefetch,
+                                     o.read_mbps, o.cold)
+        self.mlps: list[StreamedMLP] = []
+
+    def _stream(self, name: str, order: tuple, module) -> Part:
+        """Write module's tensors to the scratch file as one part and let go of them."""
+        linears = module.linears()
+        tensors = [t for lin in linears for t in lin.tensors()]
+        raw = [t.contiguous().reshape(-1).view(torch.uint8).numpy() for t in tensors]
+        offset, offsets = self.cache.scratch.append(raw)
+        layout = [(o, r.nbytes, t.dtype, tuple(t.shape)) for o, r, t in zip(offsets, raw, tensors)]
+        for lin in linears:
+            lin.bind(None)
+        part = Part(name, order, offsets[-1] + raw[-1].nbytes, offset, bind_layers(linears, layout))
+        self.cache.add(part)
+        return part
+
+    def mlp(self, layer: int, ids) -> GroupMLP | StreamedMLP:
+        """The MLP of these groups of `layer`: its least important `streamed_groups` streamed."""
+        ids = np.asarray(ids)
+        k = min(self.residency.streamed_groups, len(ids)) if self.cache else 0
+        if k == 0:
+            return GroupMLP(self.store.mlp_groups(layer, ids), ids, self.dtype)
+        imp = (self.importance[layer, ids] if self.importance is not None
+               else np.zeros(len(ids)))
+        order = np.argsort(-imp, kind="stable")            # most important first
+        keep, stream = np.sort(ids[order[:len(ids) - k]]), np.sort(ids[order[len(ids) - k:]])
+        pinned = GroupMLP(self.store.mlp_groups(layer, keep), keep, self.dtype) if len(keep) else None
+        streamed = GroupMLP(self.store.mlp_groups(layer, stream), stream, self.dtype)
+        part = self._stream(f"MLP groups of layer {layer}", (layer, 1), streamed)
+        mlp = StreamedMLP(pinned, streamed, part, self.cache, self.skippable, self.store.args.dim)
+        self.mlps.append(mlp)
+        return mlp
+
+    def attention(self, layer: int, ids=None) -> Attention | StreamedAttention:
+        attention = Attention(self.store.args, self.store.attn_groups(layer, ids), ids, self.dtype)
+        if self.cache is None or not self.residency.stream_attention:
+            return attention
+        return StreamedAttention(attention, self._stream(f"attention of layer {layer}", (layer, 0),
+                                                         attention), self.cache)
+
+    def start(self):
+        """Every part is built: settle the scratch file and start reading ahead."""
+        if self.cache is not None:
+            self.cache.scratch.settle(self.options.cold)
+            self.cache.start()
+
+    def close(self):
+        if self.cache is not None:
+            self.cache.close()
+
+    def stats(self) -> dict:
+        """What the budget covers and how loading went (bytes, counts, seconds)."""
+        r = self.residency
+        out = {"budget_bytes": r.budget, "share_bytes": r.share, "resident_bytes": r.resident,
+               "streamed_bytes_per_token": r.streamed, "plan": r.describe(),
+               "late_groups": sum(m.late_groups for m in self.mlps)}
+        if self.cache is not None:
+            out.update(self.cache.stats.as_dict())
+            out["buffer_bytes"] = self.cache.resident_bytes
+        return out
+
+
+def static_importance(store) -> np.ndarray | None:
+    """(n_layers, G) calibration importance of the MLP groups, if the store has it."""
+    imp = store.calibration("static_importance")
+    a = store.args
+    return imp if imp is not None and imp.shape == (a.n_layers, a.mlp_groups) else None
+
+
+def budgeted_transformer(store, o: LoadOptions, dtype: str = "float32", layers=None,
+                         embedding: bool = True, head: bool = True, where: str = "this rank"):
+    """The model (or a pipeline stage's layers) under `o.mem_budget`, the embedding read from the
+    store (keep it open): (Transformer, BudgetedWeights), the reader already started."""
+    from ..model.llama import Transformer
+    from .embedding import StoreEmbedding
+    a = store.args
+    layers = list(range(a.n_layers)) if layers is None else list(layers)
+    residency = rank_residency(a, store.store_dtype, dtype, {l: a.n_kv_heads for l in layers},
+                               {l: a.mlp_groups for l in layers}, a.vocab_size if head else 0, head, o,
+                               where)
+    weights = BudgetedWeights(store, residency, o, static_importance(store), dtype)
+    groups, heads = np.arange(a.mlp_groups), np.arange(a.n_kv_heads)
+    try:
+        model = Transformer.from_store(store, layers=layers, embedding=False, head=head, dtype=dtype,
+                                       mlp=lambda layer: weights.mlp(layer, groups),
+                                       attention=lambda layer: weights.attention(layer, heads))
+        if embedding:
+            model.lookup = StoreEmbedding(store)
+        weights.start()
+    except BaseException:
+        weights.close()
+        raise
+    return model, weights
