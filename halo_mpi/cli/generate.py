@@ -133,7 +133,7 @@ def generate_each(a, tok, prompts: list[str], encoded: list, session_for, links=
 def generate_single(a):
     import time
 
-    from ..loading.parts import LoadOptions, budgeted_transformer
+    from ..loading.parts import LoadOptions, budgeted_transformer, describe_loading
     from ..model.generate import LocalSession
     from ..model.llama import Transformer
     from ..model.tokenizer import Tokenizer
@@ -173,21 +173,11 @@ def generate_single(a):
                  time.perf_counter() - t0).write(a.stats_json)
 
 
-def describe_loading(s: dict, tokens: int) -> str:
-    """One line of a rank's loading statistics (loading/parts.py BudgetedWeights.stats)."""
-    if "reads" not in s:
-        return "loading: nothing streamed"
-    per = max(tokens, 1)
-    return (f"loading: {s['bytes_read'] / 1e6 / per:.1f} MB read per token, hit rate "
-            f"{s['hit_rate']:.2f}, blocked {1e3 * s['blocked_s'] / per:.1f} ms per token, reads "
-            f"{s['reads']} taking {s['read_s']:.2f} s, late parts {s['late']} "
-            f"({s['late_groups']} MLP groups counted missing)")
-
-
 # ---------------------------------------------------------------------------------------------
 # tensor-parallel mode
 
 def generate_tensor(a):
+    from ..loading.parts import LoadOptions
     from ..model.tokenizer import Tokenizer
     from ..net.launch import collective, world_comm
     from ..tensor.coordinator import TensorParallelSession
@@ -203,7 +193,7 @@ def generate_tensor(a):
 
     comm = world_comm()
     rank, size = comm.Get_rank(), comm.Get_size()
-    options = options_from(TensorOptions, a)
+    options = options_from(TensorOptions, a, load=options_from(LoadOptions, a))
 
     def setup():
         store, plan = open_and_plan(a.weights, rank, size, options)
@@ -241,6 +231,7 @@ def generate_tensor(a):
 
 def generate_pipeline(a):
     """`mpiexec -n N halo-mpi generate --parallel pipeline ...` on every rank."""
+    from ..loading.parts import LoadOptions
     from ..net.devices import read_device_profile
     from ..net.launch import world_comm
     from ..pipeline.ring import Options, Request
@@ -252,7 +243,7 @@ def generate_pipeline(a):
                                           else lambda: (None,) * 3)
     devices = collectively(comm, lambda: read_device_profile(a.device_profile, size).ranks
                            if rank == 0 and a.device_profile else None)
-    options = options_from(Options, a, in_flight=a.num_sequences or 0,
+    options = options_from(Options, a, in_flight=a.num_sequences or 0, load=options_from(LoadOptions, a),
                            stop_ids=frozenset(stop_ids(tok, a)) if tok else frozenset())
     run = run_pipeline(comm, a.weights, requests and [Request(ids, n) for ids, n in requests], options,
                        devices, on_finish=sequence_printer(tok, prompts, a) if rank == 0 else None)

@@ -9,8 +9,9 @@ moves to part i+1, part i's buffer is refilled with part i+slots (module docstri
 
 `acquire(part)` is all a user calls: it releases the part held before, skips any part passed over
 (a worker catching up skips whole steps), and blocks until the part is loaded, timing the wait.
-With `skippable`, a part whose read has not started is not waited for: it is counted late and
-the caller does without it (HALO sync may drop a non-critical MLP part; never strict sync).
+With `skippable`, a part is waited for only up to a grace of twice the median read time plus 1 ms
+(a storage stall, not a reader a moment behind): then it is counted late and the caller does
+without it (HALO sync may drop a non-critical MLP part; never strict sync).
 Without prefetch there is one buffer and `acquire` reads the part itself: the baseline the ring
 is measured against.
 
@@ -124,6 +125,7 @@ class WeightCache:
         self.error: BaseException | None = None     # what stopped the reader thread
         self.thread = None
         self.buffers: list[np.ndarray] = []
+        self.read_times: list[float] = []    # seconds per read, recent ones (the grace)
 
     def add(self, part: Part):
         self.parts.append(part)
@@ -177,24 +179,31 @@ class WeightCache:
                 self._load(s)
                 self.ready.add(s)
                 self._account_wait(time.perf_counter() - t0)
-            elif skippable and self.reading != s:
-                self.stats.late += 1
-                self.cursor += 1
-                self.cond.notify_all()
-                return False
             else:
                 self.stats.waits += 1
                 t0 = time.perf_counter()
+                end = t0 + self.grace() if skippable else float("inf")
                 while s not in self.ready:
+                    if time.perf_counter() >= end:
+                        self._account_wait(time.perf_counter() - t0)
+                        self.stats.late += 1
+                        self.cursor += 1             # the reader discards it if it is reading it
+                        self.cond.notify_all()
+                        return False
                     if self.stopped:
                         if isinstance(self.error, HaloError):
                             raise self.error
                         raise HaloError(f"the weight loader stopped while {part.name} was awaited"
                                         f"{f': {self.error}' if self.error else ''}")
-                    self.cond.wait(1.0)
+                    self.cond.wait(min(1.0, max(0.0, end - time.perf_counter())))
                 self._account_wait(time.perf_counter() - t0)
             self.held = True
             return True
+
+    def grace(self) -> float:
+        """How long a skippable part is waited for: twice the median of the recent reads, + 1 ms."""
+        recent = self.read_times[-64:]
+        return 2 * float(np.median(recent)) + 1e-3 if recent else 1.0
 
     def _account_wait(self, seconds: float):
         self.stats.blocked_s += seconds
@@ -248,6 +257,9 @@ class WeightCache:
         if self.read_mbps:
             time.sleep(max(0.0, part.nbytes / (self.read_mbps * 1e6) - (time.perf_counter() - t0)))
         self.stats.reads += 1
+        self.read_times.append(time.perf_counter() - t0)
+        if len(self.read_times) > 1024:
+            del self.read_times[:-64]
         self.stats.bytes_read += part.nbytes
         self.stats.read_s += time.perf_counter() - t0
         return buf

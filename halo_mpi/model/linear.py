@@ -37,6 +37,25 @@ class Linear:
             return torch.matmul(x, self.w_t)
         return F.linear(x.to(self.dtype), self.w).float()
 
+    @classmethod
+    def from_row_chunks(cls, out_features: int, in_features: int, chunks, dtype: torch.dtype = torch.float32):
+        """W (out, in) given as (start, rows (n, in) float array) chunks, each copied into place, so
+        that a build holds one chunk beside the result (not the whole W twice, as a transpose of
+        W read at once would)."""
+        lin = cls.__new__(cls)
+        lin.dtype, lin.out_features, lin.in_features = dtype, out_features, in_features
+        if dtype == torch.float32:
+            lin.w_t = torch.empty(in_features, out_features)            # (in, out)
+        else:
+            lin.w = torch.empty(out_features, in_features, dtype=dtype)  # (out, in)
+        for start, rows in chunks:
+            block = torch.from_numpy(rows)                               # (n, in)
+            if dtype == torch.float32:
+                lin.w_t[:, start:start + len(rows)] = block.T
+            else:
+                lin.w[start:start + len(rows)] = block.to(dtype)
+        return lin
+
     def out_slice(self, x: torch.Tensor, a: int, b: int) -> torch.Tensor:
         """x @ W[a:b].T: outputs a..b only, (T, in) -> (T, b-a), reading only those weights."""
         if self.dtype == torch.float32:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import HaloError
+from ..loading.parts import LoadOptions, budgeted_transformer
 from ..model.config import ModelArgs
 from ..model.generate import GenerationResult, Sampler
 from ..model.llama import KVCache, Transformer
@@ -72,6 +73,7 @@ class Options:
     dtype: str = "float32"
     keep_logits: bool = False           # keep every sequence's logits (tests)
     rank_timeout: float = 60.0          # seconds of silence after which a rank counts as lost
+    load: LoadOptions = field(default_factory=LoadOptions)   # --mem-budget and its loading
 
 
 @dataclass
@@ -124,18 +126,24 @@ def ring_plan(args: ModelArgs, size: int, options: Options, in_flight: int, kv_t
                 chunk=options.prefill_chunk, dim=args.dim, n_layers=args.n_layers, dtype=options.dtype)
 
 
-def load_stage_model(store, plan: Plan, rank: int) -> Transformer:
-    """Only this rank's layers (plus the embedding and head on rank 0) are read from the store."""
+def load_stage_model(store, plan: Plan, rank: int, load: LoadOptions | None = None) -> tuple:
+    """Only this rank's layers (plus the embedding and head on rank 0) are read from the store:
+    (Transformer, None), or under load.mem_budget (Transformer, BudgetedWeights) with the
+    embedding read from the store, which must then stay open."""
+    if load is not None and load.mem_budget:
+        return budgeted_transformer(store, load, plan.dtype, layers=plan.split[rank], embedding=rank == 0,
+                                    head=rank == 0, where=f"rank {rank}")
     return Transformer.from_store(store, layers=plan.split[rank], embedding=rank == 0,
-                                  head=rank == 0, dtype=plan.dtype)
+                                  head=rank == 0, dtype=plan.dtype), None
 
 
 # ---------------------------------------------------------------------------------------------
 # one rank's stage: its block of layers and a KV cache per sequence
 
 class Stage:
-    def __init__(self, model: Transformer, rank: int, plan: Plan):
+    def __init__(self, model: Transformer, rank: int, plan: Plan, loading=None):
         self.model, self.rank, self.plan = model, rank, plan
+        self.loading = loading                   # BudgetedWeights under --mem-budget, else None
         self.caches: dict[int, KVCache] = {}     # seq -> its cache for this rank's layers
 
     @torch.inference_mode()
@@ -389,9 +397,8 @@ def held_parameters(model: Transformer) -> int:
     """Weights this rank holds: its blocks' matrices and norms, and the embedding/head if any."""
     def linear(lin):
         return 0 if lin is None else lin.in_features * lin.out_features
-    n = sum(linear(b.attention.qkv) + linear(b.attention.o) + linear(b.feed_forward.gate_up)
-            + linear(b.feed_forward.down) + b.attn_norm.numel() + b.ffn_norm.numel()
-            for b in model.blocks.values())
+    n = sum(sum(linear(lin) for lin in b.attention.linears() + b.feed_forward.linears())
+            + b.attn_norm.numel() + b.ffn_norm.numel() for b in model.blocks.values())
     n += linear(model.output) + (0 if model.embedding is None else model.embedding.numel())
     return n + (0 if model.norm is None else model.norm.numel())
 
@@ -400,7 +407,8 @@ def rank_stats(ring: Ring, stage: Stage, clock: Clock) -> dict:
     wall, layers = clock.wall(), stage.plan.split[ring.rank]
     return {"rank": ring.rank, "layers": [layers.start, layers.stop], "n_layers": len(layers),
             "embedding_and_head": ring.rank == 0, "parameters": held_parameters(stage.model),
-            "weight_bytes": stage.model.weight_bytes(),
+            "weight_bytes": stage.model.weight_bytes() + (stage.loading.buffer_bytes if stage.loading else 0),
+            **({"loading": stage.loading.stats()} if stage.loading else {}),
             "compute_s": clock.compute_s, "wait_s": ring.wait_s, "wall_s": wall,
             "busy_share": clock.compute_s / wall if wall else 0.0, "peak_rss_mb": peak_rss_mb(),
             "cpu_s": cpu_seconds(),

@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..loading.parts import LoadOptions, describe_loading
 from ..net.devices import Device
 from ..net.launch import collective
 from ..net.local import LocalHub
@@ -92,6 +93,10 @@ class PipelineRun:
                          f" | busy {100 * r['busy_share']:.0f}% "
                          f"(compute {r['compute_s']:.2f} s, wait {r['wait_s']:.2f} s) | "
                          f"peak RSS {r['peak_rss_mb']:.0f} MB (now {r['rss_mb']:.0f} MB)")
+        for r in self.ranks:
+            if r.get("loading"):
+                lines.append(f"rank {r['rank']} memory: {r['loading']['plan']}\n  "
+                             f"{describe_loading(r['loading'], self.tokens)}")
         lines.append(f"requests pending at the end: {self.pending_requests}")
         return lines
 
@@ -148,7 +153,7 @@ def run_pipeline(comm, weights: str, requests: list[Request] | None, options: Op
         return make_plan(store.args, requests, size, options, devices, quantized_bytes(store))
     run, pending = on_the_ring(comm, weights, plan, lambda ring, stage: run_rank(ring, stage, requests,
                                                                                  options, on_finish),
-                               options.rank_timeout)
+                               options.rank_timeout, options.load)
     if run is not None:
         run.set_pending(pending)
     return run
@@ -168,7 +173,7 @@ def serve_pipeline(comm, weights: str, options: Options, drive, devices: list[De
             return drive(ring, stage, clock)
         finally:
             stop_ring(ring)
-    return on_the_ring(comm, weights, plan, role, options.rank_timeout)[0]
+    return on_the_ring(comm, weights, plan, role, options.rank_timeout, options.load)[0]
 
 
 def quantized_bytes(store) -> float | None:
@@ -179,10 +184,12 @@ def quantized_bytes(store) -> float | None:
     return store.item_bytes("mlp") / (3 * a.group_size * a.dim)
 
 
-def on_the_ring(comm, weights: str, plan_for, role, rank_timeout: float = 60.0) -> tuple:
+def on_the_ring(comm, weights: str, plan_for, role, rank_timeout: float = 60.0,
+                load_options: LoadOptions | None = None) -> tuple:
     """Plan on rank 0 (plan_for(store, size)), load each rank's stage, run role(ring, stage) on
     every rank; returns (rank 0's result, requests pending per rank) on rank 0."""
     rank, size = comm.Get_rank(), comm.Get_size()
+    load_options = load_options or LoadOptions()
 
     def plan_on_rank0():
         with Store(weights) as store:
@@ -191,17 +198,28 @@ def on_the_ring(comm, weights: str, plan_for, role, rank_timeout: float = 60.0) 
     plan = comm.bcast(collectively(comm, plan_on_rank0 if rank == 0 else lambda: None), root=0)
 
     def load():
-        with Store(weights) as store:
-            return load_stage_model(store, plan, rank)
+        store = Store(weights)
+        try:
+            model, loading = load_stage_model(store, plan, rank, load_options)
+        finally:
+            if not load_options.mem_budget:
+                store.close()
+        return model, loading, store
 
-    stage = Stage(collectively(comm, load), rank, plan)
+    model, loading, store = collectively(comm, load)
+    stage = Stage(model, rank, plan, loading)
     transport = MPITransport(comm, plan.max_bytes, peers=ring_peers(rank, size)) if size > 1 else None
     if transport is not None:
         # rank 0 cannot go on without any stage
         transport.watch(rank_timeout, set(range(1, size)), ": pipeline mode cannot go on without its "
                         "layers; the sequences written so far are complete")
     gentle_barrier(comm)                    # the clocks start together
-    result = role(Ring(transport, rank, size), stage)
+    try:
+        result = role(Ring(transport, rank, size), stage)
+    finally:
+        if loading is not None:
+            loading.close()
+            store.close()
     pending = transport.close() if transport else 0
     gentle_barrier(comm)
     return result, comm.gather(pending, root=0)
@@ -213,7 +231,10 @@ def on_the_ring(comm, weights: str, plan_for, role, rank_timeout: float = 60.0) 
 def run_local(store, requests: list[Request], options: Options, size: int,
               devices: list[Device] | None = None, timeout: float = 600.0) -> PipelineRun:
     plan = make_plan(store.args, requests, size, options, devices)
-    stages = [Stage(load_stage_model(store, plan, r), r, plan) for r in range(size)]
+    stages = []
+    for r in range(size):
+        model, loading = load_stage_model(store, plan, r, options.load)
+        stages.append(Stage(model, r, plan, loading))
     hub, cancelled = LocalHub(size), threading.Event()
     results: list = [None] * size
     errors: list[BaseException] = []
@@ -235,6 +256,9 @@ def run_local(store, requests: list[Request], options: Options, size: int,
     if any(t.is_alive() for t in threads):
         cancelled.set()
         raise RuntimeError(f"the local pipeline did not finish within {timeout} s")
+    for stage in stages:
+        if stage.loading is not None:
+            stage.loading.close()
     real = [e for e in errors if not isinstance(e, Cancelled)]
     if errors:
         raise (real or errors)[0]

@@ -92,8 +92,12 @@ class Coordinator:
                  replanner=None, log=None, clock: Callable[[], float] = time.perf_counter,
                  probes: frozenset = frozenset(), attention: Placement | None = None,
                  held: HeldAttention | None = None, vocab: list | None = None, load_head=None,
-                 exchange=None):
+                 exchange=None, loading=None, load_copies: LoadGroups | None = None):
         self.t, self.importance, self.policy = transport, importance, policy
+        # under --mem-budget: rank 0's BudgetedWeights (load_groups builds through it), and
+        # prefill copies of unstable ranks' groups are read per use with load_copies, not kept
+        self.loading = loading
+        self.load_copies = load_copies or load_groups
         self.exchange = exchange    # strict sync as an all-reduce (tensor/exchange.py), or None
         self.announced = -1         # the last step whose tokens the workers were told
         self.attention_placement, self.held = attention, held
@@ -319,6 +323,7 @@ class Coordinator:
         n += sum(m.nbytes for b in self.backup.values() for m in b.values())
         n += sum(m.nbytes for m in self.prefill_copies.values())
         n += self.held.nbytes if self.held is not None else 0
+        n += self.loading.buffer_bytes if self.loading is not None else 0
         return n + (self.head_slice.nbytes if self.head_slice is not None else 0)
 
     # -- one layer of MLP
@@ -396,7 +401,9 @@ class Coordinator:
             return backup
         copy = self.prefill_copies.get((layer, rank))
         if copy is None or not np.array_equal(copy.ids, ids):
-            copy = self.prefill_copies[(layer, rank)] = self.load_groups(layer, ids)
+            copy = self.load_copies(layer, ids)
+            if self.loading is None:         # under a budget: read again for each prefill chunk
+                self.prefill_copies[(layer, rank)] = copy
         return copy
 
     @staticmethod
@@ -433,6 +440,8 @@ class Coordinator:
         """STOP every worker and collect its statistics; late partials are drained meanwhile. A
         worker that does not answer within `timeout` (frozen, gone) is listed in `silent`: the
         caller reports what it has and ends the job, never waits for it."""
+        if self.loading is not None:
+            self.loading.close()
         self.t.pump(flush=True)   # held inputs go first: a worker must see them before its STOP
         for r in range(1, self.t.size):
             self.t.send(r, Kind.STOP, self.step + 1, -1, np.zeros((0, 1), np.float32))

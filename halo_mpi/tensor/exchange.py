@@ -147,9 +147,10 @@ class Follower:
     """
 
     def __init__(self, transport: Transport, exchange: Exchange, model, held: HeldAttention, mlps: dict,
-                 clock: ComputeClock):
+                 clock: ComputeClock, loading=None):
         self.t, self.exchange, self.model, self.clock = transport, exchange, model, clock
         self.held, self.mlps = held, mlps
+        self.loading = loading                 # BudgetedWeights under --mem-budget, else None
         self.cache = model.new_cache(model.args.max_seq_len)     # empty: the caches are in `held`
         self.steps = 0
 
@@ -184,12 +185,16 @@ class Follower:
         s, head, mlps = self.t.stats, self.model.output, [m for m in self.mlps.values() if m is not None]
         # the model's own bytes are its head slice and norms
         weights = self.held.nbytes + sum(m.nbytes for m in mlps) + self.model.weight_bytes()
+        if self.loading is not None:
+            self.loading.close()
+            weights += self.loading.buffer_bytes
         stats = {"rank": self.t.rank, "computed": self.steps, "skipped": 0, "appended_only": 0, "plans": 0,
                  "compute_s": self.clock.seconds, "wait_s": self.exchange.wait_s,
                  "sent": s.sent, "held_by_loss": s.held, "held_seconds": s.held_seconds,
                  "groups": int(sum(len(m.ids) for m in mlps)),
                  "attention_groups": int(sum(len(h.attention.ids) for h in self.held.layers.values())),
-                 "head_rows": 0 if head is None else head.stop - head.start, "weight_bytes": weights}
+                 "head_rows": 0 if head is None else head.stop - head.start, "weight_bytes": weights,
+                 **({"loading": self.loading.stats()} if self.loading is not None else {})}
         self.t.pump(flush=True)
         self.t.send(0, Kind.DONE, 0, 0, json_payload(stats))
         self.t.pump(flush=True)

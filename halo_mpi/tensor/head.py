@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.linear import make_linear
-from ..model.quant import from_records, records_dtype
+from ..loading.parts import head_linear
 
 
 class VocabSlice:
@@ -17,8 +16,7 @@ class VocabSlice:
 
     def __init__(self, store, start: int, stop: int, dtype: torch.dtype = torch.float32):
         self.start, self.stop = start, stop
-        rows = store.output_rows(start, stop)            # (n, dim) float, or (n,) records
-        self.linear = make_linear(from_records(rows, "row") if records_dtype(rows) else rows, dtype)
+        self.linear = head_linear(store, start, stop, dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)

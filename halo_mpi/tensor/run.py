@@ -14,13 +14,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..errors import HaloError
+from ..loading.budget import parse_budget
 from ..loading.embedding import StoreEmbedding
+from ..loading.parts import BudgetedWeights, LoadOptions, describe_loading, rank_residency
 from ..model.groups import GroupMLP
 from ..model.linear import DTYPES
 from ..model.llama import Attention, Transformer
@@ -85,6 +87,7 @@ class TensorOptions:
     wire_dtype: str = "auto"             # precision of hidden states and partials on the wire
     spin_us: float | None = None         # busy-wait before napping (None: net.transport's default)
     rank_timeout: float = 60.0           # seconds of silence after which a rank is unreachable
+    load: LoadOptions = field(default_factory=LoadOptions)   # --mem-budget and its loading
 
 
 @dataclass
@@ -127,6 +130,11 @@ def check_options(o: TensorOptions):
         raise HaloError(f"--wire-dtype {o.wire_dtype!r}: choose auto, {', '.join(WIRE_DTYPES)}")
     if o.spin_us is not None and o.spin_us < 0:
         raise HaloError(f"--spin-us {o.spin_us:g} is negative")
+    if o.load.mem_budget:
+        parse_budget(o.load.mem_budget)
+        if o.backup_share > 0:
+            raise HaloError("--backup-share keeps copies of other ranks' groups outside the memory "
+                            "budget: not with --mem-budget")
 
 
 def wire_dtype(o: TensorOptions) -> str:
@@ -176,7 +184,8 @@ def make_plan(store: Store, size: int, o: TensorOptions) -> TensorPlan:
     policy = SyncPolicy(o.sync, o.critical_share,
                         frozenset(r for r in workers if cluster.ranks[r].reliability < STABLE),
                         o.deadline_factor, o.deadline_margin_ms / 1e3, backup_share=o.backup_share)
-    replan = not o.no_replan and o.sync == "halo" and o.placement != "random"
+    # a re-plan would move groups outside the loader's plan of streamed parts: not under a budget
+    replan = not o.no_replan and o.sync == "halo" and o.placement != "random" and not o.load.mem_budget
     # strict sync with exact partials and no per-token skipping needs no decision of rank 0's:
     # every rank can run the model and all-reduce the partials (one message latency per round)
     exchange = o.sync == "strict" and o.sparsity == 0 and wire_dtype(o) == "float32"
@@ -208,11 +217,26 @@ def group_loader(store: Store, dtype) -> Callable:
     return lambda layer, ids: GroupMLP(store.mlp_groups(layer, ids), ids, dtype)
 
 
-def held_attention(store: Store, plan: TensorPlan, rank: int) -> HeldAttention:
+def rank_weights(store: Store, plan: TensorPlan, rank: int) -> BudgetedWeights | None:
+    """Under --mem-budget: what this rank keeps resident and streams (loading/), else None."""
+    o = plan.options
+    if not o.load.mem_budget:
+        return None
+    start, stop = plan.vocab[rank]
+    residency = rank_residency(store.args, store.store_dtype, o.dtype,
+                               {l: len(p[rank]) for l, p in enumerate(plan.attention)},
+                               {l: len(p[rank]) for l, p in enumerate(plan.placement)}, stop - start,
+                               rank == 0, o.load, f"rank {rank}")
+    return BudgetedWeights(store, residency, o.load, plan.importance, o.dtype,
+                           skippable=plan.policy.mode == "halo")
+
+
+def held_attention(store: Store, plan: TensorPlan, rank: int,
+                   weights: BudgetedWeights | None = None) -> HeldAttention:
     """This rank's attention groups (KV heads) of every layer, read from its store, caches empty."""
     dtype = DTYPES[plan.options.dtype]
-    held = HeldAttention(store.args, lambda layer, ids: Attention(store.args, store.attn_groups(layer, ids),
-                                                                   ids, dtype))
+    held = HeldAttention(store.args, weights.attention if weights else
+                         lambda layer, ids: Attention(store.args, store.attn_groups(layer, ids), ids, dtype))
     for layer, p in enumerate(plan.attention):
         held.regroup(layer, p[rank])
     return held
@@ -230,13 +254,17 @@ def make_coordinator(store: Store, plan: TensorPlan, transport, log=None) -> tup
     predictor = Predictor.from_store(store) if o.placement != "static" else None
     replanner = (Replanner(plan.cluster, plan.importance, plan.group_mb, drop_budget(o))
                  if plan.replan else None)
-    probes = probe_ranks(plan.cluster, plan.importance, drop_budget(o)) if o.placement != "random" else set()
+    weights = rank_weights(store, plan, 0)
+    # probes back up a rank's groups on rank 0: copies outside a memory budget
+    probes = (probe_ranks(plan.cluster, plan.importance, drop_budget(o))
+              if o.placement != "random" and weights is None else set())
     exchange = Exchange(transport, plan.attention, plan.placement) if plan.exchange else None
     coordinator = Coordinator(transport, plan.placement, plan.importance, plan.policy,
-                              group_loader(store, dtype), predictor, o.sparsity, replanner, log,
-                              probes=frozenset(probes), attention=plan.attention,
-                              held=held_attention(store, plan, 0), vocab=plan.vocab,
-                              load_head=head_loader(store, dtype), exchange=exchange)
+                              weights.mlp if weights else group_loader(store, dtype), predictor,
+                              o.sparsity, replanner, log, probes=frozenset(probes),
+                              attention=plan.attention, held=held_attention(store, plan, 0, weights),
+                              vocab=plan.vocab, load_head=head_loader(store, dtype), exchange=exchange,
+                              loading=weights, load_copies=group_loader(store, dtype))
     model = Transformer.from_store(store, embedding=False, head=False, dtype=dtype,
                                    mlp=lambda layer: DistributedMLP(coordinator, layer),
                                    attention=lambda layer: DistributedAttention(coordinator, layer))
@@ -244,34 +272,43 @@ def make_coordinator(store: Store, plan: TensorPlan, transport, log=None) -> tup
     model.output = DistributedHead(coordinator)
     model.lookup = StoreEmbedding(store)
     coordinator.model_bytes = model.weight_bytes()
+    if weights is not None:
+        weights.start()
     return coordinator, model
 
 
 def make_worker(store: Store, plan: TensorPlan, transport) -> Worker | Follower:
     rank, dtype = transport.rank, DTYPES[plan.options.dtype]
-    load = group_loader(store, dtype)
+    weights = rank_weights(store, plan, rank)
+    load = weights.mlp if weights else group_loader(store, dtype)
     mlps = {layer: load(layer, p[rank]) for layer, p in enumerate(plan.placement) if len(p[rank])}
     start, stop = plan.vocab[rank]
     load_head = head_loader(store, dtype)
+    head = load_head(start, stop) if stop > start else None
     if plan.exchange:
-        return make_follower(store, plan, transport, mlps, load_head(start, stop) if stop > start else None)
-    return Worker(transport, mlps, load, speed=plan.cluster.ranks[rank].speed,
-                  sparse=plan.options.sparsity > 0, held=held_attention(store, plan, rank),
-                  head=load_head(start, stop) if stop > start else None, load_head=load_head)
+        worker = make_follower(store, plan, transport, mlps, head, weights)
+    else:
+        worker = Worker(transport, mlps, None if weights else load, speed=plan.cluster.ranks[rank].speed,
+                        sparse=plan.options.sparsity > 0, held=held_attention(store, plan, rank, weights),
+                        head=head, load_head=load_head, loading=weights)
+    if weights is not None:
+        weights.start()
+    return worker
 
 
-def make_follower(store: Store, plan: TensorPlan, transport, mlps: dict, head) -> Follower:
+def make_follower(store: Store, plan: TensorPlan, transport, mlps: dict, head,
+                  weights: BudgetedWeights | None = None) -> Follower:
     """A worker of the all-reduce: the model with its own groups' parts, the embedding read from
     the store and its head slice as the output."""
     exchange = Exchange(transport, plan.attention, plan.placement)
     clock = ComputeClock(plan.cluster.ranks[transport.rank].speed)
-    held = held_attention(store, plan, transport.rank)
+    held = held_attention(store, plan, transport.rank, weights)
     model = Transformer.from_store(store, embedding=False, head=False, dtype=DTYPES[plan.options.dtype],
                                    mlp=lambda layer: ExchangeMLP(exchange, mlps, layer, clock),
                                    attention=lambda layer: ExchangeAttention(exchange, held, layer, clock))
     model.norm = torch.from_numpy(store.final_norm())                   # (dim,)
     model.output, model.lookup = head, StoreEmbedding(store)
-    return Follower(transport, exchange, model, held, mlps, clock)
+    return Follower(transport, exchange, model, held, mlps, clock, weights)
 
 
 def wait_policy(o: TensorOptions) -> WaitPolicy:
@@ -372,7 +409,8 @@ def tensor_stats(plan: TensorPlan, run: TensorRun, results: list) -> RunStats:
                         "attention_groups": int(sum(len(c.held.heads(l)) for l in range(c.n_layers))),
                         "head_rows": c.vocab[0][1] - c.vocab[0][0],
                         "on_time_rate": 1.0, "dropped_layers": 0, "late_discarded": 0,
-                        "held_by_loss": c.t.stats.held, "rss_mb_trace": c.rss.samples},
+                        "held_by_loss": c.t.stats.held, "rss_mb_trace": c.rss.samples,
+                        **({"loading": c.loading.stats()} if c.loading is not None else {})},
                        weight_bytes=c.weight_bytes + c.model_bytes)]
     for r in range(1, plan.size):
         w, link = dict(run.workers.get(r, {})), c.links[r]
@@ -419,6 +457,11 @@ def format_report(stats: RunStats) -> str:
                      f"{r.get('skipped', 0):7d}  {r['peak_rss_mb'] or nan:11.0f}"
                      + ("  (silent at the end: no statistics)" if r["rank"] in s["config"].get("silent", [])
                         else ""))
+    tokens = s["tokens"]
+    for r in s["ranks"]:
+        if r.get("loading"):
+            lines.append(f"rank {r['rank']} memory: {r['loading']['plan']}\n  "
+                         f"{describe_loading(r['loading'], tokens)}")
     replans = s["config"]["replans"]
     lines.append(f"re-plans: {len(replans)}" + "".join(f"\n  {line}" for line in replans))
     return "\n".join(lines)

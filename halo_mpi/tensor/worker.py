@@ -37,8 +37,9 @@ class Worker:
 
     def __init__(self, transport: Transport, mlps: dict[int, GroupMLP], load_groups: LoadGroups | None = None,
                  speed: float = 1.0, sparse: bool = False, held: HeldAttention | None = None,
-                 head=None, load_head=None):
+                 head=None, load_head=None, loading=None):
         self.t, self.mlps, self.load_groups = transport, mlps, load_groups
+        self.loading = loading                 # BudgetedWeights under --mem-budget, else None
         self.held, self.head, self.load_head = held, head, load_head
         self.speed, self.sparse = speed, sparse
         self.version = 0
@@ -150,6 +151,8 @@ class Worker:
     # -- the end
     def finish(self, skipped: int) -> dict:
         self.skipped += skipped
+        if self.loading is not None:
+            self.loading.close()
         stats = self.stats()
         # partials still held by emulated loss go out now, so that DONE is the last
         # message rank 0 receives from us (MPI keeps the order of one sender's messages)
@@ -162,6 +165,7 @@ class Worker:
     def weight_bytes(self) -> int:
         n = sum(m.nbytes for m in self.mlps.values() if m is not None)
         n += self.held.nbytes if self.held is not None else 0
+        n += self.loading.buffer_bytes if self.loading is not None else 0
         return n + (self.head.nbytes if self.head is not None else 0)
 
     def stats(self) -> dict:
@@ -175,4 +179,5 @@ class Worker:
                 "groups": int(sum(len(m.ids) for m in held)),
                 "attention_groups": int(sum(len(h.attention.ids) for h in attention)),
                 "head_rows": 0 if self.head is None else self.head.stop - self.head.start,
-                "weight_bytes": self.weight_bytes, "rss_mb_trace": self.rss.samples}
+                "weight_bytes": self.weight_bytes, "rss_mb_trace": self.rss.samples,
+                **({"loading": self.loading.stats()} if self.loading is not None else {})}
