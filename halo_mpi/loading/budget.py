@@ -44,6 +44,14 @@ def parse_budget(text: str) -> tuple[float | None, float | None]:
     return value * scale, None
 
 
+def size(n: float) -> str:
+    """Bytes for a reader: 1.5 GB, 134.5 MB, 2.0 KB, 12 B."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{2 if unit == 'GB' else 1}f} {unit}"
+    return f"{n:.0f} B"
+
+
 def linear_bytes(N: int, K: int, kind: str) -> int:
     """Resident bytes of an (N, K) weight computed as `kind` (a float dtype, or q8_0 / q4 on the
     int4 kernel: rows padded to 64, q8_0 as two 4-bit halves, a bfloat16 scale and offset per block
@@ -102,17 +110,14 @@ class Residency:
         return self.streamed > 0
 
     def describe(self) -> str:
-        mb = 1e6
         if not self.streaming:
-            return (f"budget {self.budget / mb:.1f} MB: all {self.share / mb:.1f} MB of weights "
-                    f"resident, nothing streamed")
+            return f"budget {size(self.budget)}: all {size(self.share)} of weights resident, nothing streamed"
         what = ", ".join(w for w, on in (("attention", self.stream_attention),
                                          (f"{self.streamed_groups} MLP groups per layer",
                                           self.streamed_groups > 0)) if on)
-        return (f"budget {self.budget / mb:.1f} MB of {self.share / mb:.1f} MB: resident "
-                f"{self.resident / mb:.1f} MB (pinned {self.pinned / mb:.1f}, head and norms "
-                f"{self.fixed / mb:.1f}, {self.slots} load buffers of {self.slot_bytes / mb:.2f}); "
-                f"streamed {self.streamed / mb:.1f} MB per token ({what})")
+        return (f"budget {size(self.budget)} of {size(self.share)}: resident {size(self.resident)} "
+                f"(pinned {size(self.pinned)}, head and norms {size(self.fixed)}, {self.slots} load "
+                f"buffers of {size(self.slot_bytes)}); streamed {size(self.streamed)} per token ({what})")
 
 
 def plan_residency(layers: list[LayerShare], fixed: int, budget: float | None, share: float | None,
@@ -143,8 +148,8 @@ def plan_residency(layers: list[LayerShare], fixed: int, budget: float | None, s
                 if r.resident <= limit and better:
                     best = r
     if best is None:
-        raise HaloError(f"--mem-budget: {limit / 1e6:.1f} MB is too small for {where}: it needs at "
-                        f"least {least.resident / 1e6:.1f} MB (head slice and norms {fixed / 1e6:.1f} MB, "
-                        f"{least.slots} load buffers of {least.slot_bytes / 1e6:.2f} MB for its largest "
-                        f"streamed part) of its {total / 1e6:.1f} MB of weights")
+        raise HaloError(f"--mem-budget: {size(limit)} is too small for {where}: it needs at least "
+                        f"{size(least.resident)} (head slice and norms {size(fixed)}, pinned "
+                        f"{size(least.pinned)}, {least.slots} load buffers of {size(least.slot_bytes)} "
+                        f"for its largest streamed part) of its {size(total)} of weights")
     return best

@@ -9,8 +9,9 @@ moves to part i+1, part i's buffer is refilled with part i+slots (module docstri
 
 `acquire(part)` is all a user calls: it releases the part held before, skips any part passed over
 (a worker catching up skips whole steps), and blocks until the part is loaded, timing the wait.
-With `skippable`, a part is waited for only up to a grace of twice the median read time plus 1 ms
-(a storage stall, not a reader a moment behind): then it is counted late and the caller does
+With `skippable`, a part is waited for only up to a grace of four times the median read time plus
+5 ms (a storage stall, not a reader a moment behind: waking the reader thread alone took over 1 ms
+at times in tests): then it is counted late and the caller does
 without it (HALO sync may drop a non-critical MLP part; never strict sync).
 Without prefetch there is one buffer and `acquire` reads the part itself: the baseline the ring
 is measured against.
@@ -23,6 +24,7 @@ memory, which a device short of memory could not do.
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -181,8 +183,9 @@ class WeightCache:
                 self._account_wait(time.perf_counter() - t0)
             else:
                 self.stats.waits += 1
+                grace = self.grace() if skippable else float("inf")
                 t0 = time.perf_counter()
-                end = t0 + self.grace() if skippable else float("inf")
+                end = t0 + grace
                 while s not in self.ready:
                     if time.perf_counter() >= end:
                         self._account_wait(time.perf_counter() - t0)
@@ -201,9 +204,9 @@ class WeightCache:
             return True
 
     def grace(self) -> float:
-        """How long a skippable part is waited for: twice the median of the recent reads, + 1 ms."""
+        """How long a skippable part is waited for: 4 x the median of the recent reads + 5 ms."""
         recent = self.read_times[-64:]
-        return 2 * float(np.median(recent)) + 1e-3 if recent else 1.0
+        return 4 * statistics.median(recent) + 5e-3 if recent else 1.0
 
     def _account_wait(self, seconds: float):
         self.stats.blocked_s += seconds
