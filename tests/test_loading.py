@@ -102,10 +102,10 @@ def test_without_prefetch_one_buffer_suffices():
 # ---------------------------------------------------------------------------------------------
 # the ring of load buffers
 
-def ring(tmp_path, n_parts=5, slots=3, prefetch=True, read_mbps=None, size=4096):
+def ring(tmp_path, n_parts=5, slots=3, prefetch=True, read_mbps=None, size=4096, reader="process"):
     """Parts of random bytes; bound[i] is the view part i is bound to (None when evicted)."""
     scratch = ScratchFile(str(tmp_path))
-    cache = WeightCache(scratch, slots, prefetch, read_mbps)
+    cache = WeightCache(scratch, slots, prefetch, read_mbps, reader=reader)
     data, bound, parts = [], {}, []
     for i in range(n_parts):
         block = np.random.default_rng(i).integers(0, 255, size + 64 * i, dtype=np.uint8)
@@ -120,9 +120,9 @@ def ring(tmp_path, n_parts=5, slots=3, prefetch=True, read_mbps=None, size=4096)
     return cache, parts, data, bound
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_each_part_gets_its_own_bytes_in_order_and_after_jumps(tmp_path, prefetch):
-    cache, parts, data, bound = ring(tmp_path, prefetch=prefetch)
+@pytest.mark.parametrize("prefetch, reader", [(True, "process"), (True, "thread"), (False, "-")])
+def test_each_part_gets_its_own_bytes_in_order_and_after_jumps(tmp_path, prefetch, reader):
+    cache, parts, data, bound = ring(tmp_path, prefetch=prefetch, reader=reader if prefetch else "process")
     order = [0, 1, 2, 3, 4] * 3 + [1, 4, 0, 0, 2] + [0, 1, 2, 3, 4]     # jumps: steps skipped
     for i in order:
         assert cache.acquire(parts[i])
@@ -134,12 +134,13 @@ def test_each_part_gets_its_own_bytes_in_order_and_after_jumps(tmp_path, prefetc
     assert cache.stats.bytes_read >= sum(d.nbytes for d in data) * 3
 
 
-def test_prefetch_hides_reads_behind_compute(tmp_path):
+@pytest.mark.parametrize("reader", ["process", "thread"])
+def test_prefetch_hides_reads_behind_compute(tmp_path, reader):
     """Reads paced to ~20 ms a part, compute a 20 ms sleep: prefetch takes about half the time of
     reading on use (sleeps, so the ratio does not depend on the machine's load)."""
     took = {}
     for prefetch in (True, False):
-        cache, parts, _, _ = ring(tmp_path, n_parts=4, prefetch=prefetch,
+        cache, parts, _, _ = ring(tmp_path, n_parts=4, prefetch=prefetch, reader=reader,
                                   read_mbps=0.2, size=4096)      # 4-4.2 KB at 0.2 MB/s: ~21 ms
         t0 = time.perf_counter()
         for _ in range(3):
@@ -152,11 +153,12 @@ def test_prefetch_hides_reads_behind_compute(tmp_path):
 
 
 def test_halo_skips_a_part_that_is_late_strict_waits(tmp_path):
-    cache, parts, data, bound = ring(tmp_path, n_parts=3, slots=2)
+    # the thread reader, whose pace can change on the fly (the process reader's is fixed at start)
+    cache, parts, data, bound = ring(tmp_path, n_parts=3, slots=2, reader="thread")
     for _ in range(4):                               # fast reads: the grace is ~5 ms
         for p in parts:
             assert cache.acquire(p, skippable=True)
-    cache.read_mbps = 0.02                           # then the disk stalls: ~200 ms a read
+    cache.reader.read_mbps = 0.02                    # then the disk stalls: ~200 ms a read
     assert cache.acquire(parts[0])                   # strict: waited for, however long
     assert not cache.acquire(parts[1], skippable=True)
     assert cache.stats.late == 1 and bound.get(1) is None
@@ -164,10 +166,14 @@ def test_halo_skips_a_part_that_is_late_strict_waits(tmp_path):
     cache.close()
 
 
-def test_a_reader_failure_reaches_the_waiting_compute(tmp_path):
-    cache, parts, _, _ = ring(tmp_path, n_parts=3, slots=2, read_mbps=0.05)
-    cache.scratch.close()                            # reads now fail (bad file descriptor)
-    with pytest.raises(HaloError, match="weight loader stopped"):
+@pytest.mark.parametrize("reader", ["process", "thread"])
+def test_a_reader_failure_reaches_the_waiting_compute(tmp_path, reader):
+    cache, parts, _, _ = ring(tmp_path, n_parts=3, slots=2, read_mbps=0.05, reader=reader)
+    if reader == "process":
+        cache.reader.proc.kill()                     # the reader process dies
+    else:
+        cache.scratch.close()                        # reads now fail (bad file descriptor)
+    with pytest.raises(HaloError, match="weight (loader stopped|reader process ended)"):
         for _ in range(3):
             for p in parts:
                 cache.acquire(p)
@@ -327,9 +333,14 @@ def test_the_scratch_file_leaves_nothing_behind(deep_store, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_threads_are_left_alone(tmp_path):          # the reader is one daemon thread per cache
+def test_readers_end_with_their_cache(tmp_path):
     before = threading.active_count()
-    cache, parts, _, _ = ring(tmp_path)
+    cache, parts, _, _ = ring(tmp_path, reader="thread")
     assert threading.active_count() == before + 1
     cache.close()
     assert threading.active_count() == before
+    cache, parts, _, _ = ring(tmp_path, reader="process")
+    proc = cache.reader.proc
+    cache.acquire(parts[0])
+    cache.close()
+    assert proc.poll() == 0 and cache.reader_rss_mb > 0

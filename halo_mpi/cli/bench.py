@@ -3,6 +3,7 @@
     halo-mpi bench --ranks 4 --modes single,strict,halo --loss 0,0.01,0.05 --out results
     halo-mpi bench --decode --dtypes float32,float16 --profile
     halo-mpi bench --calibrate-emulation --loss 0.01,0.03,0.05      # root, on the testbed
+    halo-mpi bench --budgets 100%,50%,50%:no-prefetch --budget-ranks 1,2
 """
 from __future__ import annotations
 
@@ -79,10 +80,26 @@ def add_parser(sub):
                    help="instead: held-out perplexity (one process, --eval-tokens) with each attention "
                         "group's output lost at each rate in this comma list, then each MLP group's "
                         "(why HALO sync always waits for attention partials)")
+    m = b.add_argument_group("memory budgets (--budgets)")
+    m.add_argument("--budgets", metavar="LIST",
+                   help="instead: decode speed and memory at each budget of this comma list (100%%, "
+                        "50%%, 150MB; BUDGET:no-prefetch reads each part when needed), one generate "
+                        "per budget and --budget-ranks value, in --repeat interleaved rounds")
+    m.add_argument("--budget-ranks", default="1,2",
+                   help="with --budgets: comma list of rank counts; 1 = one process, more = strict "
+                        "tensor mode (default: %(default)s)")
+    m.add_argument("--repeat", type=positive_int, default=3,
+                   help="with --budgets: rounds; each row shows the median (default: %(default)s)")
+    m.add_argument("--read-mbps", type=float, default=None, metavar="MB/S",
+                   help="with --budgets: emulate a disk this slow (see generate --read-mbps)")
+    m.add_argument("--cold-reads", action="store_true",
+                   help="with --budgets: drop streamed weights from the page cache after each read")
     b.set_defaults(func=run)
 
 
 def run(a):
+    if a.budgets:
+        return bench_budgets(a)
     if a.decode:
         return bench_decode(a)
     if a.attention_drop:
@@ -110,6 +127,24 @@ def run(a):
     plotted = write_results(results, a.out, command)
     print(f"wrote {a.out}/results.json, results.md"
           f"{', results.png' if plotted else ' (no plot: pip install matplotlib)'}")
+
+
+def bench_budgets(a):
+    from ..bench.budget import BudgetBench, format_rows, parse_budget_spec, run_budget_bench
+    from ..loading.budget import parse_budget
+    budgets = [b for b in a.budgets.split(",") if b]
+    for spec in budgets:
+        budget, _ = parse_budget_spec(spec)
+        parse_budget(budget)
+    ranks = sorted(int(r) for r in parse_floats(a.budget_ranks, "--budget-ranks"))
+    extra = ["--dtype", a.dtype] + (["--threads", str(a.threads)] if a.threads else [])
+    extra += ["--read-mbps", str(a.read_mbps)] if a.read_mbps else []
+    extra += ["--cold-reads"] if a.cold_reads else []
+    rows = run_budget_bench(BudgetBench(a.weights, budgets, ranks, a.tokens, a.warmup, a.repeat, extra))
+    print(f"{a.weights}, {a.tokens} timed tokens after {a.warmup}, {a.repeat} rounds")
+    print(format_rows(rows))
+    if a.json:
+        write_json(a.json, rows)
 
 
 def bench_attention_drop(a):

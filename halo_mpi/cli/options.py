@@ -155,6 +155,9 @@ def add_load_arguments(g):
     m.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                    help="read each streamed part when it is needed instead of ahead (the baseline "
                         "prefetching is measured against)")
+    m.add_argument("--loader", choices=["process", "thread"], default="process",
+                   help="who reads ahead: a process of its own (its reads never wait for this "
+                        "process's GIL), or a thread here (default: %(default)s)")
     m.add_argument("--read-mbps", type=positive_float, default=None, metavar="MB/S",
                    help="emulate a slow disk: each read of streamed weights takes at least its "
                         "size / MB/S (a Pi's SD card: ~40) (default: the disk's own speed)")

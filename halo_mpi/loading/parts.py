@@ -47,6 +47,7 @@ class LoadOptions:
     prefetch: bool = True             # read ahead in a background thread (else read on use)
     read_mbps: float | None = None    # emulate a slow disk: reads take at least bytes / rate
     cold: bool = False                # reads bypass the page cache (posix_fadvise DONTNEED)
+    loader: str = "process"           # who reads ahead: a process of its own, or a thread
 
 
 def rank_residency(args: ModelArgs, store_dtype: str, dtype: str, heads: dict[int, int],
@@ -172,7 +173,7 @@ class BudgetedWeights:
         if residency.streaming:
             directory = o.load_dir or os.path.dirname(os.path.abspath(store.path))
             self.cache = WeightCache(ScratchFile(directory), residency.slots, o.prefetch,
-                                     o.read_mbps, o.cold)
+                                     o.read_mbps, o.cold, o.loader)
         self.mlps: list[StreamedMLP] = []
 
     def _stream(self, name: str, order: tuple, module) -> Part:
@@ -237,6 +238,7 @@ class BudgetedWeights:
         if self.cache is not None:
             out.update(self.cache.stats.as_dict())
             out["buffer_bytes"] = self.cache.resident_bytes
+            out["reader_rss_mb"] = self.cache.reader_rss_mb
         return out
 
 
