@@ -63,7 +63,6 @@ CASES = [
     (G + ["--mem-budget", "lots"], "give a size (150MB, 1.5GB) or a share"),
     (G + ["--mem-budget", "150%"], "a share is at most 100%"),
     (G + ["--mem-budget", "1KB"], "is too small for this rank: it needs at least"),
-    (G + ["--mem-budget", "90%", "--load-dir", "{d}/no/such/dir"], "cannot create the load scratch file"),
     (G + ["--parallel", "tensor", "--mem-budget", "50%", "--backup-share", "0.5"], "not with --mem-budget"),
     (G + ["--read-mbps", "0"], "--read-mbps: must be > 0"),
     (G + ["--stats-json", "{d}/no/such/folder/s.json"], "does not exist"),

@@ -1,7 +1,8 @@
 """How much of a rank's weights stay resident under `--mem-budget`, and what streams.
 
 A token uses every layer's attention and MLP in order, so the weights a rank cannot keep are read
-again every token, cyclically. For a cyclic order the best cache keeps a fixed set resident
+again every token, cyclically: one part per layer (its streamed attention and MLP groups, read
+together). For a cyclic order the best cache keeps a fixed set resident
 (pinned) and streams the rest through a few load buffers (slots): the buffer just used holds what
 is needed furthest ahead, so it is the one to refill (Belady's rule). The choice is then how much
 to pin: every byte pinned is a byte not read per token, but each slot costs as much as the largest
@@ -26,6 +27,7 @@ from ..model.config import ModelArgs
 
 ITEM = {"float32": 4, "bfloat16": 2, "float16": 2}
 _TILE_N, _BLOCK = 64, 32          # the int4 kernel's row tile and quantization block (qlinear.py)
+PART_PAD = 8 * 64                 # a streamed part's tensors (8 at most) start at 64-byte boundaries
 
 
 def parse_budget(text: str) -> tuple[float | None, float | None]:
@@ -130,16 +132,13 @@ def plan_residency(layers: list[LayerShare], fixed: int, budget: float | None, s
     for stream_attention in (False, True):
         for s in range(max((la.groups for la in layers), default=0) + 1):
             pinned = streamed = largest = 0
-            for la in layers:
+            for la in layers:     # a layer's streamed attention and MLP groups are one part
                 k = min(s, la.groups)
                 pinned += la.mlp_bytes(la.groups - k) if k < la.groups else 0
-                streamed += la.mlp_bytes(k) if k else 0
-                largest = max(largest, la.mlp_bytes(k) if k else 0)
-                if stream_attention:
-                    streamed += la.attention
-                    largest = max(largest, la.attention)
-                else:
-                    pinned += la.attention
+                part = (la.mlp_bytes(k) if k else 0) + (la.attention if stream_attention else 0)
+                pinned += 0 if stream_attention else la.attention
+                streamed += part
+                largest = max(largest, part + PART_PAD if part else 0)
             for slots in ((3, 2) if prefetch else (1,)) if streamed else (0,):
                 r = Residency(limit, total, fixed, stream_attention, s, slots, largest, pinned, streamed)
                 if least is None or r.resident < least.resident:

@@ -65,27 +65,53 @@ def rank_residency(args: ModelArgs, store_dtype: str, dtype: str, heads: dict[in
     return plan_residency(layers, fixed, budget, share, o.prefetch, where)
 
 
-def bind_layers(linears: list, layout: list[tuple[int, torch.dtype, tuple]]):
-    """A Part's bind: views of a loaded buffer as the layers' tensors, in `layout` order."""
+def bind_layers(linears: list, layout: list[tuple[int, int, torch.dtype, tuple]]):
+    """A Part's bind: views of a loaded buffer as the layers' tensors, in `layout` order. The views
+    of each buffer are made once (the cache hands the same buffer object for the same slot), so a
+    load costs a few attribute assignments here."""
+    made: dict[int, list] = {}
+
     def bind(buf: np.ndarray | None):
         if buf is None:
             for lin in linears:
                 lin.bind(None)
             return
-        tensors = iter(torch.from_numpy(buf[o:o + n]).view(dt).view(shape) for o, n, dt, shape in layout)
-        for lin in linears:
-            lin.bind([next(tensors) for _ in lin.tensors()])
+        views = made.get(id(buf))
+        if views is None:
+            tensors = iter(torch.from_numpy(buf[o:o + n]).view(dt).view(shape) for o, n, dt, shape in layout)
+            views = made[id(buf)] = [[next(tensors) for _ in lin.tensors()] for lin in linears]
+        for lin, ts in zip(linears, views):
+            lin.bind(ts)
     return bind
+
+
+@dataclass
+class Piece:
+    """A streamed attention or MLP of a layer as first written (start() moves it into its
+    layer's part)."""
+    order: int                         # 0 attention, 1 MLP: the order a layer uses them
+    linears: list
+    offset: int                        # in the building file
+    nbytes: int
+    layout: list                       # (offset in the piece, bytes, dtype, shape) per tensor
+    part: Part | None = None
+
+
+def read_back(scratch: ScratchFile, piece: Piece) -> np.ndarray:
+    buf = np.empty(piece.nbytes, np.uint8)
+    scratch.read(buf, piece.offset, None, False)
+    return buf
 
 
 class StreamedMLP:
     """A layer's MLP groups under a budget: the most important ones resident (`pinned`), the rest
-    computed while their part is loaded; in HALO sync a part not loaded in time may be skipped
-    (its groups counted in `late_groups`), never in strict sync."""
+    computed while their layer's part is loaded; in HALO sync a part not loaded in time may be
+    skipped (its groups counted in `late_groups`), never in strict sync, nor when the layer's
+    attention is in the same part (the attention has waited for it already)."""
 
-    def __init__(self, ids: np.ndarray, pinned: GroupMLP | None, streamed: GroupMLP, part: Part,
+    def __init__(self, ids: np.ndarray, pinned: GroupMLP | None, streamed: GroupMLP, piece: Piece,
                  cache: WeightCache, skippable: bool, dim: int):
-        self.pinned, self.streamed, self.part, self.cache = pinned, streamed, part, cache
+        self.pinned, self.streamed, self.piece, self.cache = pinned, streamed, piece, cache
         self.skippable, self.dim = skippable, dim
         self.ids = ids                                  # as placed: masks given to subset follow it
         where = {int(g): i for i, g in enumerate(ids)}
@@ -104,13 +130,14 @@ class StreamedMLP:
         return self._sum(x, np.asarray(keep, bool))
 
     def _sum(self, x: torch.Tensor, keep) -> torch.Tensor:
-        out = torch.zeros(x.shape[0], self.dim)
-        if self.pinned is not None:
-            out += self.pinned(x) if keep is None else self.pinned.subset(x, keep[self.pinned_at])
+        if self.pinned is None:
+            out = torch.zeros(x.shape[0], self.dim)
+        else:
+            out = self.pinned(x) if keep is None else self.pinned.subset(x, keep[self.pinned_at])
         streamed = None if keep is None else keep[self.streamed_at]
         if streamed is not None and not streamed.any():
             return out
-        if self.cache.acquire(self.part, self.skippable):
+        if self.cache.acquire(self.piece.part, self.skippable):
             out += self.streamed(x) if streamed is None else self.streamed.subset(x, streamed)
         else:
             self.late_groups += len(self.streamed.ids) if streamed is None else int(streamed.sum())
@@ -127,22 +154,22 @@ class StreamedMLP:
 class StreamedAttention:
     """A layer's attention groups under a budget, loaded whenever it appends or attends."""
 
-    def __init__(self, attention: Attention, part: Part, cache: WeightCache):
-        self.attention, self.part, self.cache = attention, part, cache
+    def __init__(self, attention: Attention, piece: Piece, cache: WeightCache):
+        self.attention, self.piece, self.cache = attention, piece, cache
 
     def __getattr__(self, name):        # ids, n_kv, n_heads, args ...
         return getattr(self.attention, name)
 
     def append(self, *args, **kw):
-        self.cache.acquire(self.part)
+        self.cache.acquire(self.piece.part)
         return self.attention.append(*args, **kw)
 
     def attend(self, *args, **kw):
-        self.cache.acquire(self.part)
+        self.cache.acquire(self.piece.part)
         return self.attention.attend(*args, **kw)
 
     def __call__(self, *args, **kw):
-        self.cache.acquire(self.part)
+        self.cache.acquire(self.piece.part)
         return self.attention(*args, **kw)
 
     nbytes = 0                          # its weights sit in the cache's buffers
@@ -174,20 +201,23 @@ class BudgetedWeights:
             directory = o.load_dir or os.path.dirname(os.path.abspath(store.path))
             self.cache = WeightCache(ScratchFile(directory), residency.slots, o.prefetch,
                                      o.read_mbps, o.cold, o.loader)
+            self.building = ScratchFile(directory)     # pieces as built, laid out anew by start()
+        self.pieces: dict[int, list[Piece]] = {}
         self.mlps: list[StreamedMLP] = []
 
-    def _stream(self, name: str, order: tuple, module) -> Part:
-        """Write module's tensors to the scratch file as one part and let go of them."""
+    def _stream(self, layer: int, order: int, module) -> Piece:
+        """Write module's tensors to the scratch file and let go of them; start() gathers each
+        layer's pieces into its part."""
         linears = module.linears()
         tensors = [t for lin in linears for t in lin.tensors()]
         raw = [t.contiguous().reshape(-1).view(torch.uint8).numpy() for t in tensors]
-        offset, offsets = self.cache.scratch.append(raw)
+        offset, offsets = self.building.append(raw)
         layout = [(o, r.nbytes, t.dtype, tuple(t.shape)) for o, r, t in zip(offsets, raw, tensors)]
         for lin in linears:
             lin.bind(None)
-        part = Part(name, order, offsets[-1] + raw[-1].nbytes, offset, bind_layers(linears, layout))
-        self.cache.add(part)
-        return part
+        piece = Piece(order, linears, offset, offsets[-1] + raw[-1].nbytes, layout)
+        self.pieces.setdefault(layer, []).append(piece)
+        return piece
 
     def mlp(self, layer: int, ids) -> GroupMLP | StreamedMLP:
         """The MLP of these groups of `layer`: its least important `streamed_groups` streamed."""
@@ -201,8 +231,8 @@ class BudgetedWeights:
         keep, stream = np.sort(ids[order[:len(ids) - k]]), np.sort(ids[order[len(ids) - k:]])
         pinned = GroupMLP(self.store.mlp_groups(layer, keep), keep, self.dtype) if len(keep) else None
         streamed = GroupMLP(self.store.mlp_groups(layer, stream), stream, self.dtype)
-        part = self._stream(f"MLP groups of layer {layer}", (layer, 1), streamed)
-        mlp = StreamedMLP(ids, pinned, streamed, part, self.cache, self.skippable, self.store.args.dim)
+        piece = self._stream(layer, 1, streamed)
+        mlp = StreamedMLP(ids, pinned, streamed, piece, self.cache, self.skippable, self.store.args.dim)
         self.mlps.append(mlp)
         return mlp
 
@@ -210,18 +240,34 @@ class BudgetedWeights:
         attention = Attention(self.store.args, self.store.attn_groups(layer, ids), ids, self.dtype)
         if self.cache is None or not self.residency.stream_attention:
             return attention
-        return StreamedAttention(attention, self._stream(f"attention of layer {layer}", (layer, 0),
-                                                         attention), self.cache)
+        return StreamedAttention(attention, self._stream(layer, 0, attention), self.cache)
 
     def start(self):
-        """Every part is built: settle the scratch file and start reading ahead."""
-        if self.cache is not None:
-            self.cache.scratch.settle(self.options.cold)
-            self.cache.start()
+        """Every piece is built: lay each layer's pieces out as one part, in the order a token
+        uses them (attention first, as built for the model; a worker builds its MLPs first), settle
+        the scratch file and start reading ahead."""
+        if self.cache is None:
+            return
+        scratch = self.cache.scratch
+        for layer in sorted(self.pieces):
+            pieces = sorted(self.pieces[layer], key=lambda p: p.order)
+            blocks = [read_back(self.building, p) for p in pieces]
+            offset, offsets = scratch.append(blocks)
+            layout = [(at + o, n, dt, shape) for at, p in zip(offsets, pieces)
+                      for o, n, dt, shape in p.layout]
+            part = Part(f"layer {layer}", (layer,), offsets[-1] + blocks[-1].nbytes, offset,
+                        bind_layers([lin for p in pieces for lin in p.linears], layout))
+            for p in pieces:
+                p.part = part
+            self.cache.add(part)
+        self.building.close()
+        scratch.settle(self.options.cold)
+        self.cache.start()
 
     def close(self):
         if self.cache is not None:
             self.cache.close()
+            self.building.close()
 
     @property
     def buffer_bytes(self) -> int:
