@@ -156,6 +156,31 @@ def test_real_model_strict_equals_the_reference(real_store):
 
 @pytest.mark.slow
 @pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("budget", ["50%", "25%"])
+def test_real_model_strict_under_a_memory_budget_equals_the_reference(real_store, mpi_tmp_path, budget):
+    """Every rank streams half or three quarters of its weights through its reader process."""
+    from mpi4py import MPI
+
+    from halo_mpi.loading.parts import LoadOptions
+    comm = MPI.COMM_WORLD
+    ids = [504, 3575, 282, 4649, 314]            # "The capital of France is"
+    run = tensor_parallel(comm, real_store, ids, 8, sync="strict",
+                          load=LoadOptions(budget, str(mpi_tmp_path)))
+
+    def check():
+        tokens, logits = reference(real_store, ids, 8)
+        diff = (run.result[1] - logits).abs().max().item()
+        loading = run.coordinator.loading.stats()
+        if run.result[0] != tokens or diff >= 1e-3:
+            return f"budget {budget}: tokens {run.result[0]} vs {tokens}, max logit diff {diff}"
+        if loading["resident_bytes"] > loading["budget_bytes"] or loading["bytes_read"] == 0:
+            return f"budget {budget}: rank 0 loading {loading}"
+        return None
+    agree(comm, check)
+
+
+@pytest.mark.slow
+@pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("wire, tolerance", [("float16", 0.1), ("bfloat16", 0.5), ("q8", 1.5)])
 def test_real_model_strict_on_a_lossy_wire_stays_within_its_tolerance(real_store, wire, tolerance):
     """Measured max logit differences over a prompt: float16 0.03, bfloat16 0.19, q8 0.8 (and

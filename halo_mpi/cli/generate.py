@@ -21,6 +21,7 @@ from .options import (
     add_tensor_arguments,
     add_threads_argument,
     add_weights_argument,
+    load_options,
     non_negative_float,
     options_from,
     positive_int,
@@ -133,21 +134,21 @@ def generate_each(a, tok, prompts: list[str], encoded: list, session_for, links=
 def generate_single(a):
     import time
 
-    from ..loading.parts import LoadOptions, budgeted_transformer, describe_loading
+    from ..loading.parts import budgeted_transformer, describe_loading
     from ..model.generate import LocalSession
     from ..model.llama import Transformer
     from ..model.tokenizer import Tokenizer
     from ..store.hdf5 import Store
 
     prompts = read_prompts(a)
-    load = options_from(LoadOptions, a)
+    load = load_options(a)
     with Store(a.weights) as store:        # open to the end: a budgeted run reads from it
         tok = Tokenizer.from_store(store)
         encoded = [encode_prompt(tok, p, a, store.args.max_seq_len) for p in prompts]
         weights = None
         if load.mem_budget:
             model, weights = budgeted_transformer(store, load, a.dtype)
-            print(f"memory: {weights.residency.describe()}", file=sys.stderr)
+            print(f"memory: {weights.describe()}", file=sys.stderr)
         else:
             model = Transformer.from_store(store, dtype=a.dtype)
         t0 = time.perf_counter()
@@ -177,7 +178,6 @@ def generate_single(a):
 # tensor-parallel mode
 
 def generate_tensor(a):
-    from ..loading.parts import LoadOptions
     from ..model.tokenizer import Tokenizer
     from ..net.launch import collective, world_comm
     from ..tensor.coordinator import TensorParallelSession
@@ -193,7 +193,7 @@ def generate_tensor(a):
 
     comm = world_comm()
     rank, size = comm.Get_rank(), comm.Get_size()
-    options = options_from(TensorOptions, a, load=options_from(LoadOptions, a))
+    options = options_from(TensorOptions, a, load=load_options(a))
 
     def setup():
         store, plan = open_and_plan(a.weights, rank, size, options)
@@ -231,7 +231,6 @@ def generate_tensor(a):
 
 def generate_pipeline(a):
     """`mpiexec -n N halo-mpi generate --parallel pipeline ...` on every rank."""
-    from ..loading.parts import LoadOptions
     from ..net.devices import read_device_profile
     from ..net.launch import world_comm
     from ..pipeline.ring import Options, Request
@@ -243,7 +242,7 @@ def generate_pipeline(a):
                                           else lambda: (None,) * 3)
     devices = collectively(comm, lambda: read_device_profile(a.device_profile, size).ranks
                            if rank == 0 and a.device_profile else None)
-    options = options_from(Options, a, in_flight=a.num_sequences or 0, load=options_from(LoadOptions, a),
+    options = options_from(Options, a, in_flight=a.num_sequences or 0, load=load_options(a),
                            stop_ids=frozenset(stop_ids(tok, a)) if tok else frozenset())
     run = run_pipeline(comm, a.weights, requests and [Request(ids, n) for ids, n in requests], options,
                        devices, on_finish=sequence_printer(tok, prompts, a) if rank == 0 else None)

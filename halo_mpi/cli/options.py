@@ -166,6 +166,13 @@ def add_load_arguments(g):
                         "come from the disk every time as on a device with no memory to spare")
 
 
+def load_options(a: argparse.Namespace):
+    """LoadOptions from the memory-budget options; with --threads 0 a streaming rank leaves a core
+    to its reader."""
+    from ..loading.parts import LoadOptions  # here: `--help` must not wait for torch
+    return options_from(LoadOptions, a, leave_a_core=not a.threads)
+
+
 def set_threads(threads: int) -> int:
     """torch's thread count for this rank (--threads; 0 = its share of the node's cores)."""
     import torch  # here, not at the top: `halo-mpi --help` must not wait for torch
