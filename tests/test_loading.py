@@ -20,7 +20,7 @@ from halo_mpi.loading.budget import (
     parse_budget,
     plan_residency,
 )
-from halo_mpi.loading.cache import Part, ScratchFile, WeightCache
+from halo_mpi.loading.cache import PAGE, Part, ScratchFile, WeightCache
 from halo_mpi.loading.parts import LoadOptions, budgeted_transformer
 from halo_mpi.model.groups import GroupMLP
 from halo_mpi.model.linear import Linear
@@ -76,7 +76,7 @@ def test_the_plan_fits_the_budget_and_reads_the_fewest_bytes():
     layers = shares()                                  # 4 x (10k + 8 * 5k) = 200k, + 30k fixed
     full = plan_residency(layers, 30_000, None, 1.0)
     assert not full.streaming and full.resident == full.share == 230_000
-    for budget in (200_000, 160_000, 140_000, 135_000):
+    for budget in (200_000, 170_000, 150_000, 140_000):
         r = plan_residency(layers, 30_000, budget, None)
         assert r.resident <= budget
         # nothing that fits reads less: every split by brute force (a layer's streamed attention
@@ -94,7 +94,7 @@ def test_the_plan_fits_the_budget_and_reads_the_fewest_bytes():
 
 def test_a_budget_below_the_least_a_rank_needs_is_refused_with_that_least():
     # the least: 30k fixed + 2 buffers of a whole layer (50k + padding), nothing pinned
-    with pytest.raises(HaloError, match=r"100.0 KB is too small for rank 2: it needs at least 131.0 KB"):
+    with pytest.raises(HaloError, match=r"100.0 KB is too small for rank 2: it needs at least 139.2 KB"):
         plan_residency(shares(), 30_000, 100_000, None, where="rank 2")
 
 
@@ -108,27 +108,31 @@ def test_without_prefetch_one_buffer_suffices():
 # ---------------------------------------------------------------------------------------------
 # the ring of load buffers
 
-def ring(tmp_path, n_parts=5, slots=3, prefetch=True, read_mbps=None, size=4096, reader="process"):
+def ring(tmp_path, n_parts=5, slots=3, prefetch=True, read_mbps=None, size=4096, reader="process",
+         cold=False):
     """Parts of random bytes; bound[i] is the view part i is bound to (None when evicted)."""
     scratch = ScratchFile(str(tmp_path))
-    cache = WeightCache(scratch, slots, prefetch, read_mbps, reader=reader)
+    cache = WeightCache(scratch, slots, prefetch, read_mbps, cold, reader=reader)
     data, bound, parts = [], {}, []
     for i in range(n_parts):
         block = np.random.default_rng(i).integers(0, 255, size + 64 * i, dtype=np.uint8)
+        scratch.pad_to(PAGE)
         offset, _ = scratch.append([block])
         data.append(block)
         part = Part(f"part {i}", (i, 1), block.nbytes, offset,
                     lambda view, i=i: bound.__setitem__(i, None if view is None else view.copy()))
         cache.add(part)
         parts.append(part)
-    scratch.settle(cold=False)
+    scratch.settle(cold)
     cache.start()
     return cache, parts, data, bound
 
 
+@pytest.mark.parametrize("cold", [False, True])
 @pytest.mark.parametrize("prefetch, reader", [(True, "process"), (True, "thread"), (False, "-")])
-def test_each_part_gets_its_own_bytes_in_order_and_after_jumps(tmp_path, prefetch, reader):
-    cache, parts, data, bound = ring(tmp_path, prefetch=prefetch, reader=reader if prefetch else "process")
+def test_each_part_gets_its_own_bytes_in_order_and_after_jumps(tmp_path, prefetch, reader, cold):
+    cache, parts, data, bound = ring(tmp_path, prefetch=prefetch, reader=reader if prefetch else "process",
+                                     cold=cold)
     order = [0, 1, 2, 3, 4] * 3 + [1, 4, 0, 0, 2] + [0, 1, 2, 3, 4]     # jumps: steps skipped
     for i in order:
         assert cache.acquire(parts[i])
@@ -209,7 +213,7 @@ def logits_of(model, ids=IDS):
         return torch.cat([out, model(torch.tensor([11]), cache)])
 
 
-@pytest.mark.parametrize("budget", ["100%", "50%", "30%"])
+@pytest.mark.parametrize("budget", ["100%", "50%", "35%"])
 def test_one_process_under_a_budget_equals_the_reference(deep_store, tmp_path, budget):
     ref = logits_of(Transformer.from_store(deep_store))
     model, weights = budgeted_transformer(deep_store, LoadOptions(budget, str(tmp_path)))

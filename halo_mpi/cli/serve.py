@@ -22,9 +22,11 @@ from ..errors import HaloError
 from ..net.launch import world_size
 from .options import (
     add_dtype_argument,
+    add_load_arguments,
     add_tensor_arguments,
     add_threads_argument,
     add_weights_argument,
+    load_options,
     options_from,
     positive_int,
     set_threads,
@@ -57,6 +59,7 @@ def add_parser(sub):
     add_dtype_argument(s)
     add_threads_argument(s)
     add_tensor_arguments(s)
+    add_load_arguments(s)
     s.set_defaults(func=run)
 
 
@@ -117,6 +120,7 @@ def start_serving(a, broker, tok, store, context: int, health) -> Server:
 
 
 def serve_single(a):
+    from ..loading.parts import budgeted_transformer
     from ..model.generate import LocalSession
     from ..model.llama import Transformer
     from ..model.tokenizer import Tokenizer
@@ -124,17 +128,30 @@ def serve_single(a):
     from ..serve.driver import serve_sessions
     from ..store.hdf5 import Store
 
-    with Store(a.weights) as store:
+    load = load_options(a)
+    store = Store(a.weights)              # open while serving: a budgeted model reads from it
+    weights = None
+    try:
         tok = Tokenizer.from_store(store)
-        model = Transformer.from_store(store, dtype=a.dtype)
+        if load.mem_budget:
+            model, weights = budgeted_transformer(store, load, a.dtype)
+            print(f"memory: {weights.describe()}", file=sys.stderr)
+        else:
+            model = Transformer.from_store(store, dtype=a.dtype)
         broker = Broker(a.queue_size)
         server = start_serving(a, broker, tok, store, store.args.max_seq_len,
                                lambda: {"mode": "none", "ranks": 1})
+    except BaseException:
+        store.close()
+        raise
     try:
         serve_sessions(broker, tok, lambda max_len: LocalSession(model, max_len), tok.stop_ids)
     finally:
         broker.closed.set()
         server.stop()
+        if weights is not None:
+            weights.close()
+        store.close()
     print("halo-mpi: server stopped", file=sys.stderr)
 
 
@@ -148,7 +165,7 @@ def serve_tensor(a):
 
     comm = world_comm()
     rank, size = comm.Get_rank(), comm.Get_size()
-    options = options_from(TensorOptions, a)
+    options = options_from(TensorOptions, a, load=load_options(a))
     store, plan = collective(comm, lambda: open_and_plan(a.weights, rank, size, options))
     if rank != 0:            # rank 0 ends the workers (STOP) when it is told to end
         on_signals(signal.SIG_IGN)
@@ -196,11 +213,13 @@ def serve_ring_mode(a):
                            if rank == 0 and a.device_profile else None)
     if rank != 0:
         on_signals(signal.SIG_IGN)          # rank 0 stops the ring when it is told to end
-        serve_pipeline(comm, a.weights, options_from(Options, a), drive=None, devices=devices)
+        serve_pipeline(comm, a.weights, options_from(Options, a, load=load_options(a)), drive=None,
+                       devices=devices)
         return
     store = Store(a.weights)
     tok = Tokenizer.from_store(store)
-    options = options_from(Options, a, in_flight=a.num_sequences or size, stop_ids=frozenset(tok.stop_ids))
+    options = options_from(Options, a, in_flight=a.num_sequences or size, stop_ids=frozenset(tok.stop_ids),
+                           load=load_options(a))
     broker = Broker(a.queue_size)
     server = start_serving(a, broker, tok, store, store.args.max_seq_len, lambda: {
         "mode": f"pipeline ({options.in_flight} in flight)", "ranks": size})

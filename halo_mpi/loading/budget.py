@@ -27,7 +27,8 @@ from ..model.config import ModelArgs
 
 ITEM = {"float32": 4, "bfloat16": 2, "float16": 2}
 _TILE_N, _BLOCK = 64, 32          # the int4 kernel's row tile and quantization block (qlinear.py)
-PART_PAD = 8 * 64                 # a streamed part's tensors (8 at most) start at 64-byte boundaries
+PART_PAD = 8 * 64 + 4096          # a part's tensors (8 at most) start at 64-byte boundaries, and a
+                                  # load buffer is whole pages (cold reads use O_DIRECT)
 
 
 def parse_budget(text: str) -> tuple[float | None, float | None]:

@@ -19,10 +19,12 @@ times the median read time plus 5 ms (a storage stall, not a reader a moment beh
 counted late and the caller does without it (HALO sync may drop a non-critical MLP part; never
 strict sync).
 
-`read_mbps` paces reads like a slow device (a Pi's SD card reads ~40 MB/s) and `cold` drops each
-part from the page cache after reading it (posix_fadvise DONTNEED), so that every read goes to the
-disk: on a machine with spare memory the page cache would otherwise serve the scratch file from
-memory, which a device short of memory could not do.
+`read_mbps` paces reads like a slow device (a Pi's SD card reads ~40 MB/s) and `cold` reads with
+O_DIRECT, past the page cache, so that every read goes to the disk and the disk's DMA fills the
+buffer: on a machine with spare memory the page cache would otherwise serve the scratch file from
+memory with a CPU copy (~8 GB/s here), which a device short of memory could not do (O_DIRECT
+from this machine's disk: ~0.93 GB/s). Parts start at page boundaries and are read in whole pages
+for it.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from ..errors import HaloError
 from .readproc import REPLY, REQUEST
 
 ALIGN = 64               # bytes: every tensor of a part starts at a multiple (dtype views need it)
+PAGE = 4096              # bytes: parts start at a multiple and cold reads cover whole pages (O_DIRECT)
 READERS = ("process", "thread")
 
 
@@ -89,6 +92,11 @@ class ScratchFile:
             raise HaloError(f"cannot create the load scratch file in {directory}: {e.strerror}; "
                             f"give --load-dir a writable directory") from None
         self.directory, self.fd, self.size = directory, self.file.fileno(), 0
+        self.direct_fd = -1
+
+    def pad_to(self, boundary: int):
+        """The next append starts at a multiple of `boundary`."""
+        self.size = -(-self.size // boundary) * boundary
 
     def append(self, arrays: list[np.ndarray]) -> tuple[int, list[int]]:
         """Write arrays (any dtype, contiguous) one after another, each at an ALIGN boundary;
@@ -109,28 +117,48 @@ class ScratchFile:
         return start, offsets
 
     def settle(self, cold: bool):
-        """Written through; with `cold`, out of the page cache too."""
+        """Written through, its size whole pages (cold reads read whole pages); with `cold`, out
+        of the page cache too."""
+        os.ftruncate(self.fd, -(-self.size // PAGE) * PAGE)
         os.fsync(self.fd)
         if cold:
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
+    def direct(self) -> int:
+        """A descriptor of the same file opened with O_DIRECT (reads past the page cache)."""
+        if self.direct_fd < 0:
+            try:
+                self.direct_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_DIRECT)
+            except OSError as e:
+                raise HaloError(f"--cold-reads: {self.directory} cannot be read with O_DIRECT "
+                                f"({e.strerror}); give --load-dir on another filesystem") from None
+        return self.direct_fd
+
     def read(self, buf: np.ndarray, offset: int, read_mbps: float | None, cold: bool) -> float:
-        """Bytes [offset, offset + len(buf)) into buf, paced and made cold on demand; seconds."""
+        """Bytes [offset, offset + len(buf)) into buf, paced and past the page cache on demand
+        (then offset and len(buf) are whole pages and buf page-aligned); seconds."""
         t0 = time.perf_counter()
+        fd = self.direct() if cold else self.fd
         view, got = memoryview(buf), 0
         while got < len(buf):
-            k = os.preadv(self.fd, [view[got:]], offset + got)
+            k = os.preadv(fd, [view[got:]], offset + got)
             if k == 0:
                 raise HaloError(f"the load scratch file ends at {offset + got} inside a part")
             got += k
-        if cold:
-            os.posix_fadvise(self.fd, offset, len(buf), os.POSIX_FADV_DONTNEED)
         if read_mbps:
             time.sleep(max(0.0, len(buf) / (read_mbps * 1e6) - (time.perf_counter() - t0)))
         return time.perf_counter() - t0
 
     def close(self):
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
+            self.direct_fd = -1
         self.file.close()
+
+
+def page_aligned(nbytes: int) -> np.ndarray:
+    """A buffer whose address is a multiple of the page size (anonymous memory map)."""
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), np.uint8, nbytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +293,7 @@ class WeightCache:
         self.reader = None
         self.buffers: list[np.ndarray] = []
         self.read_times: list[float] = []    # seconds per read, recent ones (the grace)
-        self.views: dict[tuple[int, int], np.ndarray] = {}
+        self.views: dict[tuple[int, int, bool], np.ndarray] = {}
         self.reader_rss_mb = 0.0             # the reader process's, measured at close
 
     def add(self, part: Part):
@@ -288,12 +316,12 @@ class WeightCache:
             return
         # a part may not sit in two buffers at once: no more buffers than parts
         self.slots = min(self.want_slots, len(self.parts))
-        size = -(-self.slot_bytes // ALIGN) * ALIGN
+        size = -(-self.slot_bytes // PAGE) * PAGE
         if self.prefetch and self.reader_kind == "process":
             self.reader = ProcessReader(self.scratch, self.read_mbps, self.cold, self.slots, size)
             self.buffers = self.reader.buffers
         else:
-            self.buffers = [np.empty(size, np.uint8) for _ in range(self.slots)]
+            self.buffers = [page_aligned(size) for _ in range(self.slots)]
             if self.prefetch:
                 self.reader = ThreadReader(self.scratch, self.read_mbps, self.cold, self.buffers)
 
@@ -344,12 +372,17 @@ class WeightCache:
         recent = self.read_times[-64:]
         return 4 * statistics.median(recent) + 5e-3 if recent else 1.0
 
-    def _buffer(self, s: int) -> np.ndarray:
-        """Where position s loads: the first bytes of its slot."""
+    def read_bytes(self, part: Part) -> int:
+        """What a read of part covers: its bytes, rounded up to whole pages for O_DIRECT."""
+        return -(-part.nbytes // PAGE) * PAGE if self.cold else part.nbytes
+
+    def _buffer(self, s: int, read: bool = True) -> np.ndarray:
+        """Where position s loads, the first bytes of its slot: what a read fills (read) or the
+        part's own bytes (for binding; the same object each time, so views of it are kept)."""
         part = self.parts[s % len(self.parts)]
-        key = (part.index, s % self.slots)
+        key = (part.index, s % self.slots, read)
         if key not in self.views:
-            self.views[key] = self.buffers[key[1]][:part.nbytes]
+            self.views[key] = self.buffers[key[1]][:self.read_bytes(part) if read else part.nbytes]
         return self.views[key]
 
     def _ask_ahead(self):
@@ -357,7 +390,7 @@ class WeightCache:
         start = max(self.requested, self.cursor)
         for s in range(start, self.cursor + self.slots):
             part = self.parts[s % len(self.parts)]
-            self.reader.request(s, s % self.slots, part.nbytes, part.offset)
+            self.reader.request(s, s % self.slots, self.read_bytes(part), part.offset)
         self.requested = max(self.requested, self.cursor + self.slots)
 
     def _collect(self, timeout: float):
@@ -369,7 +402,7 @@ class WeightCache:
 
     def _loaded(self, s: int, seconds: float):
         part = self.parts[s % len(self.parts)]
-        part.bind(self._buffer(s))
+        part.bind(self._buffer(s, read=False))
         self.ready.add(s)
         self.stats.reads += 1
         self.stats.bytes_read += part.nbytes

@@ -37,7 +37,7 @@ from .budget import (
     plan_residency,
     weight_kinds,
 )
-from .cache import Part, ScratchFile, WeightCache
+from .cache import PAGE, Part, ScratchFile, WeightCache
 
 
 @dataclass
@@ -254,6 +254,7 @@ class BudgetedWeights:
         for layer in sorted(self.pieces):
             pieces = sorted(self.pieces[layer], key=lambda p: p.order)
             blocks = [read_back(self.building, p) for p in pieces]
+            scratch.pad_to(PAGE)                          # parts start at pages (O_DIRECT reads)
             offset, offsets = scratch.append(blocks)
             layout = [(at + o, n, dt, shape) for at, p in zip(offsets, pieces)
                       for o, n, dt, shape in p.layout]

@@ -4,7 +4,8 @@ computing process's GIL (a reader thread there slowed a 10 ms q4 decode step by 
 of its wake-ups waited for the compute to let go of the GIL, measured in the budget issue's note).
 
 Started by ProcessReader as `python -c "from halo_mpi.loading.readproc import main; main()"
-SCRATCH_FD SHM_FD SHM_BYTES READ_MBPS COLD` with both descriptors inherited. Its stdin carries
+SCRATCH_FD SHM_FD SHM_BYTES READ_MBPS COLD` with both descriptors inherited (COLD 1: it reopens
+the scratch file with O_DIRECT). Its stdin carries
 requests, its stdout replies, as fixed binary records; end of stdin ends it. Only the standard
 library is imported (a few MB of memory).
 """
@@ -30,7 +31,7 @@ def read_exactly(fd: int, n: int) -> bytes:
     return data
 
 
-def serve(scratch_fd: int, buffers: memoryview, read_mbps: float, cold: bool):
+def serve(scratch_fd: int, buffers: memoryview, read_mbps: float):
     while True:
         record = read_exactly(0, REQUEST.size)
         if not record:
@@ -43,8 +44,6 @@ def serve(scratch_fd: int, buffers: memoryview, read_mbps: float, cold: bool):
             if k == 0:
                 raise OSError(f"the scratch file ends at {offset + got} inside a part")
             got += k
-        if cold:
-            os.posix_fadvise(scratch_fd, offset, n, os.POSIX_FADV_DONTNEED)
         if read_mbps > 0:
             time.sleep(max(0.0, n / (read_mbps * 1e6) - (time.perf_counter() - t0)))
         os.write(1, REPLY.pack(position, time.perf_counter() - t0))
@@ -55,7 +54,9 @@ def main():
     read_mbps, cold = float(sys.argv[4]), sys.argv[5] == "1"
     shared = mmap.mmap(shm_fd, shm_bytes)
     try:
-        serve(scratch_fd, memoryview(shared), read_mbps, cold)
+        if cold:     # past the page cache: the disk's DMA fills the (page-aligned) buffers
+            scratch_fd = os.open(f"/proc/self/fd/{scratch_fd}", os.O_RDONLY | os.O_DIRECT)
+        serve(scratch_fd, memoryview(shared), read_mbps)
     except (OSError, ValueError) as e:
         message = str(e).encode()
         os.write(1, REPLY.pack(-1, 0.0) + struct.pack("<q", len(message)) + message)
