@@ -17,7 +17,9 @@ import torch
 from .quant import BITS, BLOCK, QMatrix, from_records, records_dtype
 
 _TILE_N = 64         # the int4 kernel packs rows by tiles of 64: N is padded to a multiple
-_PACK_ROWS = 64 * 64  # rows packed at a time (tiles are independent, so slices pack alike)
+_PACK_BYTES = 4 << 20  # int32 codes packed at a time (tiles are independent, so slices pack alike):
+                       # a bound on the build's transient memory (4096 rows of a 2048-wide matrix
+                       # were 33 MB, most of a budgeted 1.1B rank's peak above its weights)
 
 
 class QuantLinear:
@@ -36,8 +38,9 @@ class QuantLinear:
         self.packed = torch.empty(len(halves) * P, K // 2, dtype=torch.uint8)   # (rows, K/2)
         scale_zero = np.zeros((K // BLOCK, len(halves) * P, 2), np.float32)     # (K/32, rows, 2)
         for h, (nibble, scale, zero) in enumerate(halves):
-            for a in range(0, P, _PACK_ROWS):          # in slices: the int32 copy stays small
-                b = min(a + _PACK_ROWS, P)
+            step = max(_TILE_N, _PACK_BYTES // (4 * K) // _TILE_N * _TILE_N)
+            for a in range(0, P, step):                # in slices: the int32 copy stays small
+                b = min(a + step, P)
                 block = np.full((b - a, K), 8, np.int32)                # code 8, scale 0: weight 0
                 real = nibble(m.codes[a:min(b, N)])
                 block[:len(real)] = real
