@@ -220,7 +220,7 @@ def test_each_stage_reads_and_holds_only_its_layers(deep_store_path, deep_store)
             original = store._read
             store._read = (lambda name, sel=(), read=read, original=original:
                            read.append(name) or original(name, sel))
-            model = load_stage_model(store, plan, rank)
+            model, _ = load_stage_model(store, plan, rank)
         read_layers = {int(n.split("/")[1]) for n in read if n.startswith("layers/")}
         assert read_layers == set(layers)
         assert set(model.blocks) == set(layers)
