@@ -363,3 +363,17 @@ def test_readers_end_with_their_cache(tmp_path):
     cache.acquire(parts[0])
     cache.close()
     assert proc.poll() == 0 and cache.reader_rss_mb > 0
+
+
+def test_auto_prefetch_reads_ahead_when_reads_wait_on_the_disk_or_a_core_is_free():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert not LoadOptions("50%").prefetching()               # one core, page cache: off
+        assert LoadOptions("50%", cold=True).prefetching()        # the disk's DMA: on
+        assert LoadOptions("50%", prefetch="on").prefetching()
+        torch.set_num_threads(2)
+        assert LoadOptions("50%").prefetching()                   # a core for the reader
+        assert not LoadOptions("50%", prefetch="off").prefetching()
+    finally:
+        torch.set_num_threads(threads)

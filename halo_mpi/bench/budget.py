@@ -2,8 +2,8 @@
 per configuration (one process, or `mpiexec -n R` in strict tensor mode), rounds interleaved so
 that the machine's drift hits every configuration alike.
 
-    halo-mpi bench --budgets 100%,50%,50%:no-prefetch --budget-ranks 1,2 --tokens 48 --repeat 3
-    halo-mpi bench --budgets 100%,50%,50%:no-prefetch --read-mbps 2000 --cold-reads
+    halo-mpi bench --budgets 100%,50%:prefetch,50%:no-prefetch --budget-ranks 1,2 --repeat 3
+    halo-mpi bench --budgets 100%,80%:prefetch,80%:no-prefetch --cold-reads
 
 Each row: median ms/token (the median of the rounds' medians), its ratio to the 100% row of the
 same ranks, the ratio of no-prefetch to prefetch at the same budget, bytes read per token, time
@@ -38,12 +38,15 @@ class BudgetBench:
     timeout: float = 900.0
 
 
-def parse_budget_spec(spec: str) -> tuple[str, bool]:
-    """'50%' -> ('50%', True); '50%:no-prefetch' -> ('50%', False); '100%' stands for no budget."""
+PREFETCH = {"": "auto", "prefetch": "on", "no-prefetch": "off"}
+
+
+def parse_budget_spec(spec: str) -> tuple[str, str]:
+    """'50%' -> ('50%', 'auto'); '50%:prefetch' -> ('50%', 'on'); '50%:no-prefetch' -> ('50%', 'off')."""
     budget, _, flag = spec.partition(":")
-    if flag not in ("", "no-prefetch"):
-        raise HaloError(f"--budgets {spec!r}: write BUDGET or BUDGET:no-prefetch")
-    return budget, flag == ""
+    if flag not in PREFETCH:
+        raise HaloError(f"--budgets {spec!r}: write BUDGET, BUDGET:prefetch or BUDGET:no-prefetch")
+    return budget, PREFETCH[flag]
 
 
 def command(cfg: BudgetBench, ranks: int, spec: str, out_json: str) -> list[str]:
@@ -51,10 +54,7 @@ def command(cfg: BudgetBench, ranks: int, spec: str, out_json: str) -> list[str]
     cmd = [sys.executable, "-m", "halo_mpi.cli", "generate", "--weights", cfg.weights,
            "--prompt", PROMPT, "--max-new-tokens", str(cfg.warmup + cfg.tokens + 1), "--temperature", "0",
            "--ignore-eos", "--quiet", "--stats-json", out_json, *cfg.extra]
-    if budget != "none":
-        cmd += ["--mem-budget", budget]
-    if not prefetch:
-        cmd += ["--no-prefetch"]
+    cmd += ["--mem-budget", budget, "--prefetch", prefetch]
     if ranks > 1:
         mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
         cmd = [mpiexec, "-n", str(ranks), *cmd, "--parallel", "tensor", "--sync", "strict"]
@@ -100,11 +100,11 @@ def run_budget_bench(cfg: BudgetBench, log=print) -> list[dict]:
                    same_text_as_first_round=all(r["tokens"] == rs[0]["tokens"] for r in rs))
         rows.append(row)
     for row in rows:
-        full = next((r for r in rows if r["ranks"] == row["ranks"] and r["budget"] in ("100%", "none")), None)
+        full = next((r for r in rows if r["ranks"] == row["ranks"] and r["budget"] == "100%"), None)
         row["vs_full"] = row["ms"] / full["ms"] if full else float("nan")
         budget, prefetch = parse_budget_spec(row["budget"])
         other = next((r for r in rows if r["ranks"] == row["ranks"]
-                      and r["budget"] == f"{budget}:no-prefetch"), None) if prefetch else None
+                      and r["budget"] == f"{budget}:no-prefetch"), None) if prefetch != "off" else None
         row["no_prefetch_vs_this"] = other["ms"] / row["ms"] if other else float("nan")
     return rows
 

@@ -3,7 +3,7 @@
     halo-mpi bench --ranks 4 --modes single,strict,halo --loss 0,0.01,0.05 --out results
     halo-mpi bench --decode --dtypes float32,float16 --profile
     halo-mpi bench --calibrate-emulation --loss 0.01,0.03,0.05      # root, on the testbed
-    halo-mpi bench --budgets 100%,50%,50%:no-prefetch --budget-ranks 1,2
+    halo-mpi bench --budgets 100%,50%:prefetch,50%:no-prefetch --budget-ranks 1,2
 """
 from __future__ import annotations
 
@@ -83,7 +83,8 @@ def add_parser(sub):
     m = b.add_argument_group("memory budgets (--budgets)")
     m.add_argument("--budgets", metavar="LIST",
                    help="instead: decode speed and memory at each budget of this comma list (100%%, "
-                        "50%%, 150MB; BUDGET:no-prefetch reads each part when needed), one generate "
+                        "50%%, 150MB; BUDGET:prefetch and BUDGET:no-prefetch force --prefetch on or "
+                        "off, else auto), one generate "
                         "per budget and --budget-ranks value, in --repeat interleaved rounds")
     m.add_argument("--budget-ranks", default="1,2",
                    help="with --budgets: comma list of rank counts; 1 = one process, more = strict "

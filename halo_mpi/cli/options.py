@@ -152,9 +152,14 @@ def add_load_arguments(g):
     m.add_argument("--load-dir", metavar="DIR",
                    help="where the scratch file of streamed weights is written (unnamed, removed "
                         "when the process ends) (default: the store's directory)")
-    m.add_argument("--no-prefetch", dest="prefetch", action="store_false",
-                   help="read each streamed part when it is needed instead of ahead (the baseline "
-                        "prefetching is measured against)")
+    m.add_argument("--prefetch", choices=["auto", "on", "off"], default="auto",
+                   help="on: read the next layers' parts while one computes; off: read each part "
+                        "when it is needed; auto: on when reads wait on the disk (--cold-reads) or "
+                        "the rank has a core to leave to its reader, off on a one-core rank reading "
+                        "from the page cache, where the reader could only take turns with the "
+                        "compute (default: %(default)s)")
+    m.add_argument("--no-prefetch", dest="prefetch", action="store_const", const="off",
+                   help="the same as --prefetch off")
     m.add_argument("--loader", choices=["process", "thread"], default="process",
                    help="who reads ahead: a process of its own (its reads never wait for this "
                         "process's GIL), or a thread here (default: %(default)s)")

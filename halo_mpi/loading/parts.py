@@ -44,12 +44,21 @@ from .cache import PAGE, Part, ScratchFile, WeightCache
 class LoadOptions:
     mem_budget: str | None = None     # SIZE (150MB) or PERCENT% of the rank's weights; None: all resident
     load_dir: str | None = None       # where the scratch file of streamed parts goes (default: the store's)
-    prefetch: bool = True             # read ahead in a background thread (else read on use)
+    prefetch: str = "auto"            # on: read ahead while computing; off: read on use; auto (below)
     read_mbps: float | None = None    # emulate a slow disk: reads take at least bytes / rate
     cold: bool = False                # reads bypass the page cache (posix_fadvise DONTNEED)
     loader: str = "process"           # who reads ahead: a process of its own, or a thread
     leave_a_core: bool = False        # streaming with prefetch: one torch thread fewer (--threads 0)
 
+    def prefetching(self) -> bool:
+        """auto: read ahead when the reads wait on the disk (cold) or a core can be left to the
+        reader. From the page cache a read is a CPU copy: on a rank with one core the reader only
+        takes turns with the compute (measured at -n 2, a 50% budget: float32 44.6 ms/token with
+        prefetch, 35.5 without; q4 20.2 and 17.7), while reads that wait on the disk overlap (cold
+        q4 at 80%, -n 2: 23.2 against 53.4)."""
+        if self.prefetch in ("on", "off"):
+            return self.prefetch == "on"
+        return self.cold or torch.get_num_threads() > 1
 
 def rank_residency(args: ModelArgs, store_dtype: str, dtype: str, heads: dict[int, int],
                    groups: dict[int, int], head_rows: int, final_norm: bool, o: LoadOptions,
@@ -63,7 +72,7 @@ def rank_residency(args: ModelArgs, store_dtype: str, dtype: str, heads: dict[in
     norms = 4 * args.dim * (2 * len(layers) + (1 if final_norm else 0))
     fixed = (linear_bytes(head_rows, args.dim, head_kind) if head_rows else 0) + norms
     budget, share = parse_budget(o.mem_budget)
-    return plan_residency(layers, fixed, budget, share, o.prefetch, where)
+    return plan_residency(layers, fixed, budget, share, o.prefetching(), where)
 
 
 def bind_layers(linears: list, layout: list[tuple[int, int, torch.dtype, tuple]]):
@@ -200,7 +209,7 @@ class BudgetedWeights:
         self.cache = None
         if residency.streaming:
             directory = o.load_dir or os.path.dirname(os.path.abspath(store.path))
-            self.cache = WeightCache(ScratchFile(directory), residency.slots, o.prefetch,
+            self.cache = WeightCache(ScratchFile(directory), residency.slots, o.prefetching(),
                                      o.read_mbps, o.cold, o.loader)
             self.building = ScratchFile(directory)     # pieces as built, laid out anew by start()
         self.pieces: dict[int, list[Piece]] = {}
@@ -266,7 +275,7 @@ class BudgetedWeights:
         self.building.close()
         scratch.settle(self.options.cold)
         self.cache.start()
-        if self.options.leave_a_core and self.options.prefetch and torch.get_num_threads() > 1:
+        if self.options.leave_a_core and self.cache.prefetch and torch.get_num_threads() > 1:
             # the reader copies parts out of the page cache, a CPU copy: with every core computing
             # it slowed float32 decode at a 50% budget from 42 to 72 ms/token on 2 cores (README)
             torch.set_num_threads(torch.get_num_threads() - 1)
