@@ -145,8 +145,8 @@ def add_load_arguments(g):
     m.add_argument("--mem-budget", metavar="SIZE|PERCENT%",
                    help="the most weight bytes each rank keeps resident: a size (150MB, 1.5GB) or "
                         "a share of its weights (50%%). The least important MLP groups (and, if "
-                        "need be, the attention) are streamed from a scratch file every token, "
-                        "read ahead while the layers before them compute. Covers the pinned "
+                        "need be, the attention) are streamed from a scratch file every token "
+                        "(see --prefetch), a layer at a time. Covers the pinned "
                         "weights, the load buffers, the head slice and norms; not the interpreter, "
                         "torch or the KV cache, reported beside it (default: all resident)")
     m.add_argument("--load-dir", metavar="DIR",
@@ -167,8 +167,9 @@ def add_load_arguments(g):
                    help="emulate a slow disk: each read of streamed weights takes at least its "
                         "size / MB/S (a Pi's SD card: ~40) (default: the disk's own speed)")
     m.add_argument("--cold-reads", dest="cold", action="store_true",
-                   help="drop streamed weights from the page cache after each read, so that they "
-                        "come from the disk every time as on a device with no memory to spare")
+                   help="read streamed weights with O_DIRECT, past the page cache: they come from "
+                        "the disk every time (its DMA fills the buffers, no CPU copy), as on a "
+                        "device with no memory to spare for a page cache")
 
 
 def load_options(a: argparse.Namespace):
