@@ -266,17 +266,11 @@ def test_tensor_mode_under_a_budget_equals_the_reference(request, tmp_path, stor
 
 
 def test_pipeline_under_a_budget_equals_the_reference(deep_store, tmp_path):
+    from test_pipeline import assert_same_as_reference
     requests = [Request([5, 70, 33, 9, 120], 5), Request([7, 8, 1], 4)]
     o = Options(in_flight=2, keep_logits=True, load=LoadOptions("60%", str(tmp_path)))
     run = run_local(deep_store, requests, o, 2)
-    model = Transformer.from_store(deep_store)
-    for seq, req in zip(run.sequences, requests):
-        cache = model.new_cache(len(req.ids) + req.max_new)
-        with torch.inference_mode():
-            logits = model(torch.tensor(req.ids), cache, last_only=True)[0]
-            for step, tok in enumerate(seq.result.tokens):
-                assert (seq.logits[step] - logits).abs().max() < 1e-3, step
-                logits = model(torch.tensor([tok]), cache, last_only=True)[0]
+    assert_same_as_reference(run, Transformer.from_store(deep_store), requests, o)
     assert all(r["loading"]["bytes_read"] > 0 for r in run.ranks)
 
 
