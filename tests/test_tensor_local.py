@@ -520,3 +520,30 @@ def test_the_loss_models_stay_finite_at_any_loss_rate():
             assert max(delays) <= 2 * 120.0 and np.isfinite(np.mean(delays))
     at30 = LinkLoss({1: 0.3}, seed=0)
     assert 0.05 < np.mean([at30.delay(0, 1, 2000) for _ in range(20000)]) < 1.0
+
+
+@pytest.mark.parametrize("room", [True, False])
+def test_a_late_rank_with_nowhere_to_go_is_backed_up_by_rank_0(tiny_store, room):
+    """Two ranks: rank 1 late more and more until it keeps the fewest groups it can (one a layer)
+    and nothing can move; rank 0 backs its groups up (as far as its memory budget has room), says
+    so once, and computes them when rank 1's partials are late."""
+    o = TensorOptions(sync="halo", unstable_ranks="1", drop_budget=0.1)
+    cluster = LocalCluster(tiny_store, make_plan(tiny_store, 2, o))
+    c = cluster.coordinator
+    if not room:                                   # rank 0's budget: what it holds now
+        c.replanner.cluster.ranks[0].memory_mb = (c.weight_bytes + c.model_bytes) / 1e6
+    for rate in (0.6, 0.3, 0.25):
+        for i in range(200):
+            c.links[1].add_outcome(i < 200 * rate)
+        c.maybe_replan()
+    said = [line for line in c.replans if "nothing to move" in line]
+    held = sum(len(p[1]) for p in c.placement)
+    assert len(said) == 1 and held > 0 and 1 not in c.probes, c.replans
+    if room:
+        assert f"rank 0 now backs up 100% of rank 1's {held} groups" in said[0]
+        assert sum(len(b[1].ids) for b in c.backup.values() if 1 in b) == held
+    else:
+        assert "rank 0 has no room to back up rank 1's groups" in said[0] and not c.backup
+    got = cluster.session(16).step(torch.tensor([5, 70, 33]), decoding=False, last_only=False)
+    assert torch.isfinite(got).all()
+    cluster.stop()

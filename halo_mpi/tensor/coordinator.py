@@ -114,6 +114,7 @@ class Coordinator:
         self.unreachable: dict[int, int] = {}                # rank -> step it was found silent
         self.rss = RssTrace(every=50)                        # resident MB every 50 steps
         self.probes = set(probes)   # ranks whose groups only probe their link: all backed up
+        self.stuck_share: dict[int, float] = {}   # late ranks with nowhere to move: share backed up
         self.load_groups, self.predictor, self.sparsity = load_groups, predictor, sparsity
         self.replanner, self.log = replanner, log or (lambda line: None)
         self.n_layers = len(placement)
@@ -148,15 +149,17 @@ class Coordinator:
         """Rank 0's copies of the most important `backup_share` of each unstable rank's groups
         (by static importance), and of every group of a probe rank, reloaded only where they
         change."""
-        if self.policy.mode != "halo" or (self.policy.backup_share <= 0 and not self.probes):
+        if self.policy.mode != "halo" or (self.policy.backup_share <= 0 and not self.probes
+                                          and not self.stuck_share):
             self.backup = {}
             return
         for l, placed in enumerate(self.placement):
             old, new = self.backup.get(l, {}), {}
-            for r in sorted(self.policy.unstable | self.probes):
+            for r in sorted(self.policy.unstable | self.probes | set(self.stuck_share)):
                 if r >= len(placed) or not len(placed[r]):
                     continue
-                share = 1.0 if r in self.probes else self.policy.backup_share
+                share = (1.0 if r in self.probes else
+                         max(self.policy.backup_share, self.stuck_share.get(r, 0.0)))
                 n = int(np.ceil(share * len(placed[r]) - 1e-9))
                 ids = np.sort(placed[r][np.argsort(-self.importance[l][placed[r]], kind="stable")[:n]])
                 if r in old and np.array_equal(old[r].ids, ids):
@@ -202,12 +205,44 @@ class Coordinator:
                 self.apply_plan(new, line)
 
     def maybe_replan(self):
+        stuck_before = set(self.replanner.said_stuck)
         new, line = self.replanner.update(self.links, self.placement, self.step)
         if new is not None:
             self.apply_plan(new, line)
         elif line:                      # re-rated with nothing to move: said once, in the summary
+            line += self.back_up_stuck(self.replanner.said_stuck - stuck_before)
             self.replans.append(line)
             self.log(line)
+
+    def back_up_stuck(self, ranks: set[int]) -> str:
+        """What is left when a late rank's groups have nowhere to go (two ranks): rank 0 backs
+        them up, as many as its memory budget (the device profile's memory_mb) has room for, the
+        most important first, and recomputes them when that rank's partial misses its deadline.
+        Not in strict sync (it waits anyway) nor under --mem-budget (copies outside the budget)."""
+        if not ranks:
+            return ""
+        if self.policy.mode != "halo" or self.loading is not None:
+            return "; its late partials count as missing"
+        limit = self.replanner.cluster.ranks[0].memory_mb * 1e6
+        room = limit - self.weight_bytes - self.model_bytes
+        said = []
+        for r in sorted(ranks):
+            if r in self.probes:
+                said.append(f"rank 0 backs up all of rank {r}'s groups already (they probe its link)")
+                continue
+            held = sum(len(p[r]) for p in self.placement)
+            need = held * self.replanner.group_mb * 1e6
+            share = 1.0 if need <= room else max(0.0, room / need) if need else 0.0
+            if share <= 0:
+                said.append(f"rank 0 has no room to back up rank {r}'s groups: its late partials "
+                            f"count as missing")
+                continue
+            self.stuck_share[r] = share
+            room -= share * need
+            said.append(f"rank 0 now backs up {share:.0%} of rank {r}'s {held} groups "
+                        f"({share * need / 1e6:.1f} MB) and computes them when its partials are late")
+        self.set_backup()
+        return "; " + "; ".join(said) if said else ""
 
     def apply_plan(self, new: Placement, line: str):
         """Tell every worker its new groups, load rank 0's, move attention groups with caches."""
@@ -226,6 +261,8 @@ class Coordinator:
             self.t.send(r, Kind.PLAN, self.step, -1, json_payload(body), plan=self.version)
         self.policy.unstable = frozenset(self.replanner.unstable())
         self.probes = self.replanner.probes()
+        # a rank that recovered needs no stuck backup (set_backup re-reads the rest by the new plan)
+        self.stuck_share = {r: s for r, s in self.stuck_share.items() if r in self.policy.unstable}
         self.set_placement(new)
         if attention is not None:
             moved_mb = self.move_caches(moves, attention)
