@@ -148,6 +148,7 @@ class DemoteRankOne:
     def __init__(self, plan, at_step):
         self.inner = Replanner(plan.cluster, plan.importance, plan.group_mb, drop_budget=0.01)
         self.cluster, self.at_step = self.inner.cluster, at_step
+        self.said_stuck: set[int] = set()          # as Replanner's: ranks re-rated with nothing to move
 
     def update(self, links, placement, step):
         if step != self.at_step:
