@@ -10,7 +10,7 @@ and streamed in the exact bytes the kernels use.
 
     weights = BudgetedWeights(store, residency, LoadOptions(...), importance, dtype)
     model = Transformer.from_store(store, mlp=..., attention=...)   # through weights.mlp/attention
-    weights.start()                                                 # the reader thread
+    weights.start()                         # the reader (a process of its own by default)
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class LoadOptions:
     load_dir: str | None = None       # where the scratch file of streamed parts goes (default: the store's)
     prefetch: str = "auto"            # on: read ahead while computing; off: read on use; auto (below)
     read_mbps: float | None = None    # emulate a slow disk: reads take at least bytes / rate
-    cold: bool = False                # reads bypass the page cache (posix_fadvise DONTNEED)
+    cold: bool = False                # reads bypass the page cache (O_DIRECT)
     loader: str = "process"           # who reads ahead: a process of its own, or a thread
     leave_a_core: bool = False        # streaming with prefetch: one torch thread fewer (--threads 0)
 
@@ -59,6 +59,7 @@ class LoadOptions:
         if self.prefetch in ("on", "off"):
             return self.prefetch == "on"
         return self.cold or torch.get_num_threads() > 1
+
 
 def rank_residency(args: ModelArgs, store_dtype: str, dtype: str, heads: dict[int, int],
                    groups: dict[int, int], head_rows: int, final_norm: bool, o: LoadOptions,
@@ -217,7 +218,7 @@ class BudgetedWeights:
         self.threads_note = ""
 
     def _stream(self, layer: int, order: int, module) -> Piece:
-        """Write module's tensors to the scratch file and let go of them; start() gathers each
+        """Write module's tensors to the building file and let go of them; start() gathers each
         layer's pieces into its part."""
         linears = module.linears()
         tensors = [t for lin in linears for t in lin.tensors()]
