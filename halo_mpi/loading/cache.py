@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import HaloError
+from ..store.reader import pread_into
 from .readproc import REPLY, REQUEST
 
 ALIGN = 64               # bytes: every tensor of a part starts at a multiple (dtype views need it)
@@ -138,13 +139,8 @@ class ScratchFile:
         """Bytes [offset, offset + len(buf)) into buf, paced and past the page cache on demand
         (then offset and len(buf) are whole pages and buf page-aligned); seconds."""
         t0 = time.perf_counter()
-        fd = self.direct() if cold else self.fd
-        view, got = memoryview(buf), 0
-        while got < len(buf):
-            k = os.preadv(fd, [view[got:]], offset + got)
-            if k == 0:
-                raise HaloError(f"the load scratch file ends at {offset + got} inside a part")
-            got += k
+        pread_into(self.direct() if cold else self.fd, buf, offset,
+                   f"the load scratch file ends inside the part at {offset}")
         if read_mbps:
             time.sleep(max(0.0, len(buf) / (read_mbps * 1e6) - (time.perf_counter() - t0)))
         return time.perf_counter() - t0

@@ -22,6 +22,17 @@ import numpy as np
 from ..errors import HaloError
 
 
+def pread_into(fd: int, buf, offset: int, short: str):
+    """Fill buf (a writable buffer) from byte `offset` of fd: pread may return less than asked
+    (signals, large reads), so it loops; a file that ends first raises HaloError(short)."""
+    view, got = memoryview(buf).cast("B"), 0
+    while got < len(view):
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k == 0:
+            raise HaloError(short)
+        got += k
+
+
 class GroupReader:
     """Groups (elements along axis 0) of one contiguous dataset of a store, read with pread."""
 
@@ -58,12 +69,8 @@ class GroupReader:
         n = (stop - start) * self.group_bytes
         t0 = time.perf_counter()
         buf = bytearray(n)
-        view, got = memoryview(buf), 0
-        while got < n:          # pread may return less than asked (signals, large reads)
-            k = os.preadv(self.fd, [view[got:]], self.offset + start * self.group_bytes + got)
-            if k == 0:
-                raise HaloError(f"{self.path}: the file ends inside a group; it is truncated")
-            got += k
+        pread_into(self.fd, buf, self.offset + start * self.group_bytes,
+                   f"{self.path}: the file ends inside a group; it is truncated")
         if self.read_mbps:      # a slow device: the read takes at least n / rate
             time.sleep(max(0.0, n / (self.read_mbps * 1e6) - (time.perf_counter() - t0)))
         self.bytes_read += n
