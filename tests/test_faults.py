@@ -19,26 +19,32 @@ SHM = {"shm": {}, "no-shm": {"MPIR_CVAR_NOLOCAL": "1"}}
 
 
 def freeze_during_run(args: list[str], rank: int, env: dict, limit: float = 120.0,
-                      sig: int = signal.SIGSTOP):
-    """Start a 3-rank tensor run, SIGSTOP `rank` for good (or send it `sig`) once rank 0 has
-    reported its plan; returns (exit code, seconds from the signal to the end, stdout, stderr)."""
+                      sig: int = signal.SIGSTOP, launch: tuple[str, ...] = (), mode: str = "tensor",
+                      started: str = "tensor-parallel on 3 ranks", stream: str = "stderr"):
+    """Start a 3-rank run, SIGSTOP `rank` for good (or send it `sig`) once rank 0 has written a
+    line starting with `started` on `stream`; returns (exit code, seconds from the signal to the
+    end, stdout, stderr)."""
     mark = uuid.uuid4().hex
-    proc = subprocess.Popen([MPIEXEC, "-n", "3", *HALO, "generate", "--parallel", "tensor", *args],
+    proc = subprocess.Popen([MPIEXEC, *launch, "-n", "3", *HALO, "generate", "--parallel", mode, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **env, "HALO_TEST_MARK": mark})
     pid = None
     try:
         lines, end = [], time.time() + limit
+        watched = getattr(proc, stream)
         while time.time() < end and proc.poll() is None:
-            lines.append(proc.stderr.readline())
-            if "tensor-parallel on 3 ranks" in lines[-1]:
+            lines.append(watched.readline())
+            if lines[-1].startswith(started):
                 break
         pid = pid_of_rank(mark, rank)
         assert pid is not None and proc.poll() is None, "".join(lines)
         os.kill(pid, sig)
         t0 = time.time()
         out, err = proc.communicate(timeout=limit)
-        return proc.returncode, time.time() - t0, out, "".join(lines) + err
+        before = "".join(lines)
+        if stream == "stdout":
+            return proc.returncode, time.time() - t0, before + out, err
+        return proc.returncode, time.time() - t0, out, before + err
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -92,3 +98,64 @@ def test_a_killed_worker_ends_the_job_at_once(tiny_store_path, shm):
         ["--sync", "halo", "--link-loss", "2:0.05", "--weights", str(tiny_store_path), "--prompt", "hi",
          "--max-new-tokens", "250", "--ignore-eos", "--quiet"], rank=2, env=SHM[shm], sig=signal.SIGKILL)
     assert code != 0 and took < 10, err
+
+
+def fault_tolerant_launch(tmp_path) -> tuple[str, ...]:
+    """The launch of README "A dead worker" as on a cluster of one rank per node: hydra with
+    -disable-auto-cleanup and one proxy per host. Here the hosts are names in a hostfile that the
+    fork launcher starts locally, so each rank has a proxy of its own, as on separate devices."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("".join(f"node{i}:1\n" for i in range(3)))
+    return ("-disable-auto-cleanup", "-launcher", "fork", "-f", str(hosts))
+
+
+@pytest.mark.slow
+def test_halo_goes_on_without_a_killed_unstable_rank(real_store_path, tmp_path):
+    """SIGKILL under the fault-tolerant launch: every token comes out, the dead rank is named once
+    as unreachable and at the end, and nothing waits for it."""
+    stats = tmp_path / "s.json"
+    code, took, out, err = freeze_during_run(
+        ["--sync", "halo", "--link-loss", "2:0.05", "--weights", str(real_store_path), "--prompt",
+         "Once upon a time", "--max-new-tokens", "48", "--ignore-eos", "--temperature", "0", "--threads", "1",
+         "--rank-timeout", "2",
+         "--stats-json", str(stats)], rank=2, env={}, sig=signal.SIGKILL,
+        launch=fault_tolerant_launch(tmp_path), limit=300)
+    s = json.loads(stats.read_text())
+    assert s["tokens"] == 48 and s["pending_requests_at_end"] == 0, err
+    assert "2" in s["config"]["unreachable"], err
+    assert err.count("rank 2 silent since the launcher reported a dead process at step") == 1, err
+    assert s["ms_per_token_max"] < 2000 + 1000, err
+    assert code == 3 and err.count("rank 2 did not answer at the end") == 1, err
+
+
+def test_strict_names_a_killed_rank(tiny_store_path, tmp_path):
+    code, took, _, err = freeze_during_run(
+        ["--sync", "strict", "--weights", str(tiny_store_path), "--prompt", "hi", "--max-new-tokens", "250",
+         "--ignore-eos", "--quiet", "--threads", "1", "--rank-timeout", "30"], rank=2, env={},
+        sig=signal.SIGKILL, launch=fault_tolerant_launch(tmp_path))
+    # named once the launcher has reported the death (3 heartbeats), not after the 30 s timeout
+    assert code == 3 and took < 15, err
+    assert err.count("halo-mpi: error on rank 0: rank 2 died (the launcher reported a process failure)") == 1
+
+
+@pytest.fixture(scope="module")
+def deep_store_path(tmp_path_factory):
+    """8 layers: a pipeline of 3 ranks gets a block on each."""
+    from halo_mpi.store.convert import write_synthetic
+    path = tmp_path_factory.mktemp("deep") / "tiny-8l.h5"
+    write_synthetic("tiny-8l", str(path), seed=1, progress=False)
+    return path
+
+
+def test_pipeline_writes_the_finished_sequences_and_names_a_killed_rank(deep_store_path, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(40)))
+    code, took, out, err = freeze_during_run(
+        ["--weights", str(deep_store_path), "--prompt-file", str(prompts), "--num-sequences", "3",
+         "--max-new-tokens", "60", "--ignore-eos", "--quiet", "--threads", "1", "--rank-timeout", "30"],
+        rank=2, env={}, sig=signal.SIGKILL, launch=fault_tolerant_launch(tmp_path), mode="pipeline",
+        started="[", stream="stdout")       # a sequence's text: it has finished
+    assert code == 3 and took < 15, err
+    assert "rank 2 died (the launcher reported a process failure): pipeline mode cannot go on" in err
+    finished = [line for line in out.splitlines() if line.startswith("[")]
+    assert 0 < len(finished) < 40, out

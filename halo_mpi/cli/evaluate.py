@@ -77,7 +77,7 @@ def evaluate_tensor(a):
     from ..tensor.coordinator import TensorParallelSession
     from ..tensor.run import TensorOptions, end_if_silent, open_and_plan, run_tensor
 
-    comm = world_comm()
+    comm = world_comm(a.rank_timeout)
     rank, size = comm.Get_rank(), comm.Get_size()
     options = options_from(TensorOptions, a)
 

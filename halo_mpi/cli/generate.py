@@ -191,7 +191,7 @@ def generate_tensor(a):
         tensor_stats,
     )
 
-    comm = world_comm()
+    comm = world_comm(a.rank_timeout)
     rank, size = comm.Get_rank(), comm.Get_size()
     options = options_from(TensorOptions, a, load=load_options(a))
 
@@ -236,7 +236,7 @@ def generate_pipeline(a):
     from ..pipeline.ring import Options, Request
     from ..pipeline.run import collectively, run_pipeline
 
-    comm = world_comm()
+    comm = world_comm(a.rank_timeout)
     rank, size = comm.Get_rank(), comm.Get_size()
     prompts, requests, tok = collectively(comm, (lambda: read_requests(a)) if rank == 0
                                           else lambda: (None,) * 3)

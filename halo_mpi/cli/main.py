@@ -16,7 +16,15 @@ import sys
 import traceback
 
 from ..errors import HaloError
-from ..net.launch import CollectiveError, abort, abort_message, world_rank, world_size
+from ..net.launch import (
+    CollectiveError,
+    abort,
+    abort_message,
+    guard_finalize,
+    peer_died,
+    world_rank,
+    world_size,
+)
 from . import bench, evaluate, generate, serve, testbed, weights
 
 
@@ -47,6 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    return leave(run(argv))
+
+
+def leave(code: int) -> int:
+    """The exit code; without MPI_Finalize once a peer has died: its barrier would wait for the
+    dead rank for good (measured: survivors of a kill hung there). A rank that dies later, while
+    the others are in MPI_Finalize, is the finalize watchdog's (net/launch.py)."""
+    if peer_died.is_set():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    guard_finalize()
+    return code
+
+
+def run(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         check_outputs(args)

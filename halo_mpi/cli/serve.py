@@ -163,7 +163,7 @@ def serve_tensor(a):
     from ..tensor.coordinator import TensorParallelSession
     from ..tensor.run import TensorOptions, describe, end_if_silent, open_and_plan, run_tensor
 
-    comm = world_comm()
+    comm = world_comm(a.rank_timeout)
     rank, size = comm.Get_rank(), comm.Get_size()
     options = options_from(TensorOptions, a, load=load_options(a))
     store, plan = collective(comm, lambda: open_and_plan(a.weights, rank, size, options))
@@ -207,7 +207,7 @@ def serve_ring_mode(a):
     from ..serve.driver import serve_ring
     from ..store.hdf5 import Store
 
-    comm = world_comm()
+    comm = world_comm(a.rank_timeout)
     rank, size = comm.Get_rank(), comm.Get_size()
     devices = collectively(comm, lambda: read_device_profile(a.device_profile, size).ranks
                            if rank == 0 and a.device_profile else None)

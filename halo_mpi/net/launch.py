@@ -6,8 +6,10 @@ stand in. The world size and rank are also read from the launcher's environment,
 """
 from __future__ import annotations
 
+import atexit
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -71,15 +73,115 @@ class CollectiveError(HaloError):
 # among the survivors goes on; MPIR_CVAR_ENABLE_FT=1 fails an assertion in MPI_Init). Caught, it
 # lets the transport name the rank that fell silent (net/transport.py) and HALO go on without it.
 peer_died = threading.Event()
+STUCK_S = 10.0              # after a death, a main loop that long away from the transport is stuck
+_responsive = [time.monotonic()]
 
 
-def world_comm():
+def responsive():
+    """Called by the transport's waits, where a silent peer is noticed: the main loop is not stuck
+    inside a blocking MPI call (see DeathWatch)."""
+    _responsive[0] = time.monotonic()
+
+
+class DeathWatch:
+    """Ends the job if a peer dies while this rank is inside a blocking MPI call.
+
+    Python runs a signal's handler only once the main thread is back in the interpreter, and a
+    collective (startup's allgather, a broadcast) waiting for a dead rank never returns: the job
+    would hang. The C-level handler writes the signal to a wakeup pipe at once, so this thread
+    learns of the death; if the main loop then stays away from the transport for `stuck_s`, it
+    prints one line and calls MPI_Abort."""
+
+    def __init__(self, comm, stuck_s: float = STUCK_S):
+        self.comm, self.stuck_s = comm, stuck_s
+        self.read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        threading.Thread(target=self.run, name="halo-deaths", daemon=True).start()
+
+    def run(self):
+        while signal.SIGUSR1 not in os.read(self.read_fd, 64):
+            pass
+        peer_died.set()
+        noticed = time.monotonic()
+        while True:
+            time.sleep(0.5)
+            if time.monotonic() - max(noticed, _responsive[0]) > self.stuck_s:
+                break
+        line = (f"halo-mpi: error on rank {self.comm.Get_rank()}: a process of the job died (the "
+                f"launcher reported it) while this rank was in a collective step (startup, a "
+                f"broadcast) that cannot go on without it; ending the job")
+        print(line, file=sys.stderr, flush=True)
+        time.sleep(ABORT_GRACE_S)
+        self.comm.Abort(3)
+
+
+def world_comm(rank_timeout: float = 60.0):
     """MPI's COMM_WORLD, MPI initialised here, and from then on SIGUSR1 from the launcher means a
-    peer died (see peer_died; after MPI_Init, which would otherwise own the signal)."""
+    peer died (see peer_died and DeathWatch; after MPI_Init, which would otherwise own the signal).
+    MPI_Init waits for every rank: one that dies before it would hold the others there for good,
+    so a rank whose MPI_Init takes longer than `rank_timeout` ends (see watchdog)."""
+    watching = world_size() > 1 and threading.current_thread() is threading.main_thread()
+    if watching:
+        watcher, through = watchdog(rank_timeout, "MPI did not start within {:g} s (--rank-timeout): "
+                                    "a rank died or never reached MPI_Init; ending")
     from mpi4py import MPI
-    if world_size() > 1 and threading.current_thread() is threading.main_thread():
+    if watching:
+        os.close(through)
+        watcher.wait()
+        _watchdogs["timeout"] = rank_timeout
         signal.signal(signal.SIGUSR1, lambda signum, frame: peer_died.set())
+        DeathWatch(MPI.COMM_WORLD)
+        # Hydra's proxy also sends SIGUSR1 to a rank whose PMI connection closes as it exits, even
+        # after a clean MPI_Finalize (MPICH 5.0.2, -disable-auto-cleanup). Python puts back the
+        # default action (end the process) before MPI_Finalize runs, so a clean run would end
+        # "terminated with signal 10". Ignored from the exit on: Python leaves an ignored signal so.
+        atexit.register(signal.signal, signal.SIGUSR1, signal.SIG_IGN)
     return MPI.COMM_WORLD
+
+
+# A watchdog of its own process, for the two places where no thread of a rank can act: inside
+# MPI_Init (mpi4py holds the GIL there) and MPI_Finalize (run after Python's own shutdown); both
+# wait for every rank, and one that died holds the others there for good. Arguments: the rank's
+# pid, the timeout, the line to print (rank 0 only). The rank closes the pipe when it is through
+# (or by ending): then it leaves without a word; otherwise it prints and ends the rank (SIGTERM).
+_WATCHDOG = """import os, select, sys
+pid, timeout, line = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+if not select.select([0], [], [], timeout)[0]:
+    if line:
+        sys.stderr.write(line + "\\n")
+        sys.stderr.flush()
+    os.kill(pid, 15)
+"""
+_watchdogs: dict = {}       # the rank timeout once MPI is up; the finalize watchdog
+
+
+def watchdog(timeout: float, what: str) -> tuple[subprocess.Popen, int]:
+    """End this rank if it is not through within `timeout` s; through = close the returned file
+    descriptor (a bare one: Python's shutdown, before MPI_Finalize, closes the files it owns).
+    Rank 0 prints `what` (formatted with the timeout) as its error line."""
+    line = f"halo-mpi: error on rank 0: {what.format(timeout)}" if world_rank() == 0 else ""
+    read_end, write_end = os.pipe()
+    # hydra signals a rank's whole process group when a peer dies (SIGUSR1, whose default action
+    # ends a process): the watchdog inherits it ignored
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _WATCHDOG, str(os.getpid()),
+                                 str(timeout), line], stdin=read_end)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    os.close(read_end)
+    return proc, write_end
+
+
+def guard_finalize():
+    """Before the exit's MPI_Finalize (once MPI is up): a rank that dies as the run ends would hold
+    the others in its barrier; after the rank timeout this rank ends instead. The results are out
+    by then. Its pipe closes with this process."""
+    if "timeout" in _watchdogs and "finalize" not in _watchdogs:
+        _watchdogs["finalize"] = watchdog(_watchdogs["timeout"], "MPI_Finalize did not complete "
+                                          "within {:g} s (--rank-timeout): a rank died as the run "
+                                          "ended; the results above are complete; ending")
 
 
 def collective(comm, fn):

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import HaloError
 from .framing import HEADER, TAG, Kind, Message, decode, frame, write_frame
-from .launch import oversubscribed, peer_died
+from .launch import oversubscribed, peer_died, responsive
 from .loss import LinkLoss
 
 
@@ -212,8 +212,15 @@ class Transport:
         return sorted(r for r in (self.heard if among is None else among)
                       if r in self.heard and now - self.heard[r] > timeout)
 
+    def why_silent(self) -> str:
+        """How a silent peer was found, for the line that says so."""
+        if peer_died.is_set():
+            return "silent since the launcher reported a dead process"
+        return f"silent for {self.rank_timeout:g} s"
+
     def check_fatal(self):
         """RankSilent if a peer this rank cannot do without has been silent too long."""
+        responsive()
         if self.rank_timeout is not None and self.fatal:
             gone = self.silent(among=self.fatal)
             if gone:

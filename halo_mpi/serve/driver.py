@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..model.generate import Sampler, generate
+from ..net.launch import responsive
 from .broker import Broker, Job
 
 
@@ -77,6 +78,7 @@ def serve_sessions(broker: Broker, tok, session_for, stop_ids, poll_s: float = 0
     while not broker.closed.is_set():
         job = broker.take(poll_s)
         if job is None:
+            responsive()        # idle, not stuck in MPI: a dead rank is noticed at the next job
             continue
         if job.cancelled.is_set():
             job.done("cancelled", 0)
@@ -125,6 +127,7 @@ def serve_ring(broker: Broker, tok, ring, stage, clock, options, poll_s: float =
         while not closing and len(conductor.active) < stage.plan.in_flight:
             job = broker.take_nowait() if conductor.active else broker.take(poll_s)
             if job is None:
+                responsive()    # idle, not stuck in MPI (net/launch.py DeathWatch)
                 break
             if job.cancelled.is_set():
                 job.done("cancelled", 0)

@@ -190,7 +190,7 @@ class Coordinator:
             if r in self.unreachable or r in self.t.fatal:
                 continue
             self.unreachable[r] = self.step
-            line = f"rank {r} silent for {self.t.rank_timeout:g} s at step {self.step}: unreachable"
+            line = f"rank {r} {self.t.why_silent()} at step {self.step}: unreachable"
             if self.replanner is None:
                 line += "; its partials count as missing (re-planning is off)"
                 self.replans.append(line)
