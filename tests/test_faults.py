@@ -1,6 +1,8 @@
 """Fault injection under mpiexec: a rank frozen for good (SIGSTOP, never resumed), with MPICH's
-shared memory and without (MPIR_CVAR_NOLOCAL=1). Strict sync and a frozen rank 0 end the job
-naming the rank; HALO sync goes on without an unstable rank; nothing hangs past the timeouts."""
+shared memory and without (MPIR_CVAR_NOLOCAL=1), and a rank killed (SIGKILL) under the default
+launch and the fault-tolerant one (-disable-auto-cleanup, a proxy per rank). Strict sync, pipeline
+mode and a frozen rank 0 end the job naming the rank; HALO sync goes on without an unstable rank;
+nothing hangs past the timeouts."""
 import json
 import os
 import signal
@@ -159,3 +161,24 @@ def test_pipeline_writes_the_finished_sequences_and_names_a_killed_rank(deep_sto
     assert "rank 2 died (the launcher reported a process failure): pipeline mode cannot go on" in err
     finished = [line for line in out.splitlines() if line.startswith("[")]
     assert 0 < len(finished) < 40, out
+
+
+@pytest.mark.parametrize("through", [False, True])
+def test_the_watchdog_ends_a_rank_held_past_its_timeout(through):
+    """net/launch.watchdog: a rank held (here: asleep) past the timeout is ended with rank 0's
+    line; one that says it is through in time is left alone, and so is the watchdog's exit."""
+    code = ("import os, time\n"
+            "from halo_mpi.net.launch import watchdog\n"
+            "proc, through = watchdog(1.0, 'held for {:g} s')\n"
+            f"if {through}:\n"
+            "    os.close(through); proc.wait()\n"
+            "time.sleep(3)\n"
+            "print('done', flush=True)\n")
+    t0 = time.time()
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "PMI_RANK": "0"})
+    if through:
+        assert run.returncode == 0 and run.stdout == "done\n" and run.stderr == "", run.stderr
+    else:
+        assert run.returncode == -signal.SIGTERM and time.time() - t0 < 2.9, run
+        assert run.stderr == "halo-mpi: error on rank 0: held for 1 s\n" and run.stdout == ""
