@@ -103,6 +103,8 @@ def test_bad_input_is_one_line_and_exit_2(bad, tiny_store_path, args, says):
     (G + ["--parallel", "tensor", "--link-loss", "1:1.5"], "--link-loss"),
     (["generate", "--weights", "{d}/other.h5", "--prompt", "x", "--parallel", "tensor"],
      "not a halo-mpi store"),
+    (G, "choose --parallel tensor or --parallel pipeline"),          # no mode for 2 ranks
+    (["serve", "--weights", T], "serve with --parallel tensor"),
 ])
 def test_under_mpiexec_the_line_is_printed_once(bad, tiny_store_path, args, says):
     done, _ = run([MPIEXEC, "-n", "2", *HALO, *fill(args, bad, tiny_store_path)], timeout=60)

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import HaloError
-from ..net.launch import world_size
+from ..net.launch import CollectiveError, world_rank, world_size
 from ..stats import RankStats, RunStats, SequenceStats, cpu_seconds, peak_rss_mb
 from .options import (
     add_dtype_argument,
@@ -81,8 +80,8 @@ def run(a):
     if a.parallel == "pipeline":
         return generate_pipeline(a)
     if world_size() > 1:
-        raise HaloError(f"this run has {world_size()} MPI ranks; choose --parallel tensor or "
-                        f"--parallel pipeline, or launch with -n 1")
+        raise CollectiveError(f"this run has {world_size()} MPI ranks; choose --parallel tensor or "
+                              f"--parallel pipeline, or launch with -n 1", world_rank())   # said once
     return generate_single(a)
 
 

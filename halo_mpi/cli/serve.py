@@ -19,7 +19,7 @@ import threading
 import time
 
 from ..errors import HaloError
-from ..net.launch import world_size
+from ..net.launch import CollectiveError, world_rank, world_size
 from .options import (
     add_dtype_argument,
     add_load_arguments,
@@ -72,8 +72,8 @@ def run(a):
     if a.parallel == "pipeline":
         return serve_ring_mode(a)
     if world_size() > 1:
-        raise HaloError(f"this run has {world_size()} MPI ranks; serve with --parallel tensor, or "
-                        f"launch with -n 1")
+        raise CollectiveError(f"this run has {world_size()} MPI ranks; serve with --parallel tensor, "
+                              f"or launch with -n 1", world_rank())        # every rank: said once
     return serve_single(a)
 
 
