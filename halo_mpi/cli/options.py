@@ -79,7 +79,9 @@ def add_tensor_arguments(g):
                       help="a rank silent for S seconds (no message, no heartbeat: frozen or dead) "
                            "is unreachable: HALO sync re-places its MLP groups and goes on; strict "
                            "sync, pipeline mode, and HALO when it holds attention or head rows end "
-                           "with one line naming it and a non-zero exit (default: %(default)s)")
+                           "with one line naming it and a non-zero exit; it also bounds (at least "
+                           "60 s) MPI's start and end, which wait for every rank, a dead one too "
+                           "under mpiexec -disable-auto-cleanup (default: %(default)s)")
     t = g.add_argument_group("tensor-parallel mode (--parallel tensor)")
     t.add_argument("--sync", choices=["strict", "halo"], default="halo",
                    help="strict: wait for every partial (the blocking-allreduce baseline); halo: "

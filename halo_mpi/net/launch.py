@@ -74,6 +74,7 @@ class CollectiveError(HaloError):
 # lets the transport name the rank that fell silent (net/transport.py) and HALO go on without it.
 peer_died = threading.Event()
 STUCK_S = 10.0              # after a death, a main loop that long away from the transport is stuck
+MPI_WAIT_S = 60.0           # the least time MPI_Init and MPI_Finalize may wait for the other ranks
 _responsive = [time.monotonic()]
 
 
@@ -120,16 +121,19 @@ def world_comm(rank_timeout: float = 60.0):
     """MPI's COMM_WORLD, MPI initialised here, and from then on SIGUSR1 from the launcher means a
     peer died (see peer_died and DeathWatch; after MPI_Init, which would otherwise own the signal).
     MPI_Init waits for every rank: one that dies before it would hold the others there for good,
-    so a rank whose MPI_Init takes longer than `rank_timeout` ends (see watchdog)."""
+    so a rank whose MPI_Init takes longer than `rank_timeout` ends (see watchdog). Ranks reach
+    MPI_Init and MPI_Finalize at different times (a slow import, rank 0's report), so neither is
+    cut shorter than MPI_WAIT_S, however small the rank timeout."""
     watching = world_size() > 1 and threading.current_thread() is threading.main_thread()
+    limit = max(rank_timeout, MPI_WAIT_S)
     if watching:
-        watcher, through = watchdog(rank_timeout, "MPI did not start within {:g} s (--rank-timeout): "
-                                    "a rank died or never reached MPI_Init; ending")
+        watcher, through = watchdog(limit, "MPI did not start within {:g} s (--rank-timeout, at "
+                                    "least 60): a rank died or never reached MPI_Init; ending")
     from mpi4py import MPI
     if watching:
         os.close(through)
         watcher.wait()
-        _watchdogs["timeout"] = rank_timeout
+        _watchdogs["timeout"] = limit
         signal.signal(signal.SIGUSR1, lambda signum, frame: peer_died.set())
         DeathWatch(MPI.COMM_WORLD)
         # Hydra's proxy also sends SIGUSR1 to a rank whose PMI connection closes as it exits, even
@@ -180,8 +184,8 @@ def guard_finalize():
     by then. Its pipe closes with this process."""
     if "timeout" in _watchdogs and "finalize" not in _watchdogs:
         _watchdogs["finalize"] = watchdog(_watchdogs["timeout"], "MPI_Finalize did not complete "
-                                          "within {:g} s (--rank-timeout): a rank died as the run "
-                                          "ended; the results above are complete; ending")
+                                          "within {:g} s (--rank-timeout, at least 60): a rank died "
+                                          "as the run ended; the results above are complete; ending")
 
 
 def collective(comm, fn):
