@@ -425,6 +425,21 @@ def test_tcp_loss_model_stalls_like_the_testbed():
     assert 0.08 < fast < 0.17
 
 
+def test_a_one_segment_message_stalls_as_the_square_of_the_loss():
+    """HALO's one-segment message on the testbed (jobs/segment_loss.py) stalled 100 ms or more for
+    0.008, 0.028, 0.097, 0.260 of messages at 5, 10, 20, 30% loss: ~2.8 p^2, not linear in p; the
+    fit finds the law's factor again from samples of the model."""
+    from halo_mpi.bench.emulation import fit_loss_model
+    samples = {}
+    for p in (0.05, 0.1, 0.2, 0.3):
+        model = LinkLoss({1: p}, seed=2)
+        d = np.array([model.delay(0, 1, 1188) for _ in range(20000)])
+        assert abs((d >= 0.1).mean() - 2.8 * p * p) < 0.015
+        samples[p] = {1188: (1e3 * d).tolist()}
+    fitted = fit_loss_model({0.0: {1188: [0.1]}, **samples})
+    assert abs(fitted["single_per_p2"] - 2.8) < 0.15 and abs(fitted["single_fast_per_p"] - 0.7) < 0.1
+
+
 def test_parse_rank_values_errors():
     def parse(spec):
         return parse_rank_values(spec, "--link-loss", range(1, 4), values=(0.0, 1.0))

@@ -24,14 +24,18 @@ class LinkLoss:
     model "rto" (the issue's first model): every lost packet of a message costs one RTO (200 ms,
     doubling when the same packet is lost again).
     model "tcp" (default; fitted to real Linux TCP on the testbed, see `halo-mpi bench
-    --calibrate-emulation`): most losses of a continuing stream are repaired by fast retransmit
-    and early probes within milliseconds; the ~200 ms stalls come from a lost *last* segment (a
-    tail-loss probe or RTO), at about stall_per_p x p per message of two or more segments and
-    single_per_p x p for a one-segment message, not growing with size; a stall doubles when the
-    retransmission is lost too, with probability double_per_p x p (fitted 1.18 on the testbed;
-    at most 0.9), and never beyond Linux's cap of 120 s, so the model stays finite at any p;
-    otherwise, with probability fast_per_p x p, the message is
-    late by fast_lo_ms..fast_hi_ms (log-uniform): a loss repaired by fast retransmit.
+    --calibrate-emulation` and jobs/segment_loss.py): most losses of a continuing stream are
+    repaired by fast retransmit and early probes within milliseconds; the ~200 ms stalls come from
+    a lost *last* segment (a tail-loss probe or RTO). A message of two or more segments stalls with
+    probability stall_per_p x p, not growing with size. A one-segment message (HALO's per-layer
+    message) stalls only when its tail-loss probe is lost as well: single_per_p2 x p^2 (measured
+    for 1188 bytes: 0.008, 0.028, 0.097, 0.260 at 5, 10, 20, 30% loss, i.e. 2.8-3.2 p^2; a linear
+    law fitted at 1-5% gave a quarter of that at 30%). A stall doubles when the retransmission is
+    lost too, with probability double_per_p x p (fitted 1.18 on the testbed, and 0.9-1.1 for one
+    segment at 10-30%; at most 0.9), and never beyond Linux's cap of 120 s, so the model stays
+    finite at any p. Otherwise, with probability fast_per_p x p (single_fast_per_p x p for one
+    segment), the message is late by fast_lo_ms..fast_hi_ms (log-uniform): a loss repaired by
+    fast retransmit or a probe.
     """
     loss: dict[int, float]       # rank -> packet loss probability on its link with rank 0
     seed: int = 0
@@ -40,9 +44,10 @@ class LinkLoss:
     in_order: bool = False       # hold later messages behind a delayed one (head-of-line)
     model: str = "tcp"
     stall_per_p: float = 1.2
-    single_per_p: float = 0.2
+    single_per_p2: float = 2.8
     double_per_p: float = 1.18
     fast_per_p: float = 2.5
+    single_fast_per_p: float = 0.7
     fast_lo_ms: float = 1.0
     fast_hi_ms: float = 10.0
 
@@ -68,11 +73,14 @@ class LinkLoss:
             backoff = np.minimum(2.0 ** np.minimum(losses, 20), RTO_MAX / self.rto)   # capped as Linux does
             return float(self.rto * np.sum(backoff - 1.0))
         u = rng.random()
-        stall = min(1.0, (self.stall_per_p if packets > 1 else self.single_per_p) * p)
+        if packets > 1:
+            stall, fast = min(1.0, self.stall_per_p * p), min(1.0, self.fast_per_p * p)
+        else:
+            stall, fast = min(1.0, self.single_per_p2 * p * p), min(1.0, self.single_fast_per_p * p)
         if u < stall:
             doublings = rng.geometric(1.0 - min(0.9, self.double_per_p * p)) - 1
             return float(min(self.rto * 2.0 ** min(doublings, 20), RTO_MAX))
-        if u < stall + min(1.0, self.fast_per_p * p):
+        if u < stall + fast:
             lo, hi = np.log10(self.fast_lo_ms / 1e3), np.log10(self.fast_hi_ms / 1e3)
             return float(10 ** rng.uniform(lo, hi))
         return 0.0
