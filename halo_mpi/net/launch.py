@@ -105,9 +105,11 @@ class DeathWatch:
             pass
         peer_died.set()
         noticed = time.monotonic()
+        # rank 0, if alive, ends the job first: one line, not one per rank
+        stuck_s = self.stuck_s + (0.0 if self.comm.Get_rank() == 0 else 2.0)
         while True:
             time.sleep(0.5)
-            if time.monotonic() - max(noticed, _responsive[0]) > self.stuck_s:
+            if time.monotonic() - max(noticed, _responsive[0]) > stuck_s:
                 break
         line = (f"halo-mpi: error on rank {self.comm.Get_rank()}: a process of the job died (the "
                 f"launcher reported it) while this rank was in a collective step (startup, a "
