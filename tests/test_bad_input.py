@@ -41,7 +41,7 @@ CASES = [
     (["generate", "--weights", T, "--prompt-file", "{d}/none.txt"], "cannot read --prompt-file"),
     (["generate", "--weights", T], "give --prompt"),
     (G + ["--prompt-file", "{d}/latin1.txt"], "give --prompt"),
-    (G + ["--temperature", "-1"], "--temperature: must be >= 0"),
+    (G + ["--temperature", "-1"], "--temperature: must be a finite number >= 0"),
     (G + ["--top-p", "2"], "--top-p: must be in (0, 1]"),
     (G + ["--top-p", "0"], "--top-p: must be in (0, 1]"),
     (G + ["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
@@ -50,10 +50,10 @@ CASES = [
     (G + ["--parallel", "tensor", "--sync", "maybe"], "invalid choice: 'maybe'"),
     (G + ["--parallel", "tensor", "--link-loss", "9:0.1"], "names rank 9"),
     (G + ["--parallel", "tensor", "--link-loss", "1"], "--link-loss"),
-    (G + ["--parallel", "tensor", "--critical-share", "0"], "--critical-share 0.0 is not in (0, 1]"),
-    (G + ["--parallel", "tensor", "--sparsity", "1"], "--sparsity 1.0 is not in [0, 1)"),
-    (G + ["--parallel", "tensor", "--backup-share", "2"], "--backup-share 2.0 is not in [0, 1]"),
-    (G + ["--parallel", "tensor", "--drop-budget", "0"], "--drop-budget 0.0 is not in (0, 1]"),
+    (G + ["--parallel", "tensor", "--critical-share", "0"], "--critical-share: must be in (0, 1], got 0"),
+    (G + ["--parallel", "tensor", "--sparsity", "1"], "--sparsity: must be in [0, 1), got 1"),
+    (G + ["--parallel", "tensor", "--backup-share", "2"], "--backup-share: must be in [0, 1], got 2"),
+    (G + ["--parallel", "tensor", "--drop-budget", "0"], "--drop-budget: must be in (0, 1], got 0"),
     (G + ["--parallel", "tensor", "--device-profile", "{d}/bad.toml"], "is not valid TOML"),
     (G + ["--parallel", "tensor", "--device-profile", "{d}/far.toml"], "describes [rank.7]"),
     (G + ["--parallel", "tensor", "--device-profile", "{d}/keys.toml"], "sped"),
@@ -104,7 +104,7 @@ def test_bad_input_is_one_line_and_exit_2(bad, tiny_store_path, args, says):
     (["generate", "--weights", "{d}/other.h5", "--prompt", "x", "--parallel", "tensor"],
      "not a halo-mpi store"),
     (G, "choose --parallel tensor or --parallel pipeline"),          # no mode for 2 ranks
-    (["serve", "--weights", T], "serve with --parallel tensor"),
+    (["serve", "--weights", T], "choose --parallel tensor or --parallel pipeline"),
 ])
 def test_under_mpiexec_the_line_is_printed_once(bad, tiny_store_path, args, says):
     done, _ = run([MPIEXEC, "-n", "2", *HALO, *fill(args, bad, tiny_store_path)], timeout=60)

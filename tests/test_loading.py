@@ -17,21 +17,23 @@ from halo_mpi.loading.budget import (
     attention_bytes,
     linear_bytes,
     mlp_bytes,
-    parse_budget,
     plan_residency,
 )
 from halo_mpi.loading.cache import PAGE, Part, ScratchFile, WeightCache
-from halo_mpi.loading.parts import LoadOptions, budgeted_transformer
+from halo_mpi.loading.parts import budgeted_transformer, prefetching
 from halo_mpi.model.groups import GroupMLP
+from halo_mpi.model.jobs import Job
 from halo_mpi.model.linear import Linear
 from halo_mpi.model.llama import Attention, Transformer
 from halo_mpi.model.qlinear import QuantLinear
 from halo_mpi.model.quant import quantize
-from halo_mpi.pipeline.ring import Options, Request
+from halo_mpi.options.tree import LoadOptions, ModeOptions
+from halo_mpi.options.values import Budget
 from halo_mpi.pipeline.run import run_local
 from halo_mpi.store.convert import convert_store
 from halo_mpi.store.hdf5 import Store
-from halo_mpi.tensor.run import LocalCluster, TensorOptions, make_plan
+from halo_mpi.tensor.local import LocalCluster
+from halo_mpi.tensor.plan import make_plan
 
 HALO = [sys.executable, "-m", "halo_mpi.cli"]
 
@@ -44,13 +46,14 @@ HALO = [sys.executable, "-m", "halo_mpi.cli"]
     ("64MiB", (64 * 2**20, None)), ("1000", (1000.0, None)), ("50%", (None, 0.5)),
     ("100%", (None, 1.0)), (" 25 % ", (None, 0.25))])
 def test_budgets_parse(text, want):
-    assert parse_budget(text) == want
+    b = Budget.parse(text)
+    assert (b.bytes, b.share) == want and Budget.parse(str(b)) == b
 
 
 @pytest.mark.parametrize("text", ["", "lots", "0", "0%", "-5MB", "150%", "12 parsecs", "5%%"])
 def test_bad_budgets_are_one_clear_error(text):
     with pytest.raises(HaloError, match="--mem-budget"):
-        parse_budget(text)
+        Budget.parse(text)
 
 
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "q8_0", "q4"])
@@ -216,7 +219,7 @@ def logits_of(model, ids=IDS):
 @pytest.mark.parametrize("budget", ["100%", "50%", "35%"])
 def test_one_process_under_a_budget_equals_the_reference(deep_store, tmp_path, budget):
     ref = logits_of(Transformer.from_store(deep_store))
-    model, weights = budgeted_transformer(deep_store, LoadOptions(budget, str(tmp_path)))
+    model, weights = budgeted_transformer(deep_store, LoadOptions(Budget.parse(budget), str(tmp_path)))
     got = logits_of(model)
     stats = weights.stats()
     weights.close()
@@ -239,7 +242,7 @@ def test_a_quantized_store_under_a_budget_equals_its_reference(q4_store, tmp_pat
     QuantLinear.exact = True
     try:
         ref = logits_of(Transformer.from_store(q4_store))
-        model, weights = budgeted_transformer(q4_store, LoadOptions("40%", str(tmp_path)))
+        model, weights = budgeted_transformer(q4_store, LoadOptions(Budget.parse("40%"), str(tmp_path)))
         got = logits_of(model)
         weights.close()
     finally:
@@ -254,7 +257,8 @@ def test_tensor_mode_under_a_budget_equals_the_reference(request, tmp_path, stor
     store = request.getfixturevalue(f"{store}_store")
     ref_model = Transformer.from_store(store)
     ref = ref_model(torch.tensor(IDS), ref_model.new_cache(8))
-    o = TensorOptions(sync=sync, wire_dtype="float32", load=LoadOptions(budget, str(tmp_path)))
+    o = ModeOptions.of(parallel="tensor", sync=sync, wire_dtype="float32", mem_budget=Budget.parse(budget),
+                       load_dir=str(tmp_path))
     cluster = LocalCluster(store, make_plan(store, ranks, o))
     got = cluster.session(8).step(torch.tensor(IDS), decoding=False, last_only=False)
     loading = cluster.coordinator.loading.stats()
@@ -267,10 +271,11 @@ def test_tensor_mode_under_a_budget_equals_the_reference(request, tmp_path, stor
 
 def test_pipeline_under_a_budget_equals_the_reference(deep_store, tmp_path):
     from test_pipeline import assert_same_as_reference
-    requests = [Request([5, 70, 33, 9, 120], 5), Request([7, 8, 1], 4)]
-    o = Options(in_flight=2, keep_logits=True, load=LoadOptions("60%", str(tmp_path)))
-    run = run_local(deep_store, requests, o, 2)
-    assert_same_as_reference(run, Transformer.from_store(deep_store), requests, o)
+    requests = [Job([5, 70, 33, 9, 120], 5, index=0), Job([7, 8, 1], 4, index=1)]
+    o = ModeOptions.of(parallel="pipeline", num_sequences=2, mem_budget=Budget.parse("60%"),
+                       load_dir=str(tmp_path))
+    run = run_local(deep_store, requests, o, 2, keep_logits=True)
+    assert_same_as_reference(run, Transformer.from_store(deep_store), requests)
     assert all(r["loading"]["bytes_read"] > 0 for r in run.ranks)
 
 
@@ -281,9 +286,11 @@ RSS_SCRIPT = """
 import json, sys, torch
 from halo_mpi.stats import rss_mb, peak_rss_mb
 from halo_mpi.store.hdf5 import Store
-from halo_mpi.loading.parts import LoadOptions, budgeted_transformer
+from halo_mpi.loading.parts import budgeted_transformer
+from halo_mpi.options.tree import LoadOptions
+from halo_mpi.options.values import Budget
 store = Store(sys.argv[1])
-model, weights = budgeted_transformer(store, LoadOptions(sys.argv[2], sys.argv[3]))
+model, weights = budgeted_transformer(store, LoadOptions(Budget.parse(sys.argv[2]), sys.argv[3]))
 cache = model.new_cache(64)
 with torch.inference_mode():
     model(torch.arange(8), cache)
@@ -363,11 +370,12 @@ def test_auto_prefetch_reads_ahead_when_reads_wait_on_the_disk_or_a_core_is_free
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert not LoadOptions("50%").prefetching()               # one core, page cache: off
-        assert LoadOptions("50%", cold=True).prefetching()        # the disk's DMA: on
-        assert LoadOptions("50%", prefetch="on").prefetching()
+        half = Budget.parse("50%")
+        assert not prefetching(LoadOptions(half))                 # one core, page cache: off
+        assert prefetching(LoadOptions(half, cold=True))          # the disk's DMA: on
+        assert prefetching(LoadOptions(half, prefetch="on"))
         torch.set_num_threads(2)
-        assert LoadOptions("50%").prefetching()                   # a core for the reader
-        assert not LoadOptions("50%", prefetch="off").prefetching()
+        assert prefetching(LoadOptions(half))                     # a core for the reader
+        assert not prefetching(LoadOptions(half, prefetch="off"))
     finally:
         torch.set_num_threads(threads)

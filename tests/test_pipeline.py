@@ -7,6 +7,7 @@ and the command line launched by mpiexec in a subprocess.
 
 Every run is compared with the single-process reference: the same tokens, logits within 1e-3.
 """
+import dataclasses
 import json
 import os
 import signal
@@ -21,10 +22,13 @@ import torch
 from conftest import HALO
 
 from halo_mpi.errors import HaloError
-from halo_mpi.model.generate import LocalSession, Sampler, generate
+from halo_mpi.model.generate import LocalSession, generate
+from halo_mpi.model.jobs import Job
 from halo_mpi.model.llama import Transformer
 from halo_mpi.net.devices import Device, read_device_profile
-from halo_mpi.pipeline.ring import Options, Request, held_parameters, load_stage_model, make_plan
+from halo_mpi.options.tree import ModeOptions
+from halo_mpi.pipeline.plan import load_stage_model, make_plan
+from halo_mpi.pipeline.ring import held_parameters
 from halo_mpi.pipeline.run import run_local
 from halo_mpi.pipeline.split import StageCosts, split_layers, stage_costs
 from halo_mpi.store.hdf5 import Store
@@ -72,26 +76,40 @@ class RecordingSession(LocalSession):
         return self.logits[-1]
 
 
-def reference(model, req: Request, options: Options):
-    session = RecordingSession(model, len(req.ids) + req.max_new)
+def reference(model, job: Job):
+    session = RecordingSession(model, job.max_len)
     with torch.inference_mode():
-        result = generate(session, req.ids, req.max_new,
-                          Sampler(options.temperature, options.top_p, options.seed), options.stop_ids)
+        result = generate(session, job.ids, job.max_new, job.sampler(), job.stop_ids)
     return result, session.logits
 
 
-def make_requests(n: int, vocab: int, seed: int = 0, lengths=None, max_new=None) -> list[Request]:
-    """n prompts of varied lengths (some longer than a prefill chunk) and token budgets."""
+def make_requests(n: int, vocab: int, seed: int = 0, lengths=None, max_new=None, **sampling) -> list[Job]:
+    """n prompts of varied lengths (some longer than a prefill chunk) and token budgets; `sampling`:
+    temperature, top_p, seed, stop_ids of every job (greedy by default)."""
     rng = np.random.default_rng(seed)
     lengths = lengths or [1 + (7 * i + 3) % 40 for i in range(n)]
     max_new = max_new or [4 + (5 * i) % 13 for i in range(n)]
-    return [Request(rng.integers(3, vocab, size=k).tolist(), m) for k, m in zip(lengths, max_new)]
+    return [Job(rng.integers(3, vocab, size=k).tolist(), m, index=i, **sampling)
+            for i, (k, m) in enumerate(zip(lengths, max_new))]
 
 
-def assert_same_as_reference(run, model, requests, options):
+def jobs_of(specs: list[tuple[list[int], int]]) -> list[Job]:
+    """(prompt ids, tokens at most) -> greedy jobs indexed in order."""
+    return [Job(ids, n, index=i) for i, (ids, n) in enumerate(specs)]
+
+
+def with_stops(jobs: list[Job], stop_ids: frozenset) -> list[Job]:
+    return [dataclasses.replace(job, stop_ids=stop_ids) for job in jobs]
+
+
+def ring_options(**fields) -> ModeOptions:
+    return ModeOptions.of(parallel="pipeline", **fields)
+
+
+def assert_same_as_reference(run, model, requests):
     assert [s.index for s in run.sequences] == list(range(len(requests)))
     for seq, req in zip(run.sequences, requests):
-        ref, ref_logits = reference(model, req, options)
+        ref, ref_logits = reference(model, req)
         assert seq.result.tokens == ref.tokens, f"sequence {seq.index}"
         assert seq.result.stopped_by == ref.stopped_by, f"sequence {seq.index}"
         assert len(seq.logits) == len(ref_logits), f"sequence {seq.index}"
@@ -100,9 +118,9 @@ def assert_same_as_reference(run, model, requests, options):
             assert diff < LOGIT_TOL, f"sequence {seq.index}, token {step}: logits differ by {diff}"
 
 
-def stop_after(model, req: Request, k: int) -> frozenset:
+def stop_after(model, req: Job, k: int) -> frozenset:
     """A stop set that ends req's greedy continuation at its k-th token (if it recurs earlier, sooner)."""
-    ref, _ = reference(model, req, Options())
+    ref, _ = reference(model, req)
     assert len(ref.tokens) > k, "the prompt's continuation is too short for this test"
     return frozenset({ref.tokens[k]})
 
@@ -198,12 +216,12 @@ def test_device_profile(tmp_path):
 def test_plan_refuses_empty_prompts_and_sequences_beyond_the_context(deep_store):
     args = deep_store.args
     with pytest.raises(HaloError, match="prompt 1 has 0 tokens"):
-        make_plan(args, [Request([5], 3), Request([], 3)], 2, Options())
+        make_plan(args, jobs_of([([5], 3), ([], 3)]), 2, ring_options())
     with pytest.raises(HaloError, match=f"prompt 0 has 250 tokens and asks for 10 more.*{args.max_seq_len}"):
-        make_plan(args, [Request([5] * 250, 10)], 2, Options())
+        make_plan(args, jobs_of([([5] * 250, 10)]), 2, ring_options())
     with pytest.raises(HaloError, match="at least one prompt"):
-        make_plan(args, [], 2, Options())
-    assert make_plan(args, [Request([5], 3)] * 3, 2, Options(in_flight=8)).in_flight == 3
+        make_plan(args, [], 2, ring_options())
+    assert make_plan(args, jobs_of([([5], 3)] * 3), 2, ring_options(num_sequences=8)).in_flight == 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +229,7 @@ def test_plan_refuses_empty_prompts_and_sequences_beyond_the_context(deep_store)
 
 def test_each_stage_reads_and_holds_only_its_layers(deep_store_path, deep_store):
     args = deep_store.args
-    plan = make_plan(args, make_requests(2, args.vocab_size), 3, Options())
+    plan = make_plan(args, make_requests(2, args.vocab_size), 3, ring_options())
     a = args
     per_block = a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads) + 3 * a.dim * a.hidden_dim + 2 * a.dim
     for rank, layers in enumerate(plan.split):
@@ -220,7 +238,7 @@ def test_each_stage_reads_and_holds_only_its_layers(deep_store_path, deep_store)
             original = store._read
             store._read = (lambda name, sel=(), read=read, original=original:
                            read.append(name) or original(name, sel))
-            model, _ = load_stage_model(store, plan, rank)
+            model, _ = load_stage_model(store, plan, rank, ring_options())
         read_layers = {int(n.split("/")[1]) for n in read if n.startswith("layers/")}
         assert read_layers == set(layers)
         assert set(model.blocks) == set(layers)
@@ -235,9 +253,9 @@ def test_each_stage_reads_and_holds_only_its_layers(deep_store_path, deep_store)
 @pytest.mark.parametrize("size,in_flight", [(1, 1), (1, 3), (2, 1), (2, 4), (3, 3), (3, 6), (4, 2)])
 def test_local_ring_equals_the_reference(deep_store, deep_model, size, in_flight):
     requests = make_requests(6, deep_store.args.vocab_size, seed=size)
-    options = Options(in_flight=in_flight, prefill_chunk=16, keep_logits=True)
-    run = run_local(deep_store, requests, options, size)
-    assert_same_as_reference(run, deep_model, requests, options)
+    run = run_local(deep_store, requests, ring_options(num_sequences=in_flight, prefill_chunk=16), size,
+                    keep_logits=True)
+    assert_same_as_reference(run, deep_model, requests)
     assert run.pending_requests == 0 and len(run.ranks) == size
     assert all(r["pending_requests_at_end"] == 0 for r in run.ranks)
     assert sum(len(s.result.tokens) for s in run.sequences) == run.tokens > 0
@@ -245,26 +263,26 @@ def test_local_ring_equals_the_reference(deep_store, deep_model, size, in_flight
 
 def test_local_ring_stop_token_ends_one_sequence_early(deep_store, deep_model):
     requests = make_requests(4, deep_store.args.vocab_size, seed=11, max_new=[12, 12, 12, 12])
-    options = Options(in_flight=4, prefill_chunk=16, keep_logits=True,
-                      stop_ids=stop_after(deep_model, requests[0], 3))
-    run = run_local(deep_store, requests, options, 3)
-    assert_same_as_reference(run, deep_model, requests, options)
+    requests = with_stops(requests, stop_after(deep_model, requests[0], 3))
+    run = run_local(deep_store, requests, ring_options(num_sequences=4, prefill_chunk=16), 3,
+                    keep_logits=True)
+    assert_same_as_reference(run, deep_model, requests)
     first = run.sequences[0].result
     assert first.stopped_by == "end-of-sequence token" and len(first.tokens) <= 3
     assert any(s.result.stopped_by == "max-new-tokens" for s in run.sequences[1:])
 
 
 def test_local_ring_sampling_matches_the_reference(deep_store, deep_model):
-    requests = make_requests(3, deep_store.args.vocab_size, seed=5)
-    options = Options(in_flight=3, temperature=0.9, top_p=0.9, seed=7, keep_logits=True)
-    run = run_local(deep_store, requests, options, 2)
-    assert_same_as_reference(run, deep_model, requests, options)
+    requests = make_requests(3, deep_store.args.vocab_size, seed=5, temperature=0.9, top_p=0.9)
+    requests = [dataclasses.replace(job, seed=7) for job in requests]
+    run = run_local(deep_store, requests, ring_options(num_sequences=3), 2, keep_logits=True)
+    assert_same_as_reference(run, deep_model, requests)
 
 
 def test_stats_of_a_local_run_follow_the_shared_schema(deep_store):
     from halo_mpi.stats import RunStats
-    requests = [Request([100 + 7 * i + j for j in range(16)], 4 + 12) for i in range(4)]
-    run = run_local(deep_store, requests, Options(in_flight=4), 2)
+    requests = jobs_of([([100 + 7 * i + j for j in range(16)], 4 + 12) for i in range(4)])
+    run = run_local(deep_store, requests, ring_options(num_sequences=4), 2)
     stats = run.stats()
     d = stats.as_json()
     assert d["mode"] == "pipeline" and d["ranks_total"] == 2 and d["config"]["num_sequences"] == 4
@@ -275,10 +293,9 @@ def test_stats_of_a_local_run_follow_the_shared_schema(deep_store):
 
 
 def test_local_ring_zero_new_tokens(deep_store, deep_model):
-    requests = [Request([5, 6, 7], 0), Request([8], 3)]
-    options = Options(keep_logits=True)
-    run = run_local(deep_store, requests, options, 2)
-    assert_same_as_reference(run, deep_model, requests, options)
+    requests = jobs_of([([5, 6, 7], 0), ([8], 3)])
+    run = run_local(deep_store, requests, ring_options(), 2, keep_logits=True)
+    assert_same_as_reference(run, deep_model, requests)
     assert run.sequences[0].result.tokens == []
 
 
@@ -294,18 +311,27 @@ def test_local_ring_failure_on_one_rank_ends_all(deep_store, monkeypatch, failin
 
     monkeypatch.setattr(ring.Stage, "run", failing_run)
     with pytest.raises(RuntimeError, match="injected failure"):
-        run_local(deep_store, make_requests(3, deep_store.args.vocab_size), Options(), 3, timeout=60)
+        run_local(deep_store, make_requests(3, deep_store.args.vocab_size), ring_options(), 3)
 
 
 # ---------------------------------------------------------------------------------------------
 # under mpiexec (pytest-mpi: tests/mpi_run.py 2|4 -q -m mpi tests/test_pipeline.py)
 
-def mpi_run(path, requests, options, devices=None):
+def mpi_run(path, jobs, options):
+    """The ring under MPI, rank 0 keeping every sequence's logits: its run, None elsewhere."""
     from mpi4py import MPI
 
-    from halo_mpi.pipeline.run import run_pipeline
+    from halo_mpi.pipeline.run import RingRank, run_rank
     comm = MPI.COMM_WORLD
-    return run_pipeline(comm, str(path), requests if comm.rank == 0 else None, options, devices)
+    jobs = jobs if comm.rank == 0 else None
+    part = RingRank(comm, dataclasses.replace(options, weights=str(path)), jobs)
+    try:
+        run = part.run(lambda ring, stage, clock: run_rank(ring, stage, jobs, clock, keep_logits=True))
+    finally:
+        part.close()
+    if run is not None:
+        run.set_pending(part.pending)
+    return run
 
 
 @pytest.mark.mpi(min_size=2)
@@ -313,12 +339,11 @@ def mpi_run(path, requests, options, devices=None):
 def test_mpi_ring_equals_the_reference(deep_store_path, deep_model, in_flight):
     from mpi4py import MPI
     requests = make_requests(8, 512, seed=in_flight)
-    options = Options(in_flight=in_flight, prefill_chunk=16, keep_logits=True)
-    run = mpi_run(deep_store_path, requests, options)
+    run = mpi_run(deep_store_path, requests, ring_options(num_sequences=in_flight, prefill_chunk=16))
     if MPI.COMM_WORLD.rank != 0:
         assert run is None
         return
-    assert_same_as_reference(run, deep_model, requests, options)
+    assert_same_as_reference(run, deep_model, requests)
     assert run.pending_requests == 0
     size = MPI.COMM_WORLD.size
     assert [r["rank"] for r in run.ranks] == list(range(size))
@@ -330,12 +355,11 @@ def test_mpi_ring_equals_the_reference(deep_store_path, deep_model, in_flight):
 def test_mpi_sequences_of_different_lengths_and_a_stop_token(deep_store_path, deep_model):
     from mpi4py import MPI
     requests = make_requests(6, 512, seed=21, max_new=[2, 20, 1, 9, 15, 5])
-    options = Options(in_flight=4, prefill_chunk=8, keep_logits=True,
-                      stop_ids=stop_after(deep_model, requests[1], 4))
-    run = mpi_run(deep_store_path, requests, options)
+    requests = with_stops(requests, stop_after(deep_model, requests[1], 4))
+    run = mpi_run(deep_store_path, requests, ring_options(num_sequences=4, prefill_chunk=8))
     if MPI.COMM_WORLD.rank != 0:
         return
-    assert_same_as_reference(run, deep_model, requests, options)
+    assert_same_as_reference(run, deep_model, requests)
     assert run.sequences[1].result.stopped_by == "end-of-sequence token"
     assert [len(run.sequences[i].result.tokens) for i in (0, 2)] == [2, 1]
     assert run.pending_requests == 0
@@ -346,12 +370,12 @@ def test_mpi_each_rank_holds_only_its_layers(deep_store_path):
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     requests = make_requests(comm.size, 512)
-    run = mpi_run(deep_store_path, requests, Options(in_flight=comm.size))
+    run = mpi_run(deep_store_path, requests, ring_options(num_sequences=comm.size))
     if comm.rank != 0:
         return
     with Store(str(deep_store_path)) as store:
         a = store.args
-        plan = make_plan(a, requests, comm.size, Options())
+        plan = make_plan(a, requests, comm.size, ring_options())
     per_block = a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads) + 3 * a.dim * a.hidden_dim + 2 * a.dim
     for r, stats in enumerate(run.ranks):
         layers = plan.split[r]
@@ -369,14 +393,13 @@ def test_mpi_real_model_equals_the_reference(real_store_path):
     with Store(str(real_store_path)) as store:
         tok = Tokenizer.from_store(store)
     prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"]
-    requests = [Request(tok.encode(p), 6) for p in prompts]
-    options = Options(in_flight=comm.size, prefill_chunk=4, keep_logits=True)
-    run = mpi_run(real_store_path, requests, options)
+    requests = jobs_of([(tok.encode(p), 6) for p in prompts])
+    run = mpi_run(real_store_path, requests, ring_options(num_sequences=comm.size, prefill_chunk=4))
     if comm.rank != 0:
         return
     with Store(str(real_store_path)) as store:
         model = Transformer.from_store(store)
-    assert_same_as_reference(run, model, requests, options)
+    assert_same_as_reference(run, model, requests)
     assert run.pending_requests == 0
 
 

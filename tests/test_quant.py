@@ -9,6 +9,7 @@ import torch
 from conftest import HALO
 
 from halo_mpi.errors import HaloError
+from halo_mpi.model.jobs import Job
 from halo_mpi.model.llama import Transformer
 from halo_mpi.model.qlinear import QuantLinear
 from halo_mpi.model.quant import (
@@ -19,11 +20,12 @@ from halo_mpi.model.quant import (
     record_fields,
     to_records,
 )
-from halo_mpi.pipeline.ring import Options, Request
+from halo_mpi.options.tree import ModeOptions
 from halo_mpi.pipeline.run import run_local
 from halo_mpi.store.convert import convert_store, write_synthetic
 from halo_mpi.store.hdf5 import Store, float_to_records, records_to_float
-from halo_mpi.tensor.run import LocalCluster, TensorOptions, make_plan
+from halo_mpi.tensor.local import LocalCluster
+from halo_mpi.tensor.plan import make_plan
 
 
 @pytest.fixture
@@ -175,7 +177,7 @@ def test_strict_tensor_mode_on_a_quantized_store_equals_the_single_process(quant
     ref_model = Transformer.from_store(q)
     ref = ref_model(torch.tensor(ids), ref_model.new_cache(8))
     for ranks in (2, 3):
-        cluster = LocalCluster(q, make_plan(q, ranks, TensorOptions(sync="strict")))
+        cluster = LocalCluster(q, make_plan(q, ranks, ModeOptions.of(parallel="tensor", sync="strict")))
         got = cluster.session(8).step(torch.tensor(ids), decoding=False, last_only=False)
         cluster.stop()
         assert (got - ref).abs().max().item() < 1e-3, ranks
@@ -193,8 +195,8 @@ def test_halo_sparsity_on_a_quantized_store_drops_only_the_skipped_groups(quant_
 
 def test_pipeline_on_a_quantized_store_equals_the_single_process(quant_stores, exact_kernel):
     q, _ = quant_stores
-    requests = [Request([5, 70, 33, 9, 120], 6), Request([7, 8, 1], 5)]
-    run = run_local(q, requests, Options(in_flight=2, keep_logits=True), 3)
+    requests = [Job([5, 70, 33, 9, 120], 6, index=0), Job([7, 8, 1], 5, index=1)]
+    run = run_local(q, requests, ModeOptions.of(parallel="pipeline", num_sequences=2), 3, keep_logits=True)
     model = Transformer.from_store(q)
     for seq, req in zip(run.sequences, requests):
         cache = model.new_cache(len(req.ids) + req.max_new)
@@ -259,7 +261,7 @@ def test_a_bfloat16_store_holds_the_rounded_weights_at_half_the_size(tiny_store,
 
 
 def test_a_shard_of_a_quantized_store_keeps_its_records(quant_stores, tmp_path):
-    from halo_mpi.store.hdf5 import write_shard
+    from halo_mpi.store.writer import write_shard
     q, _ = quant_stores
     groups = [[1, 4, 6]] * q.args.n_layers
     write_shard(q, str(tmp_path / "s.h5"), 1, 2, groups)

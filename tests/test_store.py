@@ -1,4 +1,6 @@
 """The HDF5 layout: groups reassemble the original matrices, subsets read the right rows."""
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -6,6 +8,7 @@ import pytest
 from halo_mpi.errors import HaloError
 from halo_mpi.model.config import ModelArgs
 from halo_mpi.store.convert import cut_attn_groups, cut_mlp_groups, unpermute_rope
+from halo_mpi.store.reader import pread_into
 
 
 def llama_cpp_permute(w, n_heads):
@@ -59,6 +62,31 @@ def test_reading_a_subset_of_groups(tiny_store, ids):
 def test_reading_groups_not_held_is_an_error(tiny_store):
     with pytest.raises(HaloError, match="does not hold"):
         tiny_store.mlp_groups(0, [8])
+
+
+def test_pread_into_reads_groups_at_their_file_offset(tiny_store, tmp_path):
+    """Contiguous datasets: group g lies at offset + g * group_bytes, the bytes h5py reads."""
+    with h5py.File(tiny_store.path, "r") as f:
+        ds = f["layers/001/mlp_groups"]
+        offset, want = ds.id.get_offset(), ds[2:5]
+    got = np.empty_like(want)
+    fd = os.open(tiny_store.path, os.O_RDONLY)
+    try:
+        pread_into(fd, got, offset + 2 * want[0].nbytes, "the store ends inside a group")
+    finally:
+        os.close(fd)
+    assert np.array_equal(got, want)
+    short = tmp_path / "short.bin"
+    short.write_bytes(b"0123456789")
+    fd = os.open(short, os.O_RDONLY)
+    try:
+        buf = bytearray(4)
+        pread_into(fd, buf, 3, "ends early")
+        assert buf == b"3456"
+        with pytest.raises(HaloError, match="ends early"):     # the file ends inside the read
+            pread_into(fd, bytearray(4), 8, "ends early")
+    finally:
+        os.close(fd)
 
 
 def test_groups_that_do_not_divide_the_intermediate_size():

@@ -10,9 +10,11 @@ from halo_mpi.model.llama import Attention, Transformer
 from halo_mpi.net.devices import ClusterSpec, Device
 from halo_mpi.net.framing import Kind
 from halo_mpi.net.local import LocalHub
+from halo_mpi.options.tree import ModeOptions
 from halo_mpi.tensor.attention import HeldAttention, join_cache
+from halo_mpi.tensor.local import LocalCluster
 from halo_mpi.tensor.placement import Replanner, attention_placement, holders, vocab_slices
-from halo_mpi.tensor.run import LocalCluster, TensorOptions, make_plan
+from halo_mpi.tensor.plan import make_plan
 from halo_mpi.tensor.worker import Worker
 
 PROMPTS = [[5, 70, 33, 9, 120, 17, 3], [44, 2, 8]]   # two sequences: the caches start over
@@ -50,7 +52,7 @@ def test_strict_twin_equals_the_reference_at_every_size(request, store_name, siz
     store = request.getfixturevalue(store_name)
     ref_model = Transformer.from_store(store)
     ref = logits_of(lambda n: Reference(ref_model, n), PROMPTS)
-    plan = make_plan(store, size, TensorOptions(sync="strict"))
+    plan = make_plan(store, size, ModeOptions.of(sync="strict"))
     assert plan.exchange
     cluster = LocalCluster(store, plan)
     got = logits_of(cluster.session, PROMPTS)
@@ -171,7 +173,7 @@ def test_a_replan_moves_attention_groups_with_their_caches(kv3_store):
     those of the reference."""
     ref_model = Transformer.from_store(kv3_store)
     ref = logits_of(lambda n: Reference(ref_model, n), PROMPTS[:1], steps=8)
-    plan = make_plan(kv3_store, 3, TensorOptions(sync="halo", critical_share=1.0, wire_dtype="float32"))
+    plan = make_plan(kv3_store, 3, ModeOptions.of(sync="halo", critical_share=1.0, wire_dtype="float32"))
     assert any(len(layer[1]) for layer in plan.attention) and plan.vocab[1][1] > plan.vocab[1][0]
     cluster = LocalCluster(kv3_store, plan)
     c = cluster.coordinator
@@ -209,7 +211,8 @@ def test_halo_prefill_does_not_wait_for_an_unstable_rank(kv3_store):
     ref_model = Transformer.from_store(kv3_store)
     ids = torch.tensor(PROMPTS[0])
     want = ref_model(ids, ref_model.new_cache(16), last_only=True)
-    plan = make_plan(kv3_store, 3, TensorOptions(sync="halo", unstable_ranks="2", wire_dtype="float32"))
+    plan = make_plan(kv3_store, 3, ModeOptions.of(sync="halo", unstable_ranks=frozenset({2}),
+                                                  wire_dtype="float32"))
     assert any(len(p[2]) for p in plan.placement)                  # rank 2 holds MLP groups
     cluster = LocalCluster(kv3_store, plan)
     got = cluster.session(16).step(ids, decoding=False)

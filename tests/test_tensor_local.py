@@ -15,10 +15,12 @@ from halo_mpi.net.links import LinkEstimate
 from halo_mpi.net.local import LocalHub
 from halo_mpi.net.loss import LinkLoss
 from halo_mpi.net.ranks import parse_rank_values
+from halo_mpi.options.tree import ModeOptions
 from halo_mpi.tensor.coordinator import Coordinator
+from halo_mpi.tensor.local import LocalCluster
 from halo_mpi.tensor.placement import Replanner, group_counts, importance_caps, moved, plan
+from halo_mpi.tensor.plan import make_plan
 from halo_mpi.tensor.policy import SyncPolicy
-from halo_mpi.tensor.run import LocalCluster, TensorOptions, make_plan
 from halo_mpi.tensor.worker import Worker
 
 
@@ -32,7 +34,7 @@ def test_strict_twin_equals_reference(tiny_store):
     ids = [5, 70, 33, 9, 120]
     ref_model = Transformer.from_store(tiny_store)
     ref = ref_model(torch.tensor(ids), ref_model.new_cache(8))
-    plan = make_plan(tiny_store, 3, TensorOptions(sync="strict"))
+    plan = make_plan(tiny_store, 3, ModeOptions.of(sync="strict"))
     cluster = LocalCluster(tiny_store, plan)
     got = cluster.session(8).step(torch.tensor(ids), decoding=False, last_only=False)
     cluster.stop()
@@ -49,7 +51,7 @@ def test_strict_twin_with_each_wire_dtype_stays_within_its_tolerance(tiny_store,
     ids = [5, 70, 33, 9, 120, 7, 8, 1, 2, 3]
     ref_model = Transformer.from_store(tiny_store)
     ref = ref_model(torch.tensor(ids), ref_model.new_cache(16))
-    plan = make_plan(tiny_store, 3, TensorOptions(sync="strict", wire_dtype=wire))
+    plan = make_plan(tiny_store, 3, ModeOptions.of(sync="strict", wire_dtype=wire))
     cluster = LocalCluster(tiny_store, plan)
     got = cluster.session(16).step(torch.tensor(ids), decoding=False, last_only=False)
     cluster.stop()
@@ -62,7 +64,7 @@ def test_strict_twin_with_each_wire_dtype_stays_within_its_tolerance(tiny_store,
 def test_halo_twin_without_loss_generates_the_reference_text(tiny_store):
     ids, n = [5, 70, 33], 24
     expected = reference_run(tiny_store, ids, n).tokens
-    cluster = LocalCluster(tiny_store, make_plan(tiny_store, 4, TensorOptions(sync="halo")))
+    cluster = LocalCluster(tiny_store, make_plan(tiny_store, 4, ModeOptions.of(sync="halo")))
     result = generate(cluster.session(len(ids) + n), ids, n, Sampler(0.0))
     workers = cluster.stop()
     assert result.tokens == expected
@@ -77,7 +79,7 @@ def test_backup_on_rank_0_makes_up_for_missing_partials(tiny_store, backup_share
     reference's; half a backup covers the more important half of rank 2's groups."""
     ids, n = [5, 70, 33], 16
     expected = reference_run(tiny_store, ids, n).tokens
-    plan = make_plan(tiny_store, 3, TensorOptions(sync="halo", link_loss="2:0.3", loss_model="rto",
+    plan = make_plan(tiny_store, 3, ModeOptions.of(sync="halo", link_loss={2: 0.3}, loss_model="rto",
                                                   drop_budget=1.0,   # rank 2 keeps its full share
                      backup_share=backup_share, no_replan=True))
     cluster = LocalCluster(tiny_store, plan, LinkLoss({2: 0.3}, seed=2, model="rto"))
@@ -101,7 +103,7 @@ def test_a_probe_rank_costs_no_quality(tiny_store):
     holds and computes whenever rank 2's partial is missing: the text is the reference's."""
     ids, n = [5, 70, 33], 16
     expected = reference_run(tiny_store, ids, n).tokens
-    plan = make_plan(tiny_store, 3, TensorOptions(sync="halo", link_loss="2:0.3", loss_model="rto",
+    plan = make_plan(tiny_store, 3, ModeOptions.of(sync="halo", link_loss={2: 0.3}, loss_model="rto",
                                                   drop_budget=0.001, no_replan=True))
     assert all(len(p[2]) == 1 for p in plan.placement)
     cluster = LocalCluster(tiny_store, plan, LinkLoss({2: 0.3}, seed=2, model="rto"))
@@ -113,9 +115,12 @@ def test_a_probe_rank_costs_no_quality(tiny_store):
     assert sum(rec.dropped_share for rec in coord.records) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_backup_share_out_of_range_is_one_clear_error(tiny_store):
-    with pytest.raises(HaloError, match="--backup-share"):
-        make_plan(tiny_store, 3, TensorOptions(sync="halo", link_loss="2:0.1", backup_share=1.5))
+def test_backup_share_out_of_range_is_one_clear_error(capsys):
+    from halo_mpi.cli.main import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--parallel", "tensor", "--backup-share", "1.5", "--prompt", "x"])
+    assert exit_.value.code == 2
+    assert "argument --backup-share: must be in [0, 1], got 1.5" in capsys.readouterr().err
 
 
 class EchoMLP:
@@ -392,7 +397,7 @@ def test_sparsity_skips_groups_and_matches_a_subset_model(tiny_store):
     expected = GroupMLP(groups[keep], np.flatnonzero(keep))(x)
     assert torch.allclose(mlp.subset(x, keep), expected, atol=1e-5)
     ids, n = [5, 70, 33], 8
-    cluster = LocalCluster(tiny_store, make_plan(tiny_store, 3, TensorOptions(sync="strict", sparsity=0.5)))
+    cluster = LocalCluster(tiny_store, make_plan(tiny_store, 3, ModeOptions.of(sync="strict", sparsity=0.5)))
     result = generate(cluster.session(len(ids) + n), ids, n, Sampler(0.0))
     cluster.stop()
     decode = [r for r in cluster.coordinator.records if r.decoding]
@@ -486,8 +491,9 @@ def test_in_order_links_hold_later_messages_behind_a_delayed_one():
 
 
 def test_shards_hold_only_their_groups_and_run_like_the_store(tiny_store, tmp_path):
-    from halo_mpi.store.hdf5 import Store, write_shard
-    plan = make_plan(tiny_store, 3, TensorOptions(sync="strict", link_loss="2:0.1"))
+    from halo_mpi.store.hdf5 import Store
+    from halo_mpi.store.writer import write_shard
+    plan = make_plan(tiny_store, 3, ModeOptions.of(sync="strict", link_loss={2: 0.1}))
     for r in range(3):
         write_shard(tiny_store, str(tmp_path / f"s.rank{r}.h5"), r, 3, [p[r] for p in plan.placement])
     with Store(str(tmp_path / "s.rank2.h5")) as s2:
@@ -498,7 +504,7 @@ def test_shards_hold_only_their_groups_and_run_like_the_store(tiny_store, tmp_pa
         with pytest.raises(HaloError, match="does not hold"):
             s2.mlp_groups(1, plan.placement[1][1])
     with Store(str(tmp_path / "s.rank0.h5")) as s0:
-        plan0 = make_plan(s0, 3, TensorOptions(sync="strict", link_loss="2:0.1"))
+        plan0 = make_plan(s0, 3, ModeOptions.of(sync="strict", link_loss={2: 0.1}))
         assert all((a[r] == b[r]).all() for a, b in zip(plan0.placement, plan.placement) for r in range(3))
 
 
@@ -542,7 +548,7 @@ def test_a_late_rank_with_nowhere_to_go_is_backed_up_by_rank_0(tiny_store, room)
     """Two ranks: rank 1 late more and more until it keeps the fewest groups it can (one a layer)
     and nothing can move; rank 0 backs its groups up (as far as its memory budget has room), says
     so once, and computes them when rank 1's partials are late."""
-    o = TensorOptions(sync="halo", unstable_ranks="1", drop_budget=0.1)
+    o = ModeOptions.of(sync="halo", unstable_ranks=frozenset({1}), drop_budget=0.1)
     cluster = LocalCluster(tiny_store, make_plan(tiny_store, 2, o))
     c = cluster.coordinator
     if not room:                                   # rank 0's budget: what it holds now

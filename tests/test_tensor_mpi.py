@@ -1,11 +1,15 @@
 """Tensor-parallel engine under mpiexec (-n 2 and -n 4): strict and HALO sync against the reference."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from halo_mpi.model.generate import LocalSession, Sampler, generate
 from halo_mpi.model.llama import Transformer
+from halo_mpi.options.tree import ModeOptions
 from halo_mpi.tensor.coordinator import TensorParallelSession
-from halo_mpi.tensor.run import TensorOptions, make_plan, run_tensor
+from halo_mpi.tensor.plan import make_plan
+from halo_mpi.tensor.run import TensorRank
 
 PROMPT = [5, 70, 33, 9, 120, 17]
 
@@ -31,13 +35,15 @@ def reference(store, ids, n):
     return generate(rec, ids, n, Sampler(0.0)).tokens, torch.stack(rec.logits)
 
 
-def tensor_parallel(comm, store, ids, n, **plan_options):
-    plan = make_plan(store, comm.Get_size(), TensorOptions(**plan_options))
+def tensor_parallel(comm, store, ids, n, **options):
+    """The run (tensor/run.py's TensorRun) with `result`: rank 0's tokens and logits."""
+    plan = make_plan(store, comm.Get_size(), ModeOptions.of(parallel="tensor", **options))
 
     def drive(coordinator, model):
         rec = Recording(TensorParallelSession(model, coordinator, len(ids) + n, prefill_chunk=4))
         return generate(rec, ids, n, Sampler(0.0)).tokens, torch.stack(rec.logits)
-    return run_tensor(comm, store, plan, drive)
+    result, run = TensorRank(comm, store, plan).run(drive)
+    return SimpleNamespace(result=result, **vars(run))
 
 
 def agree(comm, check):
@@ -95,7 +101,7 @@ def test_strict_with_loss_still_equals_the_reference(tiny_store):
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     lossy = comm.Get_size() - 1
-    run = tensor_parallel(comm, tiny_store, PROMPT, 16, sync="strict", link_loss=f"{lossy}:0.05")
+    run = tensor_parallel(comm, tiny_store, PROMPT, 16, sync="strict", link_loss={lossy: 0.05})
 
     def check():
         tokens, logits = reference(tiny_store, PROMPT, 16)
@@ -112,7 +118,7 @@ def test_halo_with_loss_on_one_rank(tiny_store):
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     lossy = comm.Get_size() - 1
-    run = tensor_parallel(comm, tiny_store, PROMPT, 64, sync="halo", link_loss=f"{lossy}:0.05",
+    run = tensor_parallel(comm, tiny_store, PROMPT, 64, sync="halo", link_loss={lossy: 0.05},
                           critical_share=0.3)
 
     def check():
@@ -161,11 +167,11 @@ def test_real_model_strict_under_a_memory_budget_equals_the_reference(real_store
     """Every rank streams half or three quarters of its weights through its reader process."""
     from mpi4py import MPI
 
-    from halo_mpi.loading.parts import LoadOptions
+    from halo_mpi.options.values import Budget
     comm = MPI.COMM_WORLD
     ids = [504, 3575, 282, 4649, 314]            # "The capital of France is"
     run = tensor_parallel(comm, real_store, ids, 8, sync="strict",
-                          load=LoadOptions(budget, str(mpi_tmp_path)))
+                          mem_budget=Budget.parse(budget), load_dir=str(mpi_tmp_path))
 
     def check():
         tokens, logits = reference(real_store, ids, 8)
@@ -209,7 +215,7 @@ def test_semantic_placement_drops_less_importance_than_random(real_store):
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     size = comm.Get_size()
-    lossy = ",".join(f"{r}:0.05" for r in range(max(1, size // 2), size))
+    lossy = {r: 0.05 for r in range(max(1, size // 2), size)}
     ids = [504, 3575, 282, 4649, 314]
     per_drop = {}
     for placement in ("semantic", "random"):

@@ -16,55 +16,55 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 from ..errors import HaloError
+from ..net.launch import mpiexec_path
+from ..options.tree import ModeOptions
+from ..options.values import Budget
 from ..stats import RunStats
+from .rank import Task, command
 
 PROMPT = "The history of the printing press"
 
 
 @dataclass
 class BudgetBench:
-    weights: str
+    base: ModeOptions                   # --weights, --dtype, --threads, --read-mbps, --cold-reads
     budgets: list[str]                  # '50%', '150MB', '50%:no-prefetch'
     ranks: list[int]                    # 1: one process; R > 1: strict tensor mode on R ranks
     tokens: int = 48
     warmup: int = 8
     repeat: int = 3
-    extra: list[str] = field(default_factory=list)   # --read-mbps, --cold-reads, --dtype, --threads
     timeout: float = 900.0
 
 
 PREFETCH = {"": "auto", "prefetch": "on", "no-prefetch": "off"}
 
 
-def parse_budget_spec(spec: str) -> tuple[str, str]:
-    """'50%' -> ('50%', 'auto'); '50%:prefetch' -> ('50%', 'on'); '50%:no-prefetch' -> ('50%', 'off')."""
+def parse_budget_spec(spec: str) -> tuple[Budget, str]:
+    """'50%' -> (50%, 'auto'); '50%:prefetch' -> (50%, 'on'); '50%:no-prefetch' -> (50%, 'off')."""
     budget, _, flag = spec.partition(":")
     if flag not in PREFETCH:
         raise HaloError(f"--budgets {spec!r}: write BUDGET, BUDGET:prefetch or BUDGET:no-prefetch")
-    return budget, PREFETCH[flag]
+    return Budget.parse(budget), PREFETCH[flag]
 
 
-def command(cfg: BudgetBench, ranks: int, spec: str, out_json: str) -> list[str]:
+def run_options(cfg: BudgetBench, ranks: int, spec: str) -> ModeOptions:
     budget, prefetch = parse_budget_spec(spec)
-    cmd = [sys.executable, "-m", "halo_mpi.cli", "generate", "--weights", cfg.weights,
-           "--prompt", PROMPT, "--max-new-tokens", str(cfg.warmup + cfg.tokens + 1), "--temperature", "0",
-           "--ignore-eos", "--quiet", "--stats-json", out_json, *cfg.extra]
-    cmd += ["--mem-budget", budget, "--prefetch", prefetch]
+    o = replace(cfg.base, load=replace(cfg.base.load, mem_budget=budget, prefetch=prefetch))
     if ranks > 1:
-        mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-        cmd = [mpiexec, "-n", str(ranks), *cmd, "--parallel", "tensor", "--sync", "strict"]
-    return cmd
+        o = replace(o, parallel="tensor", tensor=replace(o.tensor, sync="strict"))
+    return o
 
 
 def run_one(cfg: BudgetBench, ranks: int, spec: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "stats.json")
-        done = subprocess.run(command(cfg, ranks, spec, out), capture_output=True, text=True,
+        cmd = command(run_options(cfg, ranks, spec), Task("generate", PROMPT, cfg.warmup + cfg.tokens + 1,
+                                                         out=out))
+        done = subprocess.run([mpiexec_path(), "-n", str(ranks), *cmd], capture_output=True, text=True,
                               timeout=cfg.timeout)
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -102,9 +102,9 @@ def run_budget_bench(cfg: BudgetBench, log=print) -> list[dict]:
     for row in rows:
         full = next((r for r in rows if r["ranks"] == row["ranks"] and r["budget"] == "100%"), None)
         row["vs_full"] = row["ms"] / full["ms"] if full else float("nan")
-        budget, prefetch = parse_budget_spec(row["budget"])
+        budget, _, flag = row["budget"].partition(":")
         other = next((r for r in rows if r["ranks"] == row["ranks"]
-                      and r["budget"] == f"{budget}:no-prefetch"), None) if prefetch != "off" else None
+                      and r["budget"] == f"{budget}:no-prefetch"), None) if flag != "no-prefetch" else None
         row["no_prefetch_vs_this"] = other["ms"] / row["ms"] if other else float("nan")
     return rows
 

@@ -12,35 +12,37 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tqdm import tqdm
 
 from ..errors import HaloError
+from ..net.launch import mpiexec_path
+from ..options.tree import ModeOptions
 from ..stats import RunStats, write_json
 from ..store.hdf5 import Store
 from ..testbed.bed import Testbed
+from .rank import Task, command
 
 PROMPT = "The history of the city begins"
-MODES = {  # mode -> generate/evaluate options
-    "single": [],
-    "strict": ["--parallel", "tensor", "--sync", "strict"],
-    "halo": ["--parallel", "tensor", "--sync", "halo"],
-    "halo-static": ["--parallel", "tensor", "--sync", "halo", "--placement", "static"],
-    "halo-random": ["--parallel", "tensor", "--sync", "halo", "--placement", "random"],
-    "halo-backup": ["--parallel", "tensor", "--sync", "halo", "--backup-share", "1"],
-    "halo-backup-half": ["--parallel", "tensor", "--sync", "halo", "--backup-share", "0.5"],
-    "pipeline": ["--parallel", "pipeline"],
+MODES = {  # mode -> what it sets in the mode options
+    "single": {"parallel": "none"},
+    "strict": {"parallel": "tensor", "sync": "strict"},
+    "halo": {"parallel": "tensor", "sync": "halo"},
+    "halo-static": {"parallel": "tensor", "sync": "halo", "placement": "static"},
+    "halo-random": {"parallel": "tensor", "sync": "halo", "placement": "random"},
+    "halo-backup": {"parallel": "tensor", "sync": "halo", "backup_share": 1.0},
+    "halo-backup-half": {"parallel": "tensor", "sync": "halo", "backup_share": 0.5},
+    "pipeline": {"parallel": "pipeline"},
 }
 LOSSLESS_ONLY = {"single", "pipeline"}   # no links that the emulated loss applies to
 
 
 @dataclass
 class BenchConfig:
-    weights: str
+    base: ModeOptions                # --weights, --dtype, --threads, --wire-dtype for every run
     ranks: int
     modes: list[str]
     losses: list[float]
@@ -51,52 +53,49 @@ class BenchConfig:
     net: str = "emulated"
     out: str = "results"
     timeout: float = 1800.0
-    wire: str = "auto"               # --wire-dtype of the tensor-parallel modes
-    extra: list[str] = field(default_factory=list)
     rto_min_ms: float | None = None  # testbed: TCP's minimum retransmission timeout (None: 200 ms)
 
 
-def halo_command(cfg: BenchConfig, mode: str, loss: float, sub: str, out_json: str) -> list[str]:
-    n = 1 if mode == "single" else cfg.ranks
-    cmd = [sys.executable, "-m", "halo_mpi.cli", sub, "--weights", cfg.weights, *MODES[mode], *cfg.extra]
-    if "tensor" in MODES[mode]:
-        cmd += ["--wire-dtype", cfg.wire]
-    if loss > 0 and mode not in LOSSLESS_ONLY and cfg.net == "emulated":
-        cmd += ["--link-loss", ",".join(f"{r}:{loss}" for r in cfg.lossy_ranks)]
-    elif loss > 0 and mode not in LOSSLESS_ONLY:   # testbed: the kernel drops; mark who is unstable
-        cmd += ["--unstable-ranks", ",".join(map(str, cfg.lossy_ranks))]
-    if sub == "generate":
-        cmd += ["--prompt", PROMPT, "--max-new-tokens", str(cfg.warmup + cfg.tokens + 1),
-                "--temperature", "0", "--ignore-eos", "--quiet", "--stats-json", out_json]
-    else:
-        cmd += ["--tokens", str(cfg.eval_tokens), "--json", out_json]
-    return n, cmd
+def run_options(cfg: BenchConfig, mode: str, loss: float) -> ModeOptions:
+    """The mode options of one run: the base ones with the mode's settings and the loss."""
+    settings = dict(MODES[mode])
+    parallel = settings.pop("parallel")
+    tensor = replace(cfg.base.tensor, **settings)
+    lossy = loss > 0 and mode not in LOSSLESS_ONLY
+    if lossy and cfg.net == "emulated":
+        tensor = replace(tensor, link_loss={r: loss for r in cfg.lossy_ranks})
+    elif lossy:                                    # testbed: the kernel drops; mark who is unstable
+        tensor = replace(tensor, unstable_ranks=frozenset(cfg.lossy_ranks))
+    return replace(cfg.base, parallel=parallel, tensor=tensor)
 
 
-def launch(cfg: BenchConfig, n: int, cmd: list[str], loss: float):
+def launch(cfg: BenchConfig, options: ModeOptions, task: Task, loss: float):
+    """One run of `task` in the mode `options` open: mpiexec, or on the testbed's namespaces."""
+    n = 1 if options.parallel == "none" else cfg.ranks
+    cmd = command(options, task)
     if cfg.net == "testbed" and n > 1:
         with Testbed(n, {r: loss for r in cfg.lossy_ranks} if loss > 0 else {},
                      rto_min_ms=cfg.rto_min_ms) as tb:
-            done = tb.run(cmd[3:], module="halo_mpi.cli", timeout=cfg.timeout, capture=True)
+            done = tb.run(cmd[3:], module="mpi4py", timeout=cfg.timeout, capture=True)
             drops = tb.drop_counters()
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise HaloError(f"bench run on the testbed failed: {tail}")
         done.drops = drops
         return done
-    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    full = [mpiexec, "-n", str(n), *cmd]
+    full = [mpiexec_path(), "-n", str(n), *cmd]
     done = subprocess.run(full, capture_output=True, text=True, timeout=cfg.timeout)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise HaloError(f"bench run failed ({' '.join(full[:12])} ...): {tail}")
+        raise HaloError(f"bench run failed ({options.parallel}, {options.tensor.sync}, loss {loss:g}): "
+                        f"{tail}")
     return done
 
 
 def run_one(cfg: BenchConfig, mode: str, loss: float, tmp: str) -> dict:
     gen_json, eval_json = os.path.join(tmp, "gen.json"), os.path.join(tmp, "eval.json")
-    n, cmd = halo_command(cfg, mode, loss, "generate", gen_json)
-    launch(cfg, n, cmd, loss)
+    options = run_options(cfg, mode, loss)
+    launch(cfg, options, Task("generate", PROMPT, cfg.warmup + cfg.tokens + 1, out=gen_json), loss)
     with open(gen_json) as f:
         stats = RunStats.from_json(json.load(f))
     decode_ms = stats.decode_ms
@@ -113,8 +112,7 @@ def run_one(cfg: BenchConfig, mode: str, loss: float, tmp: str) -> dict:
     if mode == "pipeline":
         row["perplexity"] = None      # pipeline mode is exact (tested equal to the reference)
     else:
-        n, cmd = halo_command(cfg, mode, loss, "evaluate", eval_json)
-        launch(cfg, n, cmd, loss)
+        launch(cfg, options, Task("evaluate", eval_tokens=cfg.eval_tokens, out=eval_json), loss)
         with open(eval_json) as f:
             row["perplexity"] = float(json.load(f)["perplexity"])
     return row
@@ -126,7 +124,7 @@ def agreement(tokens: list[int], reference: list[int]) -> float:
 
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:
-    with Store(cfg.weights) as s:
+    with Store(cfg.base.weights) as s:
         model_name = s.name
     runs, reference, single_ms = [], None, None
     plan = [(m, l) for m in cfg.modes for l in (cfg.losses if m not in LOSSLESS_ONLY else [0.0])]

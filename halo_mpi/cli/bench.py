@@ -13,17 +13,12 @@ import sys
 from ..bench.loss import MODES
 from ..errors import HaloError
 from ..net.ranks import parse_floats, parse_ranks
-from ..net.wire import WIRE_DTYPES
 from ..stats import write_json
 from ..store.hdf5 import STORE_DTYPES
 from ..testbed.netns import tool
-from .options import (
-    DEFAULT_WEIGHTS,
-    add_dtype_argument,
-    add_threads_argument,
-    positive_int,
-    set_threads,
-)
+from .options import add_mode_options, mode_options, positive_int, set_threads
+
+BENCH_MODE_OPTIONS = {"weights", "dtype", "threads", "tensor.wire_dtype", "load.read_mbps", "load.cold"}
 
 
 def add_parser(sub):
@@ -34,68 +29,73 @@ def add_parser(sub):
                                    "and peak RSS per rank; writes results.json, results.md and "
                                    "results.png to --out. With --decode: single-process decode "
                                    "speed per dtype instead (--profile: where the time goes).")
-    b.add_argument("--weights", default=DEFAULT_WEIGHTS, help="HDF5 store (default: %(default)s)")
-    b.add_argument("--ranks", type=positive_int, default=4,
-                   help="ranks of the distributed modes (default: %(default)s)")
-    b.add_argument("--modes", default="single,strict,halo,halo-random",
-                   help="comma list among single, strict, halo, halo-static, halo-random, "
-                        "halo-backup (--backup-share 1), halo-backup-half (--backup-share 0.5), "
-                        "pipeline (default: %(default)s)")
-    b.add_argument("--loss", default="0,0.01,0.03,0.05",
-                   help="comma list of packet loss rates for the lossy ranks (default: %(default)s)")
-    b.add_argument("--lossy-ranks", help="comma list (default: the upper half of the ranks, e.g. 2,3 of 4)")
-    b.add_argument("--net", choices=["emulated", "testbed"],
-                   help="testbed: real kernel packet loss in network namespaces (root); emulated: "
-                        "the transport's loss model (default: testbed when root with iptables, else "
-                        "emulated)")
-    b.add_argument("--rto-min", type=float, default=None, metavar="MS",
-                   help="with --net testbed: TCP's minimum retransmission timeout on the ranks' routes "
-                        "in ms (Linux's default 200; see `halo-mpi testbed up --rto-min`)")
+    add_mode_options(b, BENCH_MODE_OPTIONS)      # declared once, with generate's (options/tree.py)
     b.add_argument("--tokens", type=positive_int, default=64,
                    help="timed decode tokens per run (default: %(default)s)")
     b.add_argument("--warmup", type=int, default=8, help="untimed decode tokens first (default: %(default)s)")
     b.add_argument("--eval-tokens", type=positive_int, default=128,
                    help="held-out tokens for perplexity (default: %(default)s)")
-    add_dtype_argument(b)
-    b.add_argument("--wire-dtype", choices=("auto",) + WIRE_DTYPES, default="auto",
-                   help="precision of hidden states and partials on the wire in the tensor-parallel "
-                        "modes (default: %(default)s)")
     b.add_argument("--out", default="results", help="output folder (default: %(default)s)")
-    b.add_argument("--decode", action="store_true", help="single-process decode speed per dtype instead")
-    b.add_argument("--calibrate-emulation", action="store_true",
+    b.add_argument("--json", help="with --decode or --attention-drop: also write the rows to this JSON file")
+    add_loss_arguments(b)
+    add_decode_arguments(b)
+    add_budget_arguments(b)
+    b.set_defaults(func=run)
+
+
+def add_loss_arguments(b):
+    m = b.add_argument_group("the modes under packet loss (the default)")
+    m.add_argument("--ranks", type=positive_int, default=4,
+                   help="ranks of the distributed modes (default: %(default)s)")
+    m.add_argument("--modes", default="single,strict,halo,halo-random",
+                   help="comma list among single, strict, halo, halo-static, halo-random, "
+                        "halo-backup (--backup-share 1), halo-backup-half (--backup-share 0.5), "
+                        "pipeline (default: %(default)s)")
+    m.add_argument("--loss", default="0,0.01,0.03,0.05",
+                   help="comma list of packet loss rates for the lossy ranks (default: %(default)s)")
+    m.add_argument("--lossy-ranks", help="comma list (default: the upper half of the ranks, e.g. 2,3 of 4)")
+    m.add_argument("--net", choices=["emulated", "testbed"],
+                   help="testbed: real kernel packet loss in network namespaces (root); emulated: "
+                        "the transport's loss model (default: testbed when root with iptables, else "
+                        "emulated)")
+    m.add_argument("--rto-min", type=float, default=None, metavar="MS",
+                   help="with --net testbed: TCP's minimum retransmission timeout on the ranks' routes "
+                        "in ms (Linux's default 200; see `halo-mpi testbed up --rto-min`)")
+    m.add_argument("--calibrate-emulation", action="store_true",
                    help="instead: measure message delays on the testbed (root) at each --loss, fit "
                         "the emulated loss model to them and compare both distributions")
-    b.add_argument("--count", type=positive_int, default=1000,
+    m.add_argument("--count", type=positive_int, default=1000,
                    help="with --calibrate-emulation: round trips per size and loss (default: %(default)s)")
-    b.add_argument("--dtypes", default="float32,float16",
-                   help="with --decode: comma list of compute dtypes for float32 stores "
-                        "(default: %(default)s)")
-    b.add_argument("--store-dtypes", default=None,
-                   help="with --decode: comma list among float32, q8_0, q4; each is --weights when it "
-                        "has that dtype, else <stem>-<dtype>.h5 beside it (default: --weights only)")
-    b.add_argument("--profile", action="store_true", help="with --decode: profile one decode step")
-    add_threads_argument(b)
-    b.add_argument("--json", help="with --decode or --attention-drop: also write the rows to this JSON file")
-    b.add_argument("--attention-drop", metavar="RATES",
+    m.add_argument("--attention-drop", metavar="RATES",
                    help="instead: held-out perplexity (one process, --eval-tokens) with each attention "
                         "group's output lost at each rate in this comma list, then each MLP group's "
                         "(why HALO sync always waits for attention partials)")
+
+
+def add_decode_arguments(b):
+    d = b.add_argument_group("single-process decode speed (--decode)")
+    d.add_argument("--decode", action="store_true", help="single-process decode speed per dtype instead")
+    d.add_argument("--dtypes", default="float32,float16",
+                   help="with --decode: comma list of compute dtypes for float32 stores "
+                        "(default: %(default)s)")
+    d.add_argument("--store-dtypes", default=None,
+                   help="with --decode: comma list among float32, q8_0, q4; each is --weights when it "
+                        "has that dtype, else <stem>-<dtype>.h5 beside it (default: --weights only)")
+    d.add_argument("--profile", action="store_true", help="with --decode: profile one decode step")
+
+
+def add_budget_arguments(b):
     m = b.add_argument_group("memory budgets (--budgets)")
     m.add_argument("--budgets", metavar="LIST",
                    help="instead: decode speed and memory at each budget of this comma list (100%%, "
                         "50%%, 150MB; BUDGET:prefetch and BUDGET:no-prefetch force --prefetch on or "
-                        "off, else auto), one generate "
-                        "per budget and --budget-ranks value, in --repeat interleaved rounds")
+                        "off, else auto), one generate per budget and --budget-ranks value, in "
+                        "--repeat interleaved rounds (--read-mbps and --cold-reads apply)")
     m.add_argument("--budget-ranks", default="1,2",
                    help="with --budgets: comma list of rank counts; 1 = one process, more = strict "
                         "tensor mode (default: %(default)s)")
     m.add_argument("--repeat", type=positive_int, default=3,
                    help="with --budgets: rounds; each row shows the median (default: %(default)s)")
-    m.add_argument("--read-mbps", type=float, default=None, metavar="MB/S",
-                   help="with --budgets: emulate a disk this slow (see generate --read-mbps)")
-    m.add_argument("--cold-reads", action="store_true",
-                   help="with --budgets: drop streamed weights from the page cache after each read")
-    b.set_defaults(func=run)
 
 
 def run(a):
@@ -117,9 +117,8 @@ def run(a):
         raise HaloError("--ranks must be at least 2 for the distributed modes")
     lossy = (sorted(parse_ranks(a.lossy_ranks, "--lossy-ranks", range(1, a.ranks))) if a.lossy_ranks
              else list(range(max(1, a.ranks // 2), a.ranks)))
-    cfg = BenchConfig(a.weights, a.ranks, modes, losses, lossy, a.tokens, a.warmup, a.eval_tokens,
-                      a.net or default_net(), a.out, wire=a.wire_dtype, extra=["--dtype", a.dtype],
-                      rto_min_ms=a.rto_min)
+    cfg = BenchConfig(mode_options(a), a.ranks, modes, losses, lossy, a.tokens, a.warmup, a.eval_tokens,
+                      a.net or default_net(), a.out, rto_min_ms=a.rto_min)
     if a.rto_min is not None and cfg.net != "testbed":
         raise HaloError("--rto-min sets real TCP's timeout on the testbed's routes: "
                         "use it with --net testbed")
@@ -132,16 +131,11 @@ def run(a):
 
 def bench_budgets(a):
     from ..bench.budget import BudgetBench, format_rows, parse_budget_spec, run_budget_bench
-    from ..loading.budget import parse_budget
     budgets = [b for b in a.budgets.split(",") if b]
     for spec in budgets:
-        budget, _ = parse_budget_spec(spec)
-        parse_budget(budget)
+        parse_budget_spec(spec)
     ranks = sorted(int(r) for r in parse_floats(a.budget_ranks, "--budget-ranks"))
-    extra = ["--dtype", a.dtype] + (["--threads", str(a.threads)] if a.threads else [])
-    extra += ["--read-mbps", str(a.read_mbps)] if a.read_mbps else []
-    extra += ["--cold-reads"] if a.cold_reads else []
-    rows = run_budget_bench(BudgetBench(a.weights, budgets, ranks, a.tokens, a.warmup, a.repeat, extra))
+    rows = run_budget_bench(BudgetBench(mode_options(a), budgets, ranks, a.tokens, a.warmup, a.repeat))
     print(f"{a.weights}, {a.tokens} timed tokens after {a.warmup}, {a.repeat} rounds")
     print(format_rows(rows))
     if a.json:

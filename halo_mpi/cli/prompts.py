@@ -1,9 +1,11 @@
-"""Prompts in, text out: reading and encoding prompts, checking lengths, streaming tokens."""
+"""Prompts in, text out: reading and encoding prompts into jobs, streaming or printing their text."""
 from __future__ import annotations
 
 import sys
+import time
 
 from ..errors import HaloError
+from ..model.jobs import Job
 
 
 def read_prompts(a) -> list[str]:
@@ -44,8 +46,8 @@ def encode_prompt(tok, prompt: str, a, context: int) -> tuple[list[int], int]:
     return ids, check_lengths(len(ids), a.max_new_tokens, context)
 
 
-def stop_ids(tok, a) -> set[int]:
-    return set() if a.ignore_eos else tok.stop_ids
+def stop_ids(tok, a) -> frozenset[int]:
+    return frozenset() if a.ignore_eos else frozenset(tok.stop_ids)
 
 
 class TokenPrinter:
@@ -53,18 +55,93 @@ class TokenPrinter:
 
     def __init__(self, tok, prefix: str, quiet: bool, label: str = ""):
         self.tok, self.quiet, self.stream = tok, quiet, tok.streamer()
-        if not quiet:
-            sys.stdout.write(label + prefix)
-            sys.stdout.flush()
+        self.prefix, self.label, self.started = prefix, label, False
 
     def __call__(self, token: int):
         if not self.quiet:
+            self._start()
             sys.stdout.write(self.stream.push(token))
             sys.stdout.flush()
+
+    def _start(self):
+        if not self.started:
+            self.started = True
+            sys.stdout.write(self.label + self.prefix)
 
     def close(self, tokens: list[int]):
         if self.quiet:
             print(self.tok.decode(tokens))
         else:
+            self._start()
             sys.stdout.write(self.stream.flush() + "\n")
             sys.stdout.flush()
+
+
+class Progress:
+    """`--progress SECONDS`: a line on stderr every SECONDS while tokens come; `links()` gives
+    rank -> on-time rate (tensor mode) or nothing."""
+
+    def __init__(self, every_s: float, links=lambda: {}):
+        self.every_s, self.links, self.clock = every_s, links, time.perf_counter
+        self.start = self.last = self.clock()
+        self.tokens = 0
+
+    def __call__(self, token: int):
+        self.tokens += 1
+        now = self.clock()
+        if self.every_s and now - self.last >= self.every_s:
+            self.last = now
+            rates = " ".join(f"{r}:{v:.2f}" for r, v in sorted(self.links().items()))
+            print(f"progress: {self.tokens} tokens, {self.tokens / (now - self.start):.1f} tokens/s"
+                  + (f", on-time rank:rate {rates}" if rates else ""), file=sys.stderr, flush=True)
+
+
+class Output:
+    """generate's prompts as jobs (rank 0), and their text: streamed token by token when one
+    sequence runs at a time, each sequence whole (`[i] text`) as it finishes when several
+    run at once (pipeline mode)."""
+
+    def __init__(self, a, options):
+        self.a, self.in_flight = a, options.pipeline.num_sequences
+        self.concurrent = options.parallel == "pipeline"
+        self.prompts: list[str] = []
+        self.printers: dict[int, TokenPrinter] = {}
+        self.progress = Progress(a.progress)
+        self.tok = None
+
+    def jobs(self, tok, context: int) -> list[Job]:
+        """The prompts encoded into jobs (rank 0, while the mode opens)."""
+        a, self.tok = self.a, tok
+        self.prompts = read_prompts(a)
+        jobs = []
+        for index, prompt in enumerate(self.prompts):
+            ids, max_new = encode_prompt(tok, prompt, a, context)
+            jobs.append(Job(ids, max_new, a.temperature, a.top_p, a.seed, stop_ids(tok, a),
+                            on_token=self._on_token(index), index=index))
+        if self.concurrent and self.in_flight > len(jobs):
+            print(f"note: --num-sequences {self.in_flight} capped to the {len(jobs)} prompts given",
+                  file=sys.stderr)
+        return jobs
+
+    def _on_token(self, index: int):
+        def on_token(token: int) -> bool:
+            if not self.concurrent:
+                self._printer(index)(token)
+            self.progress(token)
+            return False
+        return on_token
+
+    def _printer(self, index: int) -> TokenPrinter:
+        if index not in self.printers:
+            a = self.a
+            label = f"[{index}] " if len(self.prompts) > 1 else ""
+            prefix = "" if a.chat else self.prompts[index]
+            self.printers[index] = TokenPrinter(self.tok, prefix, a.quiet, label)
+        return self.printers[index]
+
+    def finished(self, job: Job):
+        if self.concurrent:
+            prefix = "" if self.a.chat or self.a.quiet else self.prompts[job.index]
+            print(f"[{job.index}] {prefix}{self.tok.decode(job.result.tokens)}", flush=True)
+        else:
+            self._printer(job.index).close(job.result.tokens)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from ..errors import HaloError
 from ..model.config import SHAPES
 from ..stats import write_json
@@ -124,7 +122,7 @@ def convert(a):
             raise HaloError("--mlp-groups applies to a GGUF or --synthetic; a store keeps its groups")
         args = convert_store(a.gguf, a.output, a.store_dtype, progress=not a.quiet)
         with Store(a.gguf) as src:
-            regrouped = "calibration" in src.f and bool(src.f["calibration"].attrs.get("regrouped"))
+            regrouped = src.regrouped
         if regrouped and a.store_dtype == "q4":
             print(f"note: {a.gguf} was regrouped by calibration, so its down projections no longer "
                   f"follow the GGUF's 4-bit blocks and q4 rounds them again (SmolLM2: +7% "
@@ -145,10 +143,8 @@ def info(a):
             print(f"  {k:16s} {v}")
         print(f"  {'parameters':16s} {s.args.n_params() / 1e6:.1f} M")
         print(f"  {'store_dtype':16s} {s.store_dtype}")
-        for what, ds in (("MLP group", "layers/000/mlp_groups"),
-                         ("attention group", "layers/000/attn_groups")):
-            d = s.f[ds]
-            print(f"  {'bytes/' + what:16s} {d.dtype.itemsize * int(np.prod(d.shape[1:], dtype=np.int64))}")
+        for what, kind in (("MLP group", "mlp"), ("attention group", "attn")):
+            print(f"  {'bytes/' + what:16s} {s.item_bytes(kind)}")
         print(f"  {'file':16s} {os.path.getsize(a.weights) / 1e6:.1f} MB")
         print(f"  {'tokenizer':16s} {'yes' if s.has_tokenizer() else 'no'}")
 
@@ -169,7 +165,8 @@ def calibrate(a):
 
 
 def shard(a):
-    from ..store.hdf5 import Store, write_shard
+    from ..store.hdf5 import Store
+    from ..store.writer import write_shard
     from ..tensor.placement import describe_plan
     from ..tensor.run import TensorOptions, make_plan
 

@@ -18,7 +18,6 @@ anything is loaded, so a budget too small fails at once.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,22 +28,6 @@ ITEM = {"float32": 4, "bfloat16": 2, "float16": 2}
 _TILE_N, _BLOCK = 64, 32          # the int4 kernel's row tile and quantization block (qlinear.py)
 PART_PAD = 8 * 64 + 4096          # a part's tensors (8 at most) start at 64-byte boundaries, and a
                                   # load buffer is whole pages (cold reads use O_DIRECT)
-
-
-def parse_budget(text: str) -> tuple[float | None, float | None]:
-    """'150MB', '1.5GB', '800M', '50%' -> (bytes, None) or (None, share of the rank's weights)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[kKmMgG]i?[bB]?|[bB]?)\s*", text or "")
-    if not m or float(m.group(1)) <= 0:
-        raise HaloError(f"--mem-budget {text!r}: give a size (150MB, 1.5GB) or a share of the rank's "
-                        f"weights (50%)")
-    value, unit = float(m.group(1)), m.group(2).lower()
-    if unit == "%":
-        if value > 100:
-            raise HaloError(f"--mem-budget {text}: a share is at most 100%")
-        return None, value / 100
-    scale = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "ki": 2**10, "mi": 2**20, "gi": 2**30}[unit]
-    return value * scale, None
 
 
 def size(n: float) -> str:

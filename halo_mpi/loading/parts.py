@@ -26,6 +26,7 @@ from ..model.groups import GroupMLP
 from ..model.linear import DTYPES, Linear, make_linear
 from ..model.llama import Attention
 from ..model.quant import from_records
+from ..options.tree import LoadOptions
 from ..stats import rss_mb
 from .budget import (
     LayerShare,
@@ -33,32 +34,21 @@ from .budget import (
     attention_bytes,
     linear_bytes,
     mlp_bytes,
-    parse_budget,
     plan_residency,
     weight_kinds,
 )
 from .cache import PAGE, Part, ScratchFile, WeightCache
 
 
-@dataclass
-class LoadOptions:
-    mem_budget: str | None = None     # SIZE (150MB) or PERCENT% of the rank's weights; None: all resident
-    load_dir: str | None = None       # where the scratch file of streamed parts goes (default: the store's)
-    prefetch: str = "auto"            # on: read ahead while computing; off: read on use; auto (below)
-    read_mbps: float | None = None    # emulate a slow disk: reads take at least bytes / rate
-    cold: bool = False                # reads bypass the page cache (O_DIRECT)
-    loader: str = "process"           # who reads ahead: a process of its own, or a thread
-    leave_a_core: bool = False        # streaming with prefetch: one torch thread fewer (--threads 0)
-
-    def prefetching(self) -> bool:
-        """auto: read ahead when the reads wait on the disk (cold) or a core can be left to the
-        reader. From the page cache a read is a CPU copy: on a rank with one core the reader only
-        takes turns with the compute (measured at -n 2, a 50% budget: float32 44.6 ms/token with
-        prefetch, 35.5 without; q4 20.2 and 17.7), while reads that wait on the disk overlap (cold
-        q4 at 80%, -n 2: 23.2 against 53.4)."""
-        if self.prefetch in ("on", "off"):
-            return self.prefetch == "on"
-        return self.cold or torch.get_num_threads() > 1
+def prefetching(o: LoadOptions) -> bool:
+    """Whether a rank reads ahead (--prefetch). auto: read ahead when the reads wait on the disk
+    (cold) or a core can be left to the reader. From the page cache a read is a CPU copy: on a
+    rank with one core the reader only takes turns with the compute (measured at -n 2, a 50%
+    budget: float32 44.6 ms/token with prefetch, 35.5 without; q4 20.2 and 17.7), while reads that
+    wait on the disk overlap (cold q4 at 80%, -n 2: 23.2 against 53.4)."""
+    if o.prefetch in ("on", "off"):
+        return o.prefetch == "on"
+    return o.cold or torch.get_num_threads() > 1
 
 
 def rank_residency(args: ModelArgs, store_dtype: str, dtype: str, heads: dict[int, int],
@@ -72,8 +62,7 @@ def rank_residency(args: ModelArgs, store_dtype: str, dtype: str, heads: dict[in
               for l in sorted(set(heads) | set(groups))]
     norms = 4 * args.dim * (2 * len(layers) + (1 if final_norm else 0))
     fixed = (linear_bytes(head_rows, args.dim, head_kind) if head_rows else 0) + norms
-    budget, share = parse_budget(o.mem_budget)
-    return plan_residency(layers, fixed, budget, share, o.prefetching(), where)
+    return plan_residency(layers, fixed, o.mem_budget.bytes, o.mem_budget.share, prefetching(o), where)
 
 
 def bind_layers(linears: list, layout: list[tuple[int, int, torch.dtype, tuple]]):
@@ -210,7 +199,7 @@ class BudgetedWeights:
         self.cache = None
         if residency.streaming:
             directory = o.load_dir or os.path.dirname(os.path.abspath(store.path))
-            self.cache = WeightCache(ScratchFile(directory), residency.slots, o.prefetching(),
+            self.cache = WeightCache(ScratchFile(directory), residency.slots, prefetching(o),
                                      o.read_mbps, o.cold, o.loader)
             self.building = ScratchFile(directory)     # pieces as built, laid out anew by start()
         self.pieces: dict[int, list[Piece]] = {}
@@ -343,7 +332,6 @@ def budgeted_transformer(store, o: LoadOptions, dtype: str = "float32", layers=N
     """The model (or a pipeline stage's layers) under `o.mem_budget`, the embedding read from the
     store (keep it open): (Transformer, BudgetedWeights), the reader already started."""
     from ..model.llama import Transformer
-    from .embedding import StoreEmbedding
     a = store.args
     layers = list(range(a.n_layers)) if layers is None else list(layers)
     residency = rank_residency(a, store.store_dtype, dtype, {l: a.n_kv_heads for l in layers},
@@ -352,14 +340,11 @@ def budgeted_transformer(store, o: LoadOptions, dtype: str = "float32", layers=N
     weights = BudgetedWeights(store, residency, o, static_importance(store), dtype)
     groups, heads = np.arange(a.mlp_groups), np.arange(a.n_kv_heads)
     try:
-        model = Transformer.from_store(store, layers=layers, embedding=False, head=False, dtype=dtype,
+        model = Transformer.from_store(store, layers=layers, embedding="rows" if embedding else False,
+                                       head=(lambda: head_linear(store, 0, a.vocab_size, dtype)) if head
+                                       else False, dtype=dtype,
                                        mlp=lambda layer: weights.mlp(layer, groups),
                                        attention=lambda layer: weights.attention(layer, heads))
-        if head:
-            model.norm = torch.from_numpy(store.final_norm())                  # (dim,)
-            model.output = head_linear(store, 0, a.vocab_size, dtype)
-        if embedding:
-            model.lookup = StoreEmbedding(store)
         weights.start()
     except BaseException:
         weights.close()

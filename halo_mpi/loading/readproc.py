@@ -3,7 +3,7 @@ into the shared load buffers, in an interpreter of its own, so that the reads ne
 computing process's GIL (a reader thread there slowed a 10 ms q4 decode step by 5-8 ms: every one
 of its wake-ups waited for the compute to let go of the GIL, measured in the budget issue's note).
 
-Started by ProcessReader as `python -c "from halo_mpi.loading.readproc import main; main()"
+Started by ProcessReader (scratch.py) as `python -c "from halo_mpi.loading.readproc import main; main()"
 SCRATCH_FD SHM_FD SHM_BYTES READ_MBPS COLD` with both descriptors inherited (COLD 1: it reopens
 the scratch file with O_DIRECT). Its stdin carries
 requests, its stdout replies, as fixed binary records; end of stdin ends it. Only the standard

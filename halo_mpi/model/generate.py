@@ -3,8 +3,9 @@
 A session holds one sequence's state and turns tokens into next-token logits:
     session.prefill(ids: list[int]) -> (vocab,) logits after the last prompt token
     session.decode(token: int)      -> (vocab,) logits after that token
+    session.close()                 -> the sequence's state released
 `LocalSession` is the single-process one (the reference model); the tensor-parallel coordinator
-provides the same two calls.
+and the pipeline's RingSession provide the same calls.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ class LocalSession:
 
     def decode(self, token: int) -> torch.Tensor:
         return self.model(torch.tensor([token]), self.cache, last_only=True)[0]
+
+    def close(self):
+        self.cache = None
 
 
 @dataclass

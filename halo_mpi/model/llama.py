@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import HaloError
 from .config import ModelArgs
+from .embedding import StoreEmbedding
 from .groups import GroupMLP
 from .linear import DTYPES, make_linear
 from .qlinear import QuantRows
@@ -179,12 +180,16 @@ class Transformer:
         self.rope = Rope(args)
 
     @classmethod
-    def from_store(cls, store, layers: Iterable[int] | None = None, embedding: bool = True,
-                   head: bool = True, dtype: str | torch.dtype = torch.float32,
+    def from_store(cls, store, layers: Iterable[int] | None = None, embedding: bool | str = True,
+                   head: bool | Callable[[], Callable] = True, dtype: str | torch.dtype = torch.float32,
                    mlp: Callable[[int], Callable] | None = None,
                    attention: Callable[[int], Callable] | None = None) -> Transformer:
         """Load the given layers (all by default); `mlp(layer)` and `attention(layer)` may supply
-        each block's MLP and attention (tensor mode's distributed ones)."""
+        each block's MLP and attention (tensor mode's distributed ones, budgeted ones).
+        embedding: True holds the table; "rows" reads the rows of the tokens embedded from the
+        store as they come (keep it open); False: none. head: True holds the final norm and the
+        output head; a factory supplies the head (a vocabulary slice, a distributed or streamed
+        head) beside the stored final norm; False: neither."""
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         args = store.args
         layers = range(args.n_layers) if layers is None else layers
@@ -195,10 +200,17 @@ class Transformer:
                                   attention(layer) if attention else
                                   Attention(args, store.attn_groups(layer), dtype=dtype),
                                   mlp(layer) if mlp else GroupMLP(store.mlp_groups(layer), dtype=dtype))
-        emb = store.embedding() if embedding or (head and args.tied_embeddings) else None
-        out = (emb if args.tied_embeddings else store.output()) if head else None
-        return cls(args, blocks, embedding=emb if embedding else None,
-                   norm=store.final_norm() if head else None, output=out, dtype=dtype)
+        stored_head = head is True
+        table = embedding is True
+        emb = store.embedding() if table or (stored_head and args.tied_embeddings) else None
+        out = (emb if args.tied_embeddings else store.output()) if stored_head else None
+        model = cls(args, blocks, embedding=emb if table else None,
+                    norm=store.final_norm() if head else None, output=out, dtype=dtype)
+        if callable(head):
+            model.output = head()
+        if embedding == "rows":
+            model.lookup = StoreEmbedding(store)
+        return model
 
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(self.args, max_len, {l: b.attention.n_kv for l, b in self.blocks.items()})

@@ -53,6 +53,17 @@ def oversubscribed() -> bool:
     return local_ranks() > cores()
 
 
+def mpiexec_path() -> str:
+    """The mpiexec to launch ranks with: the one beside this Python (the venv's, from the mpich
+    wheel), else the first on PATH."""
+    import shutil
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    path = here if os.access(here, os.X_OK) else shutil.which("mpiexec")
+    if path is None:
+        raise HaloError("mpiexec not found: pip install mpich (it brings mpiexec into the venv)")
+    return path
+
+
 def threads_per_rank(threads: int = 0) -> int:
     """Compute threads for this rank: as asked, or (0) its share of this node's cores, since more
     threads than cores thrash."""
@@ -190,17 +201,30 @@ def guard_finalize():
                                           "as the run ended; the results above are complete; ending")
 
 
+BARRIER_NAP = 1e-3      # sleep between tests of a gentle barrier, s
+
+
+def gentle_barrier(comm):
+    """A barrier that sleeps while it waits: MPI's own spins a core, slowing ranks still working."""
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(BARRIER_NAP)
+
+
 def collective(comm, fn):
     """Run fn on every rank; if it fails anywhere, every rank raises the same CollectiveError.
 
-    Startup work (opening files, checking options) goes through here, so a bad input anywhere
-    ends all ranks with one clear line instead of leaving the healthy ranks waiting forever.
+    Startup work (opening files, checking options, loading weights) goes through here, so a bad
+    input anywhere ends all ranks with one clear line instead of leaving the healthy ranks waiting
+    forever. Ranks that finish early sleep in a barrier meanwhile, instead of spinning in the
+    allgather (which would slow the ranks still loading on shared cores).
     """
     result, error = None, None
     try:
         result = fn()
     except HaloError as e:
         error = str(e)
+    gentle_barrier(comm)
     errors = comm.allgather(error)
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]
     if failed:

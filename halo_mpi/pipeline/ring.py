@@ -4,15 +4,17 @@ pipeline parallelism over several sequences.
     mpiexec -n 4 halo-mpi generate --parallel pipeline --prompt-file prompts.txt --num-sequences 8
 
 Rank 0 holds the embedding, the first block of layers and the head; rank r > 0 holds the r-th
-block (halo_mpi/split.py chooses the blocks). A sequence's hidden states go 0 -> 1 -> ... -> N-1
-and back to 0: rank 0 embeds a token and runs its block, each next rank runs its own, the last
-sends the final hidden state home, where rank 0 applies the head, samples the next token and
-sends it round again. With S sequences in flight every rank works on a different one at once;
-each rank keeps one KV cache per sequence and takes whichever message arrives next. A sequence
-that ends (stop token or its token budget) leaves the ring; the others go on, and the next
-waiting prompt takes its place.
+block (pipeline/split.py chooses the blocks, pipeline/plan.py makes the plan). A sequence's
+hidden states go 0 -> 1 -> ... -> N-1 and back to 0: rank 0 embeds a token and runs its block,
+each next rank runs its own, the last sends the final hidden state home, where rank 0 applies
+the head, samples the next token and sends it round again. With S sequences in flight every rank
+works on a different one at once; each rank keeps one KV cache per sequence and takes whichever
+message arrives next. A sequence that ends (stop token or its token budget) leaves the ring; the
+others go on, and the next waiting job takes its place (`Conductor.drive`: jobs from a list, or
+from a server's queue). A `RingSession` runs one sequence at a time through the ring instead
+(teacher-forced perplexity).
 
-Messages (comm.Kind), identified by sequence (`seq`, the prompt's index) and `step`:
+Messages (net/framing.py's Kind), identified by sequence (`seq`, the job's index) and `step`:
     ACTIVATION  (T, dim) hidden states of tokens step .. step+T-1 of `seq`, entering the block
                 that starts at `layer`; layer = n_layers: home to rank 0's head (T = 1);
                 T = 0: the sequence has finished, free its KV caches. The header also carries
@@ -21,7 +23,7 @@ Messages (comm.Kind), identified by sequence (`seq`, the prompt's index) and `st
     STOP        rank 0 -> 1 -> ... -> N-1 along the ring, so it trails every activation on a link
     DONE        each rank -> rank 0: the rank's statistics (JSON), its last message
 A prompt's prefill goes round once, in chunks of --prefill-chunk tokens; then one token per hop.
-Every rank's receives are posted ahead (comm.MPITransport) and waiting sleeps between tests.
+Every rank's receives are posted ahead (net/transport.py) and waiting sleeps between tests.
 
 The model code knows nothing of this: a stage is `Transformer.from_store(store, layers=...)`.
 """
@@ -36,105 +38,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import HaloError
-from ..loading.parts import LoadOptions, budgeted_transformer
-from ..model.config import ModelArgs
 from ..model.generate import GenerationResult, Sampler
+from ..model.jobs import Finished, Job, JobList, JobSource
 from ..model.llama import KVCache, Transformer
-from ..net.devices import Device
-from ..net.framing import HEADER, Kind, Message, json_payload
+from ..net.framing import Kind, Message, json_payload
+from ..net.launch import responsive
 from ..stats import cpu_seconds, peak_rss_mb, rss_mb
-from .split import split_layers, stage_costs
+from .plan import Plan
 
 WAIT = 0.05             # longest single wait for a message before checking for cancellation, s
-DONE_BYTES = 1 << 16    # room for a DONE message's JSON
 NO_ROWS = np.zeros((0, 1), np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# the plan: what every rank must know before the ring starts (built on rank 0, broadcast)
-
-@dataclass
-class Request:
-    """One sequence to generate."""
-    ids: list[int]          # prompt token ids
-    max_new: int            # tokens to generate at most
-    sampling: tuple | None = None   # its own (temperature, top_p, seed); None: the run's Options
-
-
-@dataclass
-class Options:
-    in_flight: int = 0                  # S, sequences circulating at once; 0 = all of them
-    temperature: float = 0.0            # 0 = greedy
-    top_p: float = 1.0
-    seed: int = 0
-    stop_ids: frozenset = frozenset()   # a sampled stop id ends its sequence (and is not kept)
-    prefill_chunk: int = 64             # prompt tokens per activation message
-    dtype: str = "float32"
-    keep_logits: bool = False           # keep every sequence's logits (tests)
-    rank_timeout: float = 60.0          # seconds of silence after which a rank counts as lost
-    load: LoadOptions = field(default_factory=LoadOptions)   # --mem-budget and its loading
-
-
-@dataclass
-class Plan:
-    split: list[range]          # layers of each rank, contiguous, rank 0's first
-    in_flight: int              # S
-    chunk: int                  # prompt tokens per prefill message
-    dim: int
-    n_layers: int
-    dtype: str
-
-    @property
-    def size(self) -> int:
-        return len(self.split)
-
-    @property
-    def max_bytes(self) -> int:
-        """Largest message: a prefill chunk (chunk, dim) float32, or a DONE."""
-        return HEADER.itemsize + max(self.chunk * self.dim * 4, DONE_BYTES)
-
-
-def make_plan(args: ModelArgs, requests: list[Request], size: int, options: Options,
-              devices: list[Device] | None = None, bytes_per_weight: float | None = None) -> Plan:
-    if not requests:
-        raise HaloError("pipeline mode needs at least one prompt")
-    for i, r in enumerate(requests):
-        if not r.ids or len(r.ids) + r.max_new > args.max_seq_len:
-            raise HaloError(f"prompt {i} has {len(r.ids)} tokens and asks for {r.max_new} more; the "
-                            f"model's context holds 1 to {args.max_seq_len} in all")
-    in_flight = min(options.in_flight or len(requests), len(requests))
-    max_lens = [len(r.ids) + r.max_new for r in requests]
-    kv_tokens = sum(sorted(max_lens)[-in_flight:])     # the S longest sequences, all at once
-    return ring_plan(args, size, options, in_flight, kv_tokens, devices, bytes_per_weight)
-
-
-def serving_plan(args: ModelArgs, size: int, options: Options, devices: list[Device] | None = None,
-                 kv_tokens: int = 0, bytes_per_weight: float | None = None) -> Plan:
-    """The plan of a server, whose prompts come later: `options.in_flight` sequences at once
-    (default: one per rank); `kv_tokens`, the KV cache tokens the split may count on."""
-    in_flight = options.in_flight or size
-    return ring_plan(args, size, options, in_flight, kv_tokens or in_flight * args.max_seq_len, devices,
-                     bytes_per_weight)
-
-
-def ring_plan(args: ModelArgs, size: int, options: Options, in_flight: int, kv_tokens: int,
-              devices: list[Device] | None, bytes_per_weight: float | None = None) -> Plan:
-    """bytes_per_weight: a quantized store's (its weights stay so in memory); None: the dtype's."""
-    costs = stage_costs(args, options.dtype, kv_tokens, bytes_per_weight) if devices else None
-    return Plan(split=split_layers(args.n_layers, size, devices, costs), in_flight=in_flight,
-                chunk=options.prefill_chunk, dim=args.dim, n_layers=args.n_layers, dtype=options.dtype)
-
-
-def load_stage_model(store, plan: Plan, rank: int, load: LoadOptions | None = None) -> tuple:
-    """Only this rank's layers (plus the embedding and head on rank 0) are read from the store:
-    (Transformer, None), or under load.mem_budget (Transformer, BudgetedWeights) with the
-    embedding read from the store, which must then stay open."""
-    if load is not None and load.mem_budget:
-        return budgeted_transformer(store, load, plan.dtype, layers=plan.split[rank], embedding=rank == 0,
-                                    head=rank == 0, where=f"rank {rank}")
-    return Transformer.from_store(store, layers=plan.split[rank], embedding=rank == 0,
-                                  head=rank == 0, dtype=plan.dtype), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,9 +160,7 @@ class Ring:
 
 @dataclass
 class Sequence:
-    index: int                   # the prompt's index
-    ids: list[int]               # prompt ids
-    max_new: int
+    job: Job
     sampler: Sampler
     result: GenerationResult
     started_at: float
@@ -257,39 +168,64 @@ class Sequence:
     logits: list[torch.Tensor] = field(default_factory=list)  # (vocab,) per sample, keep_logits
 
     @property
+    def index(self) -> int:
+        return self.job.index
+
+    @property
     def next_pos(self) -> int:
         """Position of the newest token, whose state comes home next."""
-        return len(self.ids) + len(self.result.tokens) - 1
+        return len(self.job.ids) + len(self.result.tokens) - 1
 
     @property
     def span(self) -> tuple[int, int]:
         """(prompt length, KV capacity) as the ring's messages carry them."""
-        return len(self.ids), len(self.ids) + self.max_new
+        return len(self.job.ids), self.job.max_len
 
 
 class Conductor:
-    """Rank 0's duties besides its block: start sequences, sample from the head, retire them."""
+    """Rank 0's duties besides its block: start sequences, sample from the head, retire them.
+    keep_logits: each sequence keeps the logits of every sample (tests)."""
 
-    def __init__(self, ring: Ring, stage: Stage, clock: Clock, requests, options: Options,
-                 on_finish=None, on_token=None):
-        # requests: index -> Request (a list, or a dict a server fills as requests come);
-        # on_token(sequence, token) -> True ends that sequence there (a stop string, a client gone)
+    def __init__(self, ring: Ring, stage: Stage, clock: Clock, on_finish: Finished | None = None,
+                 keep_logits: bool = False):
         self.ring, self.stage, self.clock, self.plan = ring, stage, clock, stage.plan
-        self.requests, self.options, self.on_finish, self.on_token = requests, options, on_finish, on_token
+        self.on_finish, self.keep_logits = on_finish, keep_logits
         self.active: dict[int, Sequence] = {}
         self.done: dict[int, Sequence] = {}
 
-    def start(self, index: int):
+    def drive(self, source: JobSource, cancelled=None):
+        """Up to the plan's in-flight count of jobs at once, until the source is exhausted and
+        every job has finished; a finishing job frees its slot for the next."""
+        while True:
+            started = False
+            while len(self.active) < self.plan.in_flight:
+                job = source.take(0.0 if self.active or started else WAIT)
+                if job is None:
+                    break
+                if job.cancelled():
+                    job.result = GenerationResult(len(job.ids), stopped_by="cancelled")
+                    self.on_finish and self.on_finish(job)
+                    continue
+                self.start(job)
+                started = True
+            if not self.active:
+                if source.exhausted():
+                    return
+                responsive()        # idle, not stuck in MPI (net/launch.py DeathWatch)
+                continue
+            for msg in self.ring.poll(0.0 if started else WAIT):
+                self.on_return(msg)
+            check(cancelled)
+
+    def start(self, job: Job):
         """Prefill: the prompt goes round once, chunk by chunk, behind this rank's block."""
-        o, req = self.options, self.requests[index]
-        sampler = Sampler(*(o.temperature, o.top_p, o.seed) if req.sampling is None else req.sampling)
-        seq = self.active[index] = Sequence(index, req.ids, req.max_new, sampler,
-                                            GenerationResult(prompt_tokens=len(req.ids)), time.perf_counter())
-        ids, model = torch.tensor(req.ids), self.stage.model
-        for p in range(0, len(req.ids), self.plan.chunk):
+        seq = self.active[job.index] = Sequence(job, job.sampler(), GenerationResult(len(job.ids)),
+                                                time.perf_counter())
+        ids, model = torch.tensor(job.ids), self.stage.model
+        for p in range(0, len(job.ids), self.plan.chunk):
             with self.clock.compute():
-                h = self.stage.run(index, p, model.embed(ids[p:p + self.plan.chunk]), seq.span[1])
-            self.ring.pass_on(self.plan, index, p, h, seq.span)                     # h: (T, dim)
+                h = self.stage.run(job.index, p, model.embed(ids[p:p + self.plan.chunk]), seq.span[1])
+            self.ring.pass_on(self.plan, job.index, p, h, seq.span)                 # h: (T, dim)
 
     def on_return(self, msg: Message):
         """The final hidden state of a sequence's newest token: sample, then send the next round."""
@@ -301,14 +237,15 @@ class Conductor:
             logits = self.stage.model.head(torch.from_numpy(msg.payload))[0]   # (1, dim) -> (vocab,)
             token = seq.sampler(logits)
         self._record(seq, logits)
-        if seq.max_new == 0:
+        job = seq.job
+        if job.max_new == 0:
             return self.finish(seq, "max-new-tokens")
-        if token in self.options.stop_ids:
+        if token in job.stop_ids:
             return self.finish(seq, "end-of-sequence token")
         seq.result.tokens.append(token)
-        if self.on_token is not None and self.on_token(seq, token):
+        if job.on_token is not None and job.on_token(token):
             return self.finish(seq, "stop")
-        if len(seq.result.tokens) >= seq.max_new:
+        if len(seq.result.tokens) >= job.max_new:
             return self.finish(seq, "max-new-tokens")
         with self.clock.compute():
             h = self.stage.run(seq.index, seq.next_pos, self.stage.model.embed(torch.tensor([token])),
@@ -322,7 +259,7 @@ class Conductor:
         else:
             seq.result.prefill_s = now - seq.started_at      # time to the first token
         seq.token_times.append(now)
-        if self.options.keep_logits:
+        if self.keep_logits:
             seq.logits.append(logits.clone())
 
     def finish(self, seq: Sequence, reason: str):
@@ -330,24 +267,58 @@ class Conductor:
         self.stage.release(seq.index)
         self.ring.release(self.plan, seq.index)
         self.done[seq.index] = self.active.pop(seq.index)
+        seq.job.result = seq.result
         if self.on_finish:
-            self.on_finish(seq)
+            self.on_finish(seq.job)
 
 
-def conduct(ring: Ring, stage: Stage, clock: Clock, requests: list[Request], options: Options,
-            on_finish=None, cancelled=None) -> list[Sequence]:
-    """Rank 0's loop: keep S sequences in flight until every prompt has finished."""
-    c = Conductor(ring, stage, clock, requests, options, on_finish)
-    waiting = deque(range(len(requests)))
-    while waiting or c.active:
-        timeout = WAIT
-        if waiting and len(c.active) < stage.plan.in_flight:
-            c.start(waiting.popleft())
-            timeout = 0.0            # more to start: only take what has already arrived
-        for msg in ring.poll(timeout):
-            c.on_return(msg)
-        check(cancelled)
-    return [c.done[i] for i in range(len(requests))]
+def conduct(ring: Ring, stage: Stage, clock: Clock, jobs: list[Job], on_finish: Finished | None = None,
+            cancelled=None, keep_logits: bool = False) -> list[Sequence]:
+    """Rank 0's loop over a fixed list of jobs (indexed 0..n-1): every sequence, in job order."""
+    c = Conductor(ring, stage, clock, on_finish, keep_logits)
+    c.drive(JobList(jobs), cancelled)
+    return [c.done[job.index] for job in jobs]
+
+
+class RingSession:
+    """One sequence at a time through the ring, on rank 0: `prefill` and `decode` send its tokens
+    round and wait for its state to come home (teacher-forced perplexity; model/generate.py's
+    session calls)."""
+
+    def __init__(self, ring: Ring, stage: Stage, clock: Clock, seq: int, max_len: int):
+        self.ring, self.stage, self.clock, self.seq, self.capacity = ring, stage, clock, seq, max_len
+        self.prompt_len = self.pos = 0
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        self.prompt_len = len(ids)
+        tokens = torch.tensor(ids)
+        for p in range(0, len(ids), self.stage.plan.chunk):
+            self._send(p, tokens[p:p + self.stage.plan.chunk])
+        return self._home()
+
+    def decode(self, token: int) -> torch.Tensor:
+        self._send(self.pos, torch.tensor([token]))
+        return self._home()
+
+    def _send(self, step: int, tokens: torch.Tensor):
+        with self.clock.compute():
+            h = self.stage.run(self.seq, step, self.stage.model.embed(tokens), self.capacity)  # (T, dim)
+        self.pos = step + tokens.shape[0]
+        self.ring.pass_on(self.stage.plan, self.seq, step, h, (self.prompt_len, self.capacity))
+
+    def _home(self) -> torch.Tensor:
+        """The logits (vocab,) of the newest token, once its state has come round."""
+        while True:
+            for msg in self.ring.poll(WAIT):
+                if msg.kind != Kind.ACTIVATION or msg.seq != self.seq or msg.step != self.pos - 1:
+                    raise RuntimeError(f"rank 0: unexpected {msg.kind.name} from rank {msg.source} "
+                                       f"for sequence {msg.seq}, step {msg.step}")
+                with self.clock.compute(), torch.inference_mode():
+                    return self.stage.model.head(torch.from_numpy(msg.payload))[0]
+
+    def close(self):
+        self.stage.release(self.seq)
+        self.ring.release(self.stage.plan, self.seq)
 
 
 def stop_ring(ring: Ring, cancelled=None) -> list[dict]:

@@ -1,49 +1,35 @@
-"""Pipeline mode's runs: under MPI (one stage per rank) and as threads of one process (tests).
+"""Pipeline mode's runs: one rank of the ring under MPI (`RingRank`), and the ring as threads of
+one process (`run_local`, tests).
 
     mpiexec -n 4 halo-mpi generate --parallel pipeline --prompt-file prompts.txt --num-sequences 8
 
-Every rank opens the store itself and reads only its own layers; rank 0 conducts (pipeline/ring.py).
+Rank 0 makes the plan and broadcasts it; every rank opens the store itself and reads only its own
+layers; rank 0 conducts (pipeline/ring.py). The mode layer (halo_mpi/modes/pipeline.py) drives it.
 """
 from __future__ import annotations
 
 import statistics
 import threading
-import time
 from dataclasses import dataclass
 
-from ..loading.parts import LoadOptions, describe_loading
-from ..net.devices import Device
-from ..net.launch import collective
+from ..loading.parts import describe_loading
+from ..model.jobs import Job
+from ..net.devices import read_device_profile
+from ..net.launch import collective, gentle_barrier
 from ..net.local import LocalHub
 from ..net.transport import MPITransport
+from ..options.tree import ModeOptions
 from ..stats import RankStats, RunStats, SequenceStats
 from ..store.hdf5 import Store
-from .ring import (
-    Cancelled,
-    Clock,
-    Options,
-    Plan,
-    Request,
-    Ring,
-    Sequence,
-    Stage,
-    conduct,
-    load_stage_model,
-    make_plan,
-    rank_stats,
-    serve,
-    serving_plan,
-    stop_ring,
-)
-
-BARRIER_NAP = 1e-3      # sleep between tests of a gentle barrier, s
+from .plan import Plan, load_stage_model, make_plan, quantized_bytes, serving_plan
+from .ring import Cancelled, Clock, Ring, Sequence, Stage, conduct, rank_stats, serve, stop_ring
 
 
 @dataclass
 class PipelineRun:
     """What rank 0 knows at the end of a run."""
     plan: Plan
-    sequences: list[Sequence]       # by prompt index
+    sequences: list[Sequence]       # in job order
     ranks: list[dict]               # rank_stats of every rank
     wall_s: float                   # first prefill to last token
     pending_requests: int = 0       # over all ranks, after closing their transports
@@ -85,14 +71,7 @@ class PipelineRun:
                      f"({self.plan.in_flight} in flight): {self.tokens} tokens in {self.wall_s:.2f} s, "
                      f"{self.tokens_per_s:.1f} tokens/s total, {self.ms_per_token_median:.1f} ms "
                      f"between a sequence's tokens (median)")
-        for r in self.ranks:
-            a, b = r["layers"]
-            ends = " + embedding, head" if r["embedding_and_head"] else ""
-            lines.append(f"rank {r['rank']}: layers {a}-{b - 1} ({b - a}){ends}"
-                         f", {r['parameters'] / 1e6:.1f} M parameters ({r['weight_bytes'] / 1e6:.0f} MB)"
-                         f" | busy {100 * r['busy_share']:.0f}% "
-                         f"(compute {r['compute_s']:.2f} s, wait {r['wait_s']:.2f} s) | "
-                         f"peak RSS {r['peak_rss_mb']:.0f} MB (now {r['rss_mb']:.0f} MB)")
+        lines += [rank_line(r) for r in self.ranks]
         for r in self.ranks:
             if r.get("loading"):
                 lines.append(f"rank {r['rank']} memory: {r['loading']['plan']}\n  "
@@ -101,20 +80,13 @@ class PipelineRun:
         return lines
 
 
-# ---------------------------------------------------------------------------------------------
-# one rank's run, the same under MPI and as a thread of the local twin
-
-def run_rank(ring: Ring, stage: Stage, requests: list[Request] | None, options: Options,
-             on_finish=None, cancelled=None) -> PipelineRun | None:
-    """Roles are dispatched here: rank 0 conducts, the others serve. Rank 0 returns the run."""
-    clock = Clock()
-    if ring.rank != 0:
-        serve(ring, stage, clock, cancelled)
-        return None
-    sequences = conduct(ring, stage, clock, requests, options, on_finish, cancelled)
-    wall = clock.wall()
-    others = stop_ring(ring, cancelled)
-    return PipelineRun(stage.plan, sequences, [rank_stats(ring, stage, clock)] + others, wall)
+def rank_line(r: dict) -> str:
+    a, b = r["layers"]
+    ends = " + embedding, head" if r["embedding_and_head"] else ""
+    return (f"rank {r['rank']}: layers {a}-{b - 1} ({b - a}){ends}, {r['parameters'] / 1e6:.1f} M "
+            f"parameters ({r['weight_bytes'] / 1e6:.0f} MB) | busy {100 * r['busy_share']:.0f}% "
+            f"(compute {r['compute_s']:.2f} s, wait {r['wait_s']:.2f} s) | peak RSS "
+            f"{r['peak_rss_mb']:.0f} MB (now {r['rss_mb']:.0f} MB)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,143 +98,143 @@ def ring_peers(rank: int, size: int) -> list[int]:
     return list(range(1, size)) if rank == 0 else sorted({rank - 1, 0})
 
 
-def gentle_barrier(comm):
-    """A barrier that sleeps while it waits: MPI's own spins a core, slowing ranks still loading."""
-    req = comm.Ibarrier()
-    while not req.Test():
-        time.sleep(BARRIER_NAP)
+class RingRank:
+    """One rank of the ring under MPI: the plan (made on rank 0 from `jobs`, or a server's),
+    this rank's stage loaded, its transport; `run(role)` once, then `close()`."""
 
+    def __init__(self, comm, o: ModeOptions, jobs: list[Job] | None = None):
+        self.comm, self.options = comm, o
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        rank, size = self.rank, self.size
 
-def collectively(comm, fn):
-    """fn() on every rank; a HaloError on any rank ends them all with one line (launch.collective).
-    Ranks that finish early sleep in a barrier meanwhile, instead of spinning in the allgather."""
-    def then_meet():
+        def plan_on_rank0() -> Plan:
+            devices = read_device_profile(o.device_profile, size).ranks if o.device_profile else None
+            with Store(o.weights) as store:
+                if jobs is None:
+                    return serving_plan(store.args, size, o, devices, bytes_per_weight=quantized_bytes(store))
+                return make_plan(store.args, jobs, size, o, devices, quantized_bytes(store))
+
+        self.plan = comm.bcast(collective(comm, plan_on_rank0 if rank == 0 else lambda: None), root=0)
+        self.store = None
+        model, self.loading = collective(comm, self._load)
+        self.stage = Stage(model, rank, self.plan, self.loading)
+        self.transport = (MPITransport(comm, self.plan.max_bytes, peers=ring_peers(rank, size))
+                          if size > 1 else None)
+        if self.transport is not None:
+            # rank 0 cannot go on without any stage
+            self.transport.watch(o.rank_timeout, set(range(1, size)), ": pipeline mode cannot go on "
+                                 "without its layers; the sequences written so far are complete")
+        self.ring = Ring(self.transport, rank, size)
+        gentle_barrier(comm)                    # the clocks start together
+
+    def _load(self):
+        store = Store(self.options.weights)
         try:
-            return fn()
+            model, loading = load_stage_model(store, self.plan, self.rank, self.options)
         finally:
-            gentle_barrier(comm)
-    return collective(comm, then_meet)
-
-
-def run_pipeline(comm, weights: str, requests: list[Request] | None, options: Options,
-                 devices: list[Device] | None = None, on_finish=None) -> PipelineRun | None:
-    """Every rank calls this; requests and devices are read on rank 0 only. Returns the run on
-    rank 0, None elsewhere. Each rank opens the store itself and reads only its own layers. An
-    error on any rank propagates; the caller ends the job (net.launch.abort)."""
-    def plan(store, size):
-        return make_plan(store.args, requests, size, options, devices, quantized_bytes(store))
-    run, pending = on_the_ring(comm, weights, plan, lambda ring, stage: run_rank(ring, stage, requests,
-                                                                                 options, on_finish),
-                               options.rank_timeout, options.load)
-    if run is not None:
-        run.set_pending(pending)
-    return run
-
-
-def serve_pipeline(comm, weights: str, options: Options, drive, devices: list[Device] | None = None):
-    """A server's ring: rank 0 runs drive(ring, stage, clock) (it starts sequences as requests
-    come, halo_mpi/serve/driver.py) and then stops the ring; the other ranks serve until then."""
-    def plan(store, size):
-        return serving_plan(store.args, size, options, devices, bytes_per_weight=quantized_bytes(store))
-
-    def role(ring: Ring, stage: Stage):
-        clock = Clock()
-        if ring.rank != 0:
-            return serve(ring, stage, clock)
-        try:
-            return drive(ring, stage, clock)
-        finally:
-            stop_ring(ring)
-    return on_the_ring(comm, weights, plan, role, options.rank_timeout, options.load)[0]
-
-
-def quantized_bytes(store) -> float | None:
-    """Bytes per weight of a q8_0/q4 store's matrices (they stay so in memory); None otherwise."""
-    if store.store_dtype not in ("q8_0", "q4"):
-        return None
-    a = store.args
-    return store.item_bytes("mlp") / (3 * a.group_size * a.dim)
-
-
-def on_the_ring(comm, weights: str, plan_for, role, rank_timeout: float = 60.0,
-                load_options: LoadOptions | None = None) -> tuple:
-    """Plan on rank 0 (plan_for(store, size)), load each rank's stage, run role(ring, stage) on
-    every rank; returns (rank 0's result, requests pending per rank) on rank 0."""
-    rank, size = comm.Get_rank(), comm.Get_size()
-    load_options = load_options or LoadOptions()
-
-    def plan_on_rank0():
-        with Store(weights) as store:
-            return plan_for(store, size)
-
-    plan = comm.bcast(collectively(comm, plan_on_rank0 if rank == 0 else lambda: None), root=0)
-
-    def load():
-        store = Store(weights)
-        try:
-            model, loading = load_stage_model(store, plan, rank, load_options)
-        finally:
-            if not load_options.mem_budget:
+            if self.options.load.mem_budget is None:
                 store.close()
-        return model, loading, store
+        self.store = store if self.options.load.mem_budget is not None else None
+        return model, loading
 
-    model, loading, store = collectively(comm, load)
-    stage = Stage(model, rank, plan, loading)
-    transport = MPITransport(comm, plan.max_bytes, peers=ring_peers(rank, size)) if size > 1 else None
-    if transport is not None:
-        # rank 0 cannot go on without any stage
-        transport.watch(rank_timeout, set(range(1, size)), ": pipeline mode cannot go on without its "
-                        "layers; the sequences written so far are complete")
-    gentle_barrier(comm)                    # the clocks start together
-    try:
-        result = role(Ring(transport, rank, size), stage)
-    finally:
-        if loading is not None:
-            loading.close()
-            store.close()
-    pending = transport.close() if transport else 0
-    gentle_barrier(comm)
-    return result, comm.gather(pending, root=0)
+    def run(self, role):
+        """role(ring, stage, clock) on this rank and its result; then the transport is closed and
+        rank 0 gets each rank's requests left pending (`pending`). An error skips that: the
+        caller ends the job (net.launch.abort), and a collective would wait for it forever."""
+        result = role(self.ring, self.stage, Clock())
+        left = self.transport.close() if self.transport else 0
+        gentle_barrier(self.comm)
+        self.pending = self.comm.gather(left, root=0)
+        return result
+
+    def close(self):
+        """Loading and store released."""
+        if self.loading is not None:
+            self.loading.close()
+        if self.store is not None:
+            self.store.close()
 
 
 # ---------------------------------------------------------------------------------------------
-# the single-process twin: ranks as threads over in-memory queues (tests)
+# one rank's run of a fixed list of jobs, the same under MPI and as a thread of the local twin
 
-def run_local(store, requests: list[Request], options: Options, size: int,
-              devices: list[Device] | None = None, timeout: float = 600.0) -> PipelineRun:
-    plan = make_plan(store.args, requests, size, options, devices)
-    stages = []
-    for r in range(size):
-        model, loading = load_stage_model(store, plan, r, options.load)
-        stages.append(Stage(model, r, plan, loading))
-    hub, cancelled = LocalHub(size), threading.Event()
-    results: list = [None] * size
-    errors: list[BaseException] = []
+def run_rank(ring: Ring, stage: Stage, jobs: list[Job] | None, clock: Clock, on_finish=None,
+             cancelled=None, keep_logits: bool = False) -> PipelineRun | None:
+    """Roles are dispatched here: rank 0 conducts, the others serve. Rank 0 returns the run."""
+    if ring.rank != 0:
+        serve(ring, stage, clock, cancelled)
+        return None
+    sequences = conduct(ring, stage, clock, jobs, on_finish, cancelled, keep_logits)
+    wall = clock.wall()
+    others = stop_ring(ring, cancelled)
+    return PipelineRun(stage.plan, sequences, [rank_stats(ring, stage, clock)] + others, wall)
 
-    def rank_main(r: int):
+
+# ---------------------------------------------------------------------------------------------
+# the single-process twin: ranks as threads over in-memory queues
+
+class LocalRing:
+    """Rank 0's stage in the calling thread, the others' in threads, connected by a LocalHub; the
+    plan from `jobs`, or a server's without them."""
+
+    def __init__(self, store, o: ModeOptions, size: int, jobs: list[Job] | None = None, devices=None):
+        self.plan = (make_plan(store.args, jobs, size, o, devices) if jobs is not None
+                     else serving_plan(store.args, size, o, devices))
+        self.stages = []
+        for r in range(size):
+            model, loading = load_stage_model(store, self.plan, r, o)
+            self.stages.append(Stage(model, r, self.plan, loading))
+        self.hub, self.cancelled = LocalHub(size), threading.Event()
+        self.rings = [Ring(self.hub.transports[r] if size > 1 else None, r, size) for r in range(size)]
+        self.clocks = [Clock() for _ in range(size)]
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._serve, args=(r,), name=f"rank-{r}", daemon=True)
+                        for r in range(1, size)]
+        for t in self.threads:
+            t.start()
+
+    def _serve(self, r: int):
         try:
-            ring = Ring(hub.transports[r] if size > 1 else None, r, size)
-            results[r] = run_rank(ring, stages[r], requests if r == 0 else None, options,
-                                  cancelled=cancelled)
-        except BaseException as e:          # noqa: B036 - handed to the caller below
-            errors.append(e)
-            cancelled.set()
+            serve(self.rings[r], self.stages[r], self.clocks[r], self.cancelled)
+        except BaseException as e:          # noqa: B036 - handed to the caller by check()
+            self.errors.append(e)
+            self.cancelled.set()
 
-    threads = [threading.Thread(target=rank_main, args=(r,), name=f"rank-{r}") for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    if any(t.is_alive() for t in threads):
-        cancelled.set()
-        raise RuntimeError(f"the local pipeline did not finish within {timeout} s")
-    for stage in stages:
-        if stage.loading is not None:
-            stage.loading.close()
-    real = [e for e in errors if not isinstance(e, Cancelled)]
-    if errors:
-        raise (real or errors)[0]
-    run = results[0]
-    run.set_pending([t.close() for t in hub.transports])
+    def check(self):
+        """A rank thread's error, raised in the caller's."""
+        real = [e for e in self.errors if not isinstance(e, Cancelled)]
+        if real:
+            raise real[0]
+
+    def stop(self, timeout: float = 60.0) -> list[dict]:
+        """STOP round the ring; every rank's statistics (rank 0's first); loading released, the
+        transports closed (`pending`: each rank's requests left pending)."""
+        try:
+            others = stop_ring(self.rings[0], self.cancelled) if not self.errors else []
+        finally:
+            self.cancelled.set()
+            for t in self.threads:
+                t.join(timeout)
+            for stage in self.stages:
+                if stage.loading is not None:
+                    stage.loading.close()
+            self.pending = [t.close() for t in self.hub.transports]
+        self.check()
+        return [rank_stats(self.rings[0], self.stages[0], self.clocks[0])] + others
+
+
+def run_local(store, jobs: list[Job], o: ModeOptions, size: int, devices=None,
+              keep_logits: bool = False) -> PipelineRun:
+    """A fixed list of jobs on the thread twin (tests): the run as rank 0 knows it."""
+    local = LocalRing(store, o, size, jobs, devices)
+    try:
+        sequences = conduct(local.rings[0], local.stages[0], local.clocks[0], jobs, None, local.cancelled,
+                            keep_logits)
+        wall = local.clocks[0].wall()
+    except BaseException:
+        local.cancelled.set()
+        local.check()            # a rank thread's error first: it is the cause
+        raise
+    run = PipelineRun(local.plan, sequences, local.stop(), wall)
+    run.set_pending(local.pending)
     return run
-

@@ -1,15 +1,17 @@
-"""The rank that runs the model serves jobs: one sequence at a time through a session (one
-process, tensor mode), turning each token into text for the client, honouring stop strings,
-token limits and clients that go away.
+"""The server's requests run on whatever engine the mode layer opened (halo_mpi/modes/): the
+broker's queue is the engine's job source, and each token becomes text for its client, honouring
+stop strings, token limits and clients that go away.
 
-    serve_sessions(broker, tok, session_for, stop_ids)   # until broker.closed is set
+    serve_jobs(engine, broker, tok)       # until broker.closed is set
+
+The engine decides how many jobs run at once (one, or pipeline mode's --num-sequences on its
+ring); this module knows no engine.
 """
 from __future__ import annotations
 
-import torch
+import itertools
 
-from ..model.generate import Sampler, generate
-from ..net.launch import responsive
+from ..model import jobs
 from .broker import Broker, Job
 
 
@@ -55,90 +57,68 @@ class TextOut:
             self._flush(final=True)
 
 
-def run_job(job: Job, tok, session_for, stop_ids) -> str:
-    """Generate one job through `session_for(max_len)`; returns its finish reason."""
-    out = TextOut(job, tok)
-    with torch.inference_mode():
-        result = generate(session_for(len(job.ids) + job.max_new), job.ids, job.max_new,
-                          Sampler(job.temperature, job.top_p, job.seed), stop_ids, on_token=out.push)
-    out.close()
-    if job.cancelled.is_set():
-        reason = "cancelled"
-    elif out.stopped or result.stopped_by == "end-of-sequence token":
-        reason = "stop"
-    else:
-        reason = "length"
-    job.done(reason, len(result.tokens))
-    return reason
+class BrokerSource:
+    """The broker's queue as an engine's job source (model/jobs.py): a request becomes a job
+    whose tokens go through its TextOut; no job is taken once the server is closing."""
 
+    def __init__(self, broker: Broker, tok):
+        self.broker, self.tok = broker, tok
+        self.running: dict[int, tuple[Job, TextOut]] = {}    # engine job index -> request, its text
+        self.indices = itertools.count()
 
-def serve_sessions(broker: Broker, tok, session_for, stop_ids, poll_s: float = 0.1):
-    """Jobs one at a time until the broker is closed; an error in one job is told to its client
-    and ends the server (a rank may have failed: nothing else is safe to run)."""
-    while not broker.closed.is_set():
-        job = broker.take(poll_s)
-        if job is None:
-            responsive()        # idle, not stuck in MPI: a dead rank is noticed at the next job
-            continue
-        if job.cancelled.is_set():
-            job.done("cancelled", 0)
-            continue
-        broker.running += 1
-        try:
-            run_job(job, tok, session_for, stop_ids)
-        except BaseException as e:
-            job.done("error", 0, error=str(e) or type(e).__name__)
-            raise
-        finally:
-            broker.running -= 1
-            broker.served += 1
-    broker.drain()
+    def take(self, timeout: float) -> jobs.Job | None:
+        if self.broker.closed.is_set():
+            return None
+        request = self.broker.take(timeout)
+        if request is None:
+            return None
+        out = TextOut(request, self.tok)
+        job = jobs.Job(request.ids, request.max_new, request.temperature, request.top_p, request.seed,
+                       frozenset(self.tok.stop_ids), on_token=self._on_token(request, out),
+                       cancelled=request.cancelled.is_set, index=next(self.indices))
+        self.running[job.index] = (request, out)
+        self.broker.running = len(self.running)
+        return job
 
+    def _on_token(self, request: Job, out: TextOut):
+        def on_token(token: int) -> bool:
+            if self.broker.closed.is_set():    # a closing server ends its streams at their next token
+                request.cancelled.set()
+            return out.push(token)
+        return on_token
 
-def serve_ring(broker: Broker, tok, ring, stage, clock, options, poll_s: float = 0.05):
-    """Pipeline mode: up to `stage.plan.in_flight` jobs at once on the ring (its recurrent
-    pipeline is the natural batch); a job that finishes frees its slot for the next in the
-    queue. When the broker closes, the running jobs end at their next token."""
-    from ..pipeline.ring import Conductor, Request
-    jobs: dict[int, Job] = {}
-    outs: dict[int, TextOut] = {}
+    def exhausted(self) -> bool:
+        return self.broker.closed.is_set()
 
-    def on_token(seq, token: int) -> bool:
-        return outs[seq.index].push(token)
-
-    def on_finish(seq):
-        job, out = jobs.pop(seq.index), outs.pop(seq.index)
+    def finished(self, job: jobs.Job):
+        request, out = self.running.pop(job.index)
         out.close()
-        reason = ("cancelled" if job.cancelled.is_set() else "stop"
-                  if out.stopped or seq.result.stopped_by in ("stop", "end-of-sequence token") else "length")
-        job.done(reason, len(seq.result.tokens))
-        broker.running, broker.served = len(jobs), broker.served + 1
+        result = job.result
+        if request.cancelled.is_set() or result.stopped_by == "cancelled":
+            reason = "cancelled"
+        elif out.stopped or result.stopped_by in ("stop", "end-of-sequence token"):
+            reason = "stop"
+        else:
+            reason = "length"
+        request.done(reason, len(result.tokens))
+        self.broker.running, self.broker.served = len(self.running), self.broker.served + 1
 
-    conductor = Conductor(ring, stage, clock, {}, options, on_finish, on_token)
-    index = 0
-    while True:
-        closing = broker.closed.is_set()
-        if closing:
-            for job in jobs.values():
-                job.cancelled.set()
-            if not conductor.active:
-                break
-        started = False
-        while not closing and len(conductor.active) < stage.plan.in_flight:
-            job = broker.take_nowait() if conductor.active else broker.take(poll_s)
-            if job is None:
-                responsive()    # idle, not stuck in MPI (net/launch.py DeathWatch)
-                break
-            if job.cancelled.is_set():
-                job.done("cancelled", 0)
-                continue
-            conductor.requests[index] = Request(job.ids, job.max_new, (job.temperature, job.top_p, job.seed))
-            jobs[index], outs[index] = job, TextOut(job, tok)
-            broker.running = len(jobs)
-            with torch.inference_mode():
-                conductor.start(index)
-            index, started = index + 1, True
-        if conductor.active:
-            for msg in ring.poll(0.0 if started else poll_s):
-                conductor.on_return(msg)
-    broker.drain()
+    def fail(self, error: BaseException):
+        """An error in the engine: every running request is told (the server then ends: a rank
+        may have failed, nothing else is safe to run)."""
+        for request, _ in self.running.values():
+            request.done("error", 0, error=str(error) or type(error).__name__)
+        self.running.clear()
+
+
+def serve_jobs(engine, broker: Broker, tok):
+    """Rank 0: the broker's requests on the engine until the broker is closed; what is still
+    queued then ends with a clear error."""
+    source = BrokerSource(broker, tok)
+    try:
+        engine.generate(source, on_finish=source.finished)
+    except BaseException as e:
+        source.fail(e)
+        raise
+    finally:
+        broker.drain()

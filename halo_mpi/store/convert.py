@@ -19,7 +19,8 @@ from ..errors import HaloError
 from ..model.config import SHAPES, ModelArgs
 from ..model.quant import records_dtype
 from ..model.tokenizer import byte_symbols
-from .hdf5 import Store, records_to_float, store_writer
+from .hdf5 import Store, records_to_float
+from .writer import store_writer
 
 DEFAULT_MLP_GROUPS = 24
 SUPPORTED_ARCHS = ("llama",)

@@ -559,3 +559,6 @@ class TensorParallelSession:
         self.coordinator.begin_step(decoding)
         self.coordinator.announce(tokens, self.cache.pos, last_only)
         return self.model(tokens, self.cache, last_only=last_only)
+
+    def close(self):
+        """(The groups' K/V caches are reused by the next sequence, from position 0.)"""

@@ -35,15 +35,14 @@ import json
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
-import threading
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from ..errors import HaloError
+from ..net.launch import mpiexec_path
 from . import netns
+from .launch import process_identity, run_job, shielded, signals_interrupt
 
 PREFIX = "halotb"
 HUB = "hub"
@@ -59,46 +58,6 @@ MPI_ENV = {                     # MPICH: TCP through libfabric on halo0, no shar
     "FI_PROVIDER": "tcp",
     "FI_TCP_IFACE": IFACE,
 }
-STOP_GRACE = 5.0                # seconds mpiexec gets to end its ranks after SIGINT
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, turned into an exception so that every cleanup path runs."""
-
-
-@contextmanager
-def signals_interrupt():
-    """While inside, SIGTERM and SIGHUP raise Interrupted (when nobody else handles them)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise Interrupted(f"signal {signal.Signals(signum).name}")
-
-    replaced = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) in (signal.SIG_DFL, None):
-            replaced[sig] = signal.signal(sig, interrupt)
-    try:
-        yield
-    finally:
-        for sig, old in replaced.items():
-            signal.signal(sig, old)
-
-
-@contextmanager
-def shielded():
-    """While inside (a cleanup), Ctrl-C, SIGTERM and SIGHUP are ignored: cleanup runs to its end."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,10 +79,7 @@ class Testbed:
         self.name = self.name or secrets.token_hex(3)
         self.loss = {int(k): float(v) for k, v in (self.loss or {}).items()}
         self.rate = {int(k): float(v) for k, v in (self.rate or {}).items()}
-        check_spec(self.ranks, self.loss, self.rate, self.name)
-        if self.rto_min_ms is not None and not 0 < self.rto_min_ms <= 200:
-            raise HaloError(f"--rto-min {self.rto_min_ms:g}: give milliseconds in (0, 200] "
-                            f"(Linux's default minimum is 200 ms)")
+        check_spec(self.ranks, self.loss, self.rate, self.name, self.rto_min_ms)
         self._made_by = None          # pid that made it for itself (not persistent), if here
 
     # names ------------------------------------------------------------------------------------
@@ -142,7 +98,7 @@ class Testbed:
 
     @property
     def state_path(self) -> str:
-        return os.path.join(STATE_DIR, f"{self.name}.json")
+        return state_file(self.name)
 
     # life cycle -------------------------------------------------------------------------------
     def up(self) -> Testbed:
@@ -153,11 +109,8 @@ class Testbed:
                           f"or remove it with `halo-mpi testbed down --name {self.name}`")
         if any(n.startswith(f"{PREFIX}-{self.name}-") for n in netns.namespaces()):
             raise taken
-        os.makedirs(STATE_DIR, exist_ok=True)
-        try:                              # claim the name atomically: two `up`s never share it
-            os.close(os.open(self.state_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
-            raise taken from None
+        if not claim_state(self.name):      # atomically: two `up`s never share a name
+            raise taken
         if not self.persistent:
             self.owner = process_identity(os.getpid())
             self._made_by = os.getpid()
@@ -216,10 +169,7 @@ class Testbed:
             leftovers = [n for n in netns.namespaces() if n.startswith(f"{PREFIX}-{self.name}-")]
             for ns in dict.fromkeys(self.namespaces() + leftovers):
                 netns.delete_namespace(ns)
-            try:
-                os.remove(self.state_path)
-            except FileNotFoundError:
-                pass
+            remove_state(self.name)
             self.is_up = False
             atexit.unregister(self.down)
 
@@ -238,11 +188,7 @@ class Testbed:
         return False
 
     def _save(self):
-        os.makedirs(STATE_DIR, exist_ok=True)
-        tmp = self.state_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.state(), f, indent=1)
-        os.replace(tmp, self.state_path)
+        save_state(self.name, self.state())
 
     def state(self) -> dict:
         s = asdict(self)
@@ -252,17 +198,7 @@ class Testbed:
 
     @classmethod
     def load(cls, name: str) -> Testbed:
-        path = os.path.join(STATE_DIR, f"{name}.json")
-        try:
-            with open(path) as f:
-                s = json.load(f)
-        except FileNotFoundError:
-            raise HaloError(f"no testbed named {name} (no {path}); start one with "
-                            f"`halo-mpi testbed up --name {name} --ranks N ...`") from None
-        except json.JSONDecodeError:
-            raise HaloError(f"{path} is unreadable (a testbed being made, or a crash while making "
-                            f"it): check `ip netns list | grep {PREFIX}-{name}-`, delete those "
-                            f"namespaces and the file") from None
+        s = read_state(name)
         return cls(ranks=s["ranks"], loss=s["loss"], rate=s["rate"], name=s["name"],
                    persistent=s["persistent"], owner=s["owner"], is_up=s["is_up"],
                    rto_min_ms=s.get("rto_min_ms"))
@@ -296,18 +232,8 @@ class Testbed:
         """
         if not self.is_up:
             raise HaloError(f"testbed {self.name} is not up")
-        cmd = self.mpiexec_argv(argv, module)
-        pipe = subprocess.PIPE if capture else None
         try:
-            with signals_interrupt():
-                # its own session: Ctrl-C reaches us only, and we stop the job as a whole
-                proc = subprocess.Popen(cmd, env=self.env(), stdin=subprocess.DEVNULL, stdout=pipe,
-                                        stderr=pipe, text=True, start_new_session=True)
-                try:
-                    out, err = proc.communicate(timeout=timeout)
-                except BaseException:
-                    stop_job(proc)
-                    raise
+            done = run_job(self.mpiexec_argv(argv, module), self.env(), timeout, capture)
         except subprocess.TimeoutExpired:
             self._after_error(down_on_error)
             raise HaloError(f"testbed {self.name}: `{' '.join(argv)}` did not finish within "
@@ -316,7 +242,7 @@ class Testbed:
             self._after_error(down_on_error)
             raise
         self.kill_ranks()                 # nothing may outlive the run inside the namespaces
-        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        return done
 
     def _after_error(self, down_on_error: bool):
         self.kill_ranks()
@@ -336,41 +262,8 @@ class Testbed:
         return {r: d["to"] + d["from"] for r, d in found.items()}
 
 
-def mpiexec_path() -> str:
-    """The mpiexec next to this Python (MPICH from PyPI in the venv), else the one on PATH."""
-    import shutil
-    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    path = here if os.access(here, os.X_OK) else shutil.which("mpiexec")
-    if not path:
-        raise HaloError(f"no mpiexec next to {sys.executable} nor on PATH: pip install mpich")
-    return path
-
-
-def stop_job(proc: subprocess.Popen):
-    """SIGINT to mpiexec's process group (it ends its ranks), then SIGKILL if it lingers."""
-    for sig, wait in ((signal.SIGINT, STOP_GRACE), (signal.SIGKILL, STOP_GRACE)):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def process_identity(pid: int) -> list[int] | None:
-    """[pid, start time in clock ticks]: unlike a bare pid, never matches a reused pid."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return [pid, int(f.read().rsplit(")", 1)[1].split()[19])]
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def check_spec(ranks: int, loss: dict[int, float], rate: dict[int, float], name: str):
+def check_spec(ranks: int, loss: dict[int, float], rate: dict[int, float], name: str,
+               rto_min_ms: float | None = None):
     if not 2 <= ranks <= MAX_RANKS:
         raise HaloError(f"--ranks {ranks}: a testbed has 2 to {MAX_RANKS} ranks")
     if not NAME.match(name):
@@ -385,6 +278,58 @@ def check_spec(ranks: int, loss: dict[int, float], rate: dict[int, float], name:
     for r, mbit in rate.items():
         if not mbit > 0:
             raise HaloError(f"--rate {r}:{mbit}: a rate is a positive number of Mbit/s")
+    if rto_min_ms is not None and not 0 < rto_min_ms <= 200:
+        raise HaloError(f"--rto-min {rto_min_ms:g}: give milliseconds in (0, 200] "
+                        f"(Linux's default minimum is 200 ms)")
+
+
+# ---------------------------------------------------------------------------------------------
+# state files: STATE_DIR/<name>.json records each testbed of this machine for later commands
+# (`testbed run --name`, `down`, `status`) and for the sweep of stale ones
+
+def state_file(name: str) -> str:
+    return os.path.join(STATE_DIR, f"{name}.json")
+
+
+def claim_state(name: str) -> bool:
+    """Create the state file of testbed `name`, atomically; False if it exists."""
+    os.makedirs(STATE_DIR, exist_ok=True)
+    try:
+        os.close(os.open(state_file(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return False
+    return True
+
+
+def save_state(name: str, state: dict):
+    """Replace the state file whole (a reader never sees half of it)."""
+    os.makedirs(STATE_DIR, exist_ok=True)
+    path = state_file(name)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=1)
+    os.replace(tmp, path)
+
+
+def read_state(name: str) -> dict:
+    path = state_file(name)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise HaloError(f"no testbed named {name} (no {path}); start one with "
+                        f"`halo-mpi testbed up --name {name} --ranks N ...`") from None
+    except json.JSONDecodeError:
+        raise HaloError(f"{path} is unreadable (a testbed being made, or a crash while making "
+                        f"it): check `ip netns list | grep {PREFIX}-{name}-`, delete those "
+                        f"namespaces and the file") from None
+
+
+def remove_state(name: str):
+    try:
+        os.remove(state_file(name))
+    except FileNotFoundError:
+        pass
 
 
 def testbeds() -> list[Testbed]:

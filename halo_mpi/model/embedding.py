@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..model.quant import from_records, records_dtype
+from .quant import from_records, records_dtype
 
 
 class StoreEmbedding:

@@ -1,0 +1,92 @@
+"""One benchmark run, on every rank: the mode layer in-process, launched by the bench.
+
+    mpiexec -n 2 python -m halo_mpi.bench.rank --parallel tensor --sync halo \\
+        --task generate --prompt "The history of" --new-tokens 73 --out gen.json
+
+The mode's options are the very flags `generate` takes (options/tree.py declares them once, and
+the bench writes them with options/flags.py's `argv`), so a renamed option cannot fall out of step
+with the bench. `generate` writes the run's statistics (halo_mpi/stats.py), `evaluate` the
+teacher-forced perplexity: {"perplexity", "tokens"}.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from ..model.jobs import Job
+from ..modes.engine import Workload
+from ..modes.open import open_engine
+from ..net.launch import world_comm
+from ..options.flags import add_options, argv, options_of
+from ..options.tree import ModeOptions
+from ..stats import write_json
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What a bench run does with the mode it opens."""
+    kind: str = "generate"        # generate | evaluate
+    prompt: str = ""              # generate: the prompt, greedy, end-of-sequence ignored
+    new_tokens: int = 0           # generate: tokens to generate
+    eval_tokens: int = 0          # evaluate: held-out tokens to score
+    out: str = ""                 # the JSON written by rank 0
+
+    def argv(self) -> list[str]:
+        return ["--task", self.kind, "--prompt", self.prompt, "--new-tokens", str(self.new_tokens),
+                "--eval-tokens", str(self.eval_tokens), "--out", self.out]
+
+
+def command(options: ModeOptions, task: Task) -> list[str]:
+    """`python -m mpi4py -m halo_mpi.bench.rank ...` for these options and this task (under
+    mpiexec: mpi4py's runner ends every rank when one raises)."""
+    return [sys.executable, "-m", "mpi4py", "-m", "halo_mpi.bench.rank", *argv(options), *task.argv()]
+
+
+def parse(words: list[str]) -> tuple[ModeOptions, Task]:
+    p = argparse.ArgumentParser(prog="halo_mpi.bench.rank")
+    add_options(p, ModeOptions)
+    p.add_argument("--task", choices=("generate", "evaluate"), required=True)
+    p.add_argument("--prompt", default="")
+    p.add_argument("--new-tokens", type=int, default=0)
+    p.add_argument("--eval-tokens", type=int, default=0)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(words)
+    return options_of(ModeOptions, a), Task(a.task, a.prompt, a.new_tokens, a.eval_tokens, a.out)
+
+
+def workload(task: Task):
+    def prepare(tok, context: int) -> Workload:
+        if task.kind == "generate":
+            return Workload(jobs=[Job(tok.encode(task.prompt), task.new_tokens)])
+        from ..model.texts import evaluation_text
+        return Workload(score=tok.encode(evaluation_text())[: task.eval_tokens + 1])
+    return prepare
+
+
+def run(options: ModeOptions, task: Task, comm=None):
+    from ..model.evaluate import perplexity
+    with open_engine(options, comm, workload(task)) as engine:
+        if task.kind == "generate":
+            engine.generate()
+        else:
+            nll = engine.perplexity()
+        report = engine.report()
+    if report is None:
+        return
+    if task.kind == "generate":
+        report.stats.write(task.out)
+    else:
+        write_json(task.out, {"perplexity": perplexity(nll), "tokens": len(nll)})
+    if report.error is not None:
+        raise report.error
+
+
+def main(words: list[str] | None = None):
+    options, task = parse(sys.argv[1:] if words is None else words)
+    comm = world_comm(options.rank_timeout) if options.parallel != "none" else None
+    run(options, task, comm)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""What a command holds once a mode is open: the same calls in every mode, on every rank.
+
+    with open_engine(options, comm, prepare) as engine:     # modes/open.py
+        engine.generate(on_finish=print_sequence)           # rank 0 runs the jobs, the rest follow
+        report = engine.report()                            # rank 0: lines, statistics, error
+
+An engine runs once: `generate` (jobs from the workload, or from a source such as a server's
+queue) or `perplexity` (teacher-forced, over the workload's ids). On rank 0 it does the work; on
+every other rank the same call serves rank 0 until rank 0 is done. `prepare(tokenizer, context)`,
+run on rank 0 while the mode opens (inside the start-up collective, so a bad prompt is one line
+before any weight is read), gives the `Workload`.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import HaloError
+from ..model.evaluate import teacher_forced_nll
+from ..model.generate import GenerationResult
+from ..model.jobs import Finished, Job, JobList, JobSource, run_job
+from ..net.launch import responsive
+from ..options.tree import ModeOptions
+from ..stats import RunStats
+
+POLL_S = 0.1        # longest wait for a job before checking whether the source is exhausted
+
+
+@dataclass
+class Workload:
+    """What rank 0 is asked to do, known at start (a server's jobs come later)."""
+    jobs: list[Job] = field(default_factory=list)     # sequences to generate
+    score: list[int] | None = None                    # token ids to score (perplexity)
+
+
+Prepare = Callable[[object, int], Workload]           # (tokenizer, context) -> the workload
+
+
+@dataclass
+class Report:
+    """What rank 0 says at the end of a run."""
+    lines: list[str]                  # printed on stderr
+    stats: RunStats                   # --stats-json
+    error: HaloError | None = None    # raised once the lines are out (a rank was lost)
+
+
+class Engine:
+    """A mode open on this rank. Subclasses provide `_run`, `session` and `_report`."""
+    mode = ""
+
+    def __init__(self, options: ModeOptions, rank: int = 0, size: int = 1):
+        self.options, self.rank, self.size = options, rank, size
+        self.tokenizer = None             # rank 0's
+        self.context = 0                  # the model's context, tokens
+        self.workload = Workload()        # rank 0's
+        self.jobs: list[Job] = []         # rank 0: the jobs run, in the order they finished
+
+    @property
+    def leads(self) -> bool:
+        return self.rank == 0
+
+    # -- what a mode provides
+    def _run(self, work: Callable[[], object]):
+        """Rank 0: work() and its result; the other ranks serve it until it is done (None)."""
+        raise NotImplementedError
+
+    def session(self, max_len: int):
+        """Rank 0, inside work(): a session of one sequence (model/generate.py's calls)."""
+        raise NotImplementedError
+
+    def _report(self) -> Report:
+        raise NotImplementedError
+
+    def close(self):
+        """Release stores, loaders and transports (every path: the engine is a context manager)."""
+
+    # -- the calls every mode shares
+    def generate(self, source: JobSource | None = None,
+                 on_finish: Finished | None = None) -> list[Job] | None:
+        """Every job of `source` (default: the workload's), each through a session of its own;
+        rank 0 returns the jobs as they finished, with their results."""
+        def work():
+            jobs = source if source is not None else JobList(self.workload.jobs)
+            while True:
+                job = jobs.take(POLL_S)
+                if job is None:
+                    if jobs.exhausted():
+                        return self.jobs
+                    responsive()        # idle, not stuck in MPI: a dead rank is noticed at the next job
+                    continue
+                self._run_one(job)
+                if on_finish is not None:
+                    on_finish(job)
+        return self._run(work)
+
+    def _run_one(self, job: Job):
+        if job.cancelled():
+            job.result = GenerationResult(len(job.ids), stopped_by="cancelled")
+        else:
+            session = self.session(job.max_len)
+            try:
+                with torch.inference_mode():
+                    run_job(session, job)
+            finally:
+                session.close()
+        self.jobs.append(job)
+
+    def perplexity(self, ids: list[int] | None = None) -> list[float] | None:
+        """Rank 0: the negative log-likelihood of every token of `ids` (default: the workload's)
+        after the ones before it, one decode step per token."""
+        def work():
+            score = ids if ids is not None else self.workload.score
+            session = self.session(len(score))
+            try:
+                with torch.inference_mode():
+                    return teacher_forced_nll(session, score)
+            finally:
+                session.close()
+        return self._run(work)
+
+    def health(self) -> dict:
+        """Rank 0, at any time: what a server's /health says of the mode."""
+        return {"mode": self.describe_mode(), "ranks": self.size}
+
+    def describe_mode(self) -> str:
+        return "none"
+
+    def report(self) -> Report | None:
+        """Rank 0, after the run: the lines to print, the statistics, an error to raise after."""
+        return self._report() if self.leads else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def say(line: str):
+    """A line on stderr from rank 0 while a mode opens (the plan, the memory budget)."""
+    print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,95 @@
+"""Tensor-parallel mode (`--parallel tensor`): under MPI, or its thread twin in one process.
+
+Every rank opens its store, computes the plan (tensor/plan.py) and builds its part
+(tensor/assemble.py); rank 0 prints the plan. A session is rank 0's `TensorParallelSession`; the
+workers serve until rank 0 stops them at the end of the run.
+"""
+from __future__ import annotations
+
+from ..model.tokenizer import Tokenizer
+from ..net.launch import collective
+from ..options.tree import ModeOptions
+from ..stats import cpu_seconds, peak_rss_mb
+from ..store.hdf5 import Store
+from ..tensor.coordinator import TensorParallelSession
+from ..tensor.local import LocalCluster
+from ..tensor.plan import describe, make_plan
+from ..tensor.report import format_report, tensor_stats
+from ..tensor.run import TensorRank, TensorRun, lost_ranks
+from .engine import Engine, Prepare, Report, Workload, say
+
+
+class TensorEngine(Engine):
+    """comm: MPI's communicator (every rank builds one), or None: `local_ranks` ranks as threads."""
+    mode = "tensor"
+
+    def __init__(self, options: ModeOptions, comm=None, prepare: Prepare | None = None, log=None,
+                 local_ranks: int = 1):
+        rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, local_ranks)
+        super().__init__(options, rank, size)
+        self.comm, self.run = comm, None
+
+        def setup():
+            store = Store(options.store_path(rank))
+            try:
+                plan = make_plan(store, size, options)
+                workload = self._prepare(store, prepare) if rank == 0 else Workload()
+            except BaseException:
+                store.close()
+                raise
+            return store, plan, workload
+
+        self.store, self.plan, self.workload = collective(comm, setup) if comm is not None else setup()
+        try:
+            if rank == 0:
+                say(describe(self.plan, self.store))
+            if comm is not None:
+                self.part = TensorRank(comm, self.store, self.plan, log)
+                self.coordinator, self.model = self.part.coordinator, self.part.model
+            else:
+                self.part = LocalCluster(self.store, self.plan, log=log)
+                self.coordinator, self.model = self.part.coordinator, self.part.model
+        except BaseException:
+            self.store.close()
+            raise
+
+    def _prepare(self, store: Store, prepare: Prepare | None) -> Workload:
+        self.tokenizer = Tokenizer.from_store(store)
+        self.context = store.args.max_seq_len
+        return prepare(self.tokenizer, self.context) if prepare else Workload()
+
+    @property
+    def links(self) -> dict:
+        """rank -> its link's estimate (rank 0): on-time rates for progress lines and /health."""
+        return self.coordinator.links if self.coordinator is not None else {}
+
+    def describe_mode(self) -> str:
+        return f"tensor ({self.plan.policy.mode}{', all-reduce' if self.plan.exchange else ''})"
+
+    def health(self) -> dict:
+        return {**super().health(), "link_on_time_rate": {str(r): round(link.on_time_rate, 4)
+                                                          for r, link in self.links.items()}}
+
+    def _run(self, work):
+        if self.comm is not None:
+            result, self.run = self.part.run(lambda coordinator, model: work())
+            return result
+        import time
+        t0 = time.perf_counter()
+        try:
+            return work()
+        finally:
+            workers = self.part.stop()
+            size = self.plan.size
+            self.run = TensorRun(self.coordinator, workers, [0] * size, [peak_rss_mb()] * size,
+                                 [cpu_seconds()] * size, time.perf_counter() - t0)
+
+    def session(self, max_len: int) -> TensorParallelSession:
+        return TensorParallelSession(self.model, self.coordinator, max_len, self.options.prefill_chunk)
+
+    def _report(self) -> Report:
+        stats = tensor_stats(self.plan, self.run, [job.result for job in self.jobs])
+        return Report([format_report(stats)], stats, lost_ranks(self.run))
+
+    def close(self):
+        self.store.close()

@@ -1,0 +1,150 @@
+"""Typed option values and their parsers: each checks its range where it is parsed, with a
+one-line error, and has a formatter that its parser takes back (options/flags.py's `argv`).
+
+    Budget.parse("50%")                      -> Budget(share=0.5)
+    rank_values("2:0.05,3:0.05")             -> {2: 0.05, 3: 0.05}
+    rank_set("2,3")                          -> frozenset({2, 3})
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import HaloError
+
+# ---------------------------------------------------------------------------------------------
+# numbers
+
+
+def positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise ValueError(f"must be >= 1, got {v}")
+    return v
+
+
+def non_negative_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise ValueError(f"must be >= 0, got {v}")
+    return v
+
+
+def non_negative_float(s: str) -> float:
+    v = float(s)
+    if not 0 <= v < float("inf"):
+        raise ValueError(f"must be a finite number >= 0, got {s}")
+    return v
+
+
+def positive_float(s: str) -> float:
+    v = float(s)
+    if not 0 < v < float("inf"):
+        raise ValueError(f"must be > 0, got {s}")
+    return v
+
+
+def in_range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+    """A parser of floats in [lo, hi], either end open as asked."""
+    def parse(s: str) -> float:
+        v = float(s)
+        if not ((lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)):
+            raise ValueError(f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}"
+                             f"{')' if hi_open else ']'}, got {s}")
+        return v
+    return parse
+
+
+def number(v: float) -> str:
+    """A float as text that parses back to the same float."""
+    return repr(float(v))
+
+
+# ---------------------------------------------------------------------------------------------
+# ranks
+
+
+def rank_set(spec: str) -> frozenset[int]:
+    """'2,3' -> {2, 3} (which ranks exist is checked once the world size is known)."""
+    try:
+        ranks = frozenset(int(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{spec!r} is not a comma list of ranks") from None
+    if any(r < 0 for r in ranks):
+        raise ValueError(f"{spec!r}: ranks are >= 0")
+    return ranks
+
+
+def format_ranks(ranks) -> str:
+    return ",".join(map(str, sorted(ranks)))
+
+
+def rank_values(spec: str, lo: float = 0.0, hi: float = 1.0, closed: bool = False) -> dict[int, float]:
+    """'2:0.05,3:0.1' -> {2: 0.05, 3: 0.1}, each value in [lo, hi) ([lo, hi] when closed)."""
+    out: dict[int, float] = {}
+    for item in spec.split(","):
+        if not item.strip():
+            continue
+        try:
+            rank_s, value_s = item.split(":")
+            rank, value = int(rank_s), float(value_s)
+        except ValueError:
+            raise ValueError(f"item {item!r} is not RANK:VALUE (e.g. 2:0.05)") from None
+        if rank in out:
+            raise ValueError(f"names rank {rank} twice")
+        if rank < 0:
+            raise ValueError(f"item {item!r}: ranks are >= 0")
+        if not (lo <= value <= hi if closed else lo <= value < hi):
+            end = "]" if closed else ")"
+            raise ValueError(f"value {value:g} for rank {rank} is not in [{lo:g}, {hi:g}{end}")
+        out[rank] = value
+    return out
+
+
+def format_rank_values(values: dict[int, float]) -> str:
+    return ",".join(f"{r}:{number(v)}" for r, v in sorted(values.items()))
+
+
+def check_ranks(ranks, option: str, allowed: range, who: str = "the workers are ranks"):
+    """Every rank named by `option` exists (in `allowed`); one line otherwise."""
+    bad = sorted(r for r in ranks if r not in allowed)
+    if bad:
+        span = f"{allowed.start}..{allowed.stop - 1}" if len(allowed) else "none"
+        raise HaloError(f"{option} names rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}, "
+                        f"but {who} {span}")
+
+
+# ---------------------------------------------------------------------------------------------
+# memory budgets
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The most weight bytes a rank keeps resident: a size, or a share of its own weights."""
+    text: str                      # as the user wrote it (its formatter gives it back)
+    bytes: float | None = None     # a size, or
+    share: float | None = None     # a share in (0, 1]
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """'150MB', '1.5GB', '800M', '50%'."""
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[kKmMgG]i?[bB]?|[bB]?)\s*", text or "")
+        if not m or float(m.group(1)) <= 0:
+            raise HaloError(f"--mem-budget {text!r}: give a size (150MB, 1.5GB) or a share of the "
+                            f"rank's weights (50%)")
+        value, unit = float(m.group(1)), m.group(2).lower()
+        if unit == "%":
+            if value > 100:
+                raise HaloError(f"--mem-budget {text}: a share is at most 100%")
+            return cls(text.strip(), share=value / 100)
+        return cls(text.strip(), bytes=value * _UNITS[unit])
+
+    def of(self, weights: float) -> float:
+        """The budget in bytes for a rank whose weights take `weights` bytes."""
+        return self.bytes if self.bytes is not None else self.share * weights
+
+    def __str__(self) -> str:
+        return self.text

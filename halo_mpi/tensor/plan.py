@@ -1,0 +1,136 @@
+"""The plan of a tensor-parallel run: the same on every rank, from the store and the options alone.
+
+    plan = make_plan(store, size, options)      # placement of attention, MLP groups, head slices
+
+Every rank opens the store itself (or its own shard) and computes the plan; nothing is sent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import HaloError
+from ..net.devices import STABLE, ClusterSpec, read_device_profile
+from ..net.framing import HEADER
+from ..net.loss import LinkLoss
+from ..net.transport import WaitPolicy
+from ..net.wire import wire_report
+from ..options.tree import ModeOptions, check_tensor
+from ..store.hdf5 import Store
+from .importance import uniform_importance
+from .placement import (
+    Placement,
+    attention_placement,
+    describe_plan,
+    holders,
+    plan,
+    random_placement,
+    vocab_slices,
+)
+from .policy import SyncPolicy
+
+
+@dataclass
+class TensorPlan:
+    size: int
+    importance: np.ndarray        # (n_layers, G) static shares, each row sums to 1
+    placement: Placement          # [layer][rank] -> MLP group ids
+    loss: dict[int, float]        # rank -> emulated packet loss on its link with rank 0
+    policy: SyncPolicy
+    importance_source: str
+    cluster: ClusterSpec
+    options: ModeOptions
+    replan: bool = False
+    group_mb: float = 0.0
+    dim: int = 0                  # width of the hidden states on the wire
+    wire: str = "float32"         # their precision there (--wire-dtype auto resolved)
+    attention: Placement | None = None             # [layer][rank] -> KV heads (attention groups)
+    vocab: list[tuple[int, int]] | None = None     # rank -> [start, stop) rows of the output head
+    exchange: bool = False        # strict sync run as an all-reduce among the ranks (tensor/exchange.py)
+
+    @property
+    def budgeted(self) -> bool:
+        return self.options.load.mem_budget is not None
+
+    @property
+    def drop_budget(self) -> float | None:
+        """The placement's importance cap on unstable ranks: HALO sync only (strict loses nothing)."""
+        return self.options.tensor.drop_budget if self.policy.mode == "halo" else None
+
+
+def static_or_uniform(store: Store) -> tuple[np.ndarray, str]:
+    """(n_layers, G) importance shares and where they come from."""
+    a = store.args
+    imp = store.calibration("static_importance")
+    if imp is None:
+        return uniform_importance(a.n_layers, a.mlp_groups), "uniform (no calibration in store)"
+    if imp.shape != (a.n_layers, a.mlp_groups):
+        raise HaloError(f"{store.path}: calibration is for another group layout; run halo-mpi calibrate")
+    return imp, "static (calibration)"
+
+
+def make_plan(store: Store, size: int, o: ModeOptions) -> TensorPlan:
+    """The same plan on every rank, from the store and the options alone."""
+    check_tensor(o, size)
+    t, a, workers = o.tensor, store.args, range(1, size)
+    cluster = read_device_profile(o.device_profile, size, t.unstable)
+    imp, source = static_or_uniform(store)
+    group_mb = store.item_bytes("mlp") / 1e6                     # as stored: float32, bf16 or q4..
+    eligible = holders(cluster, t.sync)
+    attention = attention_placement(cluster, a.n_layers, a.n_kv_heads, eligible)
+    vocab = vocab_slices(cluster, a.vocab_size, eligible)
+    attn_b, row_b = store.item_bytes("attn"), store.item_bytes("head")
+    reserved = [(sum(len(p[r]) for p in attention) * attn_b + (vocab[r][1] - vocab[r][0]) * row_b) / 1e6
+                for r in range(size)]                               # MB of attention and head per rank
+    halo = t.sync == "halo"
+    if t.placement == "random":
+        placed = random_placement(a.n_layers, a.mlp_groups, cluster, o.seed)
+    else:
+        placed = plan(imp, cluster, group_mb, drop_budget=t.drop_budget if halo else None,
+                      reserved_mb=reserved)
+    policy = SyncPolicy(t.sync, t.critical_share,
+                        frozenset(r for r in workers if cluster.ranks[r].reliability < STABLE),
+                        t.deadline_factor, t.deadline_margin_ms / 1e3, backup_share=t.backup_share)
+    # a re-plan would move groups outside the loader's plan of streamed parts: not under a budget
+    replan = not t.no_replan and halo and t.placement != "random" and o.load.mem_budget is None
+    # strict sync with exact partials and no per-token skipping needs no decision of rank 0's:
+    # every rank can run the model and all-reduce the partials (one message latency per round)
+    exchange = t.sync == "strict" and t.sparsity == 0 and t.wire == "float32"
+    return TensorPlan(size, imp, placed, dict(t.link_loss), policy, source, cluster, o, replan, group_mb,
+                      a.dim, t.wire, attention, vocab, exchange)
+
+
+def describe_wire(dim: int, wire: str) -> str:
+    w = wire_report(dim, wire)
+    return (f"wire {wire} ({w['message_bytes']} B per token and layer, {w['segments']} TCP "
+            f"segment{'s' if w['segments'] > 1 else ''})")
+
+
+def describe(plan: TensorPlan, store: Store) -> str:
+    """What rank 0 prints before the run: mode, importance, loss, and the placement."""
+    t = plan.options.tensor
+    predictor = (t.placement != "static" and (t.sync == "halo" or t.sparsity > 0)
+                 and store.calibration("predictor_current_A") is not None)
+    sync = plan.policy.mode + (" (all-reduce)" if plan.exchange else "")
+    return (f"tensor-parallel on {plan.size} ranks, sync {sync}, placement {t.placement}, "
+            f"importance {plan.importance_source}{' + per-token predictor' if predictor else ''}, "
+            f"link loss {plan.loss or 'none'}, unstable ranks {sorted(plan.policy.unstable) or 'none'}"
+            f"{f', sparsity {t.sparsity:g}' if t.sparsity else ''}, {describe_wire(plan.dim, plan.wire)}\n"
+            f"{describe_plan(plan.placement, plan.importance, plan.cluster)}")
+
+
+def wait_policy(plan: TensorPlan) -> WaitPolicy:
+    spin = plan.options.tensor.spin_us
+    return WaitPolicy.default(None if spin is None else spin / 1e6)
+
+
+def max_message_bytes(store: Store, prefill_chunk: int) -> int:
+    """A prefill chunk's hidden states, or one row of logits of the whole vocabulary, 1 MB at least."""
+    a = store.args
+    return HEADER.itemsize + max(prefill_chunk * a.dim * 4, a.vocab_size * 4, 1 << 20)
+
+
+def emulated_loss(plan: TensorPlan) -> LinkLoss | None:
+    o = plan.options
+    return LinkLoss(plan.loss, seed=o.seed, model=o.tensor.loss_model) if plan.loss else None
