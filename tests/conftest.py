@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synthetic store (built per process) and the real SmolLM2 store.
+"""Shared fixtures and helpers: tiny synthetic stores (built per process), the real SmolLM2
+store, and the command line run in a subprocess (`halo`, under mpiexec with `ranks`).
 
 Tests that need the real model are marked `slow`; without the files they skip, unless
 HALO_REQUIRE_WEIGHTS=1 (set by `make test` and CI), where a missing file is a failure.
@@ -11,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from halo_mpi.net.launch import mpiexec_path
+
 ROOT = Path(__file__).resolve().parent.parent
 REAL_STORE = ROOT / "weights" / "smollm2-135m.h5"
 REAL_GGUF = ROOT / "weights" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 HALO = [sys.executable, "-m", "halo_mpi.cli"]
+MPIEXEC = mpiexec_path()
 
 
 def _require(path: Path):
@@ -36,11 +40,26 @@ def real_gguf_path():
     return _require(REAL_GGUF)
 
 
+def open_store(path):
+    """Yields the store at `path`, open for the fixture's lifetime (`yield from open_store(...)`)."""
+    from halo_mpi.store.hdf5 import Store
+    with Store(str(path)) as s:
+        yield s
+
+
+def synthetic_store(tmp_path_factory, shape: str, **options) -> Path:
+    """A random-weight store of the synthetic `shape` in a fresh temporary folder; `options`:
+    write_synthetic's (mlp_groups, seed). Built per process (ranks do not share it); its seed
+    gives every rank the same bytes."""
+    from halo_mpi.store.convert import write_synthetic
+    path = tmp_path_factory.mktemp(shape) / f"{shape}.h5"
+    write_synthetic(shape, str(path), progress=False, **options)
+    return path
+
+
 @pytest.fixture(scope="session")
 def real_store(real_store_path):
-    from halo_mpi.store.hdf5 import Store
-    with Store(str(real_store_path)) as s:
-        yield s
+    yield from open_store(real_store_path)
 
 
 @pytest.fixture(scope="session")
@@ -51,32 +70,48 @@ def real_model(real_store):
 
 @pytest.fixture(scope="session")
 def tiny_store_path(tmp_path_factory):
-    """A 2-layer random-weight model with 8 MLP groups (per process: ranks do not share it)."""
-    from halo_mpi.store.convert import write_synthetic
-    path = tmp_path_factory.mktemp("tiny") / "tiny.h5"
-    write_synthetic("tiny", str(path), mlp_groups=8, seed=1, progress=False)
-    return path
+    """A 2-layer random-weight model with 8 MLP groups."""
+    return synthetic_store(tmp_path_factory, "tiny", mlp_groups=8, seed=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_store(tiny_store_path):
-    from halo_mpi.store.hdf5 import Store
-    with Store(str(tiny_store_path)) as s:
-        yield s
+    yield from open_store(tiny_store_path)
 
 
 @pytest.fixture(scope="session")
 def kv3_store(tmp_path_factory):
-    """3 layers with 3 KV heads (as SmolLM2) and an untied head (per process, like tiny_store)."""
-    from halo_mpi.store.convert import write_synthetic
-    from halo_mpi.store.hdf5 import Store
-    path = tmp_path_factory.mktemp("kv3") / "kv3.h5"
-    write_synthetic("tiny-3kv", str(path), mlp_groups=8, seed=3, progress=False)
-    with Store(str(path)) as s:
-        yield s
+    """3 layers with 3 KV heads (as SmolLM2) and an untied head."""
+    yield from open_store(synthetic_store(tmp_path_factory, "tiny-3kv", mlp_groups=8, seed=3))
 
 
-def pid_of_rank(mark: str, rank: int):
+@pytest.fixture(scope="session")
+def deep_store_path(tmp_path_factory):
+    """tiny with 8 layers: a pipeline of up to 8 ranks gets a block on each."""
+    return synthetic_store(tmp_path_factory, "tiny-8l", mlp_groups=4, seed=3)
+
+
+@pytest.fixture(scope="session")
+def deep_store(deep_store_path):
+    yield from open_store(deep_store_path)
+
+
+def halo_cmd(*argv, ranks: int | None = None, launch: tuple[str, ...] = ()) -> list[str]:
+    """The command line `halo-mpi argv...` (items made strings); with `ranks`, under
+    `mpiexec [launch...] -n ranks`."""
+    cmd = [*HALO, *map(str, argv)]
+    return cmd if ranks is None else [MPIEXEC, *launch, "-n", str(ranks), *cmd]
+
+
+def halo(*argv, ranks: int | None = None, timeout: float = 300, env: dict | None = None,
+         launch: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Runs halo_cmd(argv...) to its end with a timeout: stdout and stderr captured as text, `env`
+    over this process's environment."""
+    return subprocess.run(halo_cmd(*argv, ranks=ranks, launch=launch), capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def pid_of_rank(mark: str, rank: int) -> int | None:
     """The pid of MPI rank `rank` of the run launched with HALO_TEST_MARK=mark in its environment."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:

@@ -16,6 +16,9 @@ import subprocess
 import sys
 import tempfile
 
+from halo_mpi.errors import HaloError
+from halo_mpi.net.launch import mpiexec_path
+
 # pytest's closing line, with or without its ==== frame (-q drops it): "3 passed, 1 skipped in 2.1s"
 SUMMARY = re.compile(r"^=*\s*((?:no tests ran|\d+ (?:passed|failed|errors?|skipped|deselected|xfailed|"
                      r"xpassed|warnings?))(?:, \d+ \w+)* in [\d.]+s(?: \([\d:]+\))?)\s*=*$")
@@ -51,10 +54,10 @@ def remove_own_shm(before: set[str]):
 
 def main() -> int:
     n, pytest_args = int(sys.argv[1]), sys.argv[2:]
-    bindir = os.path.dirname(sys.executable)
-    mpiexec = shutil.which("mpiexec", path=bindir + os.pathsep + os.environ.get("PATH", ""))
-    if not mpiexec:
-        print("mpi_run: mpiexec not found (pip install mpich)", file=sys.stderr)
+    try:
+        mpiexec = mpiexec_path()
+    except HaloError as e:
+        print(f"mpi_run: {e}", file=sys.stderr)
         return 2
     logs = tempfile.mkdtemp(prefix=f"halo-mpi-tests-n{n}-")
     # each rank redirects its own output; python -m mpi4py aborts the job if a rank dies

@@ -3,15 +3,12 @@ within 10 s, no traceback, and no file left behind. A few run under mpiexec -n 2
 line is printed once, not once per rank."""
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import h5py
 import pytest
-
-MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
-HALO = [sys.executable, "-m", "halo_mpi.cli"]
+from conftest import ROOT, halo
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +73,6 @@ CASES = [
 ]
 
 
-def run(cmd: list[str], timeout: float = 10.0) -> tuple[subprocess.CompletedProcess, float]:
-    t0 = time.monotonic()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    return done, time.monotonic() - t0
-
-
 def fill(args, d, tiny):
     return [a.replace("{d}", str(d)).replace("{tiny}", str(tiny)) for a in args]
 
@@ -89,7 +80,9 @@ def fill(args, d, tiny):
 @pytest.mark.parametrize("args, says", CASES, ids=[" ".join(a)[:60] for a, _ in CASES])
 def test_bad_input_is_one_line_and_exit_2(bad, tiny_store_path, args, says):
     before = set(bad.iterdir())
-    done, took = run([*HALO, *fill(args, bad, tiny_store_path)])
+    t0 = time.monotonic()
+    done = halo(*fill(args, bad, tiny_store_path), timeout=10)
+    took = time.monotonic() - t0
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and lines[0].startswith("halo-mpi") and ": error: " in lines[0], done.stderr
@@ -107,7 +100,7 @@ def test_bad_input_is_one_line_and_exit_2(bad, tiny_store_path, args, says):
     (["serve", "--weights", T], "choose --parallel tensor or --parallel pipeline"),
 ])
 def test_under_mpiexec_the_line_is_printed_once(bad, tiny_store_path, args, says):
-    done, _ = run([MPIEXEC, "-n", "2", *HALO, *fill(args, bad, tiny_store_path)], timeout=60)
+    done = halo(*fill(args, bad, tiny_store_path), ranks=2, timeout=60)
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and says in lines[0], done.stderr
@@ -128,8 +121,8 @@ def full_disk(tmp_path):
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_file(full_disk, tiny_store_path):
-    done, _ = run([*HALO, "convert", "--synthetic", "tiny", "--mlp-groups", "8",
-                   "-o", str(full_disk / "t.h5"), "--quiet"])
+    done = halo("convert", "--synthetic", "tiny", "--mlp-groups", 8, "-o", full_disk / "t.h5", "--quiet",
+                timeout=10)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert "cannot write" in lines[0] and "No space left on device" in lines[0]
@@ -141,11 +134,16 @@ def test_a_full_disk_is_one_line_and_leaves_no_file(full_disk, tiny_store_path):
     except OSError:
         pass
     os.close(fd)
-    done, _ = run([*HALO, "generate", "--weights", str(tiny_store_path), "--prompt", "hi",
-                   "--max-new-tokens", "4", "--stats-json", str(full_disk / "s.json")])
+    done = halo("generate", "--weights", tiny_store_path, "--prompt", "hi", "--max-new-tokens", 4,
+                "--stats-json", full_disk / "s.json", timeout=10)
     assert done.returncode == 2 and done.stdout.strip(), done.stderr      # the text came out first
     assert "cannot write" in done.stderr and "No space left on device" in done.stderr
     assert sorted(p.name for p in full_disk.iterdir()) == ["ballast"]
+
+
+def check_hostfile(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "jobs" / "check-hostfile.sh"), str(path)],
+                          capture_output=True, text=True, timeout=10)
 
 
 @pytest.mark.parametrize("text, says", [
@@ -155,10 +153,9 @@ def test_a_full_disk_is_one_line_and_leaves_no_file(full_disk, tiny_store_path):
 ])
 def test_a_bad_hostfile_is_one_line_before_mpiexec(tmp_path, text, says):
     """The launch scripts check the hostfile first (hydra's own failure is a five-line dump)."""
-    script = Path(__file__).resolve().parent.parent / "jobs" / "check-hostfile.sh"
     (tmp_path / "hosts").write_text(text)
-    done, took = run(["bash", str(script), str(tmp_path / "hosts")])
+    done = check_hostfile(tmp_path / "hosts")
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and says in lines[0], done.stderr
     (tmp_path / "good").write_text("localhost:2\n# rank 0 first\n127.0.0.1\n")
-    assert run(["bash", str(script), str(tmp_path / "good")])[0].returncode == 0
+    assert check_hostfile(tmp_path / "good").returncode == 0

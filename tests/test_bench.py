@@ -1,8 +1,9 @@
 """`halo-mpi bench` on a 2-layer synthetic model with emulated loss: a valid results.json."""
 import json
 import os
-import subprocess
 import sys
+
+from conftest import halo
 
 RUN_KEYS = {"mode": str, "loss": float, "ms_per_token_median": float, "ms_per_token_p95": float,
             "perplexity": float, "agreement": float, "dropped_share": float, "peak_rss_mb": list,
@@ -11,11 +12,10 @@ RUN_KEYS = {"mode": str, "loss": float, "ms_per_token_median": float, "ms_per_to
 
 def test_bench_writes_results_of_the_documented_shape(tiny_store_path, tmp_path):
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "halo_mpi.cli", "bench", "--weights", str(tiny_store_path), "--ranks", "2",
-           "--modes", "strict,halo", "--loss", "0.05", "--tokens", "8", "--warmup", "2",
-           "--eval-tokens", "16", "--net", "emulated", "--wire-dtype", "q8", "--out", str(out)]
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]     # the venv's mpiexec
+    done = halo("bench", "--weights", tiny_store_path, "--ranks", 2, "--modes", "strict,halo", "--loss", 0.05,
+                "--tokens", 8, "--warmup", 2, "--eval-tokens", 16, "--net", "emulated", "--wire-dtype", "q8",
+                "--out", out, timeout=300, env={"PATH": path})
     assert done.returncode == 0, done.stderr[-2000:]
     r = json.loads((out / "results.json").read_text())
     assert r["ranks"] == 2 and r["net"] == "emulated" and r["lossy_ranks"] == [1]

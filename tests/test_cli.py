@@ -1,11 +1,9 @@
 """The command line: generation, --help, and one clear line with a non-zero exit for bad input."""
-import os
 import shutil
-import subprocess
-import sys
 
 import h5py
 import pytest
+from conftest import halo
 from tiny_gguf import write_tiny_gguf
 
 from halo_mpi.cli.main import main
@@ -136,12 +134,8 @@ def test_prompt_options(capsys, tiny_store_path, tmp_path):
 @pytest.mark.slow
 def test_mpiexec_n1_generates_paris(real_store_path):
     """The issue's check, launched the way users launch it (a subprocess with a timeout)."""
-    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    assert mpiexec, "mpiexec not found next to the interpreter or on PATH"
-    cmd = [mpiexec, "-n", "1", sys.executable, "-m", "halo_mpi.cli", "generate", "--weights",
-           str(real_store_path), "--prompt", "The capital of France is", "--max-new-tokens", "20",
-           "--temperature", "0"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = halo("generate", "--weights", real_store_path, "--prompt", "The capital of France is",
+                "--max-new-tokens", 20, "--temperature", 0, ranks=1, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("The capital of France is Paris")
     assert "ms/token" in done.stderr

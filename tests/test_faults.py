@@ -10,13 +10,10 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
-from conftest import pid_of_rank
+from conftest import halo_cmd, pid_of_rank
 
-MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
-HALO = [sys.executable, "-m", "halo_mpi.cli"]
 SHM = {"shm": {}, "no-shm": {"MPIR_CVAR_NOLOCAL": "1"}}
 
 
@@ -27,7 +24,7 @@ def freeze_during_run(args: list[str], rank: int, env: dict, limit: float = 120.
     line starting with `started` on `stream`; returns (exit code, seconds from the signal to the
     end, stdout, stderr)."""
     mark = uuid.uuid4().hex
-    proc = subprocess.Popen([MPIEXEC, *launch, "-n", "3", *HALO, "generate", "--parallel", mode, *args],
+    proc = subprocess.Popen(halo_cmd("generate", "--parallel", mode, *args, ranks=3, launch=launch),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **env, "HALO_TEST_MARK": mark})
     pid = None
@@ -138,15 +135,6 @@ def test_strict_names_a_killed_rank(tiny_store_path, tmp_path):
     # named once the launcher has reported the death (3 heartbeats), not after the 30 s timeout
     assert code == 3 and took < 15, err
     assert err.count("halo-mpi: error on rank 0: rank 2 died (the launcher reported a process failure)") == 1
-
-
-@pytest.fixture(scope="module")
-def deep_store_path(tmp_path_factory):
-    """8 layers: a pipeline of 3 ranks gets a block on each."""
-    from halo_mpi.store.convert import write_synthetic
-    path = tmp_path_factory.mktemp("deep") / "tiny-8l.h5"
-    write_synthetic("tiny-8l", str(path), seed=1, progress=False)
-    return path
 
 
 def test_pipeline_writes_the_finished_sequences_and_names_a_killed_rank(deep_store_path, tmp_path):

@@ -12,9 +12,10 @@ import torch
 from halo_mpi.errors import HaloError
 from halo_mpi.net.framing import Kind, Message
 from halo_mpi.net.links import LinkEstimate
-from halo_mpi.tensor.coordinator import Coordinator
 from halo_mpi.tensor.gather import DeadlineGather, LayerKey
+from halo_mpi.tensor.held import HeldGroups
 from halo_mpi.tensor.policy import SyncPolicy
+from halo_mpi.tensor.satellites import Satellites
 
 BOUND = 0.25      # a fresh link's round-trip bound and grace
 
@@ -54,7 +55,7 @@ class ScriptedTransport:
         due, self.script = [m for _, m in self.script[:n]], self.script[n:]
         return due
 
-    def send(self, dest, kind, step, layer, payload, plan=0):
+    def send(self, dest, kind, step, layer, payload, plan=0, **header):
         self.sent.append((dest, kind, step, layer, plan))
 
 
@@ -237,22 +238,24 @@ def test_a_message_that_is_not_a_partial_is_an_error(kind):
 
 
 # ---------------------------------------------------------------------------------------------
-# the coordinator's side: the gather's outcome becomes counters and the step's record
+# rank 0's side of the satellites: the gather's outcome becomes counters and the step's record
 
-def test_coordinator_adds_partials_in_time_and_accounts_the_rest():
+def test_satellites_add_partials_in_time_and_account_the_rest():
     clock = FakeClock()
     t = ScriptedTransport(clock, [(0.0, partial(1, step=0, value=9.0)),   # from a closed step
                                   (0.5, partial(1, value=1.0)), (10.0, partial(2, value=100.0))],
                           size=3)
-    placement = [[np.array([], np.int64), np.array([1]), np.array([2])]]   # one layer, 3 groups
-    importance = np.array([[0.0, 0.5, 0.5]])
-    coord = Coordinator(t, placement, importance, halo(), load_groups=lambda layer, ids: None, clock=clock)
-    coord.begin_step(decoding=True)
-    out = coord.mlp(0, torch.zeros(1, 4))
-    assert torch.equal(out, torch.ones(1, 4))        # rank 1's partial only; rank 0 holds none
+    placed = [np.array([], np.int64), np.array([1]), np.array([2])]      # one layer, 3 groups
+    imp = np.array([0.0, 0.5, 0.5])
+    sats = Satellites(t, t, [1, 2], halo(), 1, load_copies=None, backups=HeldGroups({}, None), clock=clock)
+    sats.begin_step(1, decoding=True)
+    x = torch.zeros(1, 4)
+    peers = sats.send(0, x, placed, None, version=0)
+    out = sats.fold(0, x, peers, placed, imp, None, members_share=0.0, version=0)
+    assert torch.equal(out, torch.ones(1, 4))        # rank 1's partial only
     assert [s[:3] for s in t.sent] == [(1, Kind.INPUT, 1), (2, Kind.INPUT, 1)]
-    assert coord.used == Counter({1: 1}) and coord.late_discarded == Counter({1: 1})
-    rec = coord.records[-1]
+    assert sats.used == Counter({1: 1}) and sats.late_discarded == Counter({1: 1})
+    rec = sats.records[-1]
     assert rec.dropped_ranks == Counter({2: 1}) and rec.dropped_share == 0.5
-    assert coord.gather_wait_s == 0.5 + BOUND and coord.links is coord.deadlines.links
-    assert list(coord.links[2].recent) == [False]
+    assert sats.wait_s == 0.5 + BOUND and sats.links is sats.deadlines.links
+    assert list(sats.links[2].recent) == [False]

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import halo, open_store, synthetic_store
 
 from halo_mpi.errors import HaloError
 from halo_mpi.loading.budget import (
@@ -31,12 +32,8 @@ from halo_mpi.options.tree import LoadOptions, ModeOptions
 from halo_mpi.options.values import Budget
 from halo_mpi.pipeline.run import run_local
 from halo_mpi.store.convert import convert_store
-from halo_mpi.store.hdf5 import Store
 from halo_mpi.tensor.local import LocalCluster
 from halo_mpi.tensor.plan import make_plan
-
-HALO = [sys.executable, "-m", "halo_mpi.cli"]
-
 
 # ---------------------------------------------------------------------------------------------
 # the budget and the plan
@@ -201,12 +198,9 @@ IDS = [5, 70, 33, 9, 120, 7]
 
 @pytest.fixture(scope="module")
 def deep_store(tmp_path_factory):
-    """8 layers: enough parts that a third of the weights can hold the head and two buffers."""
-    from halo_mpi.store.convert import write_synthetic
-    path = tmp_path_factory.mktemp("deep") / "deep.h5"
-    write_synthetic("tiny-8l", str(path), mlp_groups=8, seed=4, progress=False)
-    with Store(str(path)) as s:
-        yield s
+    """8 layers: enough parts that a third of the weights can hold the head and two buffers (this
+    file's own, with 8 MLP groups, in place of conftest's deep_store of 4)."""
+    yield from open_store(synthetic_store(tmp_path_factory, "tiny-8l", mlp_groups=8, seed=4))
 
 
 def logits_of(model, ids=IDS):
@@ -234,8 +228,7 @@ def test_one_process_under_a_budget_equals_the_reference(deep_store, tmp_path, b
 def q4_store(deep_store, tmp_path_factory):
     path = tmp_path_factory.mktemp("q4") / "q4.h5"
     convert_store(deep_store.path, str(path), "q4", progress=False)
-    with Store(str(path)) as s:
-        yield s
+    yield from open_store(path)
 
 
 def test_a_quantized_store_under_a_budget_equals_its_reference(q4_store, tmp_path):
@@ -261,7 +254,7 @@ def test_tensor_mode_under_a_budget_equals_the_reference(request, tmp_path, stor
                        load_dir=str(tmp_path))
     cluster = LocalCluster(store, make_plan(store, ranks, o))
     got = cluster.session(8).step(torch.tensor(IDS), decoding=False, last_only=False)
-    loading = cluster.coordinator.loading.stats()
+    loading = cluster.lead.loading.stats()
     workers = cluster.stop()
     assert (got - ref).abs().max().item() < 1e-3
     for stats in [loading] + [w["loading"] for w in workers.values()]:
@@ -305,10 +298,7 @@ print(json.dumps(dict(s, peak_rss_mb=peak_rss_mb())))
 @pytest.fixture(scope="module")
 def big_store(tmp_path_factory):
     """The SmolLM2 shape with random weights (538 MB in float32)."""
-    from halo_mpi.store.convert import write_synthetic
-    path = tmp_path_factory.mktemp("big") / "big.h5"
-    write_synthetic("smollm2-135m", str(path), seed=2, progress=False)
-    return path
+    return synthetic_store(tmp_path_factory, "smollm2-135m", seed=2)
 
 
 @pytest.mark.parametrize("budget", ["30%", "50%"])
@@ -327,8 +317,7 @@ def test_peak_rss_stays_within_the_budget_plus_the_process_without_weights(big_s
 
 def test_a_budget_too_small_fails_at_once_before_any_weight_is_read(tiny_store_path):
     t0 = time.monotonic()
-    done = subprocess.run([*HALO, "generate", "--weights", str(tiny_store_path), "--prompt", "hi",
-                           "--mem-budget", "2KB"], capture_output=True, text=True, timeout=60)
+    done = halo("generate", "--weights", tiny_store_path, "--prompt", "hi", "--mem-budget", "2KB", timeout=60)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "too small for this rank: it needs at least" in lines[0], done.stderr
@@ -336,18 +325,16 @@ def test_a_budget_too_small_fails_at_once_before_any_weight_is_read(tiny_store_p
 
 
 def test_a_load_dir_that_cannot_be_written_is_one_line(deep_store, tmp_path):
-    done = subprocess.run([*HALO, "generate", "--weights", deep_store.path, "--prompt", "hi",
-                           "--mem-budget", "50%", "--load-dir", str(tmp_path / "no" / "such")],
-                          capture_output=True, text=True, timeout=60)
+    done = halo("generate", "--weights", deep_store.path, "--prompt", "hi", "--mem-budget", "50%",
+                "--load-dir", tmp_path / "no" / "such", timeout=60)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert "cannot create the load scratch file" in lines[0] and "--load-dir" in lines[0]
 
 
 def test_the_scratch_file_leaves_nothing_behind(deep_store, tmp_path):
-    done = subprocess.run([*HALO, "generate", "--weights", deep_store.path, "--prompt", "hi there",
-                           "--mem-budget", "50%", "--load-dir", str(tmp_path), "--max-new-tokens", "4",
-                           "--temperature", "0"], capture_output=True, text=True, timeout=60)
+    done = halo("generate", "--weights", deep_store.path, "--prompt", "hi there", "--mem-budget", "50%",
+                "--load-dir", tmp_path, "--max-new-tokens", 4, "--temperature", 0, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "loading:" in done.stderr and "MB read per token" in done.stderr
     assert list(tmp_path.iterdir()) == []

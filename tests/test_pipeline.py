@@ -11,15 +11,12 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import HALO
+from conftest import halo, halo_cmd, launched, pid_of_rank
 
 from halo_mpi.errors import HaloError
 from halo_mpi.model.generate import LocalSession, generate
@@ -33,27 +30,11 @@ from halo_mpi.pipeline.run import run_local
 from halo_mpi.pipeline.split import StageCosts, split_layers, stage_costs
 from halo_mpi.store.hdf5 import Store
 
-MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
 LOGIT_TOL = 1e-3
 
 
 # ---------------------------------------------------------------------------------------------
-# fixtures and the reference
-
-@pytest.fixture(scope="session")
-def deep_store_path(tmp_path_factory):
-    """tiny with 8 layers (built per process, the same bytes on every rank)."""
-    from halo_mpi.store.convert import write_synthetic
-    path = tmp_path_factory.mktemp("deep") / "tiny-8l.h5"
-    write_synthetic("tiny-8l", str(path), mlp_groups=4, seed=3, progress=False)
-    return path
-
-
-@pytest.fixture(scope="session")
-def deep_store(deep_store_path):
-    with Store(str(deep_store_path)) as s:
-        yield s
-
+# fixtures (deep_store: conftest's 8-layer tiny) and the reference
 
 @pytest.fixture(scope="session")
 def deep_model(deep_store):
@@ -406,17 +387,11 @@ def test_mpi_real_model_equals_the_reference(real_store_path):
 # ---------------------------------------------------------------------------------------------
 # the command line under mpiexec, in a subprocess with a timeout
 
-def halo(n: int, *argv, timeout=240, env=None):
-    cmd = [MPIEXEC, "-n", str(n), *HALO, *[str(a) for a in argv]]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-
-
 @pytest.fixture(scope="module")
 def single_mode_stats(deep_store_path, tmp_path_factory):
     """The single-process run of CLI_PROMPTS (the reference for the pipeline runs below)."""
     path = tmp_path_factory.mktemp("single") / "single.json"
-    single = halo(1, *cli_generate_args(deep_store_path), "--stats-json", path)
+    single = halo(*cli_generate_args(deep_store_path), "--stats-json", path, ranks=1, timeout=240)
     assert single.returncode == 0, single.stderr
     return json.loads(path.read_text())
 
@@ -435,8 +410,8 @@ def cli_generate_args(weights):
 def test_cli_pipeline_prints_each_sequence_and_equals_single_mode(deep_store_path, tmp_path,
                                                                   single_mode_stats, n):
     prompts, want = CLI_PROMPTS, single_mode_stats["sequences"]
-    pipe = halo(n, *cli_generate_args(deep_store_path), "--parallel", "pipeline", "--num-sequences", 2,
-                "--stats-json", tmp_path / "pipe.json")
+    pipe = halo(*cli_generate_args(deep_store_path), "--parallel", "pipeline", "--num-sequences", 2,
+                "--stats-json", tmp_path / "pipe.json", ranks=n, timeout=240)
     assert pipe.returncode == 0, pipe.stderr
     stats = json.loads((tmp_path / "pipe.json").read_text())
     assert [s["tokens"] for s in stats["sequences"]] == [s["tokens"] for s in want]
@@ -458,46 +433,27 @@ def test_cli_pipeline_prints_each_sequence_and_equals_single_mode(deep_store_pat
 
 
 def test_cli_more_ranks_than_layers_is_one_line_and_exit_2(tiny_store_path):
-    r = halo(3, "generate", "--parallel", "pipeline", "--weights", tiny_store_path, "--prompt", "x",
-             timeout=120)
+    r = halo("generate", "--parallel", "pipeline", "--weights", tiny_store_path, "--prompt", "x",
+             ranks=3, timeout=120)
     assert r.returncode == 2, r.stderr
     errors = [l for l in r.stderr.splitlines() if l.startswith("halo-mpi: error:")]
     assert len(errors) == 1 and "-n 2 or fewer" in errors[0], r.stderr
     assert "Traceback" not in r.stderr
 
 
-def _pid_of_rank(mark: str, rank: int) -> int | None:
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"HALO_TEST_MARK={mark}".encode() in env and f"PMI_RANK={rank}".encode() in env \
-                and any(e.startswith(b"PMI_SIZE=") for e in env):
-            return int(pid)
-    return None
-
-
 def test_cli_interrupt_on_one_rank_ends_every_rank(deep_store_path, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"prompt number {i}\n" for i in range(60)))
     mark = uuid.uuid4().hex
-    cmd = [MPIEXEC, "-n", "3", *HALO, "generate", "--parallel", "pipeline", "--weights",
-           str(deep_store_path), "--prompt-file", str(prompts), "--max-new-tokens", "200",
-           "--temperature", "0.8", "--num-sequences", "3"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HALO_TEST_MARK": mark})
-    try:
+    cmd = halo_cmd("generate", "--parallel", "pipeline", "--weights", deep_store_path, "--prompt-file",
+                   prompts, "--max-new-tokens", 200, "--temperature", 0.8, "--num-sequences", 3, ranks=3)
+    with launched(cmd, env={**os.environ, "HALO_TEST_MARK": mark}) as proc:
         first = proc.stdout.readline()          # the ring runs: a first sequence has finished
         assert first.startswith("["), proc.stderr.read()
-        pid = _pid_of_rank(mark, 1)
+        pid = pid_of_rank(mark, 1)
         assert pid is not None
         os.kill(pid, signal.SIGINT)
         proc.wait(timeout=20)                   # all ranks end within seconds
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     err = proc.stderr.read()
     assert proc.returncode != 0
     assert "halo-mpi: interrupted on rank 1" in err, err

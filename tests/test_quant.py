@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import HALO
+from conftest import halo
 
 from halo_mpi.errors import HaloError
 from halo_mpi.model.jobs import Job
@@ -237,14 +237,11 @@ def test_an_older_store_says_how_to_reconvert(tiny_store_path, tmp_path):
 
 
 def test_convert_cli_writes_each_store_dtype_and_info_shows_it(tiny_store_path, tmp_path):
-    import subprocess
     for dtype in QUANT_DTYPES:
         out = tmp_path / f"{dtype}.h5"
-        done = subprocess.run([*HALO, "convert", str(tiny_store_path), "-o", str(out), "--store-dtype", dtype,
-                               "--quiet"], capture_output=True, text=True, timeout=120)
+        done = halo("convert", tiny_store_path, "-o", out, "--store-dtype", dtype, "--quiet", timeout=120)
         assert done.returncode == 0, done.stderr
-        info = subprocess.run([*HALO, "info", "--weights", str(out)], capture_output=True, text=True,
-                              timeout=60)
+        info = halo("info", "--weights", out, timeout=60)
         assert f"store_dtype      {dtype}" in info.stdout and "bytes/MLP group" in info.stdout
         assert out.stat().st_size < (0.35 if dtype == "q8_0" else 0.25) * tiny_store_path.stat().st_size
 

@@ -1,19 +1,18 @@
 """`halo-mpi serve` as users run it (a subprocess, under mpiexec for tensor mode), exercised with
 the official `openai` client. Traffic goes to 127.0.0.1 only; every test's server is stopped."""
 import json
+import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import halo, halo_cmd
 
-MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
-HALO = [sys.executable, "-m", "halo_mpi.cli"]
 PROMPT = "What is the capital of France?"
 
 
@@ -58,8 +57,8 @@ class LiveServer:
 
 
 def serve_cmd(weights, port, ranks: int, *extra) -> list[str]:
-    cmd = [*HALO, "serve", "--weights", str(weights), "--port", str(port), *extra]
-    return [MPIEXEC, "-n", str(ranks), *cmd] if ranks > 1 else cmd
+    """One rank serves without mpiexec, as users start it."""
+    return halo_cmd("serve", "--weights", weights, "--port", port, *extra, ranks=ranks if ranks > 1 else None)
 
 
 MODES = {"single": (1, ()), "tensor": (2, ("--parallel", "tensor", "--sync", "strict")),
@@ -79,8 +78,7 @@ def server(request, real_store_path):
 
 
 def generated_text(weights, *args) -> str:
-    done = subprocess.run([*HALO, "generate", "--weights", str(weights), "--temperature", "0",
-                           "--quiet", *args], capture_output=True, text=True, timeout=300)
+    done = halo("generate", "--weights", weights, "--temperature", 0, "--quiet", *args, timeout=300)
     assert done.returncode == 0, done.stderr
     return done.stdout.rstrip("\n")
 
@@ -173,8 +171,7 @@ def test_a_port_in_use_is_one_clear_error(tiny_store_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        done = subprocess.run([*HALO, "serve", "--weights", str(tiny_store_path), "--port", str(port)],
-                              capture_output=True, text=True, timeout=120)
+        done = halo("serve", "--weights", tiny_store_path, "--port", port, timeout=120)
     assert done.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
 
@@ -203,7 +200,7 @@ def test_a_full_queue_and_a_closing_server_answer_503(tiny_store):
 def rank_pids(port: int) -> dict[int, int]:
     """rank -> pid of the processes serving on `port` (from their MPI environment)."""
     out = {}
-    for pid in filter(str.isdigit, __import__("os").listdir("/proc")):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -222,7 +219,7 @@ def test_a_worker_that_dies_ends_the_server_with_an_error(tiny_store_path, mode)
     ranks, extra = MODES[mode]
     live = LiveServer(serve_cmd(tiny_store_path, port, ranks, *extra), port)
     try:
-        __import__("os").kill(rank_pids(port)[1], signal.SIGKILL)
+        os.kill(rank_pids(port)[1], signal.SIGKILL)
         code = live.proc.wait(timeout=60)        # never a hang
     finally:
         code, err = live.stop()

@@ -1,6 +1,5 @@
 """Attention groups, their K/V caches and the head's vocabulary slices spread over the ranks
 (the single-process twin; tests/test_tensor_mpi.py runs the same under mpiexec)."""
-import threading
 
 import numpy as np
 import pytest
@@ -8,14 +7,11 @@ import torch
 
 from halo_mpi.model.llama import Attention, Transformer
 from halo_mpi.net.devices import ClusterSpec, Device
-from halo_mpi.net.framing import Kind
-from halo_mpi.net.local import LocalHub
 from halo_mpi.options.tree import ModeOptions
-from halo_mpi.tensor.attention import HeldAttention, join_cache
+from halo_mpi.tensor.attention import HeldAttention
 from halo_mpi.tensor.local import LocalCluster
-from halo_mpi.tensor.placement import Replanner, attention_placement, holders, vocab_slices
+from halo_mpi.tensor.placement import attention_placement, holders, vocab_slices
 from halo_mpi.tensor.plan import make_plan
-from halo_mpi.tensor.worker import Worker
 
 PROMPTS = [[5, 70, 33, 9, 120, 17, 3], [44, 2, 8]]   # two sequences: the caches start over
 
@@ -53,7 +49,7 @@ def test_strict_twin_equals_the_reference_at_every_size(request, store_name, siz
     ref_model = Transformer.from_store(store)
     ref = logits_of(lambda n: Reference(ref_model, n), PROMPTS)
     plan = make_plan(store, size, ModeOptions.of(sync="strict"))
-    assert plan.exchange
+    assert plan.members == list(range(size)) and plan.satellites == []
     cluster = LocalCluster(store, plan)
     got = logits_of(cluster.session, PROMPTS)
     done = cluster.stop()
@@ -61,7 +57,7 @@ def test_strict_twin_equals_the_reference_at_every_size(request, store_name, siz
     # every weight is held once: the ranks' bytes add up to the single process's (the embedding
     # rows are read from the store, the head is held in slices), except the norms, which every
     # rank of the all-reduce keeps
-    held = cluster.coordinator.weight_bytes + cluster.coordinator.model_bytes
+    held = cluster.lead.weight_bytes + cluster.lead.model_bytes
     held += sum(s["weight_bytes"] for s in done.values())
     a = store.args
     embedding = 0 if a.tied_embeddings else ref_model.embedding.numel() * 4
@@ -106,92 +102,12 @@ def test_halo_keeps_attention_and_head_off_unstable_ranks_and_a_replan_keeps_wha
     assert start == stop                                           # its head slice moves too
 
 
-def test_a_worker_behind_appends_every_steps_k_v_and_answers_only_the_newest(kv3_store):
-    """Inputs of three steps reach the worker in one batch: its cache must hold all three
-    positions (no hole), and only the newest step gets a partial back."""
-    a = kv3_store.args
-    load = lambda layer, ids: Attention(a, kv3_store.attn_groups(layer, ids), ids)   # noqa: E731
-    held = HeldAttention(a, load)
-    held.regroup(0, np.array([1, 2]))
-    hub = LocalHub(2)
-    xs = torch.randn(3, a.dim)
-    for step in range(3):                                      # queued before the worker runs
-        hub.transports[0].send(1, Kind.ATTN_INPUT, step + 1, 0, xs[step:step + 1].numpy(), pos=step)
-    hub.transports[0].send(1, Kind.STOP, 9, -1, np.zeros((0, 1), np.float32))
-    worker = Worker(hub.transports[1], {}, held=held)
-    thread = threading.Thread(target=worker.run)
-    thread.start()
-    thread.join(10)
-    replies = [m for m in hub.transports[0].poll(0.5) if m.kind == Kind.ATTN_PARTIAL]
-    assert [m.step for m in replies] == [3] and worker.appended_only == 2
-    # the reference: the full attention over the same three inputs, one at a time
-    ref = HeldAttention(a, load)
-    ref.regroup(0, np.array([1, 2]))
-    with torch.inference_mode():
-        for step in range(3):
-            want = ref.step(0, xs[step:step + 1], step)
-    assert held.layers[0].pos == 3
-    assert torch.equal(held.layers[0].k[:, :3], ref.layers[0].k[:, :3])
-    assert torch.equal(held.layers[0].v[:, :3], ref.layers[0].v[:, :3])
-    assert np.allclose(replies[0].payload, want.numpy(), atol=1e-6)
-
-
 def test_an_attention_input_past_the_cache_is_one_clear_error(kv3_store):
     a = kv3_store.args
     held = HeldAttention(a, lambda layer, ids: Attention(a, kv3_store.attn_groups(layer, ids), ids))
     held.regroup(0, np.array([0]))
     with pytest.raises(Exception, match="hole"):
         held.step(0, torch.randn(1, a.dim), 4)
-
-
-class DemoteRankOne:
-    """A replanner that, at a given decode step, finds rank 1's link unstable."""
-
-    def __init__(self, plan, at_step):
-        self.inner = Replanner(plan.cluster, plan.importance, plan.group_mb, drop_budget=0.01)
-        self.cluster, self.at_step = self.inner.cluster, at_step
-        self.said_stuck: set[int] = set()          # as Replanner's: ranks re-rated with nothing to move
-
-    def update(self, links, placement, step):
-        if step != self.at_step:
-            return None, ""
-        self.cluster.ranks[1].reliability = 0.5
-        from halo_mpi.tensor.placement import plan as make
-        new = make(self.inner.importance, self.cluster, 0.0, placement, 0.01)
-        return new, f"re-plan at step {step}: rank 1 demoted (test)"
-
-    def unstable(self):
-        return self.inner.unstable()
-
-    def probes(self):
-        return set()
-
-
-def test_a_replan_moves_attention_groups_with_their_caches(kv3_store):
-    """HALO sync waiting for everything (critical share 1): rank 1 turns unstable mid-sequence,
-    its attention groups and head slice move away with their K/V caches, and the logits stay
-    those of the reference."""
-    ref_model = Transformer.from_store(kv3_store)
-    ref = logits_of(lambda n: Reference(ref_model, n), PROMPTS[:1], steps=8)
-    plan = make_plan(kv3_store, 3, ModeOptions.of(sync="halo", critical_share=1.0, wire_dtype="float32"))
-    assert any(len(layer[1]) for layer in plan.attention) and plan.vocab[1][1] > plan.vocab[1][0]
-    cluster = LocalCluster(kv3_store, plan)
-    c = cluster.coordinator
-    c.replanner = DemoteRankOne(plan, at_step=6)
-    got = logits_of(cluster.session, PROMPTS[:1], steps=8)
-    done = cluster.stop()
-    assert (got - ref).abs().max().item() < 1e-4
-    assert len(c.replans) == 1 and "attention groups moved with their caches" in c.replans[0]
-    assert all(len(layer[1]) == 0 for layer in c.attention_placement)
-    assert done[1]["attention_groups"] == 0 and done[1]["head_rows"] == 0
-    assert c.vocab[0][0] == 0 and c.vocab[-1][1] == kv3_store.args.vocab_size
-
-
-def test_join_cache_puts_chunks_back_in_order():
-    kv = np.arange(2 * 5 * 2, dtype=np.float32).reshape(10, 2)       # (2 * pos, hd), pos 5
-    k, v = kv[:5], kv[5:]
-    chunks = {3: np.concatenate([k[3:], v[3:]]), 0: np.concatenate([k[:3], v[:3]])}
-    assert np.array_equal(join_cache(chunks, 5), kv)
 
 
 def test_a_slow_device_is_emulated_in_the_all_reduce_too():

@@ -2,23 +2,24 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
-from conftest import launched, pid_of_rank
-
-MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
-HALO = [sys.executable, "-m", "halo_mpi.cli"]
+from conftest import halo, halo_cmd, launched, pid_of_rank
 
 
 def generate(n, store, *extra, timeout=300):
-    cmd = [MPIEXEC, "-n", str(n), *HALO, "generate", "--weights", str(store), "--prompt", "hello",
-           "--max-new-tokens", "12", "--temperature", "0", "--quiet", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    """12 greedy tokens after "hello" on `n` ranks; `extra`: more options."""
+    return halo("generate", "--weights", store, "--prompt", "hello", "--max-new-tokens", 12,
+                "--temperature", 0, "--quiet", *extra, ranks=n, timeout=timeout)
+
+
+def strict_lossy_run(store) -> list[str]:
+    """3 ranks in strict sync with 30% loss on both workers: minutes of generation to interrupt."""
+    return halo_cmd("generate", "--parallel", "tensor", "--sync", "strict", "--link-loss", "1:0.3,2:0.3",
+                    "--weights", store, "--prompt", "hi", "--max-new-tokens", 240, "--ignore-eos", "--quiet",
+                    ranks=3)
 
 
 def test_one_rank_tensor_mode_equals_single_mode(tiny_store_path, tmp_path):
@@ -60,12 +61,7 @@ def test_missing_weights_on_every_rank(tmp_path):
 
 def test_interrupt_on_a_worker_ends_every_rank(tiny_store_path):
     mark = uuid.uuid4().hex
-    cmd = [MPIEXEC, "-n", "3", *HALO, "generate", "--parallel", "tensor", "--sync", "strict",
-           "--link-loss", "1:0.3,2:0.3", "--weights", str(tiny_store_path), "--prompt", "hi",
-           "--max-new-tokens", "240", "--ignore-eos", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HALO_TEST_MARK": mark})
-    try:
+    with launched(strict_lossy_run(tiny_store_path), env={**os.environ, "HALO_TEST_MARK": mark}) as proc:
         pid, end = None, time.time() + 60
         while pid is None and time.time() < end and proc.poll() is None:
             pid = pid_of_rank(mark, 1)
@@ -80,26 +76,9 @@ def test_interrupt_on_a_worker_ends_every_rank(tiny_store_path):
         t0 = time.time()
         proc.wait(timeout=20)                   # all ranks end within seconds
         assert time.time() - t0 < 20
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     err = proc.stderr.read()
     assert proc.returncode != 0
     assert err.count("halo-mpi: interrupted on rank 1") == 1, err
-
-
-def rank_pid(marker: str, rank: int) -> int | None:
-    """The pid of MPI rank `rank` among processes whose command line holds `marker`."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if marker.encode() in cmd and f"PMI_RANK={rank}".encode() in env:
-            return int(pid)
-    return None
 
 
 @pytest.mark.slow
@@ -107,25 +86,20 @@ def test_a_frozen_unstable_worker_does_not_stall_halo(real_store_path, tmp_path)
     """SIGSTOP of the unstable rank for 3 s on MPICH's shared-memory path: before, rank 0's
     send pool filled up with messages to the frozen rank and every token waited for it (a 5 s
     freeze cost a 4.9 s token); now no token takes more than a second and the run completes."""
-    marker = uuid.uuid4().hex
+    mark = uuid.uuid4().hex
     stats = tmp_path / "s.json"
-    cmd = [MPIEXEC, "-n", "3", *HALO, "generate", "--weights", str(real_store_path),
-           "--parallel", "tensor", "--sync", "halo", "--link-loss", "2:0.05",
-           "--prompt", "Once upon a time " + marker, "--max-new-tokens", "64", "--ignore-eos",
-           "--temperature", "0", "--quiet", "--stats-json", str(stats)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    cmd = halo_cmd("generate", "--weights", real_store_path, "--parallel", "tensor", "--sync", "halo",
+                   "--link-loss", "2:0.05", "--prompt", "Once upon a time", "--max-new-tokens", 64,
+                   "--ignore-eos", "--temperature", 0, "--quiet", "--stats-json", stats, ranks=3)
+    with launched(cmd, env={**os.environ, "HALO_TEST_MARK": mark}) as proc:
         end = time.monotonic() + 60
-        while (pid := rank_pid(marker, 2)) is None and time.monotonic() < end:
+        while (pid := pid_of_rank(mark, 2)) is None and time.monotonic() < end:
             time.sleep(0.2)
         time.sleep(4.0)                               # loaded and generating
         os.kill(pid, signal.SIGSTOP)
         time.sleep(3.0)
         os.kill(pid, signal.SIGCONT)
         _, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, err
     decode = json.loads(stats.read_text())["decode_ms"]
     assert len(decode) == 63 and max(decode) < 1000, sorted(decode)[-5:]
@@ -159,10 +133,7 @@ def test_a_short_soak_neither_hangs_nor_grows(tiny_store_path, tmp_path):
 
 def test_ctrl_c_on_mpiexec_prints_one_line(tiny_store_path):
     """Ctrl-C reaches every rank through mpiexec: the user reads rank 0's line only."""
-    cmd = [MPIEXEC, "-n", "3", *HALO, "generate", "--parallel", "tensor", "--sync", "strict",
-           "--link-loss", "1:0.3,2:0.3", "--weights", str(tiny_store_path), "--prompt", "hi",
-           "--max-new-tokens", "240", "--ignore-eos", "--quiet"]
-    with launched(cmd) as proc:
+    with launched(strict_lossy_run(tiny_store_path)) as proc:
         line, end = "", time.time() + 120
         while "tensor-parallel on 3 ranks" not in line and time.time() < end:
             line = proc.stderr.readline()

@@ -16,12 +16,13 @@ from halo_mpi.net.local import LocalHub
 from halo_mpi.net.loss import LinkLoss
 from halo_mpi.net.ranks import parse_rank_values
 from halo_mpi.options.tree import ModeOptions
-from halo_mpi.tensor.coordinator import Coordinator
+from halo_mpi.tensor.held import HeldGroups
 from halo_mpi.tensor.local import LocalCluster
 from halo_mpi.tensor.placement import Replanner, group_counts, importance_caps, moved, plan
 from halo_mpi.tensor.plan import make_plan
 from halo_mpi.tensor.policy import SyncPolicy
-from halo_mpi.tensor.worker import Worker
+from halo_mpi.tensor.satellite import Satellite
+from halo_mpi.tensor.satellites import Satellites
 
 
 def reference_run(store, ids, n):
@@ -68,8 +69,8 @@ def test_halo_twin_without_loss_generates_the_reference_text(tiny_store):
     result = generate(cluster.session(len(ids) + n), ids, n, Sampler(0.0))
     workers = cluster.stop()
     assert result.tokens == expected
-    assert all(r.dropped_share == 0 for r in cluster.coordinator.records)
-    assert sorted(workers) == [1, 2, 3]
+    assert all(r.dropped_share == 0 for r in cluster.lead.records)
+    assert sorted(workers) == [1, 2, 3] and cluster.plan.members == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("backup_share", [0.0, 0.5, 1.0])
@@ -85,16 +86,16 @@ def test_backup_on_rank_0_makes_up_for_missing_partials(tiny_store, backup_share
     cluster = LocalCluster(tiny_store, plan, LinkLoss({2: 0.3}, seed=2, model="rto"))
     result = generate(cluster.session(len(ids) + n, prefill_chunk=64), ids, n, Sampler(0.0))
     cluster.stop()
-    coord = cluster.coordinator
-    missed = sum(rec.dropped_ranks[2] for rec in coord.records)
-    dropped = sum(rec.dropped_share for rec in coord.records)
+    sats = cluster.lead.satellites
+    missed = sum(rec.dropped_ranks[2] for rec in sats.records)
+    dropped = sum(rec.dropped_share for rec in sats.records)
     assert missed > 0, "30% loss should have cost rank 2 some partials"
-    assert coord.recovered[2] == (missed if backup_share > 0 else 0)
+    assert sats.recovered[2] == (missed if backup_share > 0 else 0)
     if backup_share == 1.0:
         assert result.tokens == expected and dropped == pytest.approx(0.0, abs=1e-6)
     else:
         assert dropped > 0
-    held = sum(len(b[2].ids) for b in coord.backup.values() if 2 in b)
+    held = sum(len(m.ids) for (_, r), m in sats.backups.mlps.items() if r == 2)
     assert held == sum(int(np.ceil(backup_share * len(p[2]))) for p in plan.placement)
 
 
@@ -109,10 +110,10 @@ def test_a_probe_rank_costs_no_quality(tiny_store):
     cluster = LocalCluster(tiny_store, plan, LinkLoss({2: 0.3}, seed=2, model="rto"))
     result = generate(cluster.session(len(ids) + n), ids, n, Sampler(0.0))
     cluster.stop()
-    coord = cluster.coordinator
-    assert coord.probes == {2} and coord.recovered[2] > 0
+    lead = cluster.lead
+    assert lead.planner.probes == {2} and lead.satellites.recovered[2] > 0
     assert result.tokens == expected
-    assert sum(rec.dropped_share for rec in coord.records) == pytest.approx(0.0, abs=1e-6)
+    assert sum(rec.dropped_share for rec in lead.records) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_backup_share_out_of_range_is_one_clear_error(capsys):
@@ -124,7 +125,7 @@ def test_backup_share_out_of_range_is_one_clear_error(capsys):
 
 
 class EchoMLP:
-    """A worker 'MLP' whose partial is recognisable: input's marker in its own rank's column."""
+    """A satellite 'MLP' whose partial is recognisable: input's marker in its own rank's column."""
     ids = np.arange(1)
     nbytes = 0
 
@@ -140,62 +141,81 @@ class EchoMLP:
         return out
 
 
-def marker_cluster(size, loss, policy, stall=None):
-    hub = LocalHub(size, loss)
-    n_layers = 4
-    importance = np.full((n_layers, size), 1.0 / size, np.float32)
-    placement = [[np.array([r]) for r in range(size)] for _ in range(n_layers)]
-    coord = Coordinator(hub.transports[0], placement, importance, policy, load_groups=lambda l, ids: None)
-    mlps = {r: EchoMLP(r) for r in range(1, size)}
-    if stall:                                        # (rank, on which call, seconds)
-        mlps[stall[0]] = EchoMLP(stall[0], stall[1], stall[2])
-    workers = [Worker(hub.transports[r], {l: mlps[r] for l in range(n_layers)}) for r in range(1, size)]
-    threads = [threading.Thread(target=w.run, daemon=True) for w in workers]
-    for t in threads:
-        t.start()
-    return coord, workers, threads, n_layers
+class Markers:
+    """Rank 0's satellite side (tensor/satellites.py) driven layer by layer against satellites
+    (tensor/satellite.py) whose partials carry the step and layer: ranks 1.. each hold group r."""
 
+    def __init__(self, size, loss, policy, stall=None, n_layers=4):
+        self.hub, self.n_layers = LocalHub(size, loss), n_layers
+        self.imp = np.full(size, 1.0 / size, np.float32)
+        self.placed = [np.array([r]) for r in range(size)]
+        self.sats = Satellites(self.hub.transports[0], self.hub.transports[0], list(range(1, size)), policy,
+                               n_layers, load_copies=None, backups=HeldGroups({}, None))
+        mlps = {r: EchoMLP(r) for r in range(1, size)}
+        if stall:                                        # (rank, on which call, seconds)
+            mlps[stall[0]] = EchoMLP(stall[0], stall[1], stall[2])
+        self.workers = [Satellite(self.hub.transports[r],
+                                  HeldGroups({l: mlps[r] for l in range(n_layers)}, None))
+                        for r in range(1, size)]
+        self.threads = [threading.Thread(target=w.run, daemon=True) for w in self.workers]
+        for t in self.threads:
+            t.start()
 
-def run_markers(coord, n_layers, steps):
-    """Drive the coordinator's per-layer gather; yield (step, layer, output) of every layer."""
-    for _ in range(steps):
-        coord.begin_step(decoding=True)
-        for layer in range(n_layers):
-            marker = coord.step * 100 + layer
-            x = torch.full((1, 8), float(marker))
-            yield coord.step, layer, marker, coord.mlp(layer, x)
+    def run(self, steps):
+        """Yield (step, layer, marker, output) of every layer of `steps` decode steps."""
+        for step in range(1, steps + 1):
+            self.sats.begin_step(step, decoding=True)
+            for layer in range(self.n_layers):
+                marker = step * 100 + layer
+                x = torch.full((1, 8), float(marker))
+                peers = self.sats.send(layer, x, self.placed, None, 0)
+                yield step, layer, marker, self.sats.fold(layer, x, peers, self.placed, self.imp, None,
+                                                          float(self.imp[0]), 0)
+        self.step = step
+
+    def stop(self) -> dict[int, dict]:
+        t0 = self.hub.transports[0]
+        t0.pump(flush=True)          # inputs held by emulated loss go first: seen before STOP
+        for r in range(1, self.hub.size):
+            t0.send(r, Kind.STOP, 0, -1, np.zeros((0, 1), np.float32))
+        done = {}
+        while len(done) < self.hub.size - 1:
+            for m in t0.poll(5.0):
+                if m.kind == Kind.DONE:
+                    done[m.source] = m.json()
+                else:
+                    self.sats.late_discarded[m.source] += 1
+        return done
 
 
 def test_late_partials_are_never_mixed_into_a_later_step():
-    size = 4
     policy = SyncPolicy("halo", critical_share=0.3, unstable=frozenset({2, 3}), initial_deadline=0.003)
-    loss = LinkLoss({2: 0.3, 3: 0.3}, seed=3)
-    coord, workers, threads, n_layers = marker_cluster(size, loss, policy)
+    m = Markers(4, LinkLoss({2: 0.3, 3: 0.3}, seed=3), policy)
     seen_drop = False
-    for step, layer, marker, out in run_markers(coord, n_layers, 60):
+    for step, layer, marker, out in m.run(60):
         col = out[0].numpy()
         assert col[1] == marker                      # stable rank 1: always waited for
         for r in (2, 3):
             assert col[r] in (0.0, marker), (step, layer, r, col[r])   # this step's value or nothing
             seen_drop |= col[r] == 0.0
-    done = coord.finish(timeout=30)
+    done = m.stop()
     assert seen_drop, "30% loss should have dropped some partials"
-    late = sum(coord.late_discarded.values())
-    dropped = sum(sum(rec.dropped_ranks.values()) for rec in coord.records)
+    records = m.sats.records
+    late = sum(m.sats.late_discarded.values())
+    dropped = sum(sum(rec.dropped_ranks.values()) for rec in records)
     skipped = sum(d["skipped"] for d in done.values())
     assert late + skipped == dropped    # every dropped partial was discarded late or never computed
-    assert set(r for rec in coord.records for r in rec.dropped_ranks) <= {2, 3}
+    assert set(r for rec in records for r in rec.dropped_ranks) <= {2, 3}
 
 
 def test_strict_waits_through_loss():
-    policy = SyncPolicy("strict")
-    coord, workers, threads, n_layers = marker_cluster(3, LinkLoss({2: 0.2}, seed=1), policy)
-    for _step, _layer, marker, out in run_markers(coord, n_layers, 10):
+    m = Markers(3, LinkLoss({2: 0.2}, seed=1), SyncPolicy("strict"))
+    for _step, _layer, marker, out in m.run(10):
         assert out[0, 1].item() == marker and out[0, 2].item() == marker
-    coord.finish(timeout=30)
-    held = coord.t.stats.held + workers[1].t.stats.held      # both directions of rank 2's link
+    m.stop()
+    held = m.hub.transports[0].stats.held + m.workers[1].t.stats.held      # both directions of rank 2's link
     assert held > 0, "20% loss should have held some messages back"
-    assert coord.t.stats.sent > 0 and sum(coord.late_discarded.values()) == 0
+    assert m.hub.transports[0].stats.sent > 0 and sum(m.sats.late_discarded.values()) == 0
 
 
 def test_a_worker_that_sleeps_once_catches_up():
@@ -204,18 +224,18 @@ def test_a_worker_that_sleeps_once_catches_up():
     (Meanwhile rank 0 goes on without waiting for it: its link counts as stalled.)"""
     policy = SyncPolicy("halo", critical_share=0.3, unstable=frozenset({2}), initial_deadline=0.02,
                         deadline_factor=3.0, deadline_margin=0.01)
-    coord, workers, threads, n_layers = marker_cluster(3, None, policy, stall=(2, 9, 0.4))
+    m = Markers(3, None, policy, stall=(2, 9, 0.4))
     ended = None
-    for step, _layer, *_ in run_markers(coord, n_layers, 400):
+    for step, _layer, *_ in m.run(400):
         time.sleep(0.001)                                  # rank 0's own work between layers
-        if ended is None and workers[1].mlps[0].calls > 9:  # rank 2 is awake again
+        if ended is None and m.workers[1].held.mlps[0].calls > 9:  # rank 2 is awake again
             ended = step
-    done = coord.finish(timeout=30)
-    dropped_steps = {rec.step for rec in coord.records if rec.dropped_ranks.get(2)}
+    done = m.stop()
+    dropped_steps = {rec.step for rec in m.sats.records if rec.dropped_ranks.get(2)}
     assert any(s <= 6 for s in dropped_steps), "the stall should have cost partials around step 3"
     assert done[2]["skipped"] > 0                          # it skipped inputs of closed steps
-    assert ended is not None and ended < coord.step - 40, "rank 2 should be awake well before the end"
-    after = [s for s in range(ended + 10, coord.step + 1)]
+    assert ended is not None and ended < m.step - 40, "rank 2 should be awake well before the end"
+    after = [s for s in range(ended + 10, m.step + 1)]
     late_after = len(dropped_steps & set(after)) / len(after)
     assert late_after < 0.25, f"still late on {late_after:.0%} of the steps after the stall"
 
@@ -400,7 +420,7 @@ def test_sparsity_skips_groups_and_matches_a_subset_model(tiny_store):
     cluster = LocalCluster(tiny_store, make_plan(tiny_store, 3, ModeOptions.of(sync="strict", sparsity=0.5)))
     result = generate(cluster.session(len(ids) + n), ids, n, Sampler(0.0))
     cluster.stop()
-    decode = [r for r in cluster.coordinator.records if r.decoding]
+    decode = [r for r in cluster.lead.records if r.decoding]
     assert len(result.tokens) == n and all(0.2 < r.skipped_share < 0.8 for r in decode)
 
 
@@ -508,27 +528,27 @@ def test_shards_hold_only_their_groups_and_run_like_the_store(tiny_store, tmp_pa
         assert all((a[r] == b[r]).all() for a, b in zip(plan0.placement, plan.placement) for r in range(3))
 
 
-def test_an_input_that_overtakes_its_plan_is_answered_once_the_plan_arrives():
-    """Emulated loss can hold a PLAN back while the next INPUT arrives: the worker must keep
-    that input until the plan is there (dropping it would leave rank 0 waiting forever)."""
+def test_a_satellite_reads_a_new_plan_while_idle_and_switches_at_its_first_input():
+    """PLAN: the satellite reads the groups it gains while idle and says READY; an input of the
+    new plan is answered with them, one of the old plan no longer (its step is closed)."""
     hub = LocalHub(2)
     loads = []
     load = lambda layer, ids: loads.append((layer, ids.tolist())) or EchoMLP(1)   # noqa: E731
-    worker = Worker(hub.transports[1], {0: EchoMLP(1)}, load_groups=load)
+    worker = Satellite(hub.transports[1], HeldGroups({0: EchoMLP(1)}, load))
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     rank0 = hub.transports[0]
-    rank0.send(1, Kind.INPUT, 5, 0, np.full((1, 4), 7.0, np.float32), plan=1)   # plan 1 not known yet
-    time.sleep(0.05)
-    assert rank0.poll(0.0) == []                                 # held, not answered, not dropped
-    body = json_payload({"mlp": [[3, 4]], "pos": 0, "attention": None, "vocab": None})
-    rank0.send(1, Kind.PLAN, 5, -1, body, plan=1)
+    rank0.send(1, Kind.PLAN, 5, -1, json_payload({"mlp": [[3, 4]]}), plan=1)
+    ready = rank0.poll(5.0)
+    assert [(m.kind, m.plan) for m in ready] == [(Kind.READY, 1)] and loads == [(0, [3, 4])]
+    rank0.send(1, Kind.INPUT, 6, 0, np.full((1, 4), 7.0, np.float32), plan=1)
     reply = rank0.poll(5.0)
-    assert [(m.kind, m.step, m.plan) for m in reply] == [(Kind.PARTIAL, 5, 1)]
-    assert loads == [(0, [3, 4])] and reply[0].payload[0, 1] == 7.0
-    rank0.send(1, Kind.STOP, 6, -1, np.zeros((0, 1), np.float32))
+    assert [(m.kind, m.step, m.plan) for m in reply] == [(Kind.PARTIAL, 6, 1)]
+    assert reply[0].payload[0, 1] == 7.0 and worker.held.version == 1
+    rank0.send(1, Kind.INPUT, 7, 0, np.full((1, 4), 8.0, np.float32), plan=0)   # an old plan's
+    rank0.send(1, Kind.STOP, 8, -1, np.zeros((0, 1), np.float32))
     thread.join(5)
-    assert not thread.is_alive()
+    assert not thread.is_alive() and worker.skipped == 1
 
 
 def test_the_loss_models_stay_finite_at_any_loss_rate():
@@ -550,21 +570,30 @@ def test_a_late_rank_with_nowhere_to_go_is_backed_up_by_rank_0(tiny_store, room)
     so once, and computes them when rank 1's partials are late."""
     o = ModeOptions.of(sync="halo", unstable_ranks=frozenset({1}), drop_budget=0.1)
     cluster = LocalCluster(tiny_store, make_plan(tiny_store, 2, o))
-    c = cluster.coordinator
+    lead = cluster.lead
+    planner = lead.planner
     if not room:                                   # rank 0's budget: what it holds now
-        c.replanner.cluster.ranks[0].memory_mb = (c.weight_bytes + c.model_bytes) / 1e6
+        planner.replanner.cluster.ranks[0].memory_mb = (lead.weight_bytes + lead.model_bytes) / 1e6
+    session = cluster.session(64)
     for rate in (0.6, 0.3, 0.25):
         for i in range(200):
-            c.links[1].add_outcome(i < 200 * rate)
-        c.maybe_replan()
-    said = [line for line in c.replans if "nothing to move" in line]
-    held = sum(len(p[1]) for p in c.placement)
-    assert len(said) == 1 and held > 0 and 1 not in c.probes, c.replans
+            lead.links[1].add_outcome(i < 200 * rate)
+        planner.maybe_replan(lead.links)
+        for _ in range(8):                           # a plan's groups are read between steps
+            if planner.pending is None:
+                break
+            got = session.step(torch.tensor([5]), decoding=False)
+        assert planner.pending is None
+    said = [line for line in planner.replans if "nothing to move" in line]
+    held = sum(len(p[1]) for p in planner.placement)
+    assert len(said) == 1 and held > 0 and 1 not in planner.probes, planner.replans
+    assert any("in place from step" in line for line in planner.replans)
+    got = session.step(torch.tensor([5]), decoding=False)
+    backed = sum(len(m.ids) for (_, r), m in planner.backups.mlps.items() if r == 1)
     if room:
         assert f"rank 0 now backs up 100% of rank 1's {held} groups" in said[0]
-        assert sum(len(b[1].ids) for b in c.backup.values() if 1 in b) == held
+        assert backed == held and planner.pending is None
     else:
-        assert "rank 0 has no room to back up rank 1's groups" in said[0] and not c.backup
-    got = cluster.session(16).step(torch.tensor([5, 70, 33]), decoding=False, last_only=False)
+        assert "rank 0 has no room to back up rank 1's groups" in said[0] and backed == 0
     assert torch.isfinite(got).all()
     cluster.stop()

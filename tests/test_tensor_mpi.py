@@ -7,7 +7,7 @@ import torch
 from halo_mpi.model.generate import LocalSession, Sampler, generate
 from halo_mpi.model.llama import Transformer
 from halo_mpi.options.tree import ModeOptions
-from halo_mpi.tensor.coordinator import TensorParallelSession
+from halo_mpi.tensor.lead import TensorParallelSession
 from halo_mpi.tensor.plan import make_plan
 from halo_mpi.tensor.run import TensorRank
 
@@ -39,8 +39,8 @@ def tensor_parallel(comm, store, ids, n, **options):
     """The run (tensor/run.py's TensorRun) with `result`: rank 0's tokens and logits."""
     plan = make_plan(store, comm.Get_size(), ModeOptions.of(parallel="tensor", **options))
 
-    def drive(coordinator, model):
-        rec = Recording(TensorParallelSession(model, coordinator, len(ids) + n, prefill_chunk=4))
+    def drive(lead, model):
+        rec = Recording(TensorParallelSession(model, lead, len(ids) + n, prefill_chunk=4))
         return generate(rec, ids, n, Sampler(0.0)).tokens, torch.stack(rec.logits)
     result, run = TensorRank(comm, store, plan).run(drive)
     return SimpleNamespace(result=result, **vars(run))
@@ -89,7 +89,7 @@ def test_strict_equals_the_reference_at_any_size(request, store_name):
         diff = (run.result[1] - logits).abs().max().item()
         if run.result[0] != tokens or diff >= 1e-3:
             return f"-n {comm.Get_size()}: strict differs from the reference (max logit diff {diff})"
-        held = [len(run.coordinator.held.heads(l)) for l in range(store.args.n_layers)]
+        held = [len(run.lead.attention_groups.heads(l)) for l in range(store.args.n_layers)]
         if comm.Get_size() > 1 and not any(w["attention_groups"] for w in run.workers.values()):
             return f"no worker holds attention groups (rank 0 holds {held})"
         return None
@@ -107,7 +107,7 @@ def test_strict_with_loss_still_equals_the_reference(tiny_store):
         tokens, logits = reference(tiny_store, PROMPT, 16)
         if run.result[0] != tokens or (run.result[1] - logits).abs().max().item() >= 1e-3:
             return "strict sync under loss differs from the reference"
-        if run.coordinator.t.stats.held == 0 and run.workers[lossy]["held_by_loss"] == 0:
+        if run.lead.t.stats.held == 0 and run.workers[lossy]["held_by_loss"] == 0:
             return "the emulated loss never delayed a message"
         return None
     agree(comm, check)
@@ -123,10 +123,11 @@ def test_halo_with_loss_on_one_rank(tiny_store):
 
     def check():
         tokens, _ = run.result
-        c = run.coordinator
+        c = run.lead
         dropped = {r for rec in c.records for r in rec.dropped_ranks}
         n_dropped = sum(sum(rec.dropped_ranks.values()) for rec in c.records)
-        accounted = sum(c.late_discarded.values()) + sum(w["skipped"] for w in run.workers.values())
+        accounted = (sum(c.satellites.late_discarded.values())
+                     + sum(w["skipped"] for w in run.workers.values()))
         if len(tokens) != 64:
             return f"generated {len(tokens)} tokens, not 64"
         if not dropped <= {lossy}:
@@ -176,7 +177,7 @@ def test_real_model_strict_under_a_memory_budget_equals_the_reference(real_store
     def check():
         tokens, logits = reference(real_store, ids, 8)
         diff = (run.result[1] - logits).abs().max().item()
-        loading = run.coordinator.loading.stats()
+        loading = run.lead.loading.stats()
         if run.result[0] != tokens or diff >= 1e-3:
             return f"budget {budget}: tokens {run.result[0]} vs {tokens}, max logit diff {diff}"
         if loading["resident_bytes"] > loading["budget_bytes"] or loading["bytes_read"] == 0:
@@ -187,10 +188,12 @@ def test_real_model_strict_under_a_memory_budget_equals_the_reference(real_store
 
 @pytest.mark.slow
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("wire, tolerance", [("float16", 0.1), ("bfloat16", 0.5), ("q8", 1.5)])
+@pytest.mark.parametrize("wire, tolerance", [("float16", 0.1), ("bfloat16", 0.5), ("q8", 3.5)])
 def test_real_model_strict_on_a_lossy_wire_stays_within_its_tolerance(real_store, wire, tolerance):
-    """Measured max logit differences over a prompt: float16 0.03, bfloat16 0.19, q8 0.8 (and
-    held-out perplexity 18.400 / 18.401 / 18.398 / 18.413 for float32 / float16 / bfloat16 / q8)."""
+    """Every member's partial crosses the wire in the all-reduce (its own one rounded alike): at
+    -n 2 max logit differences over a prompt, q8 2.7 (block scales follow the residual stream's
+    outlier channels); held-out perplexity over 512 tokens 18.400 / 18.400 / 18.406 / 18.487 for
+    float32 / float16 / bfloat16 / q8."""
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     ids = [504, 3575, 282, 4649, 314]            # "The capital of France is"
@@ -221,7 +224,7 @@ def test_semantic_placement_drops_less_importance_than_random(real_store):
     for placement in ("semantic", "random"):
         run = tensor_parallel(comm, real_store, ids, 24, sync="halo", link_loss=lossy, placement=placement)
         if comm.Get_rank() == 0:
-            recs = [r for r in run.coordinator.records if r.decoding]
+            recs = [r for r in run.lead.records if r.decoding]
             drops = sum(sum(r.dropped_ranks.values()) for r in recs)
             per_drop[placement] = (sum(r.dropped_share for r in recs) * real_store.args.n_layers / drops
                                    if drops else None)

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from conftest import halo, halo_cmd
 
 from halo_mpi.cli.testbed import add_parser
 from halo_mpi.errors import HaloError
@@ -60,12 +61,8 @@ def assert_removed(name: str, before: dict):
     assert root_snapshot() == before
 
 
-def halo(*args) -> list[str]:
-    return [PY, "-m", "halo_mpi.cli", *args]
-
-
 def tb_cli(*args) -> list[str]:
-    return [PY, "-m", "halo_mpi.cli", "testbed", *args]
+    return halo_cmd("testbed", *args)
 
 
 def unique(tag: str) -> str:
@@ -223,9 +220,8 @@ def test_killed_run_is_stale_and_removable(root_testbed):
 # MPI over the lossy links
 
 def reference_text(store, max_new: int) -> str:
-    done = subprocess.run(halo("generate", "--weights", str(store), "--prompt", PROMPT,
-                               "--max-new-tokens", str(max_new), "--temperature", "0", "--quiet"),
-                          capture_output=True, text=True, timeout=180)
+    done = halo("generate", "--weights", store, "--prompt", PROMPT, "--max-new-tokens", max_new,
+                "--temperature", 0, "--quiet", timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 

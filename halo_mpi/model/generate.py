@@ -4,8 +4,8 @@ A session holds one sequence's state and turns tokens into next-token logits:
     session.prefill(ids: list[int]) -> (vocab,) logits after the last prompt token
     session.decode(token: int)      -> (vocab,) logits after that token
     session.close()                 -> the sequence's state released
-`LocalSession` is the single-process one (the reference model); the tensor-parallel coordinator
-and the pipeline's RingSession provide the same calls.
+`LocalSession` is the single-process one (the reference model); tensor mode's
+TensorParallelSession and the pipeline's RingSession provide the same calls.
 """
 from __future__ import annotations
 

@@ -11,11 +11,12 @@ from ..net.launch import collective
 from ..options.tree import ModeOptions
 from ..stats import cpu_seconds, peak_rss_mb
 from ..store.hdf5 import Store
-from ..tensor.coordinator import TensorParallelSession
+from ..tensor.assemble import residency
+from ..tensor.lead import TensorParallelSession
 from ..tensor.local import LocalCluster
 from ..tensor.plan import describe, make_plan
 from ..tensor.report import format_report, tensor_stats
-from ..tensor.run import TensorRank, TensorRun, lost_ranks
+from ..tensor.run import TensorRank, TensorRun, lost_ranks, members_comm
 from .engine import Engine, Prepare, Report, Workload, say
 
 
@@ -33,6 +34,7 @@ class TensorEngine(Engine):
             store = Store(options.store_path(rank))
             try:
                 plan = make_plan(store, size, options)
+                residency(store, plan, rank)          # a budget too small: one line, before loading
                 workload = self._prepare(store, prepare) if rank == 0 else Workload()
             except BaseException:
                 store.close()
@@ -41,14 +43,15 @@ class TensorEngine(Engine):
 
         self.store, self.plan, self.workload = collective(comm, setup) if comm is not None else setup()
         try:
+            # the members' communicator while every rank is known to be there (start-up)
+            group = members_comm(comm, rank in self.plan.members) if comm is not None else None
             if rank == 0:
                 say(describe(self.plan, self.store))
             if comm is not None:
-                self.part = TensorRank(comm, self.store, self.plan, log)
-                self.coordinator, self.model = self.part.coordinator, self.part.model
+                self.part = TensorRank(comm, self.store, self.plan, log, group)
             else:
                 self.part = LocalCluster(self.store, self.plan, log=log)
-                self.coordinator, self.model = self.part.coordinator, self.part.model
+            self.lead, self.model = self.part.lead, self.part.model
         except BaseException:
             self.store.close()
             raise
@@ -61,10 +64,11 @@ class TensorEngine(Engine):
     @property
     def links(self) -> dict:
         """rank -> its link's estimate (rank 0): on-time rates for progress lines and /health."""
-        return self.coordinator.links if self.coordinator is not None else {}
+        return self.lead.links if self.lead is not None else {}
 
     def describe_mode(self) -> str:
-        return f"tensor ({self.plan.policy.mode}{', all-reduce' if self.plan.exchange else ''})"
+        sats = f", satellites {self.plan.satellites}" if self.plan.satellites else ""
+        return f"tensor ({self.plan.policy.mode}, all-reduce among {self.plan.members}{sats})"
 
     def health(self) -> dict:
         return {**super().health(), "link_on_time_rate": {str(r): round(link.on_time_rate, 4)
@@ -72,7 +76,7 @@ class TensorEngine(Engine):
 
     def _run(self, work):
         if self.comm is not None:
-            result, self.run = self.part.run(lambda coordinator, model: work())
+            result, self.run = self.part.run(lambda lead, model: work())
             return result
         import time
         t0 = time.perf_counter()
@@ -81,11 +85,11 @@ class TensorEngine(Engine):
         finally:
             workers = self.part.stop()
             size = self.plan.size
-            self.run = TensorRun(self.coordinator, workers, [0] * size, [peak_rss_mb()] * size,
+            self.run = TensorRun(self.lead, workers, [0] * size, [peak_rss_mb()] * size,
                                  [cpu_seconds()] * size, time.perf_counter() - t0)
 
     def session(self, max_len: int) -> TensorParallelSession:
-        return TensorParallelSession(self.model, self.coordinator, max_len, self.options.prefill_chunk)
+        return TensorParallelSession(self.model, self.lead, max_len, self.options.prefill_chunk)
 
     def _report(self) -> Report:
         stats = tensor_stats(self.plan, self.run, [job.result for job in self.jobs])

@@ -2,8 +2,8 @@
 
 The header (kind, step, layer, rows, cols, seq, plan, pos, send time) lets a receiver recognise a
 late message and discard it, never mixing it into a later step. `seq` is the sequence id in
-pipeline mode (and the KV head of a CACHE message), `plan` the placement version in tensor mode,
-`pos` the position of the payload's first token in its sequence (attention inputs, caches).
+pipeline mode, `plan` the placement version in tensor mode, `pos` the position of the payload's
+first token in its sequence (a step's tokens).
 """
 from __future__ import annotations
 
@@ -19,21 +19,20 @@ TAG = 7      # one MPI tag for everything: the header, not the tag, says what a 
 
 
 class Kind(IntEnum):
-    INPUT = 1       # rank 0 -> worker: normalized hidden state x (T, dim) for (step, layer)
-    PARTIAL = 2     # worker -> rank 0: the worker's partial MLP sum (T, dim) for (step, layer)
+    INPUT = 1       # rank 0 -> satellite: normalized hidden state x (T, dim) for (step, layer, plan)
+    PARTIAL = 2     # a rank's partial MLP sum (T, dim) for (step, layer): a satellite's to rank 0,
+                    # a member's to every member (the framed all-reduce)
     STOP = 3        # rank 0 -> worker: finish; reply with DONE
     DONE = 4        # worker -> rank 0: the worker's statistics (JSON), its last message
-    PLAN = 5        # rank 0 -> worker: new group ids per layer, int32 (n_layers, width), -1 = none
+    PLAN = 5        # rank 0 -> worker: the groups of plan `plan` (JSON); read them, then READY
     ACTIVATION = 6  # pipeline mode: hidden states (T, dim) of sequence `seq` entering stage `layer`
-    ATTN_INPUT = 7  # rank 0 -> worker: x (T, dim) for the attention of `layer`, first token at `pos`
-    ATTN_PARTIAL = 8  # worker -> rank 0: its attention groups' partial output (T, dim)
-    HEAD_INPUT = 9  # rank 0 -> worker: the final normalized hidden state (T, dim)
-    LOGITS = 10     # worker -> rank 0: logits of its vocabulary slice (T, stop - start), float32
-    CACHE = 11      # K/V of KV head `seq` of `layer` for positions pos.. (2n, hd): k rows, v rows
-    STEP = 12       # rank 0 -> all (strict all-reduce): the step's token ids (T,) int32, first at
-                    # `pos`; `layer` 1: logits of the last token only
+    ATTN_PARTIAL = 8  # a member's attention partial (T, dim) to every member (framed all-reduce)
+    LOGITS = 10     # member -> rank 0: logits of its vocabulary slice (T, stop - start), float32
+    STEP = 12       # rank 0 -> members: the step's token ids (T,) int32, first at `pos`, under plan
+                    # `plan`; `layer`: flags, 1 = logits of the last token only, 2 = a decode step
     BEAT = 13       # heartbeat (empty): "this rank is alive", from a thread every beat period;
                     # the transport counts it and never hands it on (net/transport.py)
+    READY = 14      # worker -> rank 0: the groups of plan `plan` are resident (held.py)
 
 
 class Body(IntEnum):

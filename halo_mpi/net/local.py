@@ -21,33 +21,43 @@ class LocalHub:
         # threads share the cores: they wait by napping, never by spinning
         wait = WaitPolicy(spin_s=0.0)
         self.transports = [LocalTransport(self, r, loss, wire, wait) for r in range(size)]
-        self._rounds: dict[int, dict[int, np.ndarray]] = {}   # all-reduce round -> rank -> its x
-        self._calls = [0] * size                               # all-reduce calls per rank
+        self._rounds: dict[tuple, dict[int, np.ndarray]] = {}   # (group, call) -> rank -> its part
+        self._calls: dict[tuple, int] = {}                         # (group, rank) -> calls so far
         self._cv = threading.Condition()
 
-    def allreduce(self, rank: int, x: np.ndarray, timeout: float = 60.0) -> np.ndarray:
-        """Every rank's x summed in rank order, once all have called (ranks are threads)."""
+    def _gather(self, rank: int, x: np.ndarray, group: tuple[int, ...], timeout: float) -> list[np.ndarray]:
+        """Every group rank's x, in rank order, once all have called (ranks are threads)."""
         with self._cv:
-            n = self._calls[rank]
-            self._calls[rank] += 1
-            parts = self._rounds.setdefault(n, {})
+            n = self._calls.get((group, rank), 0)
+            self._calls[(group, rank)] = n + 1
+            parts = self._rounds.setdefault((group, n), {})
             parts[rank] = x
             self._cv.notify_all()
-            if not self._cv.wait_for(lambda: len(parts) >= self.size, timeout):
-                raise HaloError(f"all-reduce {n}: ranks {sorted(set(range(self.size)) - set(parts))} "
-                                   f"never came")
-            out = parts[0].copy()
-            for r in range(1, self.size):
-                out += parts[r]
-            if min(self._calls) > n:          # every rank has taken this round's sum
-                self._rounds.pop(n, None)
-            return out
+            if not self._cv.wait_for(lambda: len(parts) >= len(group), timeout):
+                raise HaloError(f"collective {n}: ranks {sorted(set(group) - set(parts))} never came")
+            if all(self._calls.get((group, r), 0) > n for r in group):   # every rank has its result
+                self._rounds.pop((group, n), None)
+            return [parts[r] for r in group]
+
+    def allreduce(self, rank: int, x: np.ndarray, group: tuple[int, ...],
+                  timeout: float = 60.0) -> np.ndarray:
+        """The group's x summed in rank order."""
+        parts = self._gather(rank, x, group, timeout)
+        out = parts[0].copy()
+        for p in parts[1:]:
+            out += p
+        return out
+
+    def allgather(self, rank: int, buf: np.ndarray, group: tuple[int, ...],
+                  timeout: float = 60.0) -> np.ndarray:
+        return np.stack(self._gather(rank, buf, group, timeout))
 
 
 class LocalTransport(Transport):
     def __init__(self, hub: LocalHub, rank: int, loss: LinkLoss | None, wire: str, wait: WaitPolicy):
         super().__init__(rank, hub.size, loss, wire, wait)
         self.hub = hub
+        self.group = tuple(range(hub.size))        # the collectives' ranks (set_group changes it)
 
     def _post(self, dest: int, buf, nbytes: int):
         self.hub.inboxes[dest].put((self.rank, buf[:nbytes]))
@@ -65,7 +75,10 @@ class LocalTransport(Transport):
         self._post(dest, buf, n)
 
     def allreduce(self, x: np.ndarray) -> np.ndarray:
-        return self.hub.allreduce(self.rank, x)
+        return self.hub.allreduce(self.rank, x, self.group)
+
+    def allgather(self, buf: np.ndarray) -> np.ndarray:
+        return self.hub.allgather(self.rank, buf, self.group)
 
     def close(self) -> int:
         self.stop_beats()

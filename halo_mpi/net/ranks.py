@@ -10,7 +10,8 @@ from ..errors import HaloError
 WORKERS = "the workers are ranks"
 
 
-def _check_ranks(found, option: str, ranks: range | None, who: str):
+def check_ranks(found, option: str, ranks: range | None, who: str = WORKERS):
+    """Every rank in `found` is one of `ranks`; one line naming the others."""
     if ranks is None:
         return
     bad = sorted(r for r in found if r not in ranks)
@@ -38,7 +39,7 @@ def parse_rank_values(spec: str | None, option: str, ranks: range | None = None,
         if rank in out:
             raise HaloError(f"{option} names rank {rank} twice")
         out[rank] = value
-    _check_ranks(out, option, ranks, who)
+    check_ranks(out, option, ranks, who)
     if values is not None:
         lo, hi = values
         for rank, v in out.items():
@@ -55,7 +56,7 @@ def parse_ranks(spec: str | None, option: str, ranks: range | None = None,
         found = {int(x) for x in (spec or "").split(",") if x.strip()}
     except ValueError:
         raise HaloError(f"{option} {spec!r} is not a comma list of ranks") from None
-    _check_ranks(found, option, ranks, who)
+    check_ranks(found, option, ranks, who)
     return found
 
 

@@ -6,12 +6,7 @@
   is decoded), `Isend`s from a pool of send buffers, each returned once its send completes;
 - `LocalHub` (net/local.py): the in-process twin used in tests.
 
-Liveness: every message from a peer, and a heartbeat (BEAT) its thread sends every `beat_s`
-while the process runs, refreshes `heard[peer]`. A peer silent for `rank_timeout` seconds is
-frozen or dead; if it is in `fatal` (its silence leaves this rank nothing to wait for: a strict
-peer, an attention holder, rank 0 for a worker), waiting raises RankSilent naming it, instead of
-waiting forever. Heartbeats stop going to a peer silent for 5 beat periods: a frozen receiver's
-queue would fill the sender's shared-memory cells (see tensor/coordinator.py, UNANSWERED_LIMIT).
+Liveness (heartbeats, silent peers) is net/liveness.py's, mixed into `Transport`.
 
 A message is encoded once, straight into its send buffer (one copy of the payload), and decoded
 once, straight out of the receive buffer (one copy). Messages between a pair are delivered in
@@ -20,7 +15,6 @@ order, as over one TCP connection.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -29,7 +23,8 @@ import numpy as np
 
 from ..errors import HaloError
 from .framing import HEADER, TAG, Kind, Message, decode, frame, write_frame
-from .launch import oversubscribed, peer_died, responsive
+from .launch import oversubscribed
+from .liveness import Liveness
 from .loss import LinkLoss
 
 
@@ -59,17 +54,6 @@ class WaitPolicy:
                    float(env("HALO_NAP_MAX_S", hi)))
 
 
-class RankSilent(HaloError):
-    """A peer this rank cannot go on without has been silent for the rank timeout."""
-    exit_code = 3       # not bad input (2): the run lost a rank
-    def __init__(self, ranks: list[int], timeout: float, where: str = "", died: bool = False):
-        self.ranks = ranks
-        who = ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
-        what = ("died (the launcher reported a process failure)" if died else
-                f"silent for {timeout:g} s (--rank-timeout), frozen or dead")
-        super().__init__(f"{who} {what}{where}")
-
-
 @dataclass
 class TransportStats:
     sent: int = 0
@@ -88,7 +72,7 @@ class _Held:
     nbytes: int
 
 
-class Transport:
+class Transport(Liveness):
     """Base: framing, emulated loss with in-order holding, and the polling loop.
 
     wire: precision of float payloads on the wire (net/wire.py); wait: how `poll` waits.
@@ -101,16 +85,8 @@ class Transport:
         self.stats = TransportStats()
         self._held: dict[int, deque[_Held]] = {}
         self._n_held = 0
-        now = time.perf_counter()
-        self.heard = {r: now for r in range(size) if r != rank}   # peer -> when it was last heard
-        self.rank_timeout: float | None = None     # seconds of silence that make a peer unreachable
-        self.fatal: set[int] = set()               # peers whose silence ends the run (RankSilent)
-        self.silence_note = ""                     # said after the ranks in RankSilent's line
         self._stash: list[Message] = []            # messages met while waiting in a collective
-        self._checked = now                        # when silences were last checked
-        self._beats: threading.Thread | None = None
-        self.beat_s = 0.0                          # the heartbeat period (0: no heartbeats)
-        self._beating = threading.Event()
+        self.init_liveness()
 
     # -- what subclasses provide
     def _buffer(self, nbytes: int) -> np.ndarray:
@@ -168,64 +144,6 @@ class Transport:
         times = [q[0].release_at for q in self._held.values() if q]
         return min(times) if times else None
 
-    # -- liveness
-    def watch(self, timeout: float, fatal: set[int], note: str, worker_grace: float = 5.0):
-        """Heartbeats and the peers whose silence ends the run: on rank 0 `fatal` (`note` says
-        why), silent for `timeout`; on a worker rank 0, silent for timeout + worker_grace, so that
-        rank 0, which can name the silent rank, ends the run first."""
-        period = min(1.0, timeout / 4)
-        if self.rank == 0:
-            self.rank_timeout, self.fatal, self.silence_note = timeout, set(fatal), note
-            self.start_beats(list(range(1, self.size)), period)
-        else:
-            self.rank_timeout, self.fatal = timeout + worker_grace, {0}
-            self.silence_note = ": rank 0 leads the run; ending"
-            self.start_beats([0], period)
-
-    def start_beats(self, to: list[int], period: float):
-        """A daemon thread that tells `to` every `period` s that this rank is alive."""
-        self.beat_s = period
-        def beat():
-            while not self._beating.wait(period):
-                now = time.perf_counter()
-                for r in to:
-                    if now - self.heard.get(r, now) < 5 * period:   # not to a silent peer
-                        self._beat(r)
-        self._beats = threading.Thread(target=beat, name="halo-beats", daemon=True)
-        self._beats.start()
-
-    def stop_beats(self):
-        if self._beats is not None:
-            self._beating.set()
-            self._beats.join(timeout=5)
-            self._beats = None
-
-    def silent(self, timeout: float | None = None, among=None) -> list[int]:
-        """Peers (of `among`, default all) not heard from for `timeout` s (default rank_timeout;
-        once the launcher has reported a dead process, 3 heartbeat periods: the dead one)."""
-        timeout = self.rank_timeout if timeout is None else timeout
-        if timeout is None:
-            return []
-        if peer_died.is_set() and self.beat_s:
-            timeout = min(timeout, 3 * self.beat_s + 0.5)
-        now = time.perf_counter()
-        return sorted(r for r in (self.heard if among is None else among)
-                      if r in self.heard and now - self.heard[r] > timeout)
-
-    def why_silent(self) -> str:
-        """How a silent peer was found, for the line that says so."""
-        if peer_died.is_set():
-            return "silent since the launcher reported a dead process"
-        return f"silent for {self.rank_timeout:g} s"
-
-    def check_fatal(self):
-        """RankSilent if a peer this rank cannot do without has been silent too long."""
-        responsive()
-        if self.rank_timeout is not None and self.fatal:
-            gone = self.silent(among=self.fatal)
-            if gone:
-                raise RankSilent(gone, self.rank_timeout, self.silence_note, died=peer_died.is_set())
-
     def _receive(self) -> list[Message]:
         """What arrived, heard-times refreshed and heartbeats taken out."""
         got = self._arrived()
@@ -265,9 +183,15 @@ class Transport:
         return got
 
     def allreduce(self, x: np.ndarray) -> np.ndarray:
-        """The sum of every rank's x (T, dim) float32, the same on all ranks: a collective, which
-        every rank must call in the same order. Strict sync's all-reduce when no loss is emulated
-        (an emulated loss holds framed messages back; a collective would slip past it)."""
+        """The sum of x (T, dim) float32 over the ranks of the collective group (every rank, or
+        the group given at start), the same on all of them: a collective, which every rank of the
+        group must call in the same order. An emulated loss holds framed messages back; a
+        collective would slip past it, so the engines use framed messages then."""
+        raise NotImplementedError
+
+    def allgather(self, buf: np.ndarray) -> np.ndarray:
+        """Every group rank's buf (uint8, the same length on all), stacked in rank order:
+        (group size, len(buf)). A collective, as `allreduce`."""
         raise NotImplementedError
 
     def _wait_until(self, done) -> None:
@@ -301,10 +225,11 @@ class MPITransport(Transport):
     message (a prefill chunk); every receive and send buffer has that size."""
 
     def __init__(self, comm, max_bytes: int, loss: LinkLoss | None = None, peers=None,
-                 wire: str = "float32", wait: WaitPolicy | None = None):
+                 wire: str = "float32", wait: WaitPolicy | None = None, group=None):
         super().__init__(comm.Get_rank(), comm.Get_size(), loss, wire, wait)
         from mpi4py import MPI  # here: importing mpi4py.MPI initialises MPI, only a run may do that
         self.MPI, self.comm, self.max_bytes = MPI, comm, max_bytes
+        self.group = comm if group is None else group    # the collectives' communicator
         self.max_payload_bytes = max_bytes - HEADER.itemsize
         if peers is None:
             peers = list(range(1, self.size)) if self.rank == 0 else [0]
@@ -360,8 +285,14 @@ class MPITransport(Transport):
 
     def allreduce(self, x: np.ndarray) -> np.ndarray:
         out = np.empty_like(x)
-        req = self.comm.Iallreduce(x, out, op=self.MPI.SUM)   # waited for by the WaitPolicy, not
-        self._wait_until(req.Test)                             # in MPI (a blocking wait spins)
+        req = self.group.Iallreduce(x, out, op=self.MPI.SUM)   # waited for by the WaitPolicy, not
+        self._wait_until(req.Test)                              # in MPI (a blocking wait spins)
+        return out
+
+    def allgather(self, buf: np.ndarray) -> np.ndarray:
+        out = np.empty((self.group.Get_size(), buf.size), np.uint8)
+        req = self.group.Iallgather([buf, self.MPI.BYTE], [out, self.MPI.BYTE])
+        self._wait_until(req.Test)
         return out
 
     def close(self, timeout: float = 10.0) -> int:

@@ -17,11 +17,11 @@ from dataclasses import dataclass, fields
 
 from ..errors import HaloError
 from ..model.config import DTYPE_NAMES
+from ..net.ranks import check_ranks
 from ..net.wire import WIRE_DTYPES
 from .flags import group, option, switch
 from .values import (
     Budget,
-    check_ranks,
     format_rank_values,
     format_ranks,
     in_range,
@@ -84,7 +84,7 @@ class TensorOptions:
         help="strict: wait for every partial (the blocking-allreduce baseline); halo: wait for "
              "critical partials, for the rest only until a deadline")
     link_loss: dict[int, float] = option(
-        "--link-loss", {}, rank_values, format=format_rank_values, metavar="RANK:P,...",
+        "--link-loss", {}, rank_values("--link-loss"), format=format_rank_values, metavar="RANK:P,...",
         help="emulate packet loss P on the link between rank 0 and RANK, both ways, with TCP "
              "retransmission delays (e.g. 2:0.05,3:0.05)")
     loss_model: str = option(
@@ -92,7 +92,7 @@ class TensorOptions:
         help="emulated loss: tcp = fitted to real Linux TCP on the testbed (most losses repaired in "
              "ms, ~200 ms stalls from lost last segments); rto = one 200 ms timeout per lost packet")
     unstable_ranks: frozenset[int] | None = option(
-        "--unstable-ranks", None, rank_set, format=format_ranks, metavar="R,...",
+        "--unstable-ranks", None, rank_set("--unstable-ranks"), format=format_ranks, metavar="R,...",
         help="ranks on unreliable links: they get the least important groups and are not waited "
              "for past their deadline (default: the ranks in --link-loss)")
     critical_share: float = option(

@@ -1,9 +1,9 @@
 """Typed option values and their parsers: each checks its range where it is parsed, with a
 one-line error, and has a formatter that its parser takes back (options/flags.py's `argv`).
 
-    Budget.parse("50%")                      -> Budget(share=0.5)
-    rank_values("2:0.05,3:0.05")             -> {2: 0.05, 3: 0.05}
-    rank_set("2,3")                          -> frozenset({2, 3})
+    Budget.parse("50%")                               -> Budget(share=0.5)
+    rank_values("--link-loss")("2:0.05,3:0.05")       -> {2: 0.05, 3: 0.05}
+    rank_set("--unstable-ranks")("2,3")               -> frozenset({2, 3})
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import HaloError
+from ..net.ranks import parse_rank_values, parse_ranks
 
 # ---------------------------------------------------------------------------------------------
 # numbers
@@ -64,54 +65,24 @@ def number(v: float) -> str:
 # ranks
 
 
-def rank_set(spec: str) -> frozenset[int]:
-    """'2,3' -> {2, 3} (which ranks exist is checked once the world size is known)."""
-    try:
-        ranks = frozenset(int(x) for x in spec.split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"{spec!r} is not a comma list of ranks") from None
-    if any(r < 0 for r in ranks):
-        raise ValueError(f"{spec!r}: ranks are >= 0")
-    return ranks
+def rank_set(option: str):
+    """A parser of '2,3' -> {2, 3} for `option` (which ranks exist is checked once the world size
+    is known: tree.check)."""
+    return lambda spec: frozenset(parse_ranks(spec, option))
 
 
 def format_ranks(ranks) -> str:
     return ",".join(map(str, sorted(ranks)))
 
 
-def rank_values(spec: str, lo: float = 0.0, hi: float = 1.0, closed: bool = False) -> dict[int, float]:
-    """'2:0.05,3:0.1' -> {2: 0.05, 3: 0.1}, each value in [lo, hi) ([lo, hi] when closed)."""
-    out: dict[int, float] = {}
-    for item in spec.split(","):
-        if not item.strip():
-            continue
-        try:
-            rank_s, value_s = item.split(":")
-            rank, value = int(rank_s), float(value_s)
-        except ValueError:
-            raise ValueError(f"item {item!r} is not RANK:VALUE (e.g. 2:0.05)") from None
-        if rank in out:
-            raise ValueError(f"names rank {rank} twice")
-        if rank < 0:
-            raise ValueError(f"item {item!r}: ranks are >= 0")
-        if not (lo <= value <= hi if closed else lo <= value < hi):
-            end = "]" if closed else ")"
-            raise ValueError(f"value {value:g} for rank {rank} is not in [{lo:g}, {hi:g}{end}")
-        out[rank] = value
-    return out
+def rank_values(option: str, lo: float = 0.0, hi: float = 1.0, closed: bool = False):
+    """A parser of '2:0.05,3:0.1' -> {2: 0.05, 3: 0.1} for `option`, each value in [lo, hi)
+    ([lo, hi] when closed)."""
+    return lambda spec: parse_rank_values(spec, option, values=(lo, hi), closed=closed)
 
 
 def format_rank_values(values: dict[int, float]) -> str:
     return ",".join(f"{r}:{number(v)}" for r, v in sorted(values.items()))
-
-
-def check_ranks(ranks, option: str, allowed: range, who: str = "the workers are ranks"):
-    """Every rank named by `option` exists (in `allowed`); one line otherwise."""
-    bad = sorted(r for r in ranks if r not in allowed)
-    if bad:
-        span = f"{allowed.start}..{allowed.stop - 1}" if len(allowed) else "none"
-        raise HaloError(f"{option} names rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}, "
-                        f"but {who} {span}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,2 +1,2 @@
-"""Tensor-parallel HALO mode: sync policy, coordinator (rank 0), worker, placement, importance,
-predictor and calibration."""
+"""Tensor-parallel HALO mode: the plan (roles, placement), the members' all-reduce, rank 0's lead
+of the satellites under deadlines, re-planning, importance and its predictor."""

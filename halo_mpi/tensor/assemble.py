@@ -1,9 +1,10 @@
 """Each rank's part of a tensor-parallel run, built from its store and the plan.
 
-Rank 0 gets the coordinator and the reference model with distributed attention, MLPs and head in
-place of its own; a worker gets what serves its groups (a `Worker` of the star, or a `Follower`
-of the all-reduce). Every rank loads only its own attention groups, MLP groups and head slice;
-under --mem-budget through its `BudgetedWeights` (loading/).
+Rank 0 gets the `Lead` (a member that leads: lead.py) and the reference model with its parts
+replaced from outside; another member gets a `Member` (member.py) and the same model with its
+own head slice; a satellite gets a `Satellite` (satellite.py): MLP groups only. Every rank loads
+only its own attention groups, MLP groups and head slice; under --mem-budget through its
+`BudgetedWeights` (loading/).
 """
 from __future__ import annotations
 
@@ -13,15 +14,20 @@ from ..loading.parts import BudgetedWeights, rank_residency
 from ..model.groups import GroupMLP
 from ..model.linear import DTYPES
 from ..model.llama import Attention, Transformer
+from ..net.transport import Transport
 from ..store.hdf5 import Store
 from .attention import HeldAttention
-from .coordinator import Coordinator, DistributedAttention, DistributedHead, DistributedMLP
-from .exchange import ComputeClock, Exchange, ExchangeAttention, ExchangeMLP, Follower
+from .exchange import ComputeClock, Exchange
 from .head import VocabSlice
+from .held import HeldGroups
+from .lead import GatheredHead, Lead
+from .member import Member, MemberAttention, MemberMLP
 from .placement import Replanner, probe_ranks
 from .plan import TensorPlan
+from .planner import Planner
 from .predictor import Predictor
-from .worker import Worker
+from .satellite import Satellite
+from .satellites import Satellites
 
 
 def group_loader(store: Store, dtype) -> Callable:
@@ -29,22 +35,25 @@ def group_loader(store: Store, dtype) -> Callable:
     return lambda layer, ids: GroupMLP(store.mlp_groups(layer, ids), ids, dtype)
 
 
-def head_loader(store: Store, dtype) -> Callable:
-    """(start, stop) -> that vocabulary slice of the output head, read from this rank's store."""
-    return lambda start, stop: VocabSlice(store, start, stop, dtype)
-
-
-def rank_weights(store: Store, plan: TensorPlan, rank: int) -> BudgetedWeights | None:
-    """Under --mem-budget: what this rank keeps resident and streams (loading/), else None."""
+def residency(store: Store, plan: TensorPlan, rank: int):
+    """Under --mem-budget: what this rank keeps resident and streams (from shapes alone: a budget
+    too small is found at start, before any weight is read), else None."""
     if not plan.budgeted:
         return None
     o = plan.options
     start, stop = plan.vocab[rank]
-    residency = rank_residency(store.args, store.store_dtype, o.dtype,
-                               {l: len(p[rank]) for l, p in enumerate(plan.attention)},
-                               {l: len(p[rank]) for l, p in enumerate(plan.placement)}, stop - start,
-                               rank == 0, o.loading(), f"rank {rank}")
-    return BudgetedWeights(store, residency, o.loading(), plan.importance, o.dtype,
+    return rank_residency(store.args, store.store_dtype, o.dtype,
+                          {l: len(p[rank]) for l, p in enumerate(plan.attention)},
+                          {l: len(p[rank]) for l, p in enumerate(plan.placement)}, stop - start,
+                          rank == 0, o.loading(), f"rank {rank}")
+
+
+def rank_weights(store: Store, plan: TensorPlan, rank: int) -> BudgetedWeights | None:
+    """Under --mem-budget: this rank's weights, built by its residency (loading/), else None."""
+    if not plan.budgeted:
+        return None
+    o = plan.options
+    return BudgetedWeights(store, residency(store, plan, rank), o.loading(), plan.importance, o.dtype,
                            skippable=plan.policy.mode == "halo")
 
 
@@ -59,63 +68,78 @@ def held_attention(store: Store, plan: TensorPlan, rank: int,
     return held
 
 
-def make_coordinator(store: Store, plan: TensorPlan, transport, log=None) -> tuple:
-    """Rank 0: the coordinator and the reference model with distributed attention, MLPs and head
-    in place of its own, the embedding read row by row from the store."""
+def held_groups(store: Store, plan: TensorPlan, rank: int, weights: BudgetedWeights | None) -> HeldGroups:
+    """This rank's MLP groups; a re-plan reads more from its store (not under a budget: re-plans
+    are off there)."""
+    load = weights.mlp if weights else group_loader(store, DTYPES[plan.options.dtype])
+    mlps = {layer: load(layer, p[rank]) for layer, p in enumerate(plan.placement) if len(p[rank])}
+    return HeldGroups(mlps, None if weights else load)
+
+
+def build(store: Store, plan: TensorPlan, transport: Transport, log=None):
+    """This rank's part: (Lead, model) on rank 0, (Member, model) on another member, (Satellite,
+    None) on a satellite. The caller starts nothing: `run` does (run.py)."""
+    rank = transport.rank
+    weights = rank_weights(store, plan, rank)
+    if rank not in plan.members:
+        part = Satellite(transport, held_groups(store, plan, rank, weights), plan.cluster.ranks[rank].speed,
+                         sparse=plan.options.tensor.sparsity > 0, loading=weights), None
+    elif rank == 0:
+        part = lead_part(store, plan, transport, weights, log)
+    else:
+        part = member_part(store, plan, transport, weights)
+    if weights is not None:
+        weights.start()
+    return part
+
+
+def member_parts(store: Store, plan: TensorPlan, transport: Transport, weights) -> dict:
+    t = plan.options.tensor
+    return {"transport": transport, "exchange": Exchange(transport, plan.members, plan.wire),
+            "attention": held_attention(store, plan, transport.rank, weights),
+            "groups": held_groups(store, plan, transport.rank, weights),
+            "clock": ComputeClock(plan.cluster.ranks[transport.rank].speed), "importance": plan.importance,
+            "sparsity": t.sparsity,
+            "predictor": Predictor.from_store(store) if t.sparsity > 0 or transport.rank == 0 else None,
+            "loading": weights}
+
+
+def member_part(store: Store, plan: TensorPlan, transport: Transport, weights) -> tuple[Member, Transformer]:
+    """A worker member: the model with its own groups' parts, the embedding read from the store
+    and its head slice as the output."""
+    member = Member(**member_parts(store, plan, transport, weights))
+    start, stop = plan.vocab[transport.rank]
+    head = VocabSlice(store, start, stop, DTYPES[plan.options.dtype]) if stop > start else None
+    member.model = model_of(store, plan, member, lambda: head)
+    return member, member.model
+
+
+def lead_part(store: Store, plan: TensorPlan, transport: Transport, weights, log) -> tuple[Lead, Transformer]:
+    """Rank 0: the lead, with the satellites and the planner, and the model whose head gathers
+    every member's logits slice."""
     o, dtype = plan.options, DTYPES[plan.options.dtype]
     t = o.tensor
-    predictor = Predictor.from_store(store) if t.placement != "static" else None
+    parts = member_parts(store, plan, transport, weights)
     replanner = (Replanner(plan.cluster, plan.importance, plan.group_mb, plan.drop_budget)
                  if plan.replan else None)
-    weights = rank_weights(store, plan, 0)
     # probes back up a rank's groups on rank 0: copies outside a memory budget
     probes = (probe_ranks(plan.cluster, plan.importance, plan.drop_budget)
               if t.placement != "random" and weights is None else set())
-    exchange = Exchange(transport, plan.attention, plan.placement) if plan.exchange else None
-    coordinator = Coordinator(transport, plan.placement, plan.importance, plan.policy,
-                              weights.mlp if weights else group_loader(store, dtype), predictor,
-                              t.sparsity, replanner, log, probes=frozenset(probes),
-                              attention=plan.attention, held=held_attention(store, plan, 0, weights),
-                              vocab=plan.vocab, load_head=head_loader(store, dtype), exchange=exchange,
-                              loading=weights, load_copies=group_loader(store, dtype))
-    model = Transformer.from_store(store, embedding="rows", head=lambda: DistributedHead(coordinator),
-                                   dtype=dtype, mlp=lambda layer: DistributedMLP(coordinator, layer),
-                                   attention=lambda layer: DistributedAttention(coordinator, layer))
-    coordinator.model_bytes = model.weight_bytes()
-    if weights is not None:
-        weights.start()
-    return coordinator, model
+    copies = group_loader(store, dtype)
+    planner = Planner(transport, plan.placement, plan.importance, plan.policy, parts["groups"],
+                      HeldGroups({}, copies), replanner, frozenset(probes), log, budgeted=weights is not None)
+    lead = Lead(parts, plan.members, plan.policy, None, planner, plan.vocab,
+                VocabSlice(store, *plan.vocab[0], dtype) if plan.vocab[0][1] > plan.vocab[0][0] else None,
+                halo_predictor=t.placement != "static" and plan.policy.mode == "halo")
+    lead.satellites = Satellites(transport, lead.inbox, plan.satellites, plan.policy, store.args.n_layers,
+                                 copies, planner.backups, keep_copies=weights is None)
+    lead.model = model_of(store, plan, lead, lambda: GatheredHead(lead))
+    lead.model_bytes = lead.model.weight_bytes()
+    planner.resident_bytes = lambda: lead.weight_bytes + lead.model_bytes
+    return lead, lead.model
 
 
-def make_worker(store: Store, plan: TensorPlan, transport) -> Worker | Follower:
-    rank, dtype = transport.rank, DTYPES[plan.options.dtype]
-    weights = rank_weights(store, plan, rank)
-    load = weights.mlp if weights else group_loader(store, dtype)
-    mlps = {layer: load(layer, p[rank]) for layer, p in enumerate(plan.placement) if len(p[rank])}
-    start, stop = plan.vocab[rank]
-    load_head = head_loader(store, dtype)
-    head = load_head(start, stop) if stop > start else None
-    if plan.exchange:
-        worker = make_follower(store, plan, transport, mlps, head, weights)
-    else:
-        worker = Worker(transport, mlps, None if weights else load, speed=plan.cluster.ranks[rank].speed,
-                        sparse=plan.options.tensor.sparsity > 0,
-                        held=held_attention(store, plan, rank, weights),
-                        head=head, load_head=load_head, loading=weights)
-    if weights is not None:
-        weights.start()
-    return worker
-
-
-def make_follower(store: Store, plan: TensorPlan, transport, mlps: dict, head,
-                  weights: BudgetedWeights | None = None) -> Follower:
-    """A worker of the all-reduce: the model with its own groups' parts, the embedding read from
-    the store and its head slice as the output."""
-    exchange = Exchange(transport, plan.attention, plan.placement)
-    clock = ComputeClock(plan.cluster.ranks[transport.rank].speed)
-    held = held_attention(store, plan, transport.rank, weights)
-    model = Transformer.from_store(store, embedding="rows", head=lambda: head,
-                                   dtype=DTYPES[plan.options.dtype],
-                                   mlp=lambda layer: ExchangeMLP(exchange, mlps, layer, clock),
-                                   attention=lambda layer: ExchangeAttention(exchange, held, layer, clock))
-    return Follower(transport, exchange, model, held, mlps, clock, weights)
+def model_of(store: Store, plan: TensorPlan, member: Member, head: Callable) -> Transformer:
+    return Transformer.from_store(store, embedding="rows", head=head, dtype=DTYPES[plan.options.dtype],
+                                  mlp=lambda layer: MemberMLP(member, layer),
+                                  attention=lambda layer: MemberAttention(member, layer))

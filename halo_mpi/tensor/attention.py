@@ -1,14 +1,13 @@
-"""The attention groups one rank holds, each with its K/V cache: rank 0 and workers alike.
+"""The attention groups one member holds, each with its K/V cache.
 
 An attention group is one KV head with its query heads (rows of q, k, v and columns of o). Its
 state is its K/V cache, so it moves only with it (`export` on the old rank, `regroup` with the
-imported cache on the new one). Every attention input appends its K/V, whether or not a partial
-is wanted back: a rank's cache never has holes, and an input whose position is behind the cache
-starts the sequence over from there (a new prompt).
+imported cache on the new one). Every step appends its K/V: a member's cache never has holes,
+and an input whose position is behind the cache starts the sequence over from there (a new
+prompt).
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,8 +17,6 @@ import torch
 from ..errors import HaloError
 from ..model.config import ModelArgs
 from ..model.llama import Attention, Rope
-from ..net.framing import Kind
-from .placement import Placement
 
 LoadAttention = Callable[[int, np.ndarray], Attention]   # (layer, KV heads) -> their Attention
 
@@ -106,6 +103,11 @@ class HeldAttention:
         self.layers[layer] = _Layer(self.load(layer, ids), k, v, pos)
 
     @property
+    def count(self) -> int:
+        """Attention groups held, over every layer."""
+        return int(sum(len(h.attention.ids) for h in self.layers.values()))
+
+    @property
     def nbytes(self) -> int:
         """Weight bytes held (the caches are not weights)."""
         return sum(h.attention.nbytes for h in self.layers.values())
@@ -113,70 +115,3 @@ class HeldAttention:
     @property
     def cache_bytes(self) -> int:
         return sum(2 * h.k.numel() * h.k.element_size() for h in self.layers.values())
-
-
-# ---------------------------------------------------------------------------------------------
-# a group's cache on the wire: CACHE messages of at most `max_payload_bytes` each
-
-def send_cache(transport, dest: int, step: int, layer: int, head: int, kv: np.ndarray, pos: int,
-               plan: int = 0):
-    """kv (2 * pos, hd), keys then values, as CACHE messages of positions [p, p + n): (2n, hd)."""
-    hd = kv.shape[1]
-    k, v = kv[:pos], kv[pos:]
-    n = max(1, transport.max_payload_bytes // (2 * hd * 4))
-    for p in range(0, pos, n):
-        transport.send(dest, Kind.CACHE, step, layer, np.concatenate([k[p:p + n], v[p:p + n]]),
-                       seq=head, plan=plan, pos=p, exact=True)
-
-
-def join_cache(chunks: dict[int, np.ndarray], pos: int) -> np.ndarray:
-    """CACHE payloads by first position -> (2 * pos, hd), keys then values."""
-    ks, vs = [], []
-    for p in sorted(chunks):
-        c = chunks[p]
-        ks.append(c[:len(c) // 2])
-        vs.append(c[len(c) // 2:])
-    kv = np.concatenate(ks + vs)
-    if len(kv) != 2 * pos:
-        raise HaloError(f"a K/V cache arrived with {len(kv) // 2} positions, expected {pos}")
-    return kv
-
-
-def attention_moves(old: Placement, new: Placement, n_kv: int) -> list[tuple[int, int, int, int]]:
-    """(layer, head, from rank, to rank) of every attention group that changes rank."""
-    def owner(p, head):
-        return next(r for r in range(len(p)) if head in set(p[r].tolist()))
-    return [(l, h, owner(old[l], h), owner(new[l], h)) for l in range(len(old)) for h in range(n_kv)
-            if owner(old[l], h) != owner(new[l], h)]
-
-
-def relay_caches(transport, held: HeldAttention, moves: list, pos: int, step: int, plan: int,
-                 on_other=lambda m: None, timeout: float = 60.0) -> dict[tuple[int, int], np.ndarray]:
-    """Rank 0's part of a re-plan's cache moves: the caches of the groups leaving a worker (which
-    it sends, asked by the PLAN) are collected and sent on to their new worker; those leaving or
-    joining rank 0 are taken from or kept for `held`. Returns (layer, head) -> (2 * pos, hd) for
-    every move; other messages met meanwhile go to `on_other` (late partials)."""
-    caches: dict[tuple[int, int], np.ndarray] = {}
-    for l, h, src, _ in moves:
-        if src == 0 or pos == 0:          # (nothing stored yet: the caches start empty)
-            caches[(l, h)] = held.export(l, h) if src == 0 else np.zeros((0, held.args.head_dim), np.float32)
-    expected = {(l, h) for l, h, src, _ in moves if src != 0 and pos}
-    chunks: dict[tuple[int, int], dict[int, np.ndarray]] = {k: {} for k in expected}
-    end = time.perf_counter() + timeout
-    while expected:
-        if time.perf_counter() > end:
-            raise HaloError(f"re-plan: the K/V caches of {len(expected)} attention groups did not "
-                            f"arrive within {timeout:.0f} s")
-        for m in transport.poll(1.0):
-            if m.kind != Kind.CACHE:
-                on_other(m)
-                continue
-            key = (m.layer, m.seq)
-            chunks[key][m.pos] = m.payload
-            if sum(len(c) for c in chunks[key].values()) == 2 * pos:
-                caches[key] = join_cache(chunks.pop(key), pos)
-                expected.discard(key)
-    for l, h, _, dst in moves:
-        if dst != 0:
-            send_cache(transport, dst, step, l, h, caches[(l, h)], pos, plan=plan)
-    return caches

@@ -16,7 +16,7 @@ The rule, per layer:
   anything but a reply (PARTIAL, ATTN_PARTIAL, LOGITS) is a protocol error.
 
 Attention partials and head logits are gathered with every peer critical (`decoding=False`): they
-cannot be dropped (see tensor/coordinator.py), and their timings stay out of the link estimates,
+cannot be dropped (see tensor/lead.py), and their timings stay out of the link estimates,
 which describe MLP partials.
 
 Bounds and graces are read from the estimates once per step, as they stood when it began.
@@ -69,7 +69,7 @@ class LayerKey:
 
 @dataclass
 class GatherResult:
-    """One layer's outcome, for the coordinator's statistics."""
+    """One layer's outcome, for rank 0's statistics."""
     dropped: list[int]          # peers whose partial was not waited for, in `peers` order
     on_time: set[int]           # peers whose partial came back within their round-trip bound
     wait_s: float               # clock seconds spent in the gather

@@ -14,33 +14,35 @@ import threading
 from ..net.local import LocalHub
 from ..net.loss import LinkLoss
 from ..store.hdf5 import Store
-from .assemble import make_coordinator, make_worker
-from .coordinator import TensorParallelSession
+from .assemble import build
+from .lead import TensorParallelSession
 from .plan import TensorPlan, emulated_loss
 
 
 class LocalCluster:
-    """Rank 0 in the calling thread, workers in threads, connected by a LocalHub."""
+    """Rank 0 in the calling thread, the other ranks in threads, connected by a LocalHub."""
 
     def __init__(self, store: Store, plan: TensorPlan, loss: LinkLoss | None = None, log=None):
         self.plan = plan
         self.hub = LocalHub(plan.size, loss if loss is not None else emulated_loss(plan), plan.wire)
-        self.coordinator, self.model = make_coordinator(store, plan, self.hub.transports[0], log)
+        for r in plan.members:
+            self.hub.transports[r].group = tuple(plan.members)
+        self.lead, self.model = build(store, plan, self.hub.transports[0], log)
         self.worker_stats: dict[int, dict] = {}
         self.threads = []
         for r in range(1, plan.size):
-            worker = make_worker(store, plan, self.hub.transports[r])
-            th = threading.Thread(target=lambda w=worker, r=r: self.worker_stats.__setitem__(r, w.run()),
+            part, _ = build(store, plan, self.hub.transports[r])
+            th = threading.Thread(target=lambda p=part, r=r: self.worker_stats.__setitem__(r, p.run()),
                                   daemon=True, name=f"rank-{r}")
             th.start()
             self.threads.append(th)
 
     def session(self, max_len: int, prefill_chunk: int | None = None) -> TensorParallelSession:
         chunk = prefill_chunk or self.plan.options.prefill_chunk
-        return TensorParallelSession(self.model, self.coordinator, max_len, chunk)
+        return TensorParallelSession(self.model, self.lead, max_len, chunk)
 
     def stop(self) -> dict[int, dict]:
-        done = self.coordinator.finish(timeout=30)
+        done = self.lead.finish(timeout=30)
         for th in self.threads:
             th.join(timeout=30)
         return done

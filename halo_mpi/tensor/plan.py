@@ -1,8 +1,12 @@
 """The plan of a tensor-parallel run: the same on every rank, from the store and the options alone.
 
-    plan = make_plan(store, size, options)      # placement of attention, MLP groups, head slices
+    plan = make_plan(store, size, options)      # roles; placement of attention, MLP groups, head
 
 Every rank opens the store itself (or its own shard) and computes the plan; nothing is sent.
+Roles: rank 0 and the ranks on stable links are the members: they hold the residual stream,
+the attention groups and the head slices, and all-reduce their partials (exchange.py); the ranks
+named unstable (--unstable-ranks, --link-loss) are satellites in HALO sync: the least important
+MLP groups, gathered by rank 0 under deadlines (satellites.py). Strict sync has no satellites.
 """
 from __future__ import annotations
 
@@ -47,7 +51,8 @@ class TensorPlan:
     wire: str = "float32"         # their precision there (--wire-dtype auto resolved)
     attention: Placement | None = None             # [layer][rank] -> KV heads (attention groups)
     vocab: list[tuple[int, int]] | None = None     # rank -> [start, stop) rows of the output head
-    exchange: bool = False        # strict sync run as an all-reduce among the ranks (tensor/exchange.py)
+    members: list[int] | None = None               # the stable ranks: they all-reduce (exchange.py)
+    satellites: list[int] | None = None            # the unstable ranks: MLP groups only (satellite.py)
 
     @property
     def budgeted(self) -> bool:
@@ -94,11 +99,11 @@ def make_plan(store: Store, size: int, o: ModeOptions) -> TensorPlan:
                         t.deadline_factor, t.deadline_margin_ms / 1e3, backup_share=t.backup_share)
     # a re-plan would move groups outside the loader's plan of streamed parts: not under a budget
     replan = not t.no_replan and halo and t.placement != "random" and o.load.mem_budget is None
-    # strict sync with exact partials and no per-token skipping needs no decision of rank 0's:
-    # every rank can run the model and all-reduce the partials (one message latency per round)
-    exchange = t.sync == "strict" and t.sparsity == 0 and t.wire == "float32"
+    # the ranks that may hold attention and head rows all-reduce; the others are satellites
+    members = sorted(eligible)
+    satellites = [r for r in range(size) if r not in members]
     return TensorPlan(size, imp, placed, dict(t.link_loss), policy, source, cluster, o, replan, group_mb,
-                      a.dim, t.wire, attention, vocab, exchange)
+                      a.dim, t.wire, attention, vocab, members, satellites)
 
 
 def describe_wire(dim: int, wire: str) -> str:
@@ -112,8 +117,10 @@ def describe(plan: TensorPlan, store: Store) -> str:
     t = plan.options.tensor
     predictor = (t.placement != "static" and (t.sync == "halo" or t.sparsity > 0)
                  and store.calibration("predictor_current_A") is not None)
-    sync = plan.policy.mode + (" (all-reduce)" if plan.exchange else "")
-    return (f"tensor-parallel on {plan.size} ranks, sync {sync}, placement {t.placement}, "
+    roles = f"all-reduce among ranks {plan.members}" + (f", satellites {plan.satellites}" if plan.satellites
+                                                        else "")
+    return (f"tensor-parallel on {plan.size} ranks, sync {plan.policy.mode} ({roles}), "
+            f"placement {t.placement}, "
             f"importance {plan.importance_source}{' + per-token predictor' if predictor else ''}, "
             f"link loss {plan.loss or 'none'}, unstable ranks {sorted(plan.policy.unstable) or 'none'}"
             f"{f', sparsity {t.sparsity:g}' if t.sparsity else ''}, {describe_wire(plan.dim, plan.wire)}\n"

@@ -11,42 +11,61 @@ from .run import TensorRun
 
 def tensor_stats(plan: TensorPlan, run: TensorRun, results: list) -> RunStats:
     """The run's statistics; `results`: the GenerationResult of each sequence."""
-    c, o = run.coordinator, plan.options
-    t = o.tensor
-    decoding = [rec for rec in c.records if rec.decoding]
-    backup = int(sum(len(m.ids) for b in c.backup.values() for m in b.values()))
-    wait0 = c.gather_wait_s + (c.exchange.wait_s if c.exchange is not None else 0.0)
-    ranks = [RankStats(0, run.rss_mb[0], run.cpu_s[0], c.compute_s, wait0, run.pending[0],
-                       {"groups": int(sum(len(p[0]) for p in c.placement)), "backup_groups": backup,
-                        "attention_groups": int(sum(len(c.held.heads(l)) for l in range(c.n_layers))),
-                        "head_rows": c.vocab[0][1] - c.vocab[0][0],
-                        "on_time_rate": 1.0, "dropped_layers": 0, "late_discarded": 0,
-                        "held_by_loss": c.t.stats.held, "rss_mb_trace": c.rss.samples,
-                        **({"loading": c.loading.stats()} if c.loading is not None else {})},
-                       weight_bytes=c.weight_bytes + c.model_bytes)]
+    lead, o = run.lead, plan.options
+    sats = lead.satellites
+    decoding = [rec for rec in sats.records if rec.decoding]
+    ranks = [lead_stats(run, lead)]
     for r in range(1, plan.size):
-        w, link = dict(run.workers.get(r, {})), c.links[r]
+        w = dict(run.workers.get(r, {}))
         compute, wait = w.pop("compute_s", 0.0), w.pop("wait_s", 0.0)
         w.pop("rank", None)
         weight = w.pop("weight_bytes", 0)
-        extra = {**w, "on_time_rate": link.on_time_rate,
-                 "dropped_layers": sum(rec.dropped_ranks[r] for rec in decoding),
-                 "late_discarded": c.late_discarded[r], "recovered_by_backup": c.recovered[r],
-                 "deadline_ms": 1e3 * link.deadline(), "grace_ms": 1e3 * link.grace(),
-                 "link_loss": plan.loss.get(r, 0.0)}
+        extra = {**w, "dropped_layers": sum(rec.dropped_ranks[r] for rec in decoding),
+                 "late_discarded": sats.late_discarded[r], "link_loss": plan.loss.get(r, 0.0),
+                 **link_stats(sats, r)}
         ranks.append(RankStats(r, run.rss_mb[r], run.cpu_s[r], compute, wait, run.pending[r], extra, weight))
     decode_s = [s for res in results for s in res.decode_s]
-    config = {"sync": plan.policy.mode, "all_reduce": plan.exchange, "placement": t.placement,
-              "importance": plan.importance_source,
-              "link_loss": {str(k): v for k, v in plan.loss.items()},
-              "unstable_ranks": sorted(plan.policy.unstable), "critical_share": plan.policy.critical_share,
-              "backup_share": t.backup_share, "sparsity": t.sparsity, "replans": list(c.replans),
-              "unreachable": {str(r): step for r, step in c.unreachable.items()},
-              "rank_timeout": o.rank_timeout,
-              "wire": wire_report(plan.dim, plan.wire), "silent": list(c.silent)}
     return RunStats("tensor", plan.size, o.dtype, [SequenceStats.of(i, res) for i, res in enumerate(results)],
                     ranks, len(decode_s) / sum(decode_s) if decode_s else float("nan"), run.wall_s,
-                    [rec.dropped_share for rec in decoding], config)
+                    [rec.dropped_share for rec in decoding], run_config(plan, lead))
+
+
+def lead_stats(run: TensorRun, lead) -> RankStats:
+    """Rank 0's figures: its own groups, its copies of satellites' groups, its rounds."""
+    sats, ex = lead.satellites, lead.exchange
+    return RankStats(0, run.rss_mb[0], run.cpu_s[0], lead.clock.seconds + sats.compute_s,
+                     sats.wait_s + ex.wait_s, run.pending[0],
+                     {"role": "lead", "groups": lead.groups.count,
+                      "backup_groups": int(sum(len(m.ids) for m in lead.planner.backups.mlps.values())),
+                      "attention_groups": lead.attention_groups.count,
+                      "head_rows": lead.vocab[0][1] - lead.vocab[0][0], "rounds": ex.rounds,
+                      "round_us": 1e6 * ex.wait_s / ex.rounds if ex.rounds else 0.0,
+                      "satellite_wait_s": sats.wait_s, "plan_read_s": lead.planner.read_s,
+                      "on_time_rate": 1.0, "dropped_layers": 0, "late_discarded": 0,
+                      "held_by_loss": lead.t.stats.held, "rss_mb_trace": lead.rss.samples,
+                      **({"loading": lead.loading.stats()} if lead.loading is not None else {})},
+                     weight_bytes=lead.weight_bytes + lead.model_bytes)
+
+
+def link_stats(sats, r: int) -> dict:
+    """A satellite's link as rank 0 saw it (members' links: their on-time rate is 1)."""
+    link = sats.links.get(r)
+    if link is None:
+        return {"on_time_rate": 1.0}
+    return {"on_time_rate": link.on_time_rate, "recovered_by_backup": sats.recovered[r],
+            "deadline_ms": 1e3 * link.deadline(), "grace_ms": 1e3 * link.grace()}
+
+
+def run_config(plan: TensorPlan, lead) -> dict:
+    t, planner = plan.options.tensor, lead.planner
+    return {"sync": plan.policy.mode, "members": plan.members, "satellites": plan.satellites,
+            "placement": t.placement, "importance": plan.importance_source,
+            "link_loss": {str(k): v for k, v in plan.loss.items()},
+            "unstable_ranks": sorted(plan.policy.unstable), "critical_share": plan.policy.critical_share,
+            "backup_share": t.backup_share, "sparsity": t.sparsity, "replans": list(planner.replans),
+            "unreachable": {str(r): step for r, step in planner.unreachable.items()},
+            "rank_timeout": plan.options.rank_timeout,
+            "wire": wire_report(plan.dim, plan.wire), "silent": list(lead.silent)}
 
 
 def format_report(stats: RunStats) -> str:

@@ -1,0 +1,202 @@
+"""Rank 0 of a tensor-parallel run: a member that also leads.
+
+    mpiexec -n 4 halo-mpi generate --parallel tensor --sync halo --link-loss 2:0.05,3:0.05 \\
+        --prompt "The capital of France is" --temperature 0
+
+Per step rank 0 lets the planner switch plans (planner.py), announces the step's tokens to the
+other members (STEP) and runs the model as they do (member.py). Per MLP layer it also predicts
+which groups matter for this token, sends the layer's input to the satellites (the unstable
+ranks) before computing its own partial, and folds theirs in under the deadlines
+(satellites.py) before the members' all-reduce. After the last layer it gathers the members'
+logits slices, once per token, and samples. With no unstable rank, HALO sync is exactly the
+all-reduce (and the predictor is not even run): strict sync's speed.
+
+The model itself does not know any of this: `MemberAttention`, `MemberMLP` and `GatheredHead`
+replace its parts from outside.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..errors import HaloError
+from ..net.framing import Kind, Message
+from .member import DECODING, LAST_ONLY, Member
+from .planner import Planner
+from .policy import SyncPolicy
+from .satellites import Satellites
+
+
+class LeadInbox:
+    """Rank 0's messages sorted by who needs them: members' partials and logits to the exchange,
+    satellites' partials to the deadline gather (what `poll` returns), READY and DONE kept in
+    `control` for the planner and the end."""
+
+    def __init__(self, lead: Lead):
+        self.lead = lead
+        self.control: list[Message] = []
+
+    def poll(self, timeout: float) -> list[Message]:
+        ex = self.lead.exchange
+        ex.sort(self.lead.t.poll(timeout))
+        return self.take_others()
+
+    def take_others(self) -> list[Message]:
+        """The messages the exchange set aside: satellites' replies out, control kept."""
+        ex, replies = self.lead.exchange, []
+        for m in ex.others:
+            (replies if m.kind == Kind.PARTIAL else self.control).append(m)
+        ex.others.clear()
+        return replies
+
+
+class Lead(Member):
+    """Rank 0: a member (member.py) with the satellites, the planner and the step's announcement."""
+
+    def __init__(self, member_parts: dict, members: list[int], policy: SyncPolicy,
+                 satellites: Satellites, planner: Planner, vocab: list[tuple[int, int]], head_slice=None,
+                 halo_predictor: bool = False):
+        super().__init__(**member_parts)
+        self.members, self.policy = members, policy
+        self.vocab, self.head_slice = vocab, head_slice      # rank -> [start, stop) of the head
+        self.inbox = LeadInbox(self)
+        self.satellites, self.planner = satellites, planner
+        self.halo_predictor = halo_predictor     # per-token importance for the satellites' deadlines
+        self.step = 0
+        self.model_bytes = 0                     # the model's own weights here (norms)
+        self.silent: list[int] = []              # workers that did not answer STOP
+
+    @property
+    def links(self) -> dict:
+        return self.satellites.links
+
+    @property
+    def records(self):
+        return self.satellites.records
+
+    # -- steps
+    def begin_step(self, tokens: torch.Tensor, pos: int, decoding: bool, last_only: bool):
+        """Plans, then STEP to every other member: its tokens (T,), first position, flags, plan."""
+        self.step += 1
+        self.decoding = decoding
+        self.rss.tick()
+        self.satellites.begin_step(self.step, decoding)
+        for m in self.inbox.take_others():                   # replies of closed steps
+            self.satellites.late_discarded[m.source] += 1
+        control, self.inbox.control = self.inbox.control, []
+        version = self.planner.begin_step(self.step, decoding, self.links, control)
+        self.exchange.step = self.step
+        ids = tokens.numpy().astype(np.int32).reshape(-1, 1)                      # (T, 1)
+        flags = (LAST_ONLY if last_only else 0) | (DECODING if decoding else 0)
+        for r in self.members:
+            if r != 0:
+                self.t.send(r, Kind.STEP, self.step, flags, ids, plan=version, pos=pos)
+
+    def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's MLP round: satellites' inputs out, own partial, theirs folded in, all-reduce."""
+        sats = self.satellites
+        placed = self.planner.placement[layer]
+        asked = self.decoding and any(len(placed[r]) for r in sats.ranks)
+        imp = self.group_importance(layer, x, asked)
+        keep = self.keep(layer, x, imp) if self.sparse_step else None
+        if keep is not None:
+            self.records[-1].skipped_share += float(imp[~keep].sum()) / len(self.planner.placement)
+        peers = sats.send(layer, x, placed, keep, self.planner.version) if sats.ranks else []
+        with self.clock:
+            own = self.groups.partial(layer, x, keep)
+        if sats.ranks:
+            members_share = float(sum(imp[placed[r]].sum() for r in self.members))
+            folded = sats.fold(layer, x, peers, placed, imp, keep, members_share, self.planner.version)
+            if folded is not None:
+                own = folded if own is None else own + folded
+        return self.exchange.allreduce(Kind.PARTIAL, layer, own, x)
+
+    def group_importance(self, layer: int, x: torch.Tensor, asked: bool) -> np.ndarray:
+        """(G,) shares of this layer's importance for the current token(s): the predictor's in
+        decode steps where satellites are asked (HALO) or groups are skipped (--sparsity), else
+        calibration's (strict sync drops nothing: no per-token prediction needed)."""
+        if (asked and self.halo_predictor) or self.sparse_step:
+            return self.importance(layer, x)
+        return self.static_importance[layer]
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (T, vocab): every member's vocabulary slice, gathered strictly."""
+        holders = [r for r in self.members if r != 0 and self.vocab[r][1] > self.vocab[r][0]]
+        parts = {}
+        if self.head_slice is not None:
+            with self.clock:
+                parts[0] = self.head_slice(x)
+        got = self.exchange.collect(Kind.LOGITS, len(self.planner.placement), holders)
+        parts.update((r, torch.from_numpy(p)) for r, p in got.items())
+        return torch.cat([parts[r] for r in sorted(parts, key=lambda r: self.vocab[r][0])], dim=-1)
+
+    # -- the end
+    def finish(self, timeout: float = 20.0) -> dict[int, dict]:
+        """STOP every worker and collect its statistics; late partials are drained meanwhile. A
+        worker that does not answer within `timeout` (frozen, gone) is listed in `silent`: the
+        caller reports what it has and ends the job, never waits for it."""
+        if self.loading is not None:
+            self.loading.close()
+        self.t.pump(flush=True)   # held inputs go first: a worker must see them before its STOP
+        for r in range(1, self.t.size):
+            self.t.send(r, Kind.STOP, self.step + 1, -1, np.zeros((0, 1), np.float32))
+        done: dict[int, dict] = {}
+        end = time.perf_counter() + timeout
+        pending = self.inbox.take_others() + self.inbox.control
+        while True:
+            for m in pending:
+                if m.kind == Kind.DONE:
+                    done[m.source] = m.json()
+                elif m.kind in (Kind.PARTIAL, Kind.ATTN_PARTIAL, Kind.LOGITS):
+                    self.satellites.late_discarded[m.source] += 1
+                elif m.kind != Kind.READY:
+                    raise HaloError(f"rank 0 got an unexpected {m.kind.name} from rank {m.source}")
+            waiting = set(range(1, self.t.size)) - set(done) - set(self.t.silent())   # (unreachable:
+            if not waiting or time.perf_counter() > end:                              #  not waited for)
+                self.silent = sorted(set(range(1, self.t.size)) - set(done))
+                return done
+            pending = self.t.poll(1.0)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Rank 0's resident weights: its MLP groups, copies of satellites', attention, head slice."""
+        n = self.groups.nbytes + self.satellites.nbytes + self.attention_groups.nbytes
+        n += self.loading.buffer_bytes if self.loading is not None else 0
+        return n + (self.head_slice.nbytes if self.head_slice is not None else 0)
+
+
+class GatheredHead:
+    """Stands in for the output head on rank 0: (T, dim) -> (T, vocab) from every member's slice."""
+    nbytes = 0          # rank 0's slice is counted in Lead.weight_bytes
+
+    def __init__(self, lead: Lead):
+        self.lead = lead
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lead.head(x)
+
+
+class TensorParallelSession:
+    """The generate() session of rank 0: the model with its distributed parts, one sequence."""
+
+    def __init__(self, model, lead: Lead, max_len: int, prefill_chunk: int):
+        self.model, self.lead, self.chunk = model, lead, prefill_chunk
+        self.cache = model.new_cache(max_len)
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        for start in range(0, len(ids), self.chunk):
+            logits = self.step(torch.tensor(ids[start:start + self.chunk]), decoding=False)
+        return logits[0]
+
+    def decode(self, token: int) -> torch.Tensor:
+        return self.step(torch.tensor([token]), decoding=True)[0]
+
+    def step(self, tokens: torch.Tensor, decoding: bool, last_only: bool = True) -> torch.Tensor:
+        """Logits of tokens (T,) appended to the sequence: (1, vocab), or (T, vocab)."""
+        self.lead.begin_step(tokens, self.cache.pos, decoding, last_only)
+        return self.model(tokens, self.cache, last_only=last_only)
+
+    def close(self):
+        """(The groups' K/V caches are reused by the next sequence, from position 0.)"""

@@ -1,0 +1,173 @@
+"""A stable member of a tensor-parallel run: it holds the residual stream and runs every layer.
+
+Every member (rank 0 among them, tensor/lead.py) holds a share of each layer's attention groups
+(KV heads with their K/V caches), of its MLP neuron groups, and a vocabulary slice of the head.
+Per sub-layer it computes the partial of what it holds and the members all-reduce them
+(tensor/exchange.py), so each goes on with the same hidden state. Rank 0 announces each step
+(STEP: the token ids, their position, the plan); a worker member then embeds the tokens (rows
+read from its store), runs the layers and sends rank 0 its logits slice.
+
+The model does not know: `MemberAttention` and `MemberMLP` stand in for a block's attention and
+MLP, from outside (gpt-fast style). With --sparsity every member skips the same groups: each runs
+the predictor on the same input.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import HaloError
+from ..net.framing import Kind, Message, json_payload
+from ..net.transport import Transport
+from ..stats import RssTrace
+from .attention import HeldAttention
+from .exchange import ComputeClock, Exchange
+from .held import HeldGroups
+
+LAST_ONLY, DECODING = 1, 2          # STEP flags (the message's layer field)
+
+
+class Member:
+    """One member's parts (module docstring); `run` is a worker member's loop."""
+
+    def __init__(self, transport: Transport, exchange: Exchange, attention: HeldAttention, groups: HeldGroups,
+                 clock: ComputeClock, importance: np.ndarray, sparsity: float = 0.0, predictor=None,
+                 loading=None):
+        self.t, self.exchange, self.attention_groups, self.groups = transport, exchange, attention, groups
+        self.clock, self.sparsity, self.predictor = clock, sparsity, predictor
+        self.static_importance = importance    # (n_layers, G) calibration shares
+        self.loading = loading                 # BudgetedWeights under --mem-budget, else None
+        self.decoding = False
+        self.model = None                      # set by the assembly (it builds the model around us)
+        self.steps = self.plans = 0
+        self.rss = RssTrace(every=50)          # resident MB every 50 steps
+
+    # -- a block's parts
+    def attend(self, layer: int, x: torch.Tensor, pos: int) -> torch.Tensor:
+        with self.clock:
+            own = self.attention_groups.step(layer, x, pos) if layer in self.attention_groups.layers else None
+        return self.exchange.allreduce(Kind.ATTN_PARTIAL, layer, own, x)
+
+    def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        keep = self.keep(layer, x, self.importance(layer, x)) if self.sparse_step else None
+        with self.clock:
+            own = self.groups.partial(layer, x, keep)
+        return self.exchange.allreduce(Kind.PARTIAL, layer, own, x)
+
+    @property
+    def sparse_step(self) -> bool:
+        return self.sparsity > 0 and self.decoding
+
+    def importance(self, layer: int, x: torch.Tensor) -> np.ndarray:
+        """(G,) shares of the layer's importance for x: the predictor's, or calibration's."""
+        if self.predictor is None:
+            return self.static_importance[layer]
+        g = self.predictor(layer, x).sum(0).numpy()         # (G,) predicted contribution norms
+        return g / g.sum()
+
+    def keep(self, layer: int, x: torch.Tensor, imp: np.ndarray) -> np.ndarray:
+        """(G,) False for the predicted least important --sparsity share of the layer's groups."""
+        keep = np.ones(len(imp), bool)
+        keep[np.argsort(-imp)[max(1, round((1 - self.sparsity) * len(imp))):]] = False
+        return keep
+
+    # -- a worker member's loop
+    def run(self) -> dict:
+        cache = self.model.new_cache(self.model.args.max_seq_len)   # empty: the caches are held
+        while True:
+            m = self.next_message()
+            if m.kind == Kind.STOP:
+                return self.finish()
+            if m.kind == Kind.PLAN:
+                self.groups.prepare(m.plan, {l: ids for l, ids in enumerate(m.json()["mlp"])})
+            elif m.kind == Kind.STEP:
+                self.run_step(m, cache)
+            else:
+                raise HaloError(f"rank {self.t.rank} got an unexpected {m.kind.name} from rank {m.source}")
+
+    def next_message(self) -> Message:
+        while not self.exchange.others:
+            self.exchange.sort(self.t.poll(1.0))
+        return self.exchange.others.pop(0)
+
+    @torch.inference_mode()
+    def run_step(self, m: Message, cache):
+        """STEP: token ids (T,) int32 at position `pos`, under plan `plan`; flags in `layer`."""
+        self.read_plan(m.plan)
+        self.rss.tick()
+        self.exchange.step, self.decoding = m.step, bool(m.layer & DECODING)
+        tokens = torch.from_numpy(m.payload.reshape(-1).astype(np.int64))
+        cache.pos = m.pos
+        h = self.model.layers(self.model.embed(tokens), cache)
+        if self.model.output is not None:
+            with self.clock:
+                logits = self.model.head(h[-1:] if m.layer & LAST_ONLY else h)      # (1 or T, slice)
+            self.t.send(0, Kind.LOGITS, m.step, self.model.args.n_layers, logits.numpy(), exact=True)
+        self.steps += 1
+
+    def read_plan(self, version: int):
+        """Between steps: read a pending plan's groups (READY once resident), and switch to it
+        at the step rank 0 runs under it."""
+        pending = self.groups.pending
+        if pending is None:
+            return
+        if version >= pending.version:
+            self.groups.advance(float("inf"))
+            if not self.groups.switch(version):
+                raise HaloError(f"rank {self.t.rank}: step under plan {version} before its groups")
+            self.plans += 1
+        elif not pending.done and self.groups.advance(READ_BUDGET_S):
+            self.t.send(0, Kind.READY, 0, 0, json_payload({}), plan=pending.version)
+
+    def finish(self) -> dict:
+        if self.loading is not None:
+            self.loading.close()
+        stats = self.stats()
+        self.t.pump(flush=True)
+        self.t.send(0, Kind.DONE, 0, 0, json_payload(stats))
+        self.t.pump(flush=True)
+        return stats
+
+    @property
+    def weight_bytes(self) -> int:
+        n = self.attention_groups.nbytes + self.groups.nbytes + self.model.weight_bytes()
+        return n + (self.loading.buffer_bytes if self.loading is not None else 0)
+
+    def stats(self) -> dict:
+        s, head = self.t.stats, self.model.output
+        return {"rank": self.t.rank, "role": "member", "computed": self.steps, "skipped": 0,
+                "plans": self.plans,
+                "compute_s": self.clock.seconds, "wait_s": self.exchange.wait_s,
+                "rounds": self.exchange.rounds, "sent": s.sent, "held_by_loss": s.held,
+                "held_seconds": s.held_seconds, "groups": self.groups.count,
+                "attention_groups": self.attention_groups.count,
+                "head_rows": 0 if head is None else head.stop - head.start, "weight_bytes": self.weight_bytes,
+                "rss_mb_trace": self.rss.samples,
+                **({"loading": self.loading.stats()} if self.loading is not None else {})}
+
+
+READ_BUDGET_S = 0.005        # a member's reading of a pending plan's groups, per step
+
+
+class MemberAttention:
+    """Stands in for a block's attention: its held groups' partial, all-reduced. The K/V caches
+    live with the groups (`HeldAttention`), so the model's own cache for it is empty."""
+    n_kv = 0
+    nbytes = 0           # counted where they are held
+
+    def __init__(self, member: Member, layer: int):
+        self.member, self.layer = member, layer
+
+    def __call__(self, x, k_cache, v_cache, pos: int, cos, sin) -> torch.Tensor:
+        return self.member.attend(self.layer, x, pos)
+
+
+class MemberMLP:
+    """Stands in for a block's MLP: (T, dim) -> (T, dim) summed over every rank's groups."""
+    nbytes = 0
+
+    def __init__(self, member: Member, layer: int):
+        self.member, self.layer = member, layer
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.member.mlp(self.layer, x)

@@ -1,0 +1,185 @@
+"""Rank 0's placement and re-planning state: which rank holds which MLP groups, rank 0's backups
+of satellites' groups, and how a new plan replaces the current one without stalling a token.
+
+A re-plan (a satellite's link re-rated by the re-planner, a satellite found unreachable, a late
+rank with nowhere to move whose groups rank 0 backs up) proceeds in two halves:
+1. rank 0 sends every worker its groups under plan v+1 (PLAN); every rank, rank 0 too, reads the
+   groups it gains a slice at a time between steps (held.py), and says READY once they are
+   resident (rank 0's backups of the new plan likewise);
+2. once every rank that gains groups is ready, rank 0 switches: the next step's STEP carries v+1
+   to the members, its inputs carry v+1 to the satellites, and every rank holds the new groups
+   from that step on.
+Meanwhile plan v goes on unchanged. Re-plans come one at a time; one proposed while another is
+being read waits for the next step after the switch.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..net.framing import Kind, json_payload
+from ..net.transport import Transport
+from .held import HeldGroups
+from .placement import Placement, moved
+from .policy import SyncPolicy
+
+READ_BUDGET_S = 0.005        # rank 0's reading of a pending plan's groups, per step
+
+
+class Planner:
+    """The current plan (`placement`, `version`), the one being read (`pending`), rank 0's own
+    groups (`held`) and backups (`backups`, keyed (layer, rank))."""
+
+    def __init__(self, transport: Transport, placement: Placement, importance: np.ndarray, policy: SyncPolicy,
+                 held: HeldGroups, backups: HeldGroups, replanner=None, probes=frozenset(), log=None,
+                 budgeted: bool = False):
+        self.t, self.importance, self.policy = transport, importance, policy
+        self.placement, self.version = placement, 0
+        self.held, self.backups, self.replanner = held, backups, replanner
+        self.probes = set(probes)      # ranks whose groups only probe their link: all backed up
+        self.stuck_share: dict[int, float] = {}   # late ranks with nowhere to move: share backed up
+        self.log = log or (lambda line: None)
+        self.budgeted = budgeted
+        self.resident_bytes = lambda: held.nbytes + backups.nbytes   # all of rank 0's: set by the lead
+        self.pending: tuple[int, Placement, set[int], str] | None = None   # version, plan, waiting, line
+        self.unreachable: dict[int, int] = {}    # rank -> step it was found silent
+        self.step = 0
+        self.replans: list[str] = []
+        self.read_s = 0.0                        # rank 0's time reading pending groups
+        self.backups.mlps = self._read_now(self.backups, self.wanted_backups(placement))
+
+    # -- each step
+    def begin_step(self, step: int, decoding: bool, links: dict, control: list) -> int:
+        """Before step `step`: silence and link changes may propose a plan; a pending one is read
+        and switched to once every rank has it. Returns the plan version the step runs under."""
+        self.step = step
+        for m in control:
+            if m.kind == Kind.READY and self.pending is not None and m.plan == self.pending[0]:
+                self.pending[2].discard(m.source)
+        self.watch_silence()
+        if decoding and self.replanner is not None and self.pending is None:
+            self.maybe_replan(links)
+        if self.pending is not None:
+            self.advance()
+        return self.version
+
+    def advance(self):
+        t0 = time.perf_counter()
+        own = self.held.advance(READ_BUDGET_S)
+        spare = READ_BUDGET_S - (time.perf_counter() - t0)
+        backups = self.backups.advance(max(spare, 0.0)) if own else False
+        self.read_s += time.perf_counter() - t0
+        version, placement, waiting, line = self.pending
+        if own and backups and not waiting:
+            self.held.switch(version)
+            self.backups.switch(version)
+            self.placement, self.version, self.pending = placement, version, None
+            self.say(f"{line}; in place from step {self.step}")
+
+    # -- proposing plans
+    def propose(self, new: Placement, line: str):
+        """Plan `new` to every worker (PLAN), and rank 0's part of it read in the background."""
+        version = self.version + 1
+        for r in range(1, self.t.size):
+            self.t.send(r, Kind.PLAN, self.step, -1, json_payload({"mlp": [p[r].tolist() for p in new]}),
+                        plan=version)
+        self.policy.unstable = frozenset(self.replanner.unstable())
+        self.probes = self.replanner.probes()
+        self.stuck_share = {r: s for r, s in self.stuck_share.items() if r in self.policy.unstable}
+        gaining = {r for r in moved(self.placement, new) if r != 0 and r not in self.unreachable}
+        self.held.prepare(version, {l: p[0] for l, p in enumerate(new)})
+        self.backups.prepare(version, self.wanted_backups(new))
+        self.pending = (version, new, gaining, line)
+
+    def watch_silence(self):
+        """A worker silent for the rank timeout (frozen or dead) is unreachable: said once, its MLP
+        groups re-placed on the others (their stores hold every group) where the re-planner has
+        room; otherwise its partials keep counting as missing. A rank whose silence is fatal (a
+        member, any rank in strict sync) ends the run in the transport instead. Should it answer
+        again, the next plan reaches it and its link earns its groups back."""
+        if self.t.rank_timeout is None:
+            return
+        for r in self.t.silent():
+            if r in self.unreachable or r in self.t.fatal:
+                continue
+            self.unreachable[r] = self.step
+            line = f"rank {r} {self.t.why_silent()} at step {self.step}: unreachable"
+            if self.pending is not None:
+                self.pending[2].discard(r)            # a silent rank's READY will not come
+            if self.replanner is None:
+                self.say(line + "; its partials count as missing (re-planning is off)")
+                continue
+            new, why = self.replanner.exclude(r, self.placement)
+            if new is None or self.pending is not None:
+                later = "; once the plan being read is in place" if new is not None else ""
+                self.say(f"{line}; {why}{later}")
+            else:
+                self.propose(new, f"{line}; {why}")
+
+    def maybe_replan(self, links: dict):
+        stuck_before = set(self.replanner.said_stuck)
+        new, line = self.replanner.update(links, self.placement, self.step)
+        if new is not None:
+            self.propose(new, line)
+        elif line:                      # re-rated with nothing to move: said once, in the summary
+            self.say(line + self.back_up_stuck(self.replanner.said_stuck - stuck_before))
+
+    def say(self, line: str):
+        self.replans.append(line)
+        self.log(line)
+
+    # -- backups
+    def wanted_backups(self, placement: Placement) -> dict[tuple[int, int], np.ndarray]:
+        """(layer, rank) -> ids of rank 0's copies: the most important `backup_share` of each
+        unstable rank's groups (by static importance), every group of a probe rank, and the share
+        backed up of a rank stuck with nowhere to move."""
+        if self.policy.mode != "halo":
+            return {}
+        wanted = {}
+        for l, placed in enumerate(placement):
+            for r in sorted(self.policy.unstable | self.probes | set(self.stuck_share)):
+                if r >= len(placed) or not len(placed[r]):
+                    continue
+                share = (1.0 if r in self.probes else
+                         max(self.policy.backup_share, self.stuck_share.get(r, 0.0)))
+                n = int(np.ceil(share * len(placed[r]) - 1e-9))
+                most = np.argsort(-self.importance[l][placed[r]], kind="stable")[:n]
+                if n:
+                    wanted[(l, r)] = np.sort(placed[r][most])
+        return wanted
+
+    @staticmethod
+    def _read_now(groups: HeldGroups, wanted: dict) -> dict:
+        return {k: groups.load(k[0], ids) for k, ids in wanted.items()}
+
+    def back_up_stuck(self, ranks: set[int]) -> str:
+        """What is left when a late rank's groups have nowhere to go (two ranks): rank 0 backs
+        them up, as many as its memory budget (the device profile's memory_mb) has room for, the
+        most important first, and recomputes them when that rank's partial misses its deadline.
+        Not in strict sync (it waits anyway) nor under --mem-budget (copies outside the budget).
+        The copies are read in the background, as a plan's groups are."""
+        if not ranks:
+            return ""
+        if self.policy.mode != "halo" or self.budgeted:
+            return "; its late partials count as missing"
+        room = self.replanner.cluster.ranks[0].memory_mb * 1e6 - self.resident_bytes()
+        said = []
+        for r in sorted(ranks):
+            if r in self.probes:
+                said.append(f"rank 0 backs up all of rank {r}'s groups already (they probe its link)")
+                continue
+            held = sum(len(p[r]) for p in self.placement)
+            need = held * self.replanner.group_mb * 1e6
+            share = 1.0 if need <= room else max(0.0, room / need) if need else 0.0
+            if share <= 0:
+                said.append(f"rank 0 has no room to back up rank {r}'s groups: its late partials "
+                            f"count as missing")
+                continue
+            self.stuck_share[r] = share
+            room -= share * need
+            said.append(f"rank 0 now backs up {share:.0%} of rank {r}'s {held} groups "
+                        f"({share * need / 1e6:.1f} MB) and computes them when its partials are late")
+        if self.stuck_share and self.pending is None:     # read in the background, used once read
+            self.propose(self.placement, "backups of late ranks read")
+        return "; " + "; ".join(said) if said else ""

@@ -1,0 +1,109 @@
+"""An unstable rank (a satellite): partial sums of the MLP groups it holds, for rank 0.
+
+It holds no attention and no head: those are never dropped, so they stay on the stable members.
+Rank 0 sends it a layer's normalized input (INPUT) and waits for its partial only until a
+deadline (tensor/satellites.py). Inputs are served in order, but only the newest in a batch is
+computed and answered: rank 0 sends a layer's input only after closing the previous one, so older
+inputs belong to closed steps, and computing them would only make a late satellite lag for good.
+A re-plan (PLAN) moves groups here: they are read while it idles between inputs (held.py); READY
+tells rank 0 they are resident, and the first input of the new plan switches to them.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..errors import HaloError
+from ..net.framing import Kind, Message, json_payload
+from ..net.transport import Transport
+from ..stats import RssTrace
+from .held import HeldGroups
+
+IDLE_READ_S = 0.005     # reading a pending plan's groups, per idle poll
+
+
+class Satellite:
+    """Serves rank 0's MLP inputs (module docstring). speed < 1 stretches every compute to emulate
+    a slower device; sparse: inputs carry a last row flagging the groups to compute."""
+
+    def __init__(self, transport: Transport, held: HeldGroups, speed: float = 1.0, sparse: bool = False,
+                 loading=None):
+        self.t, self.held, self.speed, self.sparse = transport, held, speed, sparse
+        self.loading = loading                 # BudgetedWeights under --mem-budget, else None
+        self.computed = self.skipped = self.plans = 0
+        self.compute_s = 0.0
+        self.rss = RssTrace(every=500)         # resident MB every 500 inputs
+
+    def run(self) -> dict:
+        stash: list[Message] = []   # inputs of a plan whose groups are still being read
+        while True:
+            reading = self.held.pending is not None and not self.held.pending.done
+            got = self.t.poll(0.0 if reading else 1.0)
+            if not got and reading:
+                self._read_pending()
+            batch, stash = stash + got, []
+            if not batch:
+                continue
+            work = [i for i, m in enumerate(batch) if m.kind == Kind.INPUT]
+            for i, m in enumerate(batch):
+                if m.kind == Kind.STOP:
+                    return self.finish(skipped=sum(1 for w in batch[i:] if w.kind == Kind.INPUT))
+                if m.kind == Kind.PLAN:
+                    plan = m.json()
+                    self.held.prepare(m.plan, {l: ids for l, ids in enumerate(plan["mlp"])})
+                elif m.kind != Kind.INPUT:
+                    raise HaloError(f"rank {self.t.rank} got an unexpected {m.kind.name} from "
+                                    f"rank {m.source}")
+                elif m.plan > self.held.version and not self.held.switch(m.plan):
+                    stash.append(m)      # (rank 0 switches only after READY: not seen so far)
+                else:
+                    self.serve(m, newest=i == work[-1])
+
+    def _read_pending(self):
+        if self.held.advance(IDLE_READ_S):
+            self.t.send(0, Kind.READY, 0, 0, json_payload({}), plan=self.held.pending.version)
+            self.plans += 1
+
+    def serve(self, m: Message, newest: bool):
+        self.rss.tick()
+        if not newest or m.plan != self.held.version:     # a closed step, or an old plan
+            self.skipped += 1
+            return
+        t0 = time.perf_counter()
+        x = torch.from_numpy(m.payload)
+        with torch.inference_mode():
+            if self.sparse:
+                out = self.held.partial(m.layer, x[:-1], x[-1].numpy() > 0.5)
+            else:
+                out = self.held.partial(m.layer, x)
+        if out is None:
+            out = torch.zeros(x.shape[0] - self.sparse, x.shape[1])
+        spent = time.perf_counter() - t0
+        if self.speed < 1.0:      # emulate a slower device: stretch this compute
+            time.sleep(spent * (1.0 / self.speed - 1.0))
+        self.compute_s += time.perf_counter() - t0
+        self.computed += 1
+        self.t.send(0, Kind.PARTIAL, m.step, m.layer, out.numpy(), plan=self.held.version)
+
+    def finish(self, skipped: int) -> dict:
+        self.skipped += skipped
+        if self.loading is not None:
+            self.loading.close()
+        stats = self.stats()
+        # partials still held by emulated loss go out now, so that DONE is the last
+        # message rank 0 receives from us (MPI keeps the order of one sender's messages)
+        self.t.pump(flush=True)
+        self.t.send(0, Kind.DONE, 0, 0, json_payload(stats))
+        self.t.pump(flush=True)
+        return stats
+
+    def stats(self) -> dict:
+        s = self.t.stats
+        weights = self.held.nbytes + (self.loading.buffer_bytes if self.loading is not None else 0)
+        return {"rank": self.t.rank, "role": "satellite", "computed": self.computed, "skipped": self.skipped,
+                "plans": self.plans, "compute_s": self.compute_s, "wait_s": s.wait_seconds,
+                "sent": s.sent, "held_by_loss": s.held, "held_seconds": s.held_seconds,
+                "groups": self.held.count, "attention_groups": 0, "head_rows": 0, "weight_bytes": weights,
+                "rss_mb_trace": self.rss.samples,
+                **({"loading": self.loading.stats()} if self.loading is not None else {})}
