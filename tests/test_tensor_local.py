@@ -100,8 +100,8 @@ def test_backup_on_rank_0_makes_up_for_missing_partials(tiny_store, backup_share
 
 
 def test_a_probe_rank_costs_no_quality(tiny_store):
-    """A drop budget too small for rank 2's link leaves it one probe group, which rank 0 also
-    holds and computes whenever rank 2's partial is missing: the text is the reference's."""
+    """A drop budget too small for rank 2's link leaves it one probe group, which rank 0 computes
+    as one of its own (rank 2's partial only measures its link): the text is the reference's."""
     ids, n = [5, 70, 33], 16
     expected = reference_run(tiny_store, ids, n).tokens
     plan = make_plan(tiny_store, 3, ModeOptions.of(sync="halo", link_loss={2: 0.3}, loss_model="rto",
@@ -111,7 +111,9 @@ def test_a_probe_rank_costs_no_quality(tiny_store):
     result = generate(cluster.session(len(ids) + n), ids, n, Sampler(0.0))
     cluster.stop()
     lead = cluster.lead
-    assert lead.planner.probes == {2} and lead.satellites.recovered[2] > 0
+    assert lead.planner.probes == {2} and lead.satellites.recovered[2] == 0
+    for layer, p in enumerate(plan.placement):       # rank 0 computes the probe's group as its own
+        assert set(p[2]) <= set(lead.groups.ids(layer))
     assert result.tokens == expected
     assert sum(rec.dropped_share for rec in lead.records) == pytest.approx(0.0, abs=1e-6)
 
@@ -168,7 +170,8 @@ class Markers:
             for layer in range(self.n_layers):
                 marker = step * 100 + layer
                 x = torch.full((1, 8), float(marker))
-                peers = self.sats.send(layer, x, self.placed, None, 0)
+                peers = self.sats.to_ask(layer, self.placed, None)
+                self.sats.send(layer, x, peers, self.placed, None, 0)
                 yield step, layer, marker, self.sats.fold(layer, x, peers, self.placed, self.imp, None,
                                                           float(self.imp[0]), 0)
         self.step = step
@@ -568,7 +571,7 @@ def test_a_late_rank_with_nowhere_to_go_is_backed_up_by_rank_0(tiny_store, room)
     """Two ranks: rank 1 late more and more until it keeps the fewest groups it can (one a layer)
     and nothing can move; rank 0 backs its groups up (as far as its memory budget has room), says
     so once, and computes them when rank 1's partials are late."""
-    o = ModeOptions.of(sync="halo", unstable_ranks=frozenset({1}), drop_budget=0.1)
+    o = ModeOptions.of(sync="halo", unstable_ranks=frozenset({1}), drop_budget=0.1, backup_share=0.0)
     cluster = LocalCluster(tiny_store, make_plan(tiny_store, 2, o))
     lead = cluster.lead
     planner = lead.planner
@@ -597,3 +600,38 @@ def test_a_late_rank_with_nowhere_to_go_is_backed_up_by_rank_0(tiny_store, room)
         assert "rank 0 has no room to back up rank 1's groups" in said[0] and backed == 0
     assert torch.isfinite(got).all()
     cluster.stop()
+
+
+@pytest.mark.parametrize("drop_budget, backup_share", [(1.0, None), (0.05, None), (0.05, 0.0)])
+def test_a_replan_read_in_the_background_keeps_the_reference_logits(tiny_store, drop_budget, backup_share):
+    """Rank 2 (a satellite) is re-rated mid-sequence: the groups it loses are read by the others
+    a slice at a time between steps, switched in at one step for every rank, and the logits stay
+    the reference's (float32 wire, every partial waited for: nothing dropped). With a small drop
+    budget it becomes a probe, whose group rank 0 then computes as its own."""
+    from halo_mpi.net.links import LinkEstimate
+    ids = [5, 70, 33, 9, 120, 17, 3, 44]
+    ref_model = Transformer.from_store(tiny_store)
+    ref_cache = ref_model.new_cache(32)
+    o = ModeOptions.of(sync="halo", unstable_ranks=frozenset({2}), critical_share=1.0, wire_dtype="float32",
+                       drop_budget=drop_budget, backup_share=backup_share)
+    cluster = LocalCluster(tiny_store, make_plan(tiny_store, 3, o))
+    planner = cluster.lead.planner
+    before = [p[2].copy() for p in planner.placement]
+    session = cluster.session(32)
+    with torch.inference_mode():
+        for i, token in enumerate(ids):
+            if i == 3:                                   # rank 2 turns late: re-rated, groups move
+                late = LinkEstimate()
+                for k in range(40):
+                    late.add_outcome(k % 4 == 0)
+                planner.maybe_replan({2: late})
+                assert planner.pending is not None and planner.version == 0
+            got = session.step(torch.tensor([token]), decoding=True)
+            want = ref_model(torch.tensor([token]), ref_cache, last_only=True)
+            assert (got - want).abs().max().item() < 1e-4, i
+    workers = cluster.stop()
+    assert planner.version == 1 and planner.pending is None
+    assert sum(len(p[2]) for p in planner.placement) < sum(len(b) for b in before)
+    assert any("in place from step" in line for line in planner.replans)
+    assert workers[2]["groups"] == sum(len(p[2]) for p in planner.placement)
+    assert planner.probes == ({2} if drop_budget < 1 else set())

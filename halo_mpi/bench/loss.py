@@ -31,6 +31,7 @@ MODES = {  # mode -> what it sets in the mode options
     "single": {"parallel": "none"},
     "strict": {"parallel": "tensor", "sync": "strict"},
     "halo": {"parallel": "tensor", "sync": "halo"},
+    "halo-pure": {"parallel": "tensor", "sync": "halo", "backup_share": 0.0},
     "halo-static": {"parallel": "tensor", "sync": "halo", "placement": "static"},
     "halo-random": {"parallel": "tensor", "sync": "halo", "placement": "random"},
     "halo-backup": {"parallel": "tensor", "sync": "halo", "backup_share": 1.0},

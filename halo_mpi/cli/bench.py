@@ -48,9 +48,9 @@ def add_loss_arguments(b):
     m.add_argument("--ranks", type=positive_int, default=4,
                    help="ranks of the distributed modes (default: %(default)s)")
     m.add_argument("--modes", default="single,strict,halo,halo-random",
-                   help="comma list among single, strict, halo, halo-static, halo-random, "
-                        "halo-backup (--backup-share 1), halo-backup-half (--backup-share 0.5), "
-                        "pipeline (default: %(default)s)")
+                   help="comma list among single, strict, halo, halo-pure (--backup-share 0), "
+                        "halo-static, halo-random, halo-backup (--backup-share 1), halo-backup-half "
+                        "(--backup-share 0.5), pipeline (default: %(default)s)")
     m.add_argument("--loss", default="0,0.01,0.03,0.05",
                    help="comma list of packet loss rates for the lossy ranks (default: %(default)s)")
     m.add_argument("--lossy-ranks", help="comma list (default: the upper half of the ranks, e.g. 2,3 of 4)")

@@ -102,10 +102,11 @@ class Transport(Liveness):
 
     # -- the interface
     def send(self, dest: int, kind: Kind, step: int, layer: int, payload: np.ndarray, seq: int = 0,
-             plan: int = 0, pos: int = 0, exact: bool = False):
-        """exact: float payloads go as float32 whatever the wire precision (logits, caches)."""
+             plan: int = 0, pos: int = 0, exact: bool = False, wire: str | None = None):
+        """Float payloads go in the transport's wire precision, or `wire`; exact: as float32
+        whatever the wire precision (logits)."""
         now = time.perf_counter()
-        f = frame(payload, "float32" if exact else self.wire)
+        f = frame(payload, "float32" if exact else wire or self.wire)
         buf = self._buffer(f.nbytes)
         n = write_frame(buf, kind, step, layer, f, now, seq, plan, pos)
         self.stats.sent += 1

@@ -22,6 +22,7 @@ from ..net.wire import WIRE_DTYPES
 from .flags import group, option, switch
 from .values import (
     Budget,
+    auto_or,
     format_rank_values,
     format_ranks,
     in_range,
@@ -108,12 +109,14 @@ class TensorOptions:
     deadline_margin_ms: float = option(
         "--deadline-margin-ms", 2.0, non_negative_float, format=number,
         help="halo: added to every deadline")
-    backup_share: float = option(
-        "--backup-share", 0.0, in_range(0, 1), format=number,
+    backup_share: float | None = option(
+        "--backup-share", None, auto_or(in_range(0, 1)), format=lambda v: "auto" if v is None else number(v),
         help="halo: rank 0 also holds this share (0..1) of each unstable rank's groups, the most "
-             "important ones, and computes them itself when that rank's partial misses its "
-             "deadline; costs rank 0 memory, saves quality (0: pure HALO, a missing partial counts "
-             "as zero)")
+             "important ones, computes them itself when that rank's partial is not there when it "
+             "needs it, and never waits for what it can compute; costs rank 0 memory, saves "
+             "quality and waiting. auto (the default): all of them, as far as rank 0's memory "
+             "(the device profile's memory_mb) has room, none under --mem-budget; 0: pure HALO, "
+             "a missing partial counts as zero")
     placement: str = option(
         "--placement", "semantic", choices=PLACEMENTS,
         help="semantic: least important groups on the least reliable ranks, per-token importance "
@@ -144,12 +147,18 @@ class TensorOptions:
 
     @property
     def wire(self) -> str:
-        """--wire-dtype with auto resolved: float32 for strict sync (the exact baseline), float16
-        for HALO: a 576-wide message fits one TCP segment, so a lost packet costs a ~10 ms probe
-        instead of a ~200 ms timeout (README, "Wire precision")."""
+        """--wire-dtype with auto resolved, for the satellites' messages: float32 for strict sync
+        (the exact baseline), float16 for HALO: a 576-wide message fits one TCP segment, so a lost
+        packet costs a ~10 ms probe instead of a ~200 ms timeout (README, "Wire precision")."""
         if self.wire_dtype != "auto":
             return self.wire_dtype
         return "float32" if self.sync == "strict" else "float16"
+
+    @property
+    def members_wire(self) -> str:
+        """--wire-dtype with auto resolved, for the stable members' all-reduce: float32 (exact:
+        HALO with no unstable rank is strict sync), unless a precision is asked for."""
+        return "float32" if self.wire_dtype == "auto" else self.wire_dtype
 
     @property
     def unstable(self) -> frozenset[int]:
@@ -247,6 +256,6 @@ def check_tensor(o: ModeOptions, size: int):
     check_ranks(t.link_loss, "--link-loss", workers)
     if t.unstable_ranks is not None:
         check_ranks(t.unstable_ranks, "--unstable-ranks", workers)
-    if o.load.mem_budget is not None and t.backup_share > 0:
+    if o.load.mem_budget is not None and t.backup_share:
         raise HaloError("--backup-share keeps copies of other ranks' groups outside the memory "
                         "budget: not with --mem-budget")

@@ -56,6 +56,13 @@ def in_range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False)
     return parse
 
 
+def auto_or(parse):
+    """A parser of 'auto' (None: the program chooses) or what `parse` takes."""
+    def parse_auto(s: str):
+        return None if s.strip() == "auto" else parse(s)
+    return parse_auto
+
+
 def number(v: float) -> str:
     """A float as text that parses back to the same float."""
     return repr(float(v))

@@ -95,7 +95,7 @@ def build(store: Store, plan: TensorPlan, transport: Transport, log=None):
 
 def member_parts(store: Store, plan: TensorPlan, transport: Transport, weights) -> dict:
     t = plan.options.tensor
-    return {"transport": transport, "exchange": Exchange(transport, plan.members, plan.wire),
+    return {"transport": transport, "exchange": Exchange(transport, plan.members, plan.members_wire),
             "attention": held_attention(store, plan, transport.rank, weights),
             "groups": held_groups(store, plan, transport.rank, weights),
             "clock": ComputeClock(plan.cluster.ranks[transport.rank].speed), "importance": plan.importance,

@@ -70,7 +70,7 @@ class Exchange:
         me = self.t.rank
         for r in self.members:
             if r != me:
-                self.t.send(r, kind, self.step, layer, x)
+                self.t.send(r, kind, self.step, layer, x, wire=self.wire)
         parts = self.collect(kind, layer, [r for r in self.members if r != me])
         parts[me] = x if self.wire == "float32" else as_on_the_wire(x, self.wire)
         return self._sum([parts[r] for r in self.members])

@@ -10,8 +10,10 @@ The rule, per layer:
   from the send, leaves out the delays all ranks share (rank 0 running late, shared cores);
 - a stalled link, one whose missed partial is still not here a round-trip bound after its input
   went out, gets no grace: real TCP holds whatever follows a lost segment until it is repaired, so
-  waiting is no use. A partial of the current or the previous layer shows it delivers again
-  (older ones are its backlog draining);
+  waiting is no use. A partial that comes back within the round-trip bound of its own input shows
+  it delivers again, whatever layer it answers (after a TCP stall the link first delivers its
+  backlog, none of it within its bound; and a rank 0 that no longer waits runs ahead of a
+  satellite, whose fresh answers then come a layer or two late);
 - a message of another step, layer, kind or plan version is discarded and counted, never added in;
   anything but a reply (PARTIAL, ATTN_PARTIAL, LOGITS) is a protocol error.
 
@@ -43,6 +45,7 @@ from ..net.links import LinkEstimate
 from .policy import SyncPolicy
 
 CRITICAL_POLL_S = 1.0   # poll timeout while a critical partial is missing: poll returns at an arrival
+SENT_KEPT = 256         # layers whose send time is kept (a late partial's round trip)
 
 
 class Inbox(Protocol):
@@ -101,10 +104,9 @@ class DeadlineGather:
     """
 
     def __init__(self, inbox: Inbox, policy: SyncPolicy, peers: Iterable[int],
-                 clock: Callable[[], float] = time.perf_counter, n_layers: int | None = None):
+                 clock: Callable[[], float] = time.perf_counter):
         self.inbox, self.policy, self.clock = inbox, policy, clock
-        self.n_layers = n_layers   # known: a stalled link recovers only with a partial of the
-                                   # current or previous layer (older ones are its backlog draining)
+        self.sent: dict[tuple[int, int], float] = {}   # (step, layer) -> when its inputs went out
         self.links = {r: LinkEstimate(factor=policy.deadline_factor, margin=policy.deadline_margin,
                                       initial=policy.initial_deadline) for r in peers}
         self.missed: dict[int, float] = {}   # rank -> when the input of its missed partial went out,
@@ -147,6 +149,9 @@ class DeadlineGather:
         dropped = w.missing()
         if decoding:
             self._feed_links(w, sent_at, ref, on_time, dropped)
+            self.sent[(key.step, key.layer)] = sent_at
+            if len(self.sent) > SENT_KEPT:            # the oldest go: insertion order
+                del self.sent[next(iter(self.sent))]
         return w.got, GatherResult(dropped, on_time, self.clock() - t0, w.discarded)
 
     def _wait(self, w: _Layer, ref: float | None) -> float | None:
@@ -183,18 +188,18 @@ class DeadlineGather:
             self.missed.pop(m.source, None)  # the link delivers again
             w.got[m.source] = m.payload
             return True
-        if self._recent(m, w.key):
+        if self._fresh(m, w):
             self.missed.pop(m.source, None)
         w.discarded[m.source] += 1           # a closed step or layer, or an old plan: never mixed in
         return False
 
-    def _recent(self, m: Message, key: LayerKey) -> bool:
-        """Whether a late partial shows its link caught up: from the previous layer or newer. After
-        a TCP stall the link first delivers its whole backlog, none of it in time; counting that as
-        recovery would grant grace, and wait, for a link that is still behind."""
-        if self.n_layers is None or m.kind != Kind.PARTIAL:
-            return True                      # attention and logits are always waited for
-        return m.step * self.n_layers + m.layer >= key.step * self.n_layers + key.layer - 1
+    def _fresh(self, m: Message, w: _Layer) -> bool:
+        """Whether a late partial came back within its link's round-trip bound of its own input:
+        the link delivers again. Attention partials and logits (always waited for) count too."""
+        if m.kind != Kind.PARTIAL:
+            return True
+        sent = self.sent.get((m.step, m.layer))
+        return sent is not None and self.clock() - sent <= w.bound.get(m.source, 0.0)
 
     def _feed_links(self, w: _Layer, sent_at: float, ref: float, on_time: set[int], dropped: list[int]):
         """Decode steps only: round trips and lags of what arrived, every peer's on-time outcome

@@ -98,17 +98,21 @@ class Lead(Member):
         """Rank 0's MLP round: satellites' inputs out, own partial, theirs folded in, all-reduce."""
         sats = self.satellites
         placed = self.planner.placement[layer]
-        asked = self.decoding and any(len(placed[r]) for r in sats.ranks)
-        imp = self.group_importance(layer, x, asked)
+        peers = sats.to_ask(layer, placed, None, self.planner.probes) if sats.ranks else []
+        imp = self.group_importance(layer, x, bool(peers))
         keep = self.keep(layer, x, imp) if self.sparse_step else None
         if keep is not None:
             self.records[-1].skipped_share += float(imp[~keep].sum()) / len(self.planner.placement)
-        peers = sats.send(layer, x, placed, keep, self.planner.version) if sats.ranks else []
+            peers = sats.to_ask(layer, placed, keep, self.planner.probes)
+        if peers:
+            sats.send(layer, x, peers, placed, keep, self.planner.version)
         with self.clock:
             own = self.groups.partial(layer, x, keep)
         if sats.ranks:
-            members_share = float(sum(imp[placed[r]].sum() for r in self.members))
-            folded = sats.fold(layer, x, peers, placed, imp, keep, members_share, self.planner.version)
+            probes = self.planner.probes
+            members_share = float(sum(imp[placed[r]].sum() for r in self.members + sorted(probes)))
+            folded = sats.fold(layer, x, peers, placed, imp, keep, members_share, self.planner.version,
+                               probes)
             if folded is not None:
                 own = folded if own is None else own + folded
         return self.exchange.allreduce(Kind.PARTIAL, layer, own, x)
@@ -117,7 +121,7 @@ class Lead(Member):
         """(G,) shares of this layer's importance for the current token(s): the predictor's in
         decode steps where satellites are asked (HALO) or groups are skipped (--sparsity), else
         calibration's (strict sync drops nothing: no per-token prediction needed)."""
-        if (asked and self.halo_predictor) or self.sparse_step:
+        if (asked and self.decoding and self.halo_predictor) or self.sparse_step:
             return self.importance(layer, x)
         return self.static_importance[layer]
 

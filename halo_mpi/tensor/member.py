@@ -22,7 +22,7 @@ from ..net.transport import Transport
 from ..stats import RssTrace
 from .attention import HeldAttention
 from .exchange import ComputeClock, Exchange
-from .held import HeldGroups
+from .held import HeldGroups, StepPace
 
 LAST_ONLY, DECODING = 1, 2          # STEP flags (the message's layer field)
 
@@ -41,6 +41,7 @@ class Member:
         self.model = None                      # set by the assembly (it builds the model around us)
         self.steps = self.plans = 0
         self.rss = RssTrace(every=50)          # resident MB every 50 steps
+        self.pace = StepPace()                 # how long steps take: a re-plan's reading per step
 
     # -- a block's parts
     def attend(self, layer: int, x: torch.Tensor, pos: int) -> torch.Tensor:
@@ -80,6 +81,7 @@ class Member:
                 return self.finish()
             if m.kind == Kind.PLAN:
                 self.groups.prepare(m.plan, {l: ids for l, ids in enumerate(m.json()["mlp"])})
+                self.read_budget = self.pace.read_budget()
             elif m.kind == Kind.STEP:
                 self.run_step(m, cache)
             else:
@@ -93,6 +95,7 @@ class Member:
     @torch.inference_mode()
     def run_step(self, m: Message, cache):
         """STEP: token ids (T,) int32 at position `pos`, under plan `plan`; flags in `layer`."""
+        self.pace.tick()
         self.read_plan(m.plan)
         self.rss.tick()
         self.exchange.step, self.decoding = m.step, bool(m.layer & DECODING)
@@ -110,13 +113,14 @@ class Member:
         at the step rank 0 runs under it."""
         pending = self.groups.pending
         if pending is None:
+            self.groups.compact(self.pace.read_budget())     # pieces a re-plan added, made one
             return
         if version >= pending.version:
             self.groups.advance(float("inf"))
             if not self.groups.switch(version):
                 raise HaloError(f"rank {self.t.rank}: step under plan {version} before its groups")
             self.plans += 1
-        elif not pending.done and self.groups.advance(READ_BUDGET_S):
+        elif not pending.done and self.groups.advance(self.read_budget):
             self.t.send(0, Kind.READY, 0, 0, json_payload({}), plan=pending.version)
 
     def finish(self) -> dict:
@@ -144,9 +148,6 @@ class Member:
                 "head_rows": 0 if head is None else head.stop - head.start, "weight_bytes": self.weight_bytes,
                 "rss_mb_trace": self.rss.samples,
                 **({"loading": self.loading.stats()} if self.loading is not None else {})}
-
-
-READ_BUDGET_S = 0.005        # a member's reading of a pending plan's groups, per step
 
 
 class MemberAttention:

@@ -183,7 +183,7 @@ class Replanner:
 
     def __init__(self, cluster: ClusterSpec, importance: np.ndarray, group_mb: float = 0.0,
                  drop_budget: float | None = None, drop_below: float = 0.9, recover_at: float = 0.995,
-                 min_outcomes: int = 32, recover_outcomes: int = 256, drift: float = 0.1):
+                 min_outcomes: int = 16, recover_outcomes: int = 256, drift: float = 0.1):
         self.cluster, self.importance, self.group_mb = cluster, importance, group_mb
         self.drop_budget = drop_budget
         self.drop_below, self.recover_at, self.min_outcomes = drop_below, recover_at, min_outcomes

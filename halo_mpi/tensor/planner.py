@@ -15,16 +15,26 @@ being read waits for the next step after the switch.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..net.framing import Kind, json_payload
 from ..net.transport import Transport
-from .held import HeldGroups
+from .held import HeldGroups, StepPace
 from .placement import Placement, moved
 from .policy import SyncPolicy
 
-READ_BUDGET_S = 0.005        # rank 0's reading of a pending plan's groups, per step
+
+@dataclass
+class Pending:
+    """A plan being read; what it changes besides the placement takes effect with it."""
+    version: int
+    placement: Placement
+    waiting: set[int]                # ranks that gain groups and have not said READY
+    line: str                        # what proposed it (said again once it is in place)
+    unstable: frozenset              # the policy's unstable ranks under it
+    probes: set[int]                 # the probe ranks under it
 
 
 class Planner:
@@ -42,40 +52,50 @@ class Planner:
         self.log = log or (lambda line: None)
         self.budgeted = budgeted
         self.resident_bytes = lambda: held.nbytes + backups.nbytes   # all of rank 0's: set by the lead
-        self.pending: tuple[int, Placement, set[int], str] | None = None   # version, plan, waiting, line
+        self.pending: Pending | None = None
         self.unreachable: dict[int, int] = {}    # rank -> step it was found silent
         self.step = 0
         self.replans: list[str] = []
         self.read_s = 0.0                        # rank 0's time reading pending groups
+        self.compacted = 0                       # layers read anew as one piece after a re-plan
+        self.pace = StepPace()
         self.backups.mlps = self._read_now(self.backups, self.wanted_backups(placement))
+        for l, ids in self.own_groups(placement).items():       # rank 0 computes probes' groups
+            if len(ids) != len(self.held.ids(l)):
+                self.held.mlps[l] = self.held.load(l, ids)
 
     # -- each step
     def begin_step(self, step: int, decoding: bool, links: dict, control: list) -> int:
         """Before step `step`: silence and link changes may propose a plan; a pending one is read
         and switched to once every rank has it. Returns the plan version the step runs under."""
         self.step = step
+        self.pace.tick()
         for m in control:
-            if m.kind == Kind.READY and self.pending is not None and m.plan == self.pending[0]:
-                self.pending[2].discard(m.source)
+            if m.kind == Kind.READY and self.pending is not None and m.plan == self.pending.version:
+                self.pending.waiting.discard(m.source)
         self.watch_silence()
         if decoding and self.replanner is not None and self.pending is None:
             self.maybe_replan(links)
         if self.pending is not None:
             self.advance()
+        elif self.held.compact(self.pace.read_budget()):  # pieces a re-plan added, made one
+            self.compacted += 1
         return self.version
 
     def advance(self):
-        t0 = time.perf_counter()
-        own = self.held.advance(READ_BUDGET_S)
-        spare = READ_BUDGET_S - (time.perf_counter() - t0)
+        t0, budget = time.perf_counter(), self.budget
+        own = self.held.advance(budget)
+        spare = budget - (time.perf_counter() - t0)
         backups = self.backups.advance(max(spare, 0.0)) if own else False
         self.read_s += time.perf_counter() - t0
-        version, placement, waiting, line = self.pending
-        if own and backups and not waiting:
-            self.held.switch(version)
-            self.backups.switch(version)
-            self.placement, self.version, self.pending = placement, version, None
-            self.say(f"{line}; in place from step {self.step}")
+        p = self.pending
+        if own and backups and not p.waiting:
+            self.held.switch(p.version)
+            self.backups.switch(p.version)
+            self.placement, self.version, self.probes = p.placement, p.version, p.probes
+            self.policy.unstable = p.unstable
+            self.pending = None
+            self.say(f"{p.line}; in place from step {self.step}")
 
     # -- proposing plans
     def propose(self, new: Placement, line: str):
@@ -84,13 +104,13 @@ class Planner:
         for r in range(1, self.t.size):
             self.t.send(r, Kind.PLAN, self.step, -1, json_payload({"mlp": [p[r].tolist() for p in new]}),
                         plan=version)
-        self.policy.unstable = frozenset(self.replanner.unstable())
-        self.probes = self.replanner.probes()
-        self.stuck_share = {r: s for r, s in self.stuck_share.items() if r in self.policy.unstable}
+        unstable, probes = frozenset(self.replanner.unstable()), self.replanner.probes()
+        self.stuck_share = {r: s for r, s in self.stuck_share.items() if r in unstable}
         gaining = {r for r in moved(self.placement, new) if r != 0 and r not in self.unreachable}
-        self.held.prepare(version, {l: p[0] for l, p in enumerate(new)})
-        self.backups.prepare(version, self.wanted_backups(new))
-        self.pending = (version, new, gaining, line)
+        self.budget = self.pace.read_budget()
+        self.held.prepare(version, self.own_groups(new, probes))
+        self.backups.prepare(version, self.wanted_backups(new, unstable, probes))
+        self.pending = Pending(version, new, gaining, line, unstable, probes)
 
     def watch_silence(self):
         """A worker silent for the rank timeout (frozen or dead) is unreachable: said once, its MLP
@@ -106,7 +126,7 @@ class Planner:
             self.unreachable[r] = self.step
             line = f"rank {r} {self.t.why_silent()} at step {self.step}: unreachable"
             if self.pending is not None:
-                self.pending[2].discard(r)            # a silent rank's READY will not come
+                self.pending.waiting.discard(r)       # a silent rank's READY will not come
             if self.replanner is None:
                 self.say(line + "; its partials count as missing (re-planning is off)")
                 continue
@@ -129,20 +149,30 @@ class Planner:
         self.replans.append(line)
         self.log(line)
 
-    # -- backups
-    def wanted_backups(self, placement: Placement) -> dict[tuple[int, int], np.ndarray]:
+    # -- rank 0's own groups and backups
+    def own_groups(self, placement: Placement, probes=None) -> dict[int, np.ndarray]:
+        """layer -> the groups rank 0 computes every step: its own, and those of probe ranks (a
+        probe's partial only measures its link; rank 0 computes its group in the same matmuls as
+        its own, which costs less than a copy computed apart)."""
+        probes = self.probes if probes is None else probes
+        return {l: np.union1d(p[0], np.concatenate([p[r] for r in probes if r < len(p)] or [p[0]]))
+                for l, p in enumerate(placement)}
+
+    def wanted_backups(self, placement: Placement, unstable=None,
+                       probes=None) -> dict[tuple[int, int], np.ndarray]:
         """(layer, rank) -> ids of rank 0's copies: the most important `backup_share` of each
-        unstable rank's groups (by static importance), every group of a probe rank, and the share
-        backed up of a rank stuck with nowhere to move."""
+        unstable rank's groups (by static importance), and the share backed up of a rank stuck
+        with nowhere to move (a probe's groups are rank 0's own: `own_groups`)."""
         if self.policy.mode != "halo":
             return {}
+        unstable = self.policy.unstable if unstable is None else unstable
+        probes = self.probes if probes is None else probes
         wanted = {}
         for l, placed in enumerate(placement):
-            for r in sorted(self.policy.unstable | self.probes | set(self.stuck_share)):
+            for r in sorted((unstable | set(self.stuck_share)) - set(probes)):
                 if r >= len(placed) or not len(placed[r]):
                     continue
-                share = (1.0 if r in self.probes else
-                         max(self.policy.backup_share, self.stuck_share.get(r, 0.0)))
+                share = max(self.policy.backup_share, self.stuck_share.get(r, 0.0))
                 n = int(np.ceil(share * len(placed[r]) - 1e-9))
                 most = np.argsort(-self.importance[l][placed[r]], kind="stable")[:n]
                 if n:
@@ -167,7 +197,7 @@ class Planner:
         said = []
         for r in sorted(ranks):
             if r in self.probes:
-                said.append(f"rank 0 backs up all of rank {r}'s groups already (they probe its link)")
+                said.append(f"rank 0 computes all of rank {r}'s groups already (they probe its link)")
                 continue
             held = sum(len(p[r]) for p in self.placement)
             need = held * self.replanner.group_mb * 1e6

@@ -62,10 +62,13 @@ def run_config(plan: TensorPlan, lead) -> dict:
             "placement": t.placement, "importance": plan.importance_source,
             "link_loss": {str(k): v for k, v in plan.loss.items()},
             "unstable_ranks": sorted(plan.policy.unstable), "critical_share": plan.policy.critical_share,
-            "backup_share": t.backup_share, "sparsity": t.sparsity, "replans": list(planner.replans),
+            "backup_share": plan.policy.backup_share, "sparsity": t.sparsity,
+            "replans": list(planner.replans),
             "unreachable": {str(r): step for r, step in planner.unreachable.items()},
             "rank_timeout": plan.options.rank_timeout,
-            "wire": wire_report(plan.dim, plan.wire), "silent": list(lead.silent)}
+            "wire": wire_report(plan.dim, plan.wire),
+            "members_wire": wire_report(plan.dim, plan.members_wire),
+            "silent": list(lead.silent)}
 
 
 def format_report(stats: RunStats) -> str:

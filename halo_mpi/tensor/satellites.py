@@ -2,8 +2,9 @@
 partials in under the deadline rule, what rank 0 makes up for the ones that miss, and the record
 of what each step dropped.
 
-    sent = satellites.send(layer, x, placed, keep)       # before rank 0 computes its own partial
-    own += satellites.fold(layer, x, sent, ...)          # after: the partials in time, backups
+    peers = satellites.to_ask(layer, placed, keep)        # which satellites count for this layer
+    satellites.send(layer, x, peers, placed, keep)       # before rank 0 computes its own partial
+    own += satellites.fold(layer, x, peers, ...)         # after: the partials in time, backups
 
 Whatever folds in here becomes part of rank 0's contribution to the members' all-reduce, so every
 stable member adds the same set. A missing partial counts as zero unless rank 0 holds a backup of
@@ -34,6 +35,10 @@ from .policy import SyncPolicy
 # whole freeze (a 5 s SIGSTOP cost a 4.9 s token at -n 3). So rank 0 keeps at most this many MLP
 # inputs unanswered on one rank; past it the rank's partials count as missing until it answers.
 UNANSWERED_LIMIT = 24
+# A probe rank (a link so late that it keeps one group, which rank 0 computes as its own too) is
+# asked on one layer in this many: enough to keep measuring its link (6 answers a token for
+# SmolLM2), without the round's bookkeeping on the other layers.
+PROBE_EVERY = 5
 
 
 @dataclass
@@ -52,7 +57,7 @@ class Satellites:
     def __init__(self, transport: Transport, inbox, ranks: list[int], policy: SyncPolicy, n_layers: int,
                  load_copies: LoadGroups, backups: HeldGroups, clock=time.perf_counter, keep_copies=True):
         self.t, self.ranks, self.policy, self.n_layers = transport, sorted(ranks), policy, n_layers
-        self.deadlines = DeadlineGather(inbox, policy, self.ranks, clock, n_layers=n_layers)
+        self.deadlines = DeadlineGather(inbox, policy, self.ranks, clock)
         self.load_copies, self.keep_copies = load_copies, keep_copies   # not kept under a budget
         self.backups = backups                               # (layer, rank) -> rank 0's copy
         self.prefill_copies: dict[tuple[int, int], GroupMLP] = {}
@@ -69,13 +74,22 @@ class Satellites:
         self.step, self.decoding = step, decoding
         self.records.append(StepRecord(step, decoding))
 
-    def send(self, layer: int, x: torch.Tensor, placed: list[np.ndarray], keep: np.ndarray | None,
-             version: int) -> list[int]:
-        """x (T, dim) to each satellite holding groups of `layer` (with keep, a last row flags the
-        groups it computes); the satellites asked, whose partials count (HALO prefill asks none)."""
-        peers = [r for r in self.ranks if len(placed[r]) and (keep is None or keep[placed[r]].any())]
+    def holding(self, layer: int, placed: list[np.ndarray], keep: np.ndarray | None) -> list[int]:
+        """The satellites holding groups of `layer` that are computed (not all skipped)."""
+        return [r for r in self.ranks if len(placed[r]) and (keep is None or keep[placed[r]].any())]
+
+    def to_ask(self, layer: int, placed: list[np.ndarray], keep: np.ndarray | None,
+               probes=frozenset()) -> list[int]:
+        """The satellites whose partials of `layer` count: those holding groups of it (HALO prefill
+        asks none; a probe rank, one layer in PROBE_EVERY)."""
         if not self.decoding and self.policy.mode == "halo" and keep is None:
             return []            # prefill: rank 0 computes their groups itself (module docstring)
+        return [r for r in self.holding(layer, placed, keep) if not (r in probes and layer % PROBE_EVERY)]
+
+    def send(self, layer: int, x: torch.Tensor, peers: list[int], placed: list[np.ndarray],
+             keep: np.ndarray | None, version: int):
+        """x (T, dim) to each satellite in `peers` (with keep, a last row flags the groups it
+        computes)."""
         payload = x.numpy()                                                   # (T, dim)
         for r in peers:
             if self.unanswered[r] >= UNANSWERED_LIMIT:    # not receiving (frozen?): see the constant
@@ -84,23 +98,25 @@ class Satellites:
             self.t.send(r, Kind.INPUT, self.step, layer, body, plan=version)
             self.unanswered[r] += 1
         self.sent_at = self.deadlines.clock()
-        return peers
 
     def fold(self, layer: int, x: torch.Tensor, peers: list[int], placed: list[np.ndarray],
-             imp: np.ndarray, keep: np.ndarray | None, members_share: float,
-             version: int) -> torch.Tensor | None:
+             imp: np.ndarray, keep: np.ndarray | None, members_share: float, version: int,
+             probes=frozenset()) -> torch.Tensor | None:
         """The satellites' part of `layer` (T, dim), or None when they hold nothing of it: the
-        partials that came in time, and what rank 0 computes for the rest (backups, prefill)."""
+        partials that came in time, and what rank 0 computes for the rest (backups, prefill).
+        A probe's partial only measures its link: rank 0 computes its groups as its own."""
         if not self.decoding and self.policy.mode == "halo" and keep is None:
-            return self._prefill(layer, x, placed)
+            return self._prefill(layer, x, placed, probes)
         if not peers:
             return None
-        shares = {r: float(imp[placed[r]][keep[placed[r]]].sum() if keep is not None
-                           else imp[placed[r]].sum()) for r in peers}
+        shares = {r: 0.0 if r in probes else float(imp[placed[r]][keep[placed[r]]].sum() if keep is not None
+                                                    else imp[placed[r]].sum()) for r in peers}
         backed = {r: self._backed(layer, r, imp, keep) for r in peers if (layer, r) in self.backups.mlps}
         lost = {r: shares[r] - (backed[r][1] if r in backed else 0.0) for r in peers}
-        covered = frozenset(r for r in backed if lost[r] <= 1e-9)
+        covered = frozenset(r for r in peers if lost[r] <= 1e-9)
         got = self._gather(LayerKey(self.step, layer, version), peers, {0: members_share, **shares}, covered)
+        for r in probes & set(got):
+            del got[r]                               # (measured; its groups are rank 0's own)
         self._account(got, peers, lost)
         out = torch.zeros_like(x)
         for _rank, part in sorted(got.items()):    # in rank order: the same float sum whatever came first
@@ -137,7 +153,7 @@ class Satellites:
         mask = None if keep is None else keep[ids]
         return mask, float(imp[ids if mask is None else ids[mask]].sum())
 
-    def _prefill(self, layer: int, x: torch.Tensor, placed: list[np.ndarray]) -> torch.Tensor | None:
+    def _prefill(self, layer: int, x: torch.Tensor, placed: list[np.ndarray], probes) -> torch.Tensor | None:
         """Rank 0 computes the satellites' groups of `layer` itself: from its backup when that is
         all of them, else from a copy read from the store once (the drop budget keeps a
         satellite's share small: 3 of 24 groups of SmolLM2 at -n 2)."""
@@ -145,7 +161,7 @@ class Satellites:
         t0 = time.perf_counter()
         for r in self.ranks:
             ids = placed[r]
-            if not len(ids):
+            if not len(ids) or r in probes:          # (a probe's groups are rank 0's own)
                 continue
             backup = self.backups.mlps.get((layer, r))
             whole = backup is not None and np.array_equal(backup.ids, ids)
