@@ -113,7 +113,6 @@ class Member:
         at the step rank 0 runs under it."""
         pending = self.groups.pending
         if pending is None:
-            self.groups.compact(self.pace.read_budget())     # pieces a re-plan added, made one
             return
         if version >= pending.version:
             self.groups.advance(float("inf"))

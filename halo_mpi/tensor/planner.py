@@ -57,7 +57,6 @@ class Planner:
         self.step = 0
         self.replans: list[str] = []
         self.read_s = 0.0                        # rank 0's time reading pending groups
-        self.compacted = 0                       # layers read anew as one piece after a re-plan
         self.pace = StepPace()
         self.backups.mlps = self._read_now(self.backups, self.wanted_backups(placement))
         for l, ids in self.own_groups(placement).items():       # rank 0 computes probes' groups
@@ -78,8 +77,6 @@ class Planner:
             self.maybe_replan(links)
         if self.pending is not None:
             self.advance()
-        elif self.held.compact(self.pace.read_budget()):  # pieces a re-plan added, made one
-            self.compacted += 1
         return self.version
 
     def advance(self):

@@ -42,8 +42,6 @@ class Satellite:
             got = self.t.poll(0.0 if reading else 1.0)
             if not got and reading:
                 self._read_pending()
-            elif not got:
-                self.held.compact(IDLE_READ_S)            # pieces a re-plan added, made one
             batch, stash = stash + got, []
             if not batch:
                 continue

@@ -36,9 +36,9 @@ from .policy import SyncPolicy
 # inputs unanswered on one rank; past it the rank's partials count as missing until it answers.
 UNANSWERED_LIMIT = 24
 # A probe rank (a link so late that it keeps one group, which rank 0 computes as its own too) is
-# asked on one layer in this many: enough to keep measuring its link (6 answers a token for
+# asked on one layer in this many: enough to keep measuring its link (3 answers a token for
 # SmolLM2), without the round's bookkeeping on the other layers.
-PROBE_EVERY = 5
+PROBE_EVERY = 10
 
 
 @dataclass
