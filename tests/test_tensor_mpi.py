@@ -126,7 +126,7 @@ def test_halo_with_loss_on_one_rank(tiny_store):
         c = run.lead
         dropped = {r for rec in c.records for r in rec.dropped_ranks}
         n_dropped = sum(sum(rec.dropped_ranks.values()) for rec in c.records)
-        accounted = (sum(c.satellites.late_discarded.values())
+        accounted = (sum(c.satellites.late_discarded.values()) + sum(c.satellites.unsent.values())
                      + sum(w["skipped"] for w in run.workers.values()))
         if len(tokens) != 64:
             return f"generated {len(tokens)} tokens, not 64"

@@ -250,7 +250,7 @@ class Replanner:
             return None, (f"at step {step}: {what}; nothing to move: no other rank has room for "
                           f"its groups, or it already keeps the fewest it can")
         loads = ", ".join(f"rank {r} loads {n}" for r, n in sorted(moved(placement, new).items())) or "none"
-        probing = f"; probes (rank 0 backs up their groups): {sorted(probes)}" if probes else ""
+        probing = f"; probes (rank 0 computes their groups too): {sorted(probes)}" if probes else ""
         return new, f"re-plan at step {step}: {what}; groups moved: {loads}{probing}"
 
 

@@ -21,7 +21,8 @@ def tensor_stats(plan: TensorPlan, run: TensorRun, results: list) -> RunStats:
         w.pop("rank", None)
         weight = w.pop("weight_bytes", 0)
         extra = {**w, "dropped_layers": sum(rec.dropped_ranks[r] for rec in decoding),
-                 "late_discarded": sats.late_discarded[r], "link_loss": plan.loss.get(r, 0.0),
+                 "late_discarded": sats.late_discarded[r], "unsent": sats.unsent[r],
+                 "link_loss": plan.loss.get(r, 0.0),
                  **link_stats(sats, r)}
         ranks.append(RankStats(r, run.rss_mb[r], run.cpu_s[r], compute, wait, run.pending[r], extra, weight))
     decode_s = [s for res in results for s in res.decode_s]

@@ -33,7 +33,7 @@ class Satellite:
         self.loading = loading                 # BudgetedWeights under --mem-budget, else None
         self.computed = self.skipped = self.plans = 0
         self.compute_s = 0.0
-        self.rss = RssTrace(every=500)         # resident MB every 500 inputs
+        self.rss = RssTrace(every=100)         # resident MB every 100 inputs (a probe gets few)
 
     def run(self) -> dict:
         stash: list[Message] = []   # inputs of a plan whose groups are still being read
@@ -48,7 +48,7 @@ class Satellite:
             work = [i for i, m in enumerate(batch) if m.kind == Kind.INPUT]
             for i, m in enumerate(batch):
                 if m.kind == Kind.STOP:
-                    return self.finish(skipped=sum(1 for w in batch[i:] if w.kind == Kind.INPUT))
+                    return self.finish(skipped=len(stash) + sum(1 for w in batch[i:] if w.kind == Kind.INPUT))
                 if m.kind == Kind.PLAN:
                     plan = m.json()
                     self.held.prepare(m.plan, {l: ids for l, ids in enumerate(plan["mlp"])})

@@ -64,6 +64,7 @@ class Satellites:
         self.unanswered = Counter()                          # rank -> inputs sent since it last answered
         self.records: list[StepRecord] = []
         self.used, self.late_discarded, self.recovered = Counter(), Counter(), Counter()
+        self.unsent = Counter()                              # rank -> inputs held back (unanswered)
         self.wait_s = self.compute_s = 0.0
 
     @property
@@ -93,7 +94,8 @@ class Satellites:
         payload = x.numpy()                                                   # (T, dim)
         for r in peers:
             if self.unanswered[r] >= UNANSWERED_LIMIT:    # not receiving (frozen?): see the constant
-                continue                                   # (still a peer: its partial counts as missing)
+                self.unsent[r] += 1                        # (still a peer: its partial counts as missing)
+                continue
             body = payload if keep is None else with_mask_row(payload, keep[placed[r]])
             self.t.send(r, Kind.INPUT, self.step, layer, body, plan=version)
             self.unanswered[r] += 1
