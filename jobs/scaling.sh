@@ -33,8 +33,12 @@ run() {   # NAME RANKS THREADS ARGS...: one generate, its statistics in $OUT/NAM
   local name=$1 n=$2 threads=$3; shift 3
   [ -f "$OUT/$name.json" ] && return
   echo "scaling: $name ($n ranks x $threads threads)" >&2
-  "$MPIEXEC" -n "$n" "${HALO[@]}" generate "${common[@]}" --threads "$threads" "$@" \
-      --stats-json "$OUT/$name.json" > /dev/null
+  if ! "$MPIEXEC" -n "$n" "${HALO[@]}" generate "${common[@]}" --threads "$threads" "$@" \
+      --stats-json "$OUT/$name.json" > /dev/null 2> "$OUT/$name.log"; then
+    echo "scaling: $name failed (its log: $OUT/$name.log):" >&2
+    tail -n 3 "$OUT/$name.log" >&2
+    exit 1
+  fi
 }
 
 run single-1x1 1 1 --prompt "Once upon a time"
