@@ -1,6 +1,7 @@
 """`halo-mpi bench` on a 2-layer synthetic model with emulated loss: a valid results.json."""
 import json
 import os
+import subprocess
 import sys
 
 from conftest import halo
@@ -37,3 +38,22 @@ def test_bench_rejects_unknown_modes(capsys):
     from halo_mpi.cli.main import main
     assert main(["bench", "--modes", "warp", "--weights", "x.h5"]) == 2
     assert "unknown bench modes ['warp']" in capsys.readouterr().err
+
+
+def test_the_scaling_script_runs_every_configuration_and_prints_one_table(deep_store_path, tmp_path):
+    """jobs/scaling.sh on the 8-layer synthetic store, 2 ranks, 4 tokens: every run and the table
+    (the 16-core figures come from the same script on the device machine)."""
+    from conftest import ROOT
+    env = {**os.environ, "STORE": str(deep_store_path), "RANKS": "2", "TOKENS": "4",
+           "OUT": str(tmp_path), "PYTHON": sys.executable,
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    done = subprocess.run(["bash", str(ROOT / "jobs" / "scaling.sh")], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    order = ["single-1x1", "single-1x4", "strict-2x1", "strict-4x4", "halo-2x1", "halo-4x4",
+             "halo-4x4-loss5", "pipeline-4x4-s4"]
+    assert sorted(p.stem for p in tmp_path.glob("*.json")) == sorted(order)
+    rows = [line for line in done.stdout.splitlines()
+            if line.startswith("| ") and "ranks x threads" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == order
+    assert all(float(row.split("|")[3]) > 0 for row in rows)
