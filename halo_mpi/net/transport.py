@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import HaloError
-from .framing import HEADER, TAG, Kind, Message, decode, frame, write_frame
+from .framing import HEADER, TAG, Kind, Message, decode, frame, json_payload, write_frame
 from .launch import oversubscribed
 from .liveness import Liveness
 from .loss import LinkLoss
@@ -129,6 +129,14 @@ class Transport(Liveness):
         self.stats.held += d > 0
         self.stats.held_seconds += release - now
         self.pump()
+
+    def send_done(self, stats: dict):
+        """A worker's last message: its statistics (DONE) to rank 0, after every message still
+        held by emulated loss, so that DONE is the last rank 0 receives from it (MPI keeps one
+        sender's messages in order)."""
+        self.pump(flush=True)
+        self.send(0, Kind.DONE, 0, 0, json_payload(stats))
+        self.pump(flush=True)
 
     def pump(self, flush: bool = False):
         """Post the held messages whose time has come (all of them with flush)."""

@@ -126,9 +126,7 @@ class Member:
         if self.loading is not None:
             self.loading.close()
         stats = self.stats()
-        self.t.pump(flush=True)
-        self.t.send(0, Kind.DONE, 0, 0, json_payload(stats))
-        self.t.pump(flush=True)
+        self.t.send_done(stats)
         return stats
 
     @property

@@ -91,11 +91,7 @@ class Satellite:
         if self.loading is not None:
             self.loading.close()
         stats = self.stats()
-        # partials still held by emulated loss go out now, so that DONE is the last
-        # message rank 0 receives from us (MPI keeps the order of one sender's messages)
-        self.t.pump(flush=True)
-        self.t.send(0, Kind.DONE, 0, 0, json_payload(stats))
-        self.t.pump(flush=True)
+        self.t.send_done(stats)
         return stats
 
     def stats(self) -> dict:
