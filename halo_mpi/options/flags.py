@@ -104,7 +104,7 @@ def _add_flag(parser, dest: str, flag: Flag, default):
     shown = "" if default is None else f" (default: {flag.format(default)})"
     parser.add_argument(flag.name, dest=dest, type=_typed(flag), default=default,
                         choices=flag.choices, metavar=flag.metavar or (None if flag.choices else
-                                                                      flag.name[2:].upper()),
+                                                                      flag.name[2:].upper().replace("-", "_")),
                         help=flag.help.replace("%", "%%") + shown)
     for name, value in flag.also:
         parser.add_argument(name, dest=dest, action="store_const", const=value,
