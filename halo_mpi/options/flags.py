@@ -102,9 +102,10 @@ def _add_flag(parser, dest: str, flag: Flag, default):
         parser.add_argument(flag.name, dest=dest, action="store_true", help=flag.help)
         return
     shown = "" if default is None else f" (default: {flag.format(default)})"
+    # argparse's own metavar (dest upper-cased) would read TENSOR.SPIN_US: name it from the flag
+    metavar = flag.metavar or (None if flag.choices else flag.name[2:].upper().replace("-", "_"))
     parser.add_argument(flag.name, dest=dest, type=_typed(flag), default=default,
-                        choices=flag.choices, metavar=flag.metavar or (None if flag.choices else
-                                                                      flag.name[2:].upper().replace("-", "_")),
+                        choices=flag.choices, metavar=metavar,
                         help=flag.help.replace("%", "%%") + shown)
     for name, value in flag.also:
         parser.add_argument(name, dest=dest, action="store_const", const=value,
