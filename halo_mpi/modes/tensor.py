@@ -6,6 +6,8 @@ workers serve until rank 0 stops them at the end of the run.
 """
 from __future__ import annotations
 
+import time
+
 from ..model.tokenizer import Tokenizer
 from ..net.launch import collective
 from ..options.tree import ModeOptions
@@ -78,7 +80,6 @@ class TensorEngine(Engine):
         if self.comm is not None:
             result, self.run = self.part.run(lambda lead, model: work())
             return result
-        import time
         t0 = time.perf_counter()
         try:
             return work()

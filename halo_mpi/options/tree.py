@@ -13,7 +13,7 @@ option every mode takes is one field here (see the README's "Layout").
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from ..errors import HaloError
 from ..model.config import DTYPE_NAMES
@@ -234,7 +234,6 @@ class ModeOptions:
     def loading(self) -> LoadOptions:
         """The load options as a rank applies them: with --threads 0, a streaming rank that reads
         ahead leaves a core to its reader."""
-        from dataclasses import replace
         return replace(self.load, leave_a_core=self.threads == 0)
 
     def store_path(self, rank: int) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 from ..loading.parts import BudgetedWeights, rank_residency
 from ..model.groups import GroupMLP
 from ..model.linear import DTYPES
@@ -24,7 +26,7 @@ from .lead import GatheredHead, Lead
 from .member import Member, MemberAttention, MemberMLP
 from .placement import Replanner, probe_ranks
 from .plan import TensorPlan
-from .planner import Planner
+from .planner import Planner, own_groups
 from .predictor import Predictor
 from .satellite import Satellite
 from .satellites import Satellites
@@ -68,11 +70,13 @@ def held_attention(store: Store, plan: TensorPlan, rank: int,
     return held
 
 
-def held_groups(store: Store, plan: TensorPlan, rank: int, weights: BudgetedWeights | None) -> HeldGroups:
-    """This rank's MLP groups; a re-plan reads more from its store (not under a budget: re-plans
-    are off there)."""
+def held_groups(store: Store, plan: TensorPlan, rank: int, weights: BudgetedWeights | None,
+                own: dict[int, np.ndarray] | None = None) -> HeldGroups:
+    """This rank's MLP groups (`own`: layer -> ids, rank 0's with its probes'), else its
+    placement's; a re-plan reads more from its store (not under a budget: re-plans are off there)."""
     load = weights.mlp if weights else group_loader(store, DTYPES[plan.options.dtype])
-    mlps = {layer: load(layer, p[rank]) for layer, p in enumerate(plan.placement) if len(p[rank])}
+    own = own if own is not None else {layer: p[rank] for layer, p in enumerate(plan.placement)}
+    mlps = {layer: load(layer, ids) for layer, ids in own.items() if len(ids)}
     return HeldGroups(mlps, None if weights else load)
 
 
@@ -93,11 +97,11 @@ def build(store: Store, plan: TensorPlan, transport: Transport, log=None):
     return part
 
 
-def member_parts(store: Store, plan: TensorPlan, transport: Transport, weights) -> dict:
+def member_parts(store: Store, plan: TensorPlan, transport: Transport, weights, own=None) -> dict:
     t = plan.options.tensor
     return {"transport": transport, "exchange": Exchange(transport, plan.members, plan.members_wire),
             "attention": held_attention(store, plan, transport.rank, weights),
-            "groups": held_groups(store, plan, transport.rank, weights),
+            "groups": held_groups(store, plan, transport.rank, weights, own),
             "clock": ComputeClock(plan.cluster.ranks[transport.rank].speed), "importance": plan.importance,
             "sparsity": t.sparsity,
             "predictor": Predictor.from_store(store) if t.sparsity > 0 or transport.rank == 0 else None,
@@ -119,12 +123,12 @@ def lead_part(store: Store, plan: TensorPlan, transport: Transport, weights, log
     every member's logits slice."""
     o, dtype = plan.options, DTYPES[plan.options.dtype]
     t = o.tensor
-    parts = member_parts(store, plan, transport, weights)
-    replanner = (Replanner(plan.cluster, plan.importance, plan.group_mb, plan.drop_budget)
-                 if plan.replan else None)
-    # probes back up a rank's groups on rank 0: copies outside a memory budget
+    # rank 0 computes probe ranks' groups as its own: copies outside a memory budget
     probes = (probe_ranks(plan.cluster, plan.importance, plan.drop_budget)
               if t.placement != "random" and weights is None else set())
+    parts = member_parts(store, plan, transport, weights, own_groups(plan.placement, probes))
+    replanner = (Replanner(plan.cluster, plan.importance, plan.group_mb, plan.drop_budget)
+                 if plan.replan else None)
     copies = group_loader(store, dtype)
     planner = Planner(transport, plan.placement, plan.importance, plan.policy, parts["groups"],
                       HeldGroups({}, copies), replanner, frozenset(probes), log, budgeted=weights is not None)

@@ -92,6 +92,11 @@ def probe_ranks(cluster: ClusterSpec, importance: np.ndarray, drop_budget: float
             if (1.0 - cluster.ranks[r].reliability) * lowest > drop_budget / len(unstable)}
 
 
+def share_in_room(need: float, room: float) -> float:
+    """The share of `need` (bytes, MB: any one unit) that fits in `room`: all of it, a part, none."""
+    return 1.0 if need <= room else max(0.0, room / need) if need else 0.0
+
+
 def tiers(cluster: ClusterSpec) -> list[list[int]]:
     """Ranks grouped by reliability, most reliable first; rank 0 always in the first tier."""
     rel = [1.0 if r == 0 else round(s.reliability, 2) for r, s in enumerate(cluster.ranks)]

@@ -30,6 +30,7 @@ from .placement import (
     holders,
     plan,
     random_placement,
+    share_in_room,
     vocab_slices,
 )
 from .policy import SyncPolicy
@@ -121,7 +122,7 @@ def auto_backup(cluster: ClusterSpec, placed: Placement, unstable: frozenset, gr
     need = sum(len(p[r]) for p in placed for r in unstable) * group_mb
     own = sum(len(p[0]) for p in placed) * group_mb + reserved_mb
     room = cluster.ranks[0].memory_mb - own
-    return 1.0 if need <= room else max(0.0, room / need) if need else 0.0
+    return share_in_room(need, room)
 
 
 def describe_wire(dim: int, wire: str) -> str:

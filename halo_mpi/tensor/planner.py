@@ -22,12 +22,12 @@ import numpy as np
 from ..net.framing import Kind, json_payload
 from ..net.transport import Transport
 from .held import HeldGroups, StepPace
-from .placement import Placement, moved
+from .placement import Placement, moved, share_in_room
 from .policy import SyncPolicy
 
 
 @dataclass
-class Pending:
+class PendingPlan:
     """A plan being read; what it changes besides the placement takes effect with it."""
     version: int
     placement: Placement
@@ -52,16 +52,14 @@ class Planner:
         self.log = log or (lambda line: None)
         self.budgeted = budgeted
         self.resident_bytes = lambda: held.nbytes + backups.nbytes   # all of rank 0's: set by the lead
-        self.pending: Pending | None = None
+        self.pending: PendingPlan | None = None
         self.unreachable: dict[int, int] = {}    # rank -> step it was found silent
         self.step = 0
         self.replans: list[str] = []
         self.read_s = 0.0                        # rank 0's time reading pending groups
         self.pace = StepPace()
-        self.backups.mlps = self._read_now(self.backups, self.wanted_backups(placement))
-        for l, ids in self.own_groups(placement).items():       # rank 0 computes probes' groups
-            if len(ids) != len(self.held.ids(l)):
-                self.held.mlps[l] = self.held.load(l, ids)
+        # (`held` comes with the probes' groups already: the assembly reads own_groups once)
+        self.backups.mlps = {k: backups.load(k[0], ids) for k, ids in self.wanted_backups(placement).items()}
 
     # -- each step
     def begin_step(self, step: int, decoding: bool, links: dict, control: list) -> int:
@@ -105,9 +103,9 @@ class Planner:
         self.stuck_share = {r: s for r, s in self.stuck_share.items() if r in unstable}
         gaining = {r for r in moved(self.placement, new) if r != 0 and r not in self.unreachable}
         self.budget = self.pace.read_budget()
-        self.held.prepare(version, self.own_groups(new, probes))
+        self.held.prepare(version, own_groups(new, probes))
         self.backups.prepare(version, self.wanted_backups(new, unstable, probes))
-        self.pending = Pending(version, new, gaining, line, unstable, probes)
+        self.pending = PendingPlan(version, new, gaining, line, unstable, probes)
 
     def watch_silence(self):
         """A worker silent for the rank timeout (frozen or dead) is unreachable: said once, its MLP
@@ -146,15 +144,7 @@ class Planner:
         self.replans.append(line)
         self.log(line)
 
-    # -- rank 0's own groups and backups
-    def own_groups(self, placement: Placement, probes=None) -> dict[int, np.ndarray]:
-        """layer -> the groups rank 0 computes every step: its own, and those of probe ranks (a
-        probe's partial only measures its link; rank 0 computes its group in the same matmuls as
-        its own, which costs less than a copy computed apart)."""
-        probes = self.probes if probes is None else probes
-        return {l: np.union1d(p[0], np.concatenate([p[r] for r in probes if r < len(p)] or [p[0]]))
-                for l, p in enumerate(placement)}
-
+    # -- rank 0's backups
     def wanted_backups(self, placement: Placement, unstable=None,
                        probes=None) -> dict[tuple[int, int], np.ndarray]:
         """(layer, rank) -> ids of rank 0's copies: the most important `backup_share` of each
@@ -176,10 +166,6 @@ class Planner:
                     wanted[(l, r)] = np.sort(placed[r][most])
         return wanted
 
-    @staticmethod
-    def _read_now(groups: HeldGroups, wanted: dict) -> dict:
-        return {k: groups.load(k[0], ids) for k, ids in wanted.items()}
-
     def back_up_stuck(self, ranks: set[int]) -> str:
         """What is left when a late rank's groups have nowhere to go (two ranks): rank 0 backs
         them up, as many as its memory budget (the device profile's memory_mb) has room for, the
@@ -198,7 +184,7 @@ class Planner:
                 continue
             held = sum(len(p[r]) for p in self.placement)
             need = held * self.replanner.group_mb * 1e6
-            share = 1.0 if need <= room else max(0.0, room / need) if need else 0.0
+            share = share_in_room(need, room)
             if share <= 0:
                 said.append(f"rank 0 has no room to back up rank {r}'s groups: its late partials "
                             f"count as missing")
@@ -210,3 +196,11 @@ class Planner:
         if self.stuck_share and self.pending is None:     # read in the background, used once read
             self.propose(self.placement, "backups of late ranks read")
         return "; " + "; ".join(said) if said else ""
+
+
+def own_groups(placement: Placement, probes) -> dict[int, np.ndarray]:
+    """layer -> the groups rank 0 computes every step: its own, and those of probe ranks (a
+    probe's partial only measures its link; rank 0 computes its group in the same matmuls as its
+    own, which costs less than a copy computed apart)."""
+    return {l: np.union1d(p[0], np.concatenate([p[r] for r in probes if r < len(p)] or [p[0]]))
+            for l, p in enumerate(placement)}
