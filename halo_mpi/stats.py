@@ -36,16 +36,21 @@ def rss_mb() -> float:
 
 
 class RssTrace:
-    """Resident memory every `every` ticks (steps, messages): [[tick, MB], ...], so a long run
-    shows whether memory grows (the soak check: the last sample against an early one)."""
+    """Resident memory every `every` ticks (steps): [[tick, MB], ...], so a long run shows
+    whether memory grows (the soak check: the last sample against an early one)."""
 
     def __init__(self, every: int):
         self.every, self.ticks, self.samples = every, 0, []
 
     def tick(self):
-        self.ticks += 1
-        if self.ticks % self.every == 0:
-            self.samples.append([self.ticks, round(rss_mb(), 1)])
+        self.at(self.ticks + 1)
+
+    def at(self, tick: int):
+        """A sample at `tick` (a count that never goes back, such as rank 0's step, which a
+        satellite sees only now and then) when it enters another window of `every`."""
+        if tick // self.every > self.ticks // self.every:
+            self.samples.append([tick, round(rss_mb(), 1)])
+        self.ticks = max(self.ticks, tick)
 
 
 def cpu_seconds() -> float:

@@ -144,8 +144,10 @@ class Lead(Member):
         if self.loading is not None:
             self.loading.close()
         self.t.pump(flush=True)   # held inputs go first: a worker must see them before its STOP
+        # STOP carries the plan in force: a satellite not asked since the switch (a probe) reports it
         for r in range(1, self.t.size):
-            self.t.send(r, Kind.STOP, self.step + 1, -1, np.zeros((0, 1), np.float32))
+            self.t.send(r, Kind.STOP, self.step + 1, -1, np.zeros((0, 1), np.float32),
+                        plan=self.planner.version)
         done: dict[int, dict] = {}
         end = time.perf_counter() + timeout
         pending = self.inbox.take_others() + self.inbox.control

@@ -33,7 +33,7 @@ class Satellite:
         self.loading = loading                 # BudgetedWeights under --mem-budget, else None
         self.computed = self.skipped = self.plans = 0
         self.compute_s = 0.0
-        self.rss = RssTrace(every=100)         # resident MB every 100 inputs (a probe gets few)
+        self.rss = RssTrace(every=50)          # resident MB every 50 of rank 0's steps
 
     def run(self) -> dict:
         stash: list[Message] = []   # inputs of a plan whose groups are still being read
@@ -48,6 +48,8 @@ class Satellite:
             work = [i for i, m in enumerate(batch) if m.kind == Kind.INPUT]
             for i, m in enumerate(batch):
                 if m.kind == Kind.STOP:
+                    if m.plan > self.held.version:      # switched to while not asked (a probe)
+                        self.held.switch(m.plan)
                     return self.finish(skipped=len(stash) + sum(1 for w in batch[i:] if w.kind == Kind.INPUT))
                 if m.kind == Kind.PLAN:
                     plan = m.json()
@@ -66,7 +68,7 @@ class Satellite:
             self.plans += 1
 
     def serve(self, m: Message, newest: bool):
-        self.rss.tick()
+        self.rss.at(m.step)     # by rank 0's steps: a probe is asked now and then
         if not newest or m.plan != self.held.version:     # a closed step, or an old plan
             self.skipped += 1
             return

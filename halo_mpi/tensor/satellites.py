@@ -36,8 +36,9 @@ from .policy import SyncPolicy
 # inputs unanswered on one rank; past it the rank's partials count as missing until it answers.
 UNANSWERED_LIMIT = 24
 # A probe rank (a link so late that it keeps one group, which rank 0 computes as its own too) is
-# asked on one layer in this many: enough to keep measuring its link (3 answers a token for
-# SmolLM2), without the round's bookkeeping on the other layers.
+# asked on one layer in this many, the layers taking turns with the step (layer + step): enough to
+# keep measuring its link (3 answers a token for SmolLM2), without the round's bookkeeping on the
+# other layers. By the layer alone, a probe whose groups lie in other layers was never asked again.
 PROBE_EVERY = 10
 
 
@@ -82,10 +83,11 @@ class Satellites:
     def to_ask(self, layer: int, placed: list[np.ndarray], keep: np.ndarray | None,
                probes=frozenset()) -> list[int]:
         """The satellites whose partials of `layer` count: those holding groups of it (HALO prefill
-        asks none; a probe rank, one layer in PROBE_EVERY)."""
+        asks none; a probe rank, one layer in PROBE_EVERY, taking turns with the step)."""
         if not self.decoding and self.policy.mode == "halo" and keep is None:
             return []            # prefill: rank 0 computes their groups itself (module docstring)
-        return [r for r in self.holding(layer, placed, keep) if not (r in probes and layer % PROBE_EVERY)]
+        turn = (layer + self.step) % PROBE_EVERY == 0
+        return [r for r in self.holding(layer, placed, keep) if turn or r not in probes]
 
     def send(self, layer: int, x: torch.Tensor, peers: list[int], placed: list[np.ndarray],
              keep: np.ndarray | None, version: int):
@@ -119,7 +121,7 @@ class Satellites:
         got = self._gather(LayerKey(self.step, layer, version), peers, {0: members_share, **shares}, covered)
         for r in probes & set(got):
             del got[r]                               # (measured; its groups are rank 0's own)
-        self._account(got, peers, lost)
+        self._account(lost)
         out = torch.zeros_like(x)
         for _rank, part in sorted(got.items()):    # in rank order: the same float sum whatever came first
             out += torch.from_numpy(part)
@@ -142,7 +144,7 @@ class Satellites:
         self._dropped = result.dropped
         return got
 
-    def _account(self, got: dict, peers: list[int], lost: dict[int, float]):
+    def _account(self, lost: dict[int, float]):
         """The step's record: which satellites' partials were dropped, and the importance lost."""
         rec = self.records[-1]
         for r in self._dropped:
