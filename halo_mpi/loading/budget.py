@@ -11,10 +11,12 @@ streamed; the s least important MLP groups of every layer streamed, s = 0..G) an
 that fits the budget and reads the fewest bytes per token.
 
 What the budget covers: the weights this rank keeps resident, i.e. its pinned parts, its slots,
-its slice of the output head and the norms. Not covered (reported beside it): the interpreter with
-torch and h5py, the KV cache, activations and messages. The embedding is read from the store one
-row per token (not resident). Sizes are exact, from the shapes (`linear_bytes`), known before
-anything is loaded, so a budget too small fails at once.
+its slice of the output head and the norms, and in HALO sync the room kept for the MLP groups a
+re-plan may move here (`reserve`: read resident when they come, tensor/held.py). Not covered
+(reported beside it): the interpreter with torch and h5py, the KV cache, activations and
+messages. The embedding is read from the store one row per token (not resident). Sizes are exact,
+from the shapes (`linear_bytes`), known before anything is loaded, so a budget too small fails at
+once.
 """
 from __future__ import annotations
 
@@ -86,6 +88,8 @@ class Residency:
     slot_bytes: int             # each, the largest streamed part
     pinned: int                 # bytes of the pinned attention and MLP groups
     streamed: int               # bytes read per token
+    reserve: int = 0            # bytes kept for the groups re-plans may move here
+    reserve_wanted: int = 0     # ... what they may need, where the budget keeps less
 
     @property
     def resident(self) -> int:
@@ -96,22 +100,51 @@ class Residency:
         return self.streamed > 0
 
     def describe(self) -> str:
+        kept = f"; {size(self.reserve)} kept for re-plans" if self.reserve else ""
+        if self.reserve_wanted > self.reserve:
+            kept = f"; {size(self.reserve)} kept for re-plans (of {size(self.reserve_wanted)} they may need)"
         if not self.streaming:
-            return f"budget {size(self.budget)}: all {size(self.share)} of weights resident, nothing streamed"
+            return (f"budget {size(self.budget)}: all {size(self.share)} of weights resident, nothing "
+                    f"streamed{kept}")
         what = ", ".join(w for w, on in (("attention", self.stream_attention),
                                          (f"{self.streamed_groups} MLP groups per layer",
                                           self.streamed_groups > 0)) if on)
         return (f"budget {size(self.budget)} of {size(self.share)}: resident {size(self.resident)} "
                 f"(pinned {size(self.pinned)}, head and norms {size(self.fixed)}, {self.slots} load "
-                f"buffers of {size(self.slot_bytes)}); streamed {size(self.streamed)} per token ({what})")
+                f"buffers of {size(self.slot_bytes)}); streamed {size(self.streamed)} per token ({what})"
+                f"{kept}")
+
+
+RESERVE_TRIED = (1.0, 0.75, 0.5, 0.25, 0.0)   # shares of the re-plans' room a budget tries to keep
 
 
 def plan_residency(layers: list[LayerShare], fixed: int, budget: float | None, share: float | None,
-                   prefetch: bool = True, where: str = "this rank") -> Residency:
+                   prefetch: bool = True, where: str = "this rank", reserve: int = 0) -> Residency:
     """The split of the parts into pinned and streamed that fits `budget` bytes (or `share` of the
-    rank's weights) and reads the fewest bytes per token (module docstring)."""
+    rank's weights) less `reserve` and reads the fewest bytes per token (module docstring). A
+    budget too small to keep the whole reserve keeps the largest share of it that fits
+    (`RESERVE_TRIED`), and whatever its split leaves over: the re-plans that need more are not
+    made (tensor/reserve.py)."""
     total = fixed + sum(la.attention + la.mlp_bytes(la.groups) for la in layers)
     limit = int(budget if budget is not None else share * total)
+    least = None
+    for kept in (RESERVE_TRIED if reserve else (0.0,)):
+        best, least = best_split(layers, fixed, limit - int(kept * reserve), prefetch)
+        if best is not None:
+            best.budget, best.share = limit, total
+            best.reserve, best.reserve_wanted = limit - best.resident, reserve
+            return best
+    raise HaloError(f"--mem-budget: {size(limit)} is too small for {where}: it needs at least "
+                    f"{size(least.resident)} (head slice and norms {size(fixed)}, pinned "
+                    f"{size(least.pinned)}, {least.slots} load buffers of {size(least.slot_bytes)} "
+                    f"for its largest streamed part) of its {size(total)} of weights")
+
+
+def best_split(layers: list[LayerShare], fixed: int, limit: int, prefetch: bool
+               ) -> tuple[Residency | None, Residency]:
+    """(the split within `limit` that reads the fewest bytes per token, or None; the split that
+    needs the least memory)."""
+    total = fixed + sum(la.attention + la.mlp_bytes(la.groups) for la in layers)
     best, least = None, None
     for stream_attention in (False, True):
         for s in range(max((la.groups for la in layers), default=0) + 1):
@@ -130,9 +163,4 @@ def plan_residency(layers: list[LayerShare], fixed: int, budget: float | None, s
                 better = best is None or (r.streamed, -r.slots) < (best.streamed, -best.slots)
                 if r.resident <= limit and better:
                     best = r
-    if best is None:
-        raise HaloError(f"--mem-budget: {size(limit)} is too small for {where}: it needs at least "
-                        f"{size(least.resident)} (head slice and norms {size(fixed)}, pinned "
-                        f"{size(least.pinned)}, {least.slots} load buffers of {size(least.slot_bytes)} "
-                        f"for its largest streamed part) of its {size(total)} of weights")
-    return best
+    return best, least

@@ -53,16 +53,18 @@ def prefetching(o: LoadOptions) -> bool:
 
 def rank_residency(args: ModelArgs, store_dtype: str, dtype: str, heads: dict[int, int],
                    groups: dict[int, int], head_rows: int, final_norm: bool, o: LoadOptions,
-                   where: str = "this rank") -> Residency:
+                   where: str = "this rank", reserve: int = 0) -> Residency:
     """The residency of a rank holding heads[layer] KV heads and groups[layer] MLP groups of the
-    given layers and head_rows rows of the output head (budget.py), from shapes alone."""
+    given layers and head_rows rows of the output head, with `reserve` bytes kept for re-plans
+    (budget.py), from shapes alone."""
     layer_kind, head_kind = weight_kinds(store_dtype, dtype)
     layers = [LayerShare(l, attention_bytes(args, heads.get(l, 0), layer_kind) if heads.get(l) else 0,
                          groups.get(l, 0), lambda k: mlp_bytes(args, k, layer_kind) if k else 0)
               for l in sorted(set(heads) | set(groups))]
     norms = 4 * args.dim * (2 * len(layers) + (1 if final_norm else 0))
     fixed = (linear_bytes(head_rows, args.dim, head_kind) if head_rows else 0) + norms
-    return plan_residency(layers, fixed, o.mem_budget.bytes, o.mem_budget.share, prefetching(o), where)
+    return plan_residency(layers, fixed, o.mem_budget.bytes, o.mem_budget.share, prefetching(o), where,
+                          reserve)
 
 
 def bind_layers(linears: list, layout: list[tuple[int, int, torch.dtype, tuple]]):
@@ -288,6 +290,7 @@ class BudgetedWeights:
         """What the budget covers and how loading went (bytes, counts, seconds)."""
         r = self.residency
         out = {"budget_bytes": r.budget, "share_bytes": r.share, "resident_bytes": r.resident,
+               "reserve_bytes": r.reserve,
                "streamed_bytes_per_token": r.streamed, "plan": self.describe(),
                "late_groups": sum(m.late_groups for m in self.mlps),
                "rss_before_weights_mb": self.rss_before_mb}

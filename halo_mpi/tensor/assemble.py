@@ -21,13 +21,14 @@ from ..store.hdf5 import Store
 from .attention import HeldAttention
 from .exchange import ComputeClock, Exchange
 from .head import VocabSlice
-from .held import HeldGroups
+from .held import BudgetedGroups, HeldGroups
 from .lead import GatheredHead, Lead
 from .member import Member, MemberAttention, MemberMLP
-from .placement import Replanner, probe_ranks
-from .plan import TensorPlan
-from .planner import Planner, own_groups
+from .placement import Replanner, own_groups, probe_ranks
+from .plan import TensorPlan, group_bytes
+from .planner import Planner
 from .predictor import Predictor
+from .reserve import ReplanRoom
 from .satellite import Satellite
 from .satellites import Satellites
 
@@ -47,7 +48,7 @@ def residency(store: Store, plan: TensorPlan, rank: int):
     return rank_residency(store.args, store.store_dtype, o.dtype,
                           {l: len(p[rank]) for l, p in enumerate(plan.attention)},
                           {l: len(p[rank]) for l, p in enumerate(plan.placement)}, stop - start,
-                          rank == 0, o.loading(), f"rank {rank}")
+                          rank == 0, o.loading(), f"rank {rank}", plan.reserve[rank] if plan.reserve else 0)
 
 
 def rank_weights(store: Store, plan: TensorPlan, rank: int) -> BudgetedWeights | None:
@@ -73,11 +74,13 @@ def held_attention(store: Store, plan: TensorPlan, rank: int,
 def held_groups(store: Store, plan: TensorPlan, rank: int, weights: BudgetedWeights | None,
                 own: dict[int, np.ndarray] | None = None) -> HeldGroups:
     """This rank's MLP groups (`own`: layer -> ids, rank 0's with its probes'), else its
-    placement's; a re-plan reads more from its store (not under a budget: re-plans are off there)."""
-    load = weights.mlp if weights else group_loader(store, DTYPES[plan.options.dtype])
+    placement's; a re-plan reads more from its store (under a budget into the room kept for it:
+    reserve.py)."""
+    read = group_loader(store, DTYPES[plan.options.dtype])
+    load = weights.mlp if weights else read
     own = own if own is not None else {layer: p[rank] for layer, p in enumerate(plan.placement)}
     mlps = {layer: load(layer, ids) for layer, ids in own.items() if len(ids)}
-    return HeldGroups(mlps, None if weights else load)
+    return BudgetedGroups(mlps, read) if weights else HeldGroups(mlps, read)
 
 
 def build(store: Store, plan: TensorPlan, transport: Transport, log=None):
@@ -130,8 +133,12 @@ def lead_part(store: Store, plan: TensorPlan, transport: Transport, weights, log
     replanner = (Replanner(plan.cluster, plan.importance, plan.group_mb, plan.drop_budget)
                  if plan.replan else None)
     copies = group_loader(store, dtype)
+    room = None
+    if plan.reserve is not None:         # each rank's room as its residency keeps it (from shapes)
+        room = ReplanRoom(plan.placement, [residency(store, plan, r).reserve for r in range(plan.size)],
+                          group_bytes(store, o.dtype))
     planner = Planner(transport, plan.placement, plan.importance, plan.policy, parts["groups"],
-                      HeldGroups({}, copies), replanner, frozenset(probes), log, budgeted=weights is not None)
+                      HeldGroups({}, copies), replanner, frozenset(probes), log, room=room)
     lead = Lead(parts, plan.members, plan.policy, None, planner, plan.vocab,
                 VocabSlice(store, *plan.vocab[0], dtype) if plan.vocab[0][1] > plan.vocab[0][0] else None,
                 halo_predictor=t.placement != "static" and plan.policy.mode == "halo")

@@ -4,7 +4,9 @@ ranks' groups), and the next plan's groups read in the background.
 A re-plan never stalls a token: the groups it moves here are read a slice at a time between steps
 (`advance`, within half a step's usual time: `StepPace`) while the current plan goes on; once they are all
 resident the rank says READY, and rank 0 switches every rank to the new plan at the same step
-(`switch`). The groups a rank keeps are not read again.
+(`switch`). The groups a rank keeps are not read again. Under --mem-budget (`BudgetedGroups`) the
+groups placed at start stay as the loader laid them out and the gained ones are read into the
+room the budget kept for re-plans (reserve.py).
 """
 from __future__ import annotations
 
@@ -80,6 +82,29 @@ class Pieces:
         return sum(p.nbytes for p in self.pieces)
 
 
+class Restricted:
+    """Some of a module's groups (`ids`, in the module's order): the others are not computed, nor
+    freed (the module is kept whole: a later plan may use them again). GroupMLP's calls."""
+
+    def __init__(self, module, ids: np.ndarray):
+        self.module = module
+        self.mask = np.isin(module.ids, ids)             # (n,) over the module's groups
+        self.ids = module.ids[self.mask]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module.subset(x, self.mask)
+
+    def subset(self, x: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
+        """keep: (len(ids),) in `ids` order."""
+        full = np.zeros(len(self.mask), bool)
+        full[self.mask] = keep
+        return self.module.subset(x, full)
+
+    @property
+    def nbytes(self) -> int:
+        return self.module.nbytes
+
+
 @dataclass
 class Pending:
     """A plan whose groups are being read: key -> ids wanted, and the keys read so far."""
@@ -87,6 +112,7 @@ class Pending:
     wanted: dict[Key, np.ndarray]
     built: dict[Key, GroupMLP | None] = field(default_factory=dict)
     seconds: float = 0.0             # spent reading and building
+    extra: dict[Key, object] = field(default_factory=dict)   # under a budget: groups read (BudgetedGroups)
 
     @property
     def done(self) -> bool:
@@ -171,3 +197,63 @@ class HeldGroups:
     @property
     def count(self) -> int:
         return int(sum(len(m.ids) for m in self.mlps.values() if m is not None))
+
+
+class BudgetedGroups(HeldGroups):
+    """HeldGroups under --mem-budget. The modules placed at start (`base`: the loader's, pinned or
+    streamed) are never rebuilt; a re-plan's layer is the base restricted to the groups it keeps,
+    plus the `extra` groups it gained, read resident once (into the room reserve.py kept) and kept
+    while the run goes on, so that a plan that moves groups back reads nothing."""
+
+    def __init__(self, mlps: dict[Key, GroupMLP | None], load: LoadGroups, version: int = 0):
+        super().__init__(mlps, load, version)
+        self.base = {k: m for k, m in mlps.items() if m is not None}
+        self.extra: dict[Key, object] = {}
+
+    def _build(self, key: Key, ids: np.ndarray):
+        if not len(ids):
+            return None
+        base, extra = self.base.get(key), self.extra.get(key)
+        have = np.concatenate([m.ids for m in (base, extra) if m is not None] or [np.zeros(0, np.int64)])
+        new = np.setdiff1d(ids, have)
+        if len(new):                      # read resident; the extra grows (Pieces: nothing re-read)
+            piece = self.load(layer_of(key), new)
+            extra = piece if extra is None else Pieces([extra, piece])
+            self.pending.extra[key] = extra
+        parts = []
+        for m in (base, extra):
+            if m is None:
+                continue
+            keep = np.intersect1d(m.ids, ids)
+            if len(keep) == len(m.ids):
+                parts.append(m)
+            elif len(keep):
+                parts.append(Restricted(m, keep))
+        return parts[0] if len(parts) == 1 else Pieces(parts)
+
+    def switch(self, version: int) -> bool:
+        p = self.pending
+        if not super().switch(version):
+            return False
+        self.extra.update(p.extra)
+        return True
+
+    @property
+    def extra_bytes(self) -> int:
+        """Bytes of the groups re-plans brought here (within the room kept for them)."""
+        return sum(m.nbytes for m in self.extra.values())
+
+    @property
+    def nbytes(self) -> int:
+        n = sum(m.nbytes for m in self.base.values()) + self.extra_bytes
+        if self.pending is not None:         # the groups read so far (the extra grows by them)
+            n += sum(m.nbytes - (self.extra[k].nbytes if k in self.extra else 0)
+                     for k, m in self.pending.extra.items())
+        return n
+
+
+def loading_stats(loading, groups: HeldGroups) -> dict:
+    """{"loading": what the budget covers and how loading went} under --mem-budget, else {}."""
+    if loading is None:
+        return {}
+    return {"loading": {**loading.stats(), "replan_bytes": getattr(groups, "extra_bytes", 0)}}

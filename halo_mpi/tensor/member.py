@@ -22,7 +22,7 @@ from ..net.transport import Transport
 from ..stats import RssTrace
 from .attention import HeldAttention
 from .exchange import ComputeClock, Exchange
-from .held import HeldGroups, StepPace
+from .held import HeldGroups, StepPace, loading_stats
 
 LAST_ONLY, DECODING = 1, 2          # STEP flags (the message's layer field)
 
@@ -144,7 +144,7 @@ class Member:
                 "attention_groups": self.attention_groups.count,
                 "head_rows": 0 if head is None else head.stop - head.start, "weight_bytes": self.weight_bytes,
                 "rss_mb_trace": self.rss.samples,
-                **({"loading": self.loading.stats()} if self.loading is not None else {})}
+                **loading_stats(self.loading, self.groups)}
 
 
 class MemberAttention:

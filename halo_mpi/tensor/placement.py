@@ -178,6 +178,14 @@ def describe_plan(placement: Placement, importance: np.ndarray, cluster: Cluster
     return "plan: " + "; ".join(parts)
 
 
+def own_groups(placement: Placement, probes) -> dict[int, np.ndarray]:
+    """layer -> the groups rank 0 computes every step: its own, and those of probe ranks (a
+    probe's partial only measures its link; rank 0 computes its group in the same matmuls as its
+    own, which costs less than a copy computed apart)."""
+    return {l: np.union1d(p[0], np.concatenate([p[r] for r in probes if r < len(p)] or [p[0]]))
+            for l, p in enumerate(placement)}
+
+
 class Replanner:
     """Watches the links' recent on-time rates and re-plans when a rank's reliability changes:
     a stable rank whose rate falls below `drop_below` becomes unstable; an unstable rank whose
@@ -201,6 +209,16 @@ class Replanner:
 
     def unstable(self) -> set[int]:
         return {r for r, s in enumerate(self.cluster.ranks) if r and s.reliability < STABLE}
+
+    def state(self) -> tuple:
+        """What `update` and `exclude` change (the ranks' speed and reliability), to `restore` when
+        the plan they gave is not made."""
+        return [(s.speed, s.reliability) for s in self.cluster.ranks], dict(self.excluded)
+
+    def restore(self, state: tuple):
+        ranks, self.excluded = state[0], dict(state[1])
+        for spec, (speed, reliability) in zip(self.cluster.ranks, ranks):
+            spec.speed, spec.reliability = speed, reliability
 
     def probes(self) -> set[int]:
         return probe_ranks(self.cluster, self.importance, self.drop_budget)

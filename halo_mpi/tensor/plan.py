@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import HaloError
+from ..loading.budget import mlp_bytes, weight_kinds
 from ..net.devices import STABLE, ClusterSpec, read_device_profile
 from ..net.framing import HEADER
 from ..net.loss import LinkLoss
@@ -34,6 +35,7 @@ from .placement import (
     vocab_slices,
 )
 from .policy import SyncPolicy
+from .reserve import reserve_bytes
 
 
 @dataclass
@@ -55,6 +57,7 @@ class TensorPlan:
     vocab: list[tuple[int, int]] | None = None     # rank -> [start, stop) rows of the output head
     members: list[int] | None = None               # the stable ranks: they all-reduce (exchange.py)
     satellites: list[int] | None = None            # the unstable ranks: MLP groups only (satellite.py)
+    reserve: list[int] | None = None               # rank -> bytes its --mem-budget keeps for re-plans
 
     @property
     def budgeted(self) -> bool:
@@ -101,13 +104,22 @@ def make_plan(store: Store, size: int, o: ModeOptions) -> TensorPlan:
         cluster, placed, unstable, group_mb, reserved[0], o.load.mem_budget is not None)
     policy = SyncPolicy(t.sync, t.critical_share, unstable, t.deadline_factor, t.deadline_margin_ms / 1e3,
                         backup_share=backup)
-    # a re-plan would move groups outside the loader's plan of streamed parts: not under a budget
-    replan = not t.no_replan and halo and t.placement != "random" and o.load.mem_budget is None
+    replan = not t.no_replan and halo and t.placement != "random"
     # the ranks that may hold attention and head rows all-reduce; the others are satellites
     members = sorted(eligible)
     satellites = [r for r in range(size) if r not in members]
+    reserve = None
+    if replan and o.load.mem_budget is not None:       # room for the groups re-plans move (reserve.py)
+        reserve = reserve_bytes(imp, cluster, placed, group_mb, t.drop_budget, satellites,
+                                group_bytes(store, o.dtype))
     return TensorPlan(size, imp, placed, dict(t.link_loss), policy, source, cluster, o, replan, group_mb,
-                      a.dim, t.wire, t.members_wire, attention, vocab, members, satellites)
+                      a.dim, t.wire, t.members_wire, attention, vocab, members, satellites, reserve)
+
+
+def group_bytes(store: Store, dtype: str):
+    """k -> resident bytes of k MLP groups of one layer, as this run computes them."""
+    kind, _ = weight_kinds(store.store_dtype, dtype)
+    return lambda k: mlp_bytes(store.args, k, kind)
 
 
 def auto_backup(cluster: ClusterSpec, placed: Placement, unstable: frozenset, group_mb: float,

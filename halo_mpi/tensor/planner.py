@@ -10,7 +10,8 @@ rank with nowhere to move whose groups rank 0 backs up) proceeds in two halves:
    to the members, its inputs carry v+1 to the satellites, and every rank holds the new groups
    from that step on.
 Meanwhile plan v goes on unchanged. Re-plans come one at a time; one proposed while another is
-being read waits for the next step after the switch.
+being read waits for the next step after the switch. Under --mem-budget a plan is made only when
+the groups it moves fit the room each rank's budget kept for them (reserve.py).
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ import numpy as np
 from ..net.framing import Kind, json_payload
 from ..net.transport import Transport
 from .held import HeldGroups, StepPace
-from .placement import Placement, moved, share_in_room
+from .placement import Placement, moved, own_groups, share_in_room
 from .policy import SyncPolicy
+from .reserve import ReplanRoom
 
 
 @dataclass
@@ -43,14 +45,16 @@ class Planner:
 
     def __init__(self, transport: Transport, placement: Placement, importance: np.ndarray, policy: SyncPolicy,
                  held: HeldGroups, backups: HeldGroups, replanner=None, probes=frozenset(), log=None,
-                 budgeted: bool = False):
+                 room: ReplanRoom | None = None):
         self.t, self.importance, self.policy = transport, importance, policy
         self.placement, self.version = placement, 0
         self.held, self.backups, self.replanner = held, backups, replanner
         self.probes = set(probes)      # ranks whose groups only probe their link: all backed up
         self.stuck_share: dict[int, float] = {}   # late ranks with nowhere to move: share backed up
         self.log = log or (lambda line: None)
-        self.budgeted = budgeted
+        self.room = room                # under --mem-budget: each rank's room for re-planned groups
+        self.declined: set[str] = set()  # why plans were not made (room), each said once
+        self.before = None               # the re-planner's ratings before it proposed
         self.resident_bytes = lambda: held.nbytes + backups.nbytes   # all of rank 0's: set by the lead
         self.pending: PendingPlan | None = None
         self.unreachable: dict[int, int] = {}    # rank -> step it was found silent
@@ -94,12 +98,24 @@ class Planner:
 
     # -- proposing plans
     def propose(self, new: Placement, line: str):
-        """Plan `new` to every worker (PLAN), and rank 0's part of it read in the background."""
+        """Plan `new` to every worker (PLAN), and rank 0's part of it read in the background;
+        under a budget only if its groups fit every rank's room (else said, and not made)."""
+        probes = self.replanner.probes()
+        if self.room is not None:
+            wanted = {0: own_groups(new, probes)}
+            fits, why = self.room.fits(new, wanted)
+            if not fits:                 # the ratings stay those of the plan in force
+                self.replanner.restore(self.before)
+                if why not in self.declined:          # said once: the link is measured again
+                    self.declined.add(why)
+                    self.say(f"{line}; not made: {why}; the late partials count as missing")
+                return
+            self.room.take(new, wanted)
         version = self.version + 1
         for r in range(1, self.t.size):
             self.t.send(r, Kind.PLAN, self.step, -1, json_payload({"mlp": [p[r].tolist() for p in new]}),
                         plan=version)
-        unstable, probes = frozenset(self.replanner.unstable()), self.replanner.probes()
+        unstable = frozenset(self.replanner.unstable())
         self.stuck_share = {r: s for r, s in self.stuck_share.items() if r in unstable}
         gaining = {r for r in moved(self.placement, new) if r != 0 and r not in self.unreachable}
         self.budget = self.pace.read_budget()
@@ -125,6 +141,7 @@ class Planner:
             if self.replanner is None:
                 self.say(line + "; its partials count as missing (re-planning is off)")
                 continue
+            self.before = self.replanner.state()
             new, why = self.replanner.exclude(r, self.placement)
             if new is None or self.pending is not None:
                 later = "; once the plan being read is in place" if new is not None else ""
@@ -134,6 +151,7 @@ class Planner:
 
     def maybe_replan(self, links: dict):
         stuck_before = set(self.replanner.said_stuck)
+        self.before = self.replanner.state()
         new, line = self.replanner.update(links, self.placement, self.step)
         if new is not None:
             self.propose(new, line)
@@ -174,7 +192,7 @@ class Planner:
         The copies are read in the background, as a plan's groups are."""
         if not ranks:
             return ""
-        if self.policy.mode != "halo" or self.budgeted:
+        if self.policy.mode != "halo" or self.room is not None:
             return "; its late partials count as missing"
         room = self.replanner.cluster.ranks[0].memory_mb * 1e6 - self.resident_bytes()
         said = []
@@ -197,10 +215,3 @@ class Planner:
             self.propose(self.placement, "backups of late ranks read")
         return "; " + "; ".join(said) if said else ""
 
-
-def own_groups(placement: Placement, probes) -> dict[int, np.ndarray]:
-    """layer -> the groups rank 0 computes every step: its own, and those of probe ranks (a
-    probe's partial only measures its link; rank 0 computes its group in the same matmuls as its
-    own, which costs less than a copy computed apart)."""
-    return {l: np.union1d(p[0], np.concatenate([p[r] for r in probes if r < len(p)] or [p[0]]))
-            for l, p in enumerate(placement)}

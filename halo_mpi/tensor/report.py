@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..loading.parts import describe_loading
 from ..net.wire import wire_report
 from ..stats import RankStats, RunStats, SequenceStats
+from .held import loading_stats
 from .plan import TensorPlan
 from .run import TensorRun
 
@@ -44,7 +45,7 @@ def lead_stats(run: TensorRun, lead) -> RankStats:
                       "satellite_wait_s": sats.wait_s, "plan_read_s": lead.planner.read_s,
                       "on_time_rate": 1.0, "dropped_layers": 0, "late_discarded": 0,
                       "held_by_loss": lead.t.stats.held, "rss_mb_trace": lead.rss.samples,
-                      **({"loading": lead.loading.stats()} if lead.loading is not None else {})},
+                      **loading_stats(lead.loading, lead.groups)},
                      weight_bytes=lead.weight_bytes + lead.model_bytes)
 
 

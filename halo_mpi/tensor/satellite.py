@@ -18,7 +18,7 @@ from ..errors import HaloError
 from ..net.framing import Kind, Message, json_payload
 from ..net.transport import Transport
 from ..stats import RssTrace
-from .held import HeldGroups
+from .held import HeldGroups, loading_stats
 
 IDLE_READ_S = 0.005     # reading a pending plan's groups, per idle poll
 
@@ -104,4 +104,4 @@ class Satellite:
                 "sent": s.sent, "held_by_loss": s.held, "held_seconds": s.held_seconds,
                 "groups": self.held.count, "attention_groups": 0, "head_rows": 0, "weight_bytes": weights,
                 "rss_mb_trace": self.rss.samples,
-                **({"loading": self.loading.stats()} if self.loading is not None else {})}
+                **loading_stats(self.loading, self.held)}
