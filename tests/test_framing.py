@@ -67,3 +67,62 @@ def test_threads_of_the_local_twin_never_spin():
     hub.transports[0].send(1, Kind.INPUT, 1, 0, np.ones((1, 4), np.float32))
     (m,) = hub.transports[1].poll(0.1)
     assert (m.source, m.step) == (0, 1)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_silence_counts_listening_time_not_this_ranks_own_stalls():
+    """Rank 0 (fake clock, beat period 1 s, timeout 3 s) hears rank 1's beats while it listens;
+    then it computes, or is descheduled, for 20 s without receiving: on its next receive rank 1
+    is not silent (its beats sat in the queue, and even a receive that finds none yet only counts
+    one beat period), the stall is counted as rank 0's own; a rank that really stops is named
+    after 3 s of listening."""
+    from halo_mpi.net.liveness import RankSilent
+    hub = LocalHub(3)
+    t0, t1, t2 = hub.transports
+    clock = FakeClock()
+    t0.init_liveness(clock)
+    t0.rank_timeout, t0.fatal, t0.beat_s = 3.0, {1, 2}, 1.0
+
+    def listen_for(seconds: float, beating=(1, 2)):
+        for _ in range(int(seconds * 4)):             # rank 0 receives every 0.25 s
+            clock.now += 0.25
+            for r in beating:
+                hub.transports[r].send(0, Kind.BEAT, 0, 0, np.zeros((0, 0), np.float32))
+            assert t0.poll(0.0) == []                # beats are taken out
+    listen_for(5.0)
+    assert t0.silent() == [] and t0.stalls == 0
+    clock.now += 20.0                                 # no receive: computing, or descheduled
+    assert t0.silent() == []                          # (the planner asks between receives too)
+    t0.listen()                                       # a receive that finds nothing yet
+    assert t0.silent() == [] and t0.stalls == 1 and t0.stalled_s == pytest.approx(19.0)
+    listen_for(2.0, beating=(1,))                     # rank 2 froze while rank 0 was stalled
+    assert t0.silent() == []                          # 1 + 2 s of listening: not yet
+    listen_for(0.5, beating=(1,))
+    assert t0.silent() == [2]
+    with pytest.raises(RankSilent, match="rank 2 silent for 3 s"):
+        t0.check_fatal()
+
+
+def test_a_busy_rank_keeps_beating_to_a_peer_it_has_not_listened_to():
+    """The heartbeat rule: beats stop going to a peer silent for 5 periods of *listening*: a
+    worker loading its weights for longer (not receiving) keeps telling rank 0 it is alive."""
+    hub = LocalHub(2)
+    t1 = hub.transports[1]
+    clock = FakeClock()
+    t1.init_liveness(clock)
+    t1.beat_s = 1.0
+    clock.now += 30.0                                 # loading: nothing received from rank 0
+    assert t1.silence(0) == 0.0
+    t1.listen()
+    assert t1.silence(0) == 1.0 < 5 * t1.beat_s       # so the beat thread still beats to it
+    for _ in range(6):
+        clock.now += 1.0
+        t1.listen()
+    assert t1.silence(0) == 7.0 and t1.silent(timeout=5.0) == [0]

@@ -6,6 +6,14 @@ if it is in `fatal` (its silence leaves this rank nothing to wait for: a strict 
 holder, rank 0 for a worker), waiting raises RankSilent naming it, instead of waiting forever.
 Heartbeats stop going to a peer silent for 5 beat periods: a frozen receiver's queue would fill
 the sender's shared-memory cells (see tensor/satellites.py, UNANSWERED_LIMIT).
+
+Silence is counted in *listening* time, not wall time: a peer's messages are only seen when this
+rank receives (`listen`, at every poll), so time in which it did not (it was computing, loading
+its weights, or descheduled on a loaded machine) says nothing of the peer. Between two receives
+the listening clock advances by the gap, but by one beat period at most; the rest is this rank's
+own stall, counted (`stalls`, `stalled_s`) and never blamed on a peer. Without this a worker busy
+loading for 5 beat periods took rank 0 for silent, stopped its heartbeats, and rank 0 then named
+that healthy worker (under load, at start).
 """
 from __future__ import annotations
 
@@ -32,9 +40,13 @@ class Liveness:
     """The transport's liveness (module docstring): a mixin of Transport, which calls
     `init_liveness` and refreshes `heard` as messages arrive; subclasses send a BEAT in `_beat`."""
 
-    def init_liveness(self):
-        now = time.perf_counter()
-        self.heard = {r: now for r in range(self.size) if r != self.rank}   # peer -> last heard
+    def init_liveness(self, clock=time.perf_counter):
+        self.clock = clock                         # wall seconds (a fake one in tests)
+        now = clock()
+        self.listened = 0.0                        # the listening clock (module docstring)
+        self._listened_at = now                    # wall time of the last receive
+        self.stalls, self.stalled_s = 0, 0.0       # gaps between receives not counted, and their sum
+        self.heard = {r: 0.0 for r in range(self.size) if r != self.rank}  # peer -> listening time heard
         self.rank_timeout: float | None = None     # seconds of silence that make a peer unreachable
         self.fatal: set[int] = set()               # peers whose silence ends the run (RankSilent)
         self.silence_note = ""                     # said after the ranks in RankSilent's line
@@ -44,6 +56,25 @@ class Liveness:
         self._beating = threading.Event()
 
     def _beat(self, dest: int): ...
+
+    def listen(self, sources=()):
+        """This rank has just received (at every poll, whether or not anything came): the
+        listening clock advances by the gap since the last time, a beat period at most (the rest
+        is this rank's stall), and `sources` are heard now."""
+        now = self.clock()
+        gap = now - self._listened_at
+        cap = self.beat_s or 1.0
+        if gap > cap:
+            self.stalls += 1
+            self.stalled_s += gap - cap
+        self.listened += min(gap, cap)
+        self._listened_at = now
+        for r in sources:
+            self.heard[r] = self.listened
+
+    def silence(self, peer: int) -> float:
+        """Listening seconds since `peer` was last heard."""
+        return self.listened - self.heard.get(peer, self.listened)
 
     def watch(self, timeout: float, fatal: set[int], note: str, worker_grace: float = 5.0):
         """Heartbeats and the peers whose silence ends the run: on rank 0 `fatal` (`note` says
@@ -63,9 +94,8 @@ class Liveness:
         self.beat_s = period
         def beat():
             while not self._beating.wait(period):
-                now = time.perf_counter()
                 for r in to:
-                    if now - self.heard.get(r, now) < 5 * period:   # not to a silent peer
+                    if self.silence(r) < 5 * period:     # not to a silent peer
                         self._beat(r)
         self._beats = threading.Thread(target=beat, name="halo-beats", daemon=True)
         self._beats.start()
@@ -84,9 +114,8 @@ class Liveness:
             return []
         if peer_died.is_set() and self.beat_s:
             timeout = min(timeout, 3 * self.beat_s + 0.5)
-        now = time.perf_counter()
         return sorted(r for r in (self.heard if among is None else among)
-                      if r in self.heard and now - self.heard[r] > timeout)
+                      if r in self.heard and self.silence(r) > timeout)
 
     def why_silent(self) -> str:
         """How a silent peer was found, for the line that says so."""

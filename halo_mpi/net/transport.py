@@ -156,12 +156,8 @@ class Transport(Liveness):
     def _receive(self) -> list[Message]:
         """What arrived, heard-times refreshed and heartbeats taken out."""
         got = self._arrived()
-        if not got:
-            return got
-        now = time.perf_counter()
-        for m in got:
-            self.heard[m.source] = now
-        return [m for m in got if m.kind != Kind.BEAT]
+        self.listen(m.source for m in got)
+        return [m for m in got if m.kind != Kind.BEAT] if got else got
 
     def poll(self, timeout: float) -> list[Message]:
         """Messages that arrived, waiting up to `timeout` s for the first one (WaitPolicy)."""
