@@ -60,6 +60,27 @@ def parse_ranks(spec: str | None, option: str, ranks: range | None = None,
     return found
 
 
+def parse_slowdowns(spec: str | None, option: str) -> dict[int, tuple[float, int]]:
+    """'1:3@20,2:1.5@0' -> {1: (3.0, 20), 2: (1.5, 0)}: RANK computes FACTOR (>= 1) times slower
+    from step STEP on."""
+    out: dict[int, tuple[float, int]] = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        try:
+            rank_s, rest = item.split(":")
+            factor_s, step_s = rest.split("@")
+            rank, factor, step = int(rank_s), float(factor_s), int(step_s)
+        except ValueError:
+            raise HaloError(f"{option} item {item!r} is not RANK:FACTOR@STEP (e.g. 1:3@20)") from None
+        if rank in out:
+            raise HaloError(f"{option} names rank {rank} twice")
+        if not (1.0 <= factor < float("inf")) or step < 0:
+            raise HaloError(f"{option} item {item!r}: FACTOR is at least 1 and finite, STEP at least 0")
+        out[rank] = (factor, step)
+    return out
+
+
 def parse_floats(spec: str, option: str) -> list[float]:
     """'0,0.01,0.05' -> [0.0, 0.01, 0.05]."""
     try:

@@ -25,6 +25,7 @@ from .values import (
     auto_or,
     format_rank_values,
     format_ranks,
+    format_slowdowns,
     in_range,
     non_negative_float,
     non_negative_int,
@@ -32,6 +33,7 @@ from .values import (
     positive_float,
     positive_int,
     rank_set,
+    rank_slowdowns,
     rank_values,
 )
 
@@ -143,7 +145,13 @@ class TensorOptions:
              "between tests (default: 5000 when every rank has a core of its own, 0 when ranks "
              "outnumber cores)")
     no_replan: bool = switch(
-        "--no-replan", help="keep the first placement even when a link's on-time rate changes")
+        "--no-replan", help="keep the first placement even when a link's on-time rate or a "
+                            "rank's measured speed changes")
+    slow: dict[int, tuple[float, int]] = option(
+        "--slow", {}, rank_slowdowns("--slow"), format=format_slowdowns, metavar="RANK:FACTOR@STEP,...",
+        help="emulate a device that slows down (a Pi that throttles): from step STEP on, RANK "
+             "computes FACTOR times slower (e.g. 1:3@20); rank 0 measures every rank's speed and "
+             "moves MLP groups off a slow one (halo)")
 
     @property
     def wire(self) -> str:
@@ -253,6 +261,7 @@ def check(o: ModeOptions, size: int):
 def check_tensor(o: ModeOptions, size: int):
     t, workers = o.tensor, range(1, size)
     check_ranks(t.link_loss, "--link-loss", workers)
+    check_ranks(t.slow, "--slow", range(size), "the ranks are")
     if t.unstable_ranks is not None:
         check_ranks(t.unstable_ranks, "--unstable-ranks", workers)
     if o.load.mem_budget is not None and t.backup_share:

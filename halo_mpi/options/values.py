@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import HaloError
-from ..net.ranks import parse_rank_values, parse_ranks
+from ..net.ranks import parse_rank_values, parse_ranks, parse_slowdowns
 
 # ---------------------------------------------------------------------------------------------
 # numbers
@@ -90,6 +90,15 @@ def rank_values(option: str, lo: float = 0.0, hi: float = 1.0, closed: bool = Fa
 
 def format_rank_values(values: dict[int, float]) -> str:
     return ",".join(f"{r}:{number(v)}" for r, v in sorted(values.items()))
+
+
+def rank_slowdowns(option: str):
+    """A parser of '1:3@20' -> {1: (3.0, 20)} for `option`."""
+    return lambda spec: parse_slowdowns(spec, option)
+
+
+def format_slowdowns(values: dict[int, tuple[float, int]]) -> str:
+    return ",".join(f"{r}:{number(f)}@{s}" for r, (f, s) in sorted(values.items()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from .predictor import Predictor
 from .reserve import ReplanRoom
 from .satellite import Satellite
 from .satellites import Satellites
+from .speeds import SpeedMeter, Work
 
 
 def group_loader(store: Store, dtype) -> Callable:
@@ -83,16 +84,17 @@ def held_groups(store: Store, plan: TensorPlan, rank: int, weights: BudgetedWeig
     return BudgetedGroups(mlps, read) if weights else HeldGroups(mlps, read)
 
 
-def build(store: Store, plan: TensorPlan, transport: Transport, log=None):
+def build(store: Store, plan: TensorPlan, transport: Transport, log=None, speeds: bool = True):
     """This rank's part: (Lead, model) on rank 0, (Member, model) on another member, (Satellite,
-    None) on a satellite. The caller starts nothing: `run` does (run.py)."""
+    None) on a satellite. The caller starts nothing: `run` does (run.py). speeds: rank 0 measures
+    the members' speeds (tensor/speeds.py; not where ranks are threads of one process)."""
     rank = transport.rank
     weights = rank_weights(store, plan, rank)
     if rank not in plan.members:
-        part = Satellite(transport, held_groups(store, plan, rank, weights), plan.cluster.ranks[rank].speed,
+        part = Satellite(transport, held_groups(store, plan, rank, weights), clock_of(plan, rank),
                          sparse=plan.options.tensor.sparsity > 0, loading=weights), None
     elif rank == 0:
-        part = lead_part(store, plan, transport, weights, log)
+        part = lead_part(store, plan, transport, weights, log, speeds)
     else:
         part = member_part(store, plan, transport, weights)
     if weights is not None:
@@ -100,12 +102,17 @@ def build(store: Store, plan: TensorPlan, transport: Transport, log=None):
     return part
 
 
+def clock_of(plan: TensorPlan, rank: int) -> ComputeClock:
+    """The rank's compute clock: its declared speed (a device profile) and --slow stretch it."""
+    return ComputeClock(plan.cluster.ranks[rank].speed, plan.options.tensor.slow.get(rank))
+
+
 def member_parts(store: Store, plan: TensorPlan, transport: Transport, weights, own=None) -> dict:
     t = plan.options.tensor
     return {"transport": transport, "exchange": Exchange(transport, plan.members, plan.members_wire),
             "attention": held_attention(store, plan, transport.rank, weights),
             "groups": held_groups(store, plan, transport.rank, weights, own),
-            "clock": ComputeClock(plan.cluster.ranks[transport.rank].speed), "importance": plan.importance,
+            "clock": clock_of(plan, transport.rank), "importance": plan.importance,
             "sparsity": t.sparsity,
             "predictor": Predictor.from_store(store) if t.sparsity > 0 or transport.rank == 0 else None,
             "loading": weights}
@@ -121,7 +128,8 @@ def member_part(store: Store, plan: TensorPlan, transport: Transport, weights) -
     return member, member.model
 
 
-def lead_part(store: Store, plan: TensorPlan, transport: Transport, weights, log) -> tuple[Lead, Transformer]:
+def lead_part(store: Store, plan: TensorPlan, transport: Transport, weights, log,
+              speeds: bool = True) -> tuple[Lead, Transformer]:
     """Rank 0: the lead, with the satellites and the planner, and the model whose head gathers
     every member's logits slice."""
     o, dtype = plan.options, DTYPES[plan.options.dtype]
@@ -144,6 +152,10 @@ def lead_part(store: Store, plan: TensorPlan, transport: Transport, weights, log
                 halo_predictor=t.placement != "static" and plan.policy.mode == "halo")
     lead.satellites = Satellites(transport, lead.inbox, plan.satellites, plan.policy, store.args.n_layers,
                                  copies, planner.backups, keep_copies=weights is None)
+    if plan.replan and speeds:           # the members' speeds measured: a slow one gets fewer groups
+        lead.speeds = planner.speeds = SpeedMeter()
+        lead.work = Work(plan.attention, plan.vocab, store.item_bytes("attn"), store.item_bytes("mlp"),
+                         store.item_bytes("head"))
     lead.model = model_of(store, plan, lead, lambda: GatheredHead(lead))
     lead.model_bytes = lead.model.weight_bytes()
     planner.resident_bytes = lambda: lead.weight_bytes + lead.model_bytes

@@ -46,6 +46,7 @@ class Exchange:
         self.step = 0
         self.early: dict[tuple[int, int, int, int], np.ndarray] = {}
         self.others: list[Message] = []
+        self.computed: list[tuple[int, int, int]] = []   # members' (source, step, compute us): logits
         self.wait_s = 0.0
         self.rounds = 0
 
@@ -96,6 +97,8 @@ class Exchange:
         for m in messages:
             if m.kind in (Kind.PARTIAL, Kind.ATTN_PARTIAL, Kind.LOGITS) and m.source in self.members:
                 self.early[(int(m.kind), m.step, m.layer, m.source)] = m.payload
+                if m.kind == Kind.LOGITS:        # seq: the member's compute microseconds that step
+                    self.computed.append((m.source, m.step, m.seq))
             else:
                 self.others.append(m)
 
@@ -106,16 +109,25 @@ def as_on_the_wire(x: np.ndarray, wire: str) -> np.ndarray:
 
 
 class ComputeClock:
-    """`with clock:` adds the block's seconds to `seconds`; with speed < 1 it first stretches the
-    block to emulate a slower device, sleeping (1/speed - 1) x its time."""
+    """`with clock:` adds the block's seconds to `seconds`; with
+    speed < 1, or from step `slow[1]` on under --slow, it first stretches the block to emulate a
+    slower device, sleeping (stretch - 1) x its time. `step` is set by the rank's loop."""
 
-    def __init__(self, speed: float = 1.0):
-        self.seconds, self.speed = 0.0, speed
+    def __init__(self, speed: float = 1.0, slow: tuple[float, int] | None = None):
+        self.seconds, self.speed, self.slow = 0.0, speed, slow
+        self.step = 0
+
+    def stretch(self) -> float:
+        f = 1.0 / self.speed
+        if self.slow is not None and self.step >= self.slow[1]:
+            f *= self.slow[0]
+        return f
 
     def __enter__(self):
         self._t0 = time.perf_counter()
 
     def __exit__(self, *exc):
-        if self.speed < 1.0:
-            time.sleep((time.perf_counter() - self._t0) * (1.0 / self.speed - 1.0))
+        f = self.stretch()
+        if f > 1.0:
+            time.sleep((time.perf_counter() - self._t0) * (f - 1.0))
         self.seconds += time.perf_counter() - self._t0

@@ -27,6 +27,7 @@ from .member import DECODING, LAST_ONLY, Member
 from .planner import Planner
 from .policy import SyncPolicy
 from .satellites import Satellites
+from .speeds import SpeedMeter, Work
 
 
 class LeadInbox:
@@ -67,6 +68,9 @@ class Lead(Member):
         self.step = 0
         self.model_bytes = 0                     # the model's own weights here (norms)
         self.silent: list[int] = []              # workers that did not answer STOP
+        self.speeds: SpeedMeter | None = None    # the ranks' measured speeds, when re-planning (assembly)
+        self.work: Work | None = None            # ... and what each computes, from the plan
+        self._computed = 0.0                     # rank 0's compute seconds when the step began
 
     @property
     def links(self) -> dict:
@@ -81,6 +85,7 @@ class Lead(Member):
         """Plans, then STEP to every other member: its tokens (T,), first position, flags, plan."""
         self.step += 1
         self.decoding = decoding
+        self.clock.step, self._computed = self.step, self.clock.seconds
         self.rss.tick()
         self.satellites.begin_step(self.step, decoding)
         for m in self.inbox.take_others():                   # replies of closed steps
@@ -134,7 +139,20 @@ class Lead(Member):
                 parts[0] = self.head_slice(x)
         got = self.exchange.collect(Kind.LOGITS, len(self.planner.placement), holders)
         parts.update((r, torch.from_numpy(p)) for r, p in got.items())
+        self.measure()
         return torch.cat([parts[r] for r in sorted(parts, key=lambda r: self.vocab[r][0])], dim=-1)
+
+    def measure(self):
+        """A decode step's compute times (rank 0's own, the members' with their logits) into the
+        speed meter, with what each computed."""
+        members, self.exchange.computed = self.exchange.computed, []
+        if self.speeds is None or not self.decoding:
+            return
+        placement, w = self.planner.placement, self.work
+        self.speeds.add(0, w.step(0, self.groups.count), self.clock.seconds - self._computed)
+        for r, step, us in members:
+            if step == self.step:
+                self.speeds.add(r, w.step(r, sum(len(p[r]) for p in placement)), us / 1e6)
 
     # -- the end
     def finish(self, timeout: float = 20.0) -> dict[int, dict]:

@@ -22,12 +22,15 @@ from .plan import TensorPlan, emulated_loss
 class LocalCluster:
     """Rank 0 in the calling thread, the other ranks in threads, connected by a LocalHub."""
 
-    def __init__(self, store: Store, plan: TensorPlan, loss: LinkLoss | None = None, log=None):
+    def __init__(self, store: Store, plan: TensorPlan, loss: LinkLoss | None = None, log=None,
+                 speeds: bool = False):
+        """speeds: measure the members' speeds (threads share one interpreter and its cores:
+        their compute times say little of a device's, so not unless asked)."""
         self.plan = plan
         self.hub = LocalHub(plan.size, loss if loss is not None else emulated_loss(plan), plan.wire)
         for r in plan.members:
             self.hub.transports[r].group = tuple(plan.members)
-        self.lead, self.model = build(store, plan, self.hub.transports[0], log)
+        self.lead, self.model = build(store, plan, self.hub.transports[0], log, speeds)
         self.worker_stats: dict[int, dict] = {}
         self.threads = []
         for r in range(1, plan.size):

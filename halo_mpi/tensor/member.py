@@ -99,13 +99,16 @@ class Member:
         self.read_plan(m.plan)
         self.rss.tick()
         self.exchange.step, self.decoding = m.step, bool(m.layer & DECODING)
+        self.clock.step, computed = m.step, self.clock.seconds
         tokens = torch.from_numpy(m.payload.reshape(-1).astype(np.int64))
         cache.pos = m.pos
         h = self.model.layers(self.model.embed(tokens), cache)
         if self.model.output is not None:
             with self.clock:
                 logits = self.model.head(h[-1:] if m.layer & LAST_ONLY else h)      # (1 or T, slice)
-            self.t.send(0, Kind.LOGITS, m.step, self.model.args.n_layers, logits.numpy(), exact=True)
+            # seq: this step's compute microseconds, from which rank 0 learns this rank's speed
+            us = min(int(1e6 * (self.clock.seconds - computed)), 2**31 - 1)
+            self.t.send(0, Kind.LOGITS, m.step, self.model.args.n_layers, logits.numpy(), exact=True, seq=us)
         self.steps += 1
 
     def read_plan(self, version: int):

@@ -28,6 +28,9 @@ from ..errors import HaloError
 from ..net.devices import STABLE, ClusterSpec
 
 Placement = list[list[np.ndarray]]   # placement[layer][rank] -> sorted global group ids
+SPEED_BAND = 1.5     # members' compute times this far apart re-rate their speeds (speeds.py): a
+                     # shared machine's noise stays within it, a throttled device does not
+RERATE = 0.25        # ... and a member's speed is re-rated when measured this far from its rating
 
 
 def group_counts(cluster: ClusterSpec, groups: int, layers: int, group_mb: float,
@@ -236,6 +239,25 @@ class Replanner:
             return None, f"no room elsewhere ({e}): its groups count as missing"
         loads = ", ".join(f"rank {r} loads {n}" for r, n in sorted(moved(placement, new).items())) or "none"
         return new, f"groups moved: {loads}"
+
+    def rerate_speeds(self, measured: dict[int, float], placement: Placement, step: int):
+        """(new placement, log line) with the members' measured speeds (relative to rank 0's, as
+        the profile's: tensor/speeds.py), else (None, "") when none moved RERATE from its rating
+        (smaller moves are a shared machine's noise, and would move groups back and forth).
+        Only MLP groups move (attention groups and head rows stay where they are)."""
+        ref = self.cluster.ranks[0].speed
+        changes = [(r, self.cluster.ranks[r].speed, v * ref) for r, v in sorted(measured.items())
+                   if r not in self.excluded and abs(v * ref / self.cluster.ranks[r].speed - 1) > RERATE]
+        if not changes:
+            return None, ""
+        for r, _, speed in changes:
+            self.cluster.ranks[r].speed = speed
+        new = plan(self.importance, self.cluster, self.group_mb, placement, self.drop_budget)
+        what = ", ".join(f"rank {r} measured speed {new_s:.2f} (was {old:.2f})" for r, old, new_s in changes)
+        if not moved(placement, new):
+            return None, f"at step {step}: {what}; nothing to move"
+        loads = ", ".join(f"rank {r} loads {n}" for r, n in sorted(moved(placement, new).items()))
+        return new, f"re-plan at step {step}: {what}; groups moved: {loads}"
 
     def update(self, links: dict, placement: Placement, step: int):
         """(new placement, log line) when some rank changed tier, else (None, "")."""

@@ -23,9 +23,10 @@ import numpy as np
 from ..net.framing import Kind, json_payload
 from ..net.transport import Transport
 from .held import HeldGroups, StepPace
-from .placement import Placement, moved, own_groups, share_in_room
+from .placement import SPEED_BAND, Placement, moved, own_groups, share_in_room
 from .policy import SyncPolicy
 from .reserve import ReplanRoom
+from .speeds import CONFIRM
 
 
 @dataclass
@@ -54,6 +55,8 @@ class Planner:
         self.log = log or (lambda line: None)
         self.room = room                # under --mem-budget: each rank's room for re-planned groups
         self.declined: set[str] = set()  # why plans were not made (room), each said once
+        self.speeds = None               # SpeedMeter: the members' measured speeds (set by the lead)
+        self.imbalanced = 0              # steps in a row their compute times were SPEED_BAND apart
         self.before = None               # the re-planner's ratings before it proposed
         self.resident_bytes = lambda: held.nbytes + backups.nbytes   # all of rank 0's: set by the lead
         self.pending: PendingPlan | None = None
@@ -77,6 +80,8 @@ class Planner:
         self.watch_silence()
         if decoding and self.replanner is not None and self.pending is None:
             self.maybe_replan(links)
+        if decoding and self.replanner is not None and self.pending is None and self.speeds is not None:
+            self.maybe_rerate()
         if self.pending is not None:
             self.advance()
         return self.version
@@ -157,6 +162,22 @@ class Planner:
             self.propose(new, line)
         elif line:                      # re-rated with nothing to move: said once, in the summary
             self.say(line + self.back_up_stuck(self.replanner.said_stuck - stuck_before))
+
+    def maybe_rerate(self):
+        """Members whose compute times drifted SPEED_BAND apart (CONFIRM steps in a row) are
+        re-rated to their measured speeds and the MLP groups re-planned (speeds.py); measured
+        afresh after."""
+        self.imbalanced = self.imbalanced + 1 if self.speeds.imbalance() > SPEED_BAND else 0
+        if self.imbalanced < CONFIRM:
+            return
+        self.imbalanced = 0
+        self.before = self.replanner.state()
+        new, line = self.replanner.rerate_speeds(self.speeds.relative(), self.placement, self.step)
+        self.speeds.forget()
+        if new is not None:
+            self.propose(new, line)
+        elif line:
+            self.say(line)
 
     def say(self, line: str):
         self.replans.append(line)

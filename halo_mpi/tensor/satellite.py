@@ -10,14 +10,13 @@ tells rank 0 they are resident, and the first input of the new plan switches to 
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..errors import HaloError
 from ..net.framing import Kind, Message, json_payload
 from ..net.transport import Transport
 from ..stats import RssTrace
+from .exchange import ComputeClock
 from .held import HeldGroups, loading_stats
 
 IDLE_READ_S = 0.005     # reading a pending plan's groups, per idle poll
@@ -27,12 +26,12 @@ class Satellite:
     """Serves rank 0's MLP inputs (module docstring). speed < 1 stretches every compute to emulate
     a slower device; sparse: inputs carry a last row flagging the groups to compute."""
 
-    def __init__(self, transport: Transport, held: HeldGroups, speed: float = 1.0, sparse: bool = False,
-                 loading=None):
-        self.t, self.held, self.speed, self.sparse = transport, held, speed, sparse
+    def __init__(self, transport: Transport, held: HeldGroups, clock: ComputeClock | None = None,
+                 sparse: bool = False, loading=None):
+        self.t, self.held, self.sparse = transport, held, sparse
+        self.clock = clock or ComputeClock()   # its speed (and --slow) stretch every compute
         self.loading = loading                 # BudgetedWeights under --mem-budget, else None
         self.computed = self.skipped = self.plans = 0
-        self.compute_s = 0.0
         self.rss = RssTrace(every=50)          # resident MB every 50 of rank 0's steps
 
     def run(self) -> dict:
@@ -72,19 +71,15 @@ class Satellite:
         if not newest or m.plan != self.held.version:     # a closed step, or an old plan
             self.skipped += 1
             return
-        t0 = time.perf_counter()
         x = torch.from_numpy(m.payload)
-        with torch.inference_mode():
+        self.clock.step = m.step
+        with torch.inference_mode(), self.clock:
             if self.sparse:
                 out = self.held.partial(m.layer, x[:-1], x[-1].numpy() > 0.5)
             else:
                 out = self.held.partial(m.layer, x)
         if out is None:
             out = torch.zeros(x.shape[0] - self.sparse, x.shape[1])
-        spent = time.perf_counter() - t0
-        if self.speed < 1.0:      # emulate a slower device: stretch this compute
-            time.sleep(spent * (1.0 / self.speed - 1.0))
-        self.compute_s += time.perf_counter() - t0
         self.computed += 1
         self.t.send(0, Kind.PARTIAL, m.step, m.layer, out.numpy(), plan=self.held.version)
 
@@ -100,7 +95,7 @@ class Satellite:
         s = self.t.stats
         weights = self.held.nbytes + (self.loading.buffer_bytes if self.loading is not None else 0)
         return {"rank": self.t.rank, "role": "satellite", "computed": self.computed, "skipped": self.skipped,
-                "plans": self.plans, "compute_s": self.compute_s, "wait_s": s.wait_seconds,
+                "plans": self.plans, "compute_s": self.clock.seconds, "wait_s": s.wait_seconds,
                 "sent": s.sent, "held_by_loss": s.held, "held_seconds": s.held_seconds,
                 "groups": self.held.count, "attention_groups": 0, "head_rows": 0, "weight_bytes": weights,
                 "rss_mb_trace": self.rss.samples,
