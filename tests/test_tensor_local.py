@@ -639,44 +639,46 @@ def test_a_replan_read_in_the_background_keeps_the_reference_logits(tiny_store, 
 
 def test_members_measured_apart_are_rerated_and_a_balanced_cluster_is_left_alone():
     """SpeedMeter and the re-planner, with compute times given (no clock): rank 1 taking 3x
-    rank 0's time for the same bytes is imbalanced past the band, re-rated to 0.33 and sheds MLP
-    groups to the others; times within the band are no reason to re-plan, and a rank measured
-    over fewer than a window of steps is not judged."""
+    rank 0's time is imbalanced past the band, re-rated to a third of its speed and sheds MLP
+    groups to the others; times within the band are no reason to re-plan, a disturbed step
+    (noise only adds time) does not count, and a rank measured over fewer than a window of steps
+    is not judged."""
     from halo_mpi.tensor.placement import SPEED_BAND
     from halo_mpi.tensor.speeds import WINDOW, SpeedMeter
     imp = np.full((4, 12), 1 / 12)
     cluster = ClusterSpec.uniform(3)
     first = plan(imp, cluster)
     meter = SpeedMeter()
-    for _ in range(WINDOW):
-        meter.add(0, 3e6, 1e-3)
-        meter.add(1, 3e6, 1.3e-3)                     # within the band: no imbalance to act on
-    meter.add(2, 3e6, 9e-3)                           # one sample only: not judged
+    for i in range(WINDOW):
+        meter.add(0, 1e-3 if i else 9e-3)             # one step disturbed: not the first quartile
+        meter.add(1, 1.3e-3)                          # within the band: no imbalance to act on
+    meter.add(2, 9e-3)                                # one sample only: not judged
     assert meter.imbalance() == pytest.approx(1.3) and meter.imbalance() <= SPEED_BAND
     for _ in range(WINDOW):
-        meter.add(1, 3e6, 3e-3)                       # a third of rank 0's rate
-    assert meter.imbalance() == pytest.approx(3.0) and meter.relative() == pytest.approx({1: 1 / 3})
+        meter.add(1, 3e-3)
+    assert meter.imbalance() == pytest.approx(3.0) and meter.ratios() == pytest.approx({1: 1 / 3})
     replanner = Replanner(cluster, imp)
-    new, line = replanner.rerate_speeds(meter.relative(), first, step=5)
+    new, line = replanner.rerate_speeds(meter.ratios(), first, step=5)
     assert new is not None and "rank 1 measured speed 0.33 (was 1.00)" in line
     assert sum(len(p[1]) for p in new) < sum(len(p[1]) for p in first)
     assert set(moved(first, new)) <= {0, 2}           # its groups go to the others
-    again, said = replanner.rerate_speeds({1: 0.4}, new, step=9)     # within 25% of its rating
+    again, said = replanner.rerate_speeds({1: 1.2}, new, step=9)      # within 25% of its rating
     assert again is None and said == ""
     meter.forget()
-    assert meter.imbalance() == 1.0 and meter.relative() == {}
+    assert meter.imbalance() == 1.0 and meter.ratios() == {}
 
 
 def test_a_slowed_member_gets_fewer_groups_within_twelve_steps(tiny_store):
     """--slow 1:3@0 at -n 2 (HALO, no unstable rank): rank 1's compute is stretched 3x; rank 0
     measures it from the compute times rank 1 sends with its logits, re-rates it, and its MLP
-    share falls within 12 steps, read in the background and switched at one step; the logits
+    groups and head rows fall within 12 steps, read in the background and switched at one step; the logits
     stay the reference's (nothing dropped: rank 1 is a member). (The twin's threads share an
     interpreter: their own compute times are noise, the 3x stretch is not.)"""
     o = ModeOptions.of(sync="halo", wire_dtype="float32", slow={1: (3.0, 0)})
     cluster = LocalCluster(tiny_store, make_plan(tiny_store, 2, o), speeds=True)
     planner = cluster.lead.planner
     before = sum(len(p[1]) for p in planner.placement)
+    rows = planner.vocab[1][1] - planner.vocab[1][0]
     ref_model = Transformer.from_store(tiny_store)
     ref_cache = ref_model.new_cache(32)
     session = cluster.session(32)
@@ -692,3 +694,7 @@ def test_a_slowed_member_gets_fewer_groups_within_twelve_steps(tiny_store):
     at = int(rerated[0].split("in place from step ")[1].split()[0].rstrip(";"))
     assert at <= 12
     assert workers[1]["groups"] == sum(len(p[1]) for p in planner.placement) < before
+    # the head rows follow: fewer on rank 1, the split still the whole vocabulary, in order
+    assert "head rows" in rerated[0] and workers[1]["head_rows"] < rows
+    (a0, b0), (a1, b1) = planner.vocab
+    assert a0 == 0 and b0 == a1 and b1 == tiny_store.args.vocab_size and workers[1]["head_rows"] == b1 - a1

@@ -31,7 +31,7 @@ from .predictor import Predictor
 from .reserve import ReplanRoom
 from .satellite import Satellite
 from .satellites import Satellites
-from .speeds import SpeedMeter, Work
+from .speeds import SpeedMeter
 
 
 def group_loader(store: Store, dtype) -> Callable:
@@ -102,6 +102,12 @@ def build(store: Store, plan: TensorPlan, transport: Transport, log=None, speeds
     return part
 
 
+def head_loader(store: Store, plan: TensorPlan) -> Callable:
+    """(start, stop) -> those rows of the head as a VocabSlice, read from the store (None: no rows)."""
+    dtype = DTYPES[plan.options.dtype]
+    return lambda start, stop: VocabSlice(store, start, stop, dtype) if stop > start else None
+
+
 def clock_of(plan: TensorPlan, rank: int) -> ComputeClock:
     """The rank's compute clock: its declared speed (a device profile) and --slow stretch it."""
     return ComputeClock(plan.cluster.ranks[rank].speed, plan.options.tensor.slow.get(rank))
@@ -122,8 +128,8 @@ def member_part(store: Store, plan: TensorPlan, transport: Transport, weights) -
     """A worker member: the model with its own groups' parts, the embedding read from the store
     and its head slice as the output."""
     member = Member(**member_parts(store, plan, transport, weights))
-    start, stop = plan.vocab[transport.rank]
-    head = VocabSlice(store, start, stop, DTYPES[plan.options.dtype]) if stop > start else None
+    member.load_head = head_loader(store, plan)
+    head = member.load_head(*plan.vocab[transport.rank])
     member.model = model_of(store, plan, member, lambda: head)
     return member, member.model
 
@@ -147,15 +153,14 @@ def lead_part(store: Store, plan: TensorPlan, transport: Transport, weights, log
                           group_bytes(store, o.dtype))
     planner = Planner(transport, plan.placement, plan.importance, plan.policy, parts["groups"],
                       HeldGroups({}, copies), replanner, frozenset(probes), log, room=room)
+    planner.members, planner.load_head = plan.members, head_loader(store, plan)
     lead = Lead(parts, plan.members, plan.policy, None, planner, plan.vocab,
-                VocabSlice(store, *plan.vocab[0], dtype) if plan.vocab[0][1] > plan.vocab[0][0] else None,
+                planner.load_head(*plan.vocab[0]),
                 halo_predictor=t.placement != "static" and plan.policy.mode == "halo")
     lead.satellites = Satellites(transport, lead.inbox, plan.satellites, plan.policy, store.args.n_layers,
                                  copies, planner.backups, keep_copies=weights is None)
     if plan.replan and speeds:           # the members' speeds measured: a slow one gets fewer groups
         lead.speeds = planner.speeds = SpeedMeter()
-        lead.work = Work(plan.attention, plan.vocab, store.item_bytes("attn"), store.item_bytes("mlp"),
-                         store.item_bytes("head"))
     lead.model = model_of(store, plan, lead, lambda: GatheredHead(lead))
     lead.model_bytes = lead.model.weight_bytes()
     planner.resident_bytes = lambda: lead.weight_bytes + lead.model_bytes

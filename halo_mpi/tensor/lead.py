@@ -27,7 +27,7 @@ from .member import DECODING, LAST_ONLY, Member
 from .planner import Planner
 from .policy import SyncPolicy
 from .satellites import Satellites
-from .speeds import SpeedMeter, Work
+from .speeds import SpeedMeter
 
 
 class LeadInbox:
@@ -61,7 +61,7 @@ class Lead(Member):
                  halo_predictor: bool = False):
         super().__init__(**member_parts)
         self.members, self.policy = members, policy
-        self.vocab, self.head_slice = vocab, head_slice      # rank -> [start, stop) of the head
+        planner.vocab, planner.head_slice = vocab, head_slice   # rank -> [start, stop) of the head
         self.inbox = LeadInbox(self)
         self.satellites, self.planner = satellites, planner
         self.halo_predictor = halo_predictor     # per-token importance for the satellites' deadlines
@@ -69,8 +69,16 @@ class Lead(Member):
         self.model_bytes = 0                     # the model's own weights here (norms)
         self.silent: list[int] = []              # workers that did not answer STOP
         self.speeds: SpeedMeter | None = None    # the ranks' measured speeds, when re-planning (assembly)
-        self.work: Work | None = None            # ... and what each computes, from the plan
         self._computed = 0.0                     # rank 0's compute seconds when the step began
+
+    @property
+    def vocab(self) -> list[tuple[int, int]]:
+        """rank -> [start, stop) of the head under the plan in force (a speed re-plan moves them)."""
+        return self.planner.vocab
+
+    @property
+    def head_slice(self):
+        return self.planner.head_slice
 
     @property
     def links(self) -> dict:
@@ -144,15 +152,14 @@ class Lead(Member):
 
     def measure(self):
         """A decode step's compute times (rank 0's own, the members' with their logits) into the
-        speed meter, with what each computed."""
+        speed meter."""
         members, self.exchange.computed = self.exchange.computed, []
         if self.speeds is None or not self.decoding:
             return
-        placement, w = self.planner.placement, self.work
-        self.speeds.add(0, w.step(0, self.groups.count), self.clock.seconds - self._computed)
+        self.speeds.add(0, self.clock.seconds - self._computed)
         for r, step, us in members:
             if step == self.step:
-                self.speeds.add(r, w.step(r, sum(len(p[r]) for p in placement)), us / 1e6)
+                self.speeds.add(r, us / 1e6)
 
     # -- the end
     def finish(self, timeout: float = 20.0) -> dict[int, dict]:

@@ -42,6 +42,9 @@ class Member:
         self.steps = self.plans = 0
         self.rss = RssTrace(every=50)          # resident MB every 50 steps
         self.pace = StepPace()                 # how long steps take: a re-plan's reading per step
+        self.load_head = None                  # (start, stop) -> a VocabSlice (set by the assembly)
+        self.head_wanted: tuple | None = None  # a pending plan's head rows, and the slice once read
+        self.head_read = None
 
     # -- a block's parts
     def attend(self, layer: int, x: torch.Tensor, pos: int) -> torch.Tensor:
@@ -80,7 +83,9 @@ class Member:
             if m.kind == Kind.STOP:
                 return self.finish()
             if m.kind == Kind.PLAN:
-                self.groups.prepare(m.plan, {l: ids for l, ids in enumerate(m.json()["mlp"])})
+                plan = m.json()
+                self.groups.prepare(m.plan, {l: ids for l, ids in enumerate(plan["mlp"])})
+                self.head_wanted, self.head_read = (tuple(plan["vocab"]) if "vocab" in plan else None), None
                 self.read_budget = self.pace.read_budget()
             elif m.kind == Kind.STEP:
                 self.run_step(m, cache)
@@ -121,9 +126,24 @@ class Member:
             self.groups.advance(float("inf"))
             if not self.groups.switch(version):
                 raise HaloError(f"rank {self.t.rank}: step under plan {version} before its groups")
+            if self.head_wanted is not None:
+                self.model.output = self.read_head()
+            self.head_wanted = self.head_read = None
             self.plans += 1
         elif not pending.done and self.groups.advance(self.read_budget):
+            self.read_head()
             self.t.send(0, Kind.READY, 0, 0, json_payload({}), plan=pending.version)
+
+    def read_head(self):
+        """The pending plan's head rows (read at once, after its groups), or the slice held."""
+        if self.head_wanted is None:
+            return self.model.output
+        if self.head_read is None:
+            head = self.model.output
+            start, stop = self.head_wanted
+            same = head is not None and (head.start, head.stop) == (start, stop)
+            self.head_read = head if same else self.load_head(start, stop)
+        return self.head_read
 
     def finish(self) -> dict:
         if self.loading is not None:

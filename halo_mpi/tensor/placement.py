@@ -240,14 +240,13 @@ class Replanner:
         loads = ", ".join(f"rank {r} loads {n}" for r, n in sorted(moved(placement, new).items())) or "none"
         return new, f"groups moved: {loads}"
 
-    def rerate_speeds(self, measured: dict[int, float], placement: Placement, step: int):
-        """(new placement, log line) with the members' measured speeds (relative to rank 0's, as
-        the profile's: tensor/speeds.py), else (None, "") when none moved RERATE from its rating
+    def rerate_speeds(self, ratios: dict[int, float], placement: Placement, step: int):
+        """(new placement, log line) with each member's speed scaled by `ratios` (rank 0's compute
+        time over its own: tensor/speeds.py), else (None, "") when none would change by RERATE
         (smaller moves are a shared machine's noise, and would move groups back and forth).
-        Only MLP groups move (attention groups and head rows stay where they are)."""
-        ref = self.cluster.ranks[0].speed
-        changes = [(r, self.cluster.ranks[r].speed, v * ref) for r, v in sorted(measured.items())
-                   if r not in self.excluded and abs(v * ref / self.cluster.ranks[r].speed - 1) > RERATE]
+        The MLP groups move here; the planner moves the head rows (vocab_slices)."""
+        changes = [(r, self.cluster.ranks[r].speed, self.cluster.ranks[r].speed * v)
+                   for r, v in sorted(ratios.items()) if r not in self.excluded and abs(v - 1) > RERATE]
         if not changes:
             return None, ""
         for r, _, speed in changes:

@@ -23,7 +23,7 @@ import numpy as np
 from ..net.framing import Kind, json_payload
 from ..net.transport import Transport
 from .held import HeldGroups, StepPace
-from .placement import SPEED_BAND, Placement, moved, own_groups, share_in_room
+from .placement import SPEED_BAND, Placement, moved, own_groups, share_in_room, vocab_slices
 from .policy import SyncPolicy
 from .reserve import ReplanRoom
 from .speeds import CONFIRM
@@ -38,6 +38,9 @@ class PendingPlan:
     line: str                        # what proposed it (said again once it is in place)
     unstable: frozenset              # the policy's unstable ranks under it
     probes: set[int]                 # the probe ranks under it
+    vocab: list | None = None        # rank -> [start, stop) of the head, where it moves rows
+    head: object = None              # rank 0's new head slice, once read
+    head_read: bool = False
 
 
 class Planner:
@@ -56,6 +59,10 @@ class Planner:
         self.room = room                # under --mem-budget: each rank's room for re-planned groups
         self.declined: set[str] = set()  # why plans were not made (room), each said once
         self.speeds = None               # SpeedMeter: the members' measured speeds (set by the lead)
+        self.vocab: list[tuple[int, int]] = []   # rank -> [start, stop) of the head (set by the lead)
+        self.head_slice = None                   # rank 0's slice of it
+        self.members: list[int] = [0]            # the ranks that hold head rows (set by the assembly)
+        self.load_head = None                    # (start, stop) -> a VocabSlice read from the store
         self.imbalanced = 0              # steps in a row their compute times were SPEED_BAND apart
         self.before = None               # the re-planner's ratings before it proposed
         self.resident_bytes = lambda: held.nbytes + backups.nbytes   # all of rank 0's: set by the lead
@@ -89,6 +96,10 @@ class Planner:
     def advance(self):
         t0, budget = time.perf_counter(), self.budget
         own = self.held.advance(budget)
+        p = self.pending
+        if own and p.vocab is not None and not p.head_read:      # rank 0's new rows, at once
+            p.head = self.load_head(*p.vocab[0]) if p.vocab[0] != self.vocab[0] else self.head_slice
+            p.head_read = True
         spare = budget - (time.perf_counter() - t0)
         backups = self.backups.advance(max(spare, 0.0)) if own else False
         self.read_s += time.perf_counter() - t0
@@ -96,15 +107,18 @@ class Planner:
         if own and backups and not p.waiting:
             self.held.switch(p.version)
             self.backups.switch(p.version)
+            if p.vocab is not None:
+                self.vocab, self.head_slice = p.vocab, p.head
             self.placement, self.version, self.probes = p.placement, p.version, p.probes
             self.policy.unstable = p.unstable
             self.pending = None
             self.say(f"{p.line}; in place from step {self.step}")
 
     # -- proposing plans
-    def propose(self, new: Placement, line: str):
+    def propose(self, new: Placement, line: str, vocab: list | None = None):
         """Plan `new` to every worker (PLAN), and rank 0's part of it read in the background;
-        under a budget only if its groups fit every rank's room (else said, and not made)."""
+        under a budget only if its groups fit every rank's room (else said, and not made).
+        vocab: the head's new split over the members, where it moves rows."""
         probes = self.replanner.probes()
         if self.room is not None:
             wanted = {0: own_groups(new, probes)}
@@ -118,15 +132,19 @@ class Planner:
             self.room.take(new, wanted)
         version = self.version + 1
         for r in range(1, self.t.size):
-            self.t.send(r, Kind.PLAN, self.step, -1, json_payload({"mlp": [p[r].tolist() for p in new]}),
-                        plan=version)
+            body = {"mlp": [p[r].tolist() for p in new]}
+            if vocab is not None and r in self.members:
+                body["vocab"] = list(vocab[r])
+            self.t.send(r, Kind.PLAN, self.step, -1, json_payload(body), plan=version)
         unstable = frozenset(self.replanner.unstable())
         self.stuck_share = {r: s for r, s in self.stuck_share.items() if r in unstable}
         gaining = {r for r in moved(self.placement, new) if r != 0 and r not in self.unreachable}
+        if vocab is not None:                       # a member given other head rows reads them
+            gaining |= {r for r in self.members if r and vocab[r] != self.vocab[r]}
         self.budget = self.pace.read_budget()
         self.held.prepare(version, own_groups(new, probes))
         self.backups.prepare(version, self.wanted_backups(new, unstable, probes))
-        self.pending = PendingPlan(version, new, gaining, line, unstable, probes)
+        self.pending = PendingPlan(version, new, gaining, line, unstable, probes, vocab)
 
     def watch_silence(self):
         """A worker silent for the rank timeout (frozen or dead) is unreachable: said once, its MLP
@@ -172,9 +190,14 @@ class Planner:
             return
         self.imbalanced = 0
         self.before = self.replanner.state()
-        new, line = self.replanner.rerate_speeds(self.speeds.relative(), self.placement, self.step)
+        new, line = self.replanner.rerate_speeds(self.speeds.ratios(), self.placement, self.step)
         self.speeds.forget()
-        if new is not None:
+        vocab = vocab_slices(self.replanner.cluster, self.vocab[-1][1], self.members)
+        if line and vocab != self.vocab:            # the head rows follow the speeds too
+            rows = ", ".join(f"rank {r} {b - a}" for r, (a, b) in enumerate(vocab) if r in self.members)
+            line = line.replace("; nothing to move", "") + f"; head rows: {rows}"
+            self.propose(new if new is not None else self.placement, line, vocab)
+        elif new is not None:
             self.propose(new, line)
         elif line:
             self.say(line)
