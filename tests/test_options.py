@@ -60,7 +60,10 @@ def test_values_are_checked_where_they_are_parsed(capsys):
                         (["--link-loss", "2:1.5"], "value 1.5 for rank 2 is not in [0, 1)"),
                         (["--unstable-ranks", "a"], "is not a comma list of ranks"),
                         (["--threads", "-1"], "must be >= 0"),
-                        (["--read-mbps", "0"], "must be > 0")]:
+                        (["--read-mbps", "0"], "must be > 0"),
+                        (["--slow", "1:3"], "is not RANK:FACTOR@STEP (e.g. 1:3@20)"),
+                        (["--slow", "1:0.5@2"], "FACTOR is at least 1 and finite"),
+                        (["--slow", "1:3@1,1:2@5"], "names rank 1 twice")]:
         with pytest.raises(SystemExit):
             parse_mode(words)
         assert says in capsys.readouterr().err
@@ -72,6 +75,9 @@ def test_rules_across_options_are_checked_once_the_world_size_is_known():
         check(ModeOptions.of(parallel="tensor", link_loss={3: 0.1}), 2)
     with pytest.raises(HaloError, match="choose --parallel tensor or --parallel pipeline"):
         check(ModeOptions(), 2)
+    check(ModeOptions.of(parallel="tensor", slow={0: (2.0, 5)}), 2)        # rank 0 may slow down too
+    with pytest.raises(HaloError, match="--slow names rank 2, but the ranks are 0..1"):
+        check(ModeOptions.of(parallel="tensor", slow={2: (2.0, 5)}), 2)
     with pytest.raises(HaloError, match="not with --mem-budget"):
         check(ModeOptions.of(parallel="tensor", backup_share=0.5, mem_budget=Budget.parse("50%")), 2)
     with pytest.raises(TypeError, match="no option field warp"):
