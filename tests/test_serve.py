@@ -4,65 +4,16 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import halo, halo_cmd
+from conftest import halo
+from live_server import MODES, LiveServer, free_port, serve_cmd
 
 PROMPT = "What is the capital of France?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    def __init__(self, cmd: list[str], port: int):
-        self.port, self.url = port, f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        end = time.monotonic() + 120
-        while True:
-            try:
-                self.health()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > end:
-                    self.stop()
-                    raise RuntimeError(f"the server did not come up: {self.proc.stderr.read()}") from None
-                time.sleep(0.3)
-
-    def health(self) -> dict:
-        with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
-            return json.loads(r.read())
-
-    def client(self):
-        from openai import OpenAI
-        return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-    def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        return self.proc.returncode, err
-
-
-def serve_cmd(weights, port, ranks: int, *extra) -> list[str]:
-    """One rank serves without mpiexec, as users start it."""
-    return halo_cmd("serve", "--weights", weights, "--port", port, *extra, ranks=ranks if ranks > 1 else None)
-
-
-MODES = {"single": (1, ()), "tensor": (2, ("--parallel", "tensor", "--sync", "strict")),
-         "pipeline": (2, ("--parallel", "pipeline", "--num-sequences", "2"))}
 
 
 @pytest.fixture(scope="module", params=list(MODES))

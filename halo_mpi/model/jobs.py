@@ -27,6 +27,7 @@ class Job:
     temperature: float = 0.0                            # 0: greedy
     top_p: float = 1.0
     seed: int = 0
+    sampling: dict = field(default_factory=dict)        # Sampler's other options (penalties, bias, logprobs)
     stop_ids: frozenset = frozenset()                   # a sampled one ends the job (not kept)
     on_token: Callable[[int], bool] | None = None       # each token; True: stop here
     cancelled: Callable[[], bool] = lambda: False       # checked before the job starts
@@ -34,7 +35,7 @@ class Job:
     result: GenerationResult | None = field(default=None, repr=False)   # set when it ends
 
     def sampler(self) -> Sampler:
-        return Sampler(self.temperature, self.top_p, self.seed)
+        return Sampler(self.temperature, self.top_p, self.seed, **self.sampling)
 
     @property
     def max_len(self) -> int:
