@@ -27,11 +27,11 @@ class Job:
     temperature: float = 0.0                            # 0: greedy
     top_p: float = 1.0
     seed: int = 0
-    sampling: dict = field(default_factory=dict)        # Sampler's other options (penalties, bias, logprobs)
     stop_ids: frozenset = frozenset()                   # a sampled one ends the job (not kept)
     on_token: Callable[[int], bool] | None = None       # each token; True: stop here
     cancelled: Callable[[], bool] = lambda: False       # checked before the job starts
     index: int = 0                                      # its place among the jobs of a run
+    sampling: dict = field(default_factory=dict)        # Sampler's other options (penalties, bias, logprobs)
     result: GenerationResult | None = field(default=None, repr=False)   # set when it ends
 
     def sampler(self) -> Sampler:

@@ -13,7 +13,6 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -51,7 +50,6 @@ class Answer:
     model: str
     tok: Tokenizer
     logprobs: int | None = None    # None: not asked; k: each token's and the k likeliest
-    on_done: Callable[[dict], None] | None = None    # given the job's end (metrics)
     id: str = field(init=False)
     created: int = field(init=False)   # unix seconds
     offset: int = field(init=False, default=0)   # characters of text so far (completions' text_offset)
@@ -95,10 +93,6 @@ class Answer:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self.head(kind), "choices": [self.choice(text, picks, finish, first)]}
 
-    def ended(self, done: dict):
-        if self.on_done is not None:
-            self.on_done(done)
-
     # -- the two ways to answer
     def stream(self) -> StreamingResponse:
         async def events():
@@ -110,7 +104,6 @@ class Answer:
                     if what == "text":
                         yield event(self.chunk(*value, None))
                         continue
-                    self.ended(value)
                     if value["error"]:
                         e = failure(value)
                         yield event({"error": {"message": e.message, "type": e.kind, "param": None,
@@ -146,7 +139,6 @@ class Answer:
             gone.cancel()
             self.job.cancelled.set()
         done = value
-        self.ended(done)
         if done["error"]:
             raise failure(done)
         text, picks = "".join(pieces), picks + done["picks"]

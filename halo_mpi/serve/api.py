@@ -115,8 +115,8 @@ class Api:
                              "messages" if chat else "prompt")
         max_tokens = params.max_tokens or self.default_max_tokens
         job = Job(ids, min(max_tokens, self.context - len(ids)), params.temperature, params.top_p,
-                  params.seed % 2 ** 64, params.stop, params.sampler_options())
-        return job, Answer(job, chat, self.model_name, self.tok, params.logprobs, self.metrics.done)
+                  params.seed % 2 ** 64, params.stop, params.sampler_options(), on_done=self.metrics.done)
+        return job, Answer(job, chat, self.model_name, self.tok, params.logprobs)
 
     async def submit(self, job: Job):
         if self.broker.closed.is_set():

@@ -11,6 +11,7 @@ import asyncio
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -27,6 +28,7 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None              # ("text", (str, picks)) ..., then ("done", dict)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    on_done: Callable[[dict], None] | None = None    # given the end (in the driver's thread): metrics
     queued_at: float = field(default_factory=time.perf_counter)
 
     def _put(self, event):
@@ -41,9 +43,12 @@ class Job:
              picks: list | None = None, first_token_s: float | None = None, per_token_s: float | None = None):
         """The end: why, how many tokens, an error (None: none), the picks not yet sent, and for
         /metrics the time from the queue to the first token and per token after it."""
-        self._put(("done", {"finish_reason": finish_reason, "completion_tokens": completion_tokens,
-                            "prompt_tokens": len(self.ids), "error": error, "picks": picks or [],
-                            "first_token_s": first_token_s, "per_token_s": per_token_s}))
+        done = {"finish_reason": finish_reason, "completion_tokens": completion_tokens,
+                "prompt_tokens": len(self.ids), "error": error, "picks": picks or [],
+                "first_token_s": first_token_s, "per_token_s": per_token_s}
+        if self.on_done is not None:      # also when no client reads the events any more
+            self.on_done(done)
+        self._put(("done", done))
 
 
 class Broker:

@@ -84,8 +84,8 @@ class BrokerSource:
         out = TextOut(request, self.tok)
         sampling = {**request.sampling, "picks": request.picks}
         job = jobs.Job(request.ids, request.max_new, request.temperature, request.top_p, request.seed,
-                       sampling, frozenset(self.tok.stop_ids), on_token=self._on_token(request, out),
-                       cancelled=request.cancelled.is_set, index=next(self.indices))
+                       frozenset(self.tok.stop_ids), on_token=self._on_token(request, out),
+                       cancelled=request.cancelled.is_set, index=next(self.indices), sampling=sampling)
         self.running[job.index] = (request, out)
         self.broker.running = len(self.running)
         return job
