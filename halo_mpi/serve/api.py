@@ -107,16 +107,26 @@ class Api:
         vocab = self.tok.vocab_size
         params = sampling_fields(body, chat, vocab)
         prompt = self.tok.chat_messages(messages_of(body)) if chat else prompt_of(body, vocab)
-        ids = prompt if isinstance(prompt, list) else await asyncio.to_thread(self.tok.encode, prompt)
+        param = "messages" if chat else "prompt"
+        ids = prompt if isinstance(prompt, list) else await self.encode(prompt, param)
         if not ids:
-            raise BadRequest("the prompt is empty", "prompt")
+            raise BadRequest("the prompt is empty", param)
         if len(ids) >= self.context:
             raise BadRequest(f"the prompt has {len(ids)} tokens; the model's context is {self.context}",
-                             "messages" if chat else "prompt")
+                             param)
         max_tokens = params.max_tokens or self.default_max_tokens
         job = Job(ids, min(max_tokens, self.context - len(ids)), params.temperature, params.top_p,
                   params.seed % 2 ** 64, params.stop, params.sampler_options(), on_done=self.metrics.done)
         return job, Answer(job, chat, self.model_name, self.tok, params.logprobs)
+
+    async def encode(self, text: str, param: str) -> list[int]:
+        """The text's token ids, in a thread; a text too long to fit the context whatever its
+        tokens (n bytes are at least n / longest_token_bytes tokens) is refused untokenized."""
+        fewest = len(text.encode("utf-8", errors="replace")) // self.tok.longest_token_bytes
+        if fewest >= self.context:
+            raise BadRequest(f"the prompt has at least {fewest} tokens; the model's context is "
+                             f"{self.context}", param)
+        return await asyncio.to_thread(self.tok.encode_unlocked, text)
 
     async def submit(self, job: Job):
         if self.broker.closed.is_set():
@@ -135,7 +145,7 @@ class Api:
     async def tokenize(self, request: Request) -> dict:
         body = json_object(await read_body(request, self.max_body))
         text = content_text(body.get("content"), "body")
-        ids = await asyncio.to_thread(self.tok.encode, text)
+        ids = await asyncio.to_thread(self.tok.encode_unlocked, text)
         if body.get("with_pieces") is True:
             return {"tokens": [{"id": i, "piece": self.tok.decode([i])} for i in ids]}
         return {"tokens": ids}
