@@ -185,3 +185,27 @@ def test_routes_models_tokenize_and_the_body_limit(live, client):
     status, body = live.post("/v1/completions", {"prompt": "x" * 70000}, key)
     assert status == 413 and "--max-body" in json.loads(body)["error"]["message"]
     assert live.health()["status"] == "ok"
+
+
+def test_metrics_give_each_ranks_share_on_time_rate_and_drops(tiny_store_path):
+    """Tensor mode under HALO sync with emulated loss on rank 1's link (seeded): /metrics has a
+    row per rank, the shares add up, and the late partials of rank 1 are counted."""
+    from prometheus_client.parser import text_string_to_metric_families
+    port = free_port()
+    server = LiveServer(serve_cmd(tiny_store_path, port, 2, "--parallel", "tensor", "--sync", "halo",
+                                  "--link-loss", "1:0.3", "--loss-model", "rto"), port)
+    try:
+        r = completion(server.client(), max_tokens=16, temperature=0)
+        assert r.usage.completion_tokens == 16
+        status, text = server.get("/metrics")
+    finally:
+        code, err = server.stop()
+    assert code == 0, err
+    samples = {(s.name, s.labels.get("rank")): s.value
+               for family in text_string_to_metric_families(text.decode()) for s in family.samples}
+    shares = [samples[("halo_rank_group_share", str(r))] for r in range(2)]
+    assert sum(shares) == pytest.approx(1.0) and min(shares) > 0
+    assert samples[("halo_rank_on_time_rate", "0")] == 1.0 and samples[("halo_rank_dropped_layers", "0")] == 0
+    assert samples[("halo_rank_dropped_layers", "1")] >= 1 and samples[("halo_rank_on_time_rate", "1")] < 1
+    assert samples[("halo_completion_tokens_total", None)] == 16
+    assert ("halo_rank_dropped_share", "1") in samples and ("halo_dropped_importance_share", None) in samples

@@ -9,6 +9,7 @@
     halo_rank_group_share{rank}                 the share of MLP groups each rank holds
     halo_rank_on_time_rate{rank}                its link's on-time rate as rank 0 measures it
     halo_rank_dropped_layers{rank}              layer-steps whose partial came late (recent steps)
+    halo_rank_dropped_share{rank}               the importance that cost, per token (recent mean)
     halo_dropped_importance_share               importance dropped per token (recent mean)
 
 The per-rank figures are whatever the mode reports in `health()["rank_stats"]` at scrape time.
@@ -24,7 +25,9 @@ from prometheus_client.core import GaugeMetricFamily
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RANK_FIGURES = {"group_share": "share of the MLP groups this rank holds",
                 "on_time_rate": "share of this rank's partials that arrived before their deadline",
-                "dropped_layers": "layer-steps of recent tokens whose partial from this rank came late"}
+                "dropped_layers": "layer-steps of recent tokens whose partial from this rank came late",
+                "dropped_share": "importance dropped per token because this rank's partial came late "
+                                 "(mean over recent tokens)"}
 
 
 class RankCollector:
