@@ -6,8 +6,9 @@
     POST /v1/chat/completions   {"messages": [{"role", "content"}], ...the same, "top_logprobs"}
     GET  /v1/models, /v1/models/{id}   the one model this server runs
     POST /tokenize {"content"} -> {"tokens"};  POST /detokenize {"tokens"} -> {"content"}
-    GET  /health                ranks, mode, link on-time rates, requests queued and running
+    GET  /health                ranks, mode, per-rank figures, requests queued and running
     GET  /metrics               Prometheus's text format (serve/metrics.py)
+    GET  /                      a chat page that streams from the API, beside the cluster live
 
 Errors have OpenAI's shape ({"error": {"message", "type", "param", "code"}}): 400 for a bad or
 unsupported field, 401 without the key (`--api-key`; /health needs none), 404 for another model
@@ -24,10 +25,11 @@ import hmac
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from .answer import Answer
@@ -38,6 +40,7 @@ from .metrics import CONTENT_TYPE, Metrics
 if TYPE_CHECKING:
     from ..model.tokenizer import Tokenizer
 
+PAGE = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
 MAX_BODY = 4 << 20        # bytes: some 500 pages of text, far above a full context of 8192 tokens
 
 
@@ -163,9 +166,10 @@ class Api:
 
     def status(self) -> dict:
         broker = self.broker
-        health = {k: v for k, v in self.health().items() if k != "rank_stats"}
         return {"status": "shutting down" if broker.closed.is_set() else "ok", "model": self.model_name,
-                "queued": broker.queued, "running": broker.running, "served": broker.served, **health}
+                "queued": broker.queued, "running": broker.running, "served": broker.served,
+                "ms_per_token": self.metrics.recent_ms_per_token(), "key_required": self.api_key is not None,
+                **self.health()}
 
 
 def make_app(broker: Broker, tok: Tokenizer, model_name: str, context: int, health: Callable[[], dict],
@@ -213,6 +217,10 @@ def make_app(broker: Broker, tok: Tokenizer, model_name: str, context: int, heal
     @app.get("/health")
     async def health_check():
         return api.status()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():                     # static; its requests carry the key the user gives it
+        return PAGE
 
     return app
 

@@ -6,7 +6,8 @@
     halo_queue_length, halo_running             requests waiting, being generated
     halo_time_to_first_token_seconds            from the request's arrival in the queue (histogram)
     halo_time_per_output_token_seconds          mean over each request's tokens after its first
-    halo_rank_group_share{rank}                 the share of MLP groups each rank holds
+    halo_rank_group_share{rank}                 the share of MLP groups each rank holds (tensor)
+    halo_rank_layer_share{rank}                 the share of the layers (pipeline)
     halo_rank_on_time_rate{rank}                its link's on-time rate as rank 0 measures it
     halo_rank_dropped_layers{rank}              layer-steps whose partial came late (recent steps)
     halo_rank_dropped_share{rank}               the importance that cost, per token (recent mean)
@@ -17,14 +18,17 @@ Each app has its own registry, so several apps (tests) never share counters.
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+RECENT = 16          # requests /health's ms_per_token is the mean over
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RANK_FIGURES = {"group_share": "share of the MLP groups this rank holds",
                 "on_time_rate": "share of this rank's partials that arrived before their deadline",
+                "layer_share": "share of the layers this rank holds (pipeline)",
                 "dropped_layers": "layer-steps of recent tokens whose partial from this rank came late",
                 "dropped_share": "importance dropped per token because this rank's partial came late "
                                  "(mean over recent tokens)"}
@@ -71,6 +75,12 @@ class Metrics:
                                    "mean time per token after the first, per request", registry=r,
                                    buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1))
         r.register(RankCollector(health))
+        self.recent = deque(maxlen=RECENT)      # seconds per token of the last requests
+
+    def recent_ms_per_token(self) -> float | None:
+        """Mean ms per token (after the first) over the last RECENT requests; None before one."""
+        recent = list(self.recent)
+        return round(1e3 * sum(recent) / len(recent), 2) if recent else None
 
     def answered(self, endpoint: str, status: int):
         self.requests.labels(endpoint, str(status)).inc()
@@ -84,6 +94,7 @@ class Metrics:
             self.first_token.observe(done["first_token_s"])
         if done.get("per_token_s") is not None:
             self.per_token.observe(done["per_token_s"])
+            self.recent.append(done["per_token_s"])
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
