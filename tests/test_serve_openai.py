@@ -209,3 +209,14 @@ def test_metrics_give_each_ranks_share_on_time_rate_and_drops(tiny_store_path):
     assert samples[("halo_rank_dropped_layers", "1")] >= 1 and samples[("halo_rank_on_time_rate", "1")] < 1
     assert samples[("halo_completion_tokens_total", None)] == 16
     assert ("halo_rank_dropped_share", "1") in samples and ("halo_dropped_importance_share", None) in samples
+
+
+def test_penalties_turn_greedy_text_away_from_repeats(client):
+    """The tiny model repeats itself at temperature 0 after "hello"; the penalties break that."""
+    def distinct(**fields) -> int:
+        r = completion(client, temperature=0, max_tokens=8, logprobs=0, **fields)
+        return len(set(r.choices[0].logprobs.tokens))
+    plain = distinct()
+    assert plain < 8                                           # it repeats
+    assert distinct(frequency_penalty=2.0) > plain
+    assert distinct(presence_penalty=2.0) > plain
