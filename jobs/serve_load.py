@@ -20,11 +20,12 @@ PROMPTS = ["Tell me about the history of Paris.", "Why is the sky blue?",
            "Write a short poem about the sea.", "How do computers add numbers?"]
 
 
-def one_request(url: str, prompt: str, max_tokens: int, timeout: float) -> dict:
+def one_request(url: str, prompt: str, max_tokens: int, timeout: float, key: str | None = None) -> dict:
     body = json.dumps({"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                        "temperature": 0, "stream": True}).encode()
     req = urllib.request.Request(url + "/v1/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {key}"} if key else {})})
     t0 = time.perf_counter()
     first = None
     usage = {}
@@ -54,15 +55,21 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per answer (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=300, help="seconds per request (default: %(default)s)")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--api-key-file", help="the server's API key (first line), for a server started with one")
     a = p.parse_args()
     if not (1 <= a.clients <= 64 and 1 <= a.requests <= 100):
         p.error("--clients in 1..64 and --requests in 1..100 (a bounded load)")
+    key = None
+    if a.api_key_file:
+        with open(a.api_key_file) as f:
+            key = f.readline().strip()
     rows, errors = [], []
 
     def client(i: int):
         for j in range(a.requests):
             try:
-                rows.append(one_request(a.url, PROMPTS[(i + j) % len(PROMPTS)], a.max_tokens, a.timeout))
+                rows.append(one_request(a.url, PROMPTS[(i + j) % len(PROMPTS)], a.max_tokens, a.timeout,
+                                        key))
             except Exception as e:      # noqa: BLE001 - reported below
                 errors.append(f"client {i}: {e}")
     t0 = time.perf_counter()

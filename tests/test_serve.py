@@ -4,65 +4,16 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import halo, halo_cmd
+from conftest import halo
+from live_server import MODES, LiveServer, free_port, serve_cmd
 
 PROMPT = "What is the capital of France?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    def __init__(self, cmd: list[str], port: int):
-        self.port, self.url = port, f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        end = time.monotonic() + 120
-        while True:
-            try:
-                self.health()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > end:
-                    self.stop()
-                    raise RuntimeError(f"the server did not come up: {self.proc.stderr.read()}") from None
-                time.sleep(0.3)
-
-    def health(self) -> dict:
-        with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
-            return json.loads(r.read())
-
-    def client(self):
-        from openai import OpenAI
-        return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-    def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        return self.proc.returncode, err
-
-
-def serve_cmd(weights, port, ranks: int, *extra) -> list[str]:
-    """One rank serves without mpiexec, as users start it."""
-    return halo_cmd("serve", "--weights", weights, "--port", port, *extra, ranks=ranks if ranks > 1 else None)
-
-
-MODES = {"single": (1, ()), "tensor": (2, ("--parallel", "tensor", "--sync", "strict")),
-         "pipeline": (2, ("--parallel", "pipeline", "--num-sequences", "2"))}
 
 
 @pytest.fixture(scope="module", params=list(MODES))
@@ -224,3 +175,91 @@ def test_a_worker_that_dies_ends_the_server_with_an_error(tiny_store_path, mode)
     finally:
         code, err = live.stop()
     assert code != 0
+
+
+def metric(server, name: str, **labels) -> float:
+    """A sample of /metrics (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    status, text = server.get("/metrics")
+    assert status == 200
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def wait_for(condition, what: str, timeout: float = 120):
+    """Polls `condition` (a hang guard, not a timing: the wait ends as soon as it holds)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"still waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_non_streaming_client_that_leaves_is_cancelled(server):
+    before = metric(server, "halo_finished_total", reason="cancelled")
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 4000, "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        wait_for(lambda: server.health()["running"] == 1, "the request to run")
+    wait_for(lambda: server.health()["running"] == 0, "the request to be cancelled")
+    assert metric(server, "halo_finished_total", reason="cancelled") == before + 1
+
+
+@pytest.mark.slow
+def test_metrics_count_requests_tokens_and_each_ranks_share(server):
+    tokens = metric(server, "halo_completion_tokens_total")
+    answered = metric(server, "halo_requests_total", endpoint="/v1/completions", status="200")
+    firsts = metric(server, "halo_time_to_first_token_seconds_count")
+    client = server.client()
+    r = client.completions.create(model=client.models.list().data[0].id, prompt="The capital of France is",
+                                  max_tokens=5, temperature=0)
+    assert r.usage.completion_tokens == 5
+    assert metric(server, "halo_completion_tokens_total") == tokens + 5
+    assert metric(server, "halo_requests_total", endpoint="/v1/completions", status="200") == answered + 1
+    assert metric(server, "halo_time_to_first_token_seconds_count") == firsts + 1
+    assert metric(server, "halo_time_per_output_token_seconds_sum") > 0
+    assert metric(server, "halo_queue_length") == 0
+    if server.mode == "tensor":                 # strict sync: every partial waited for
+        shares = [metric(server, "halo_rank_group_share", rank=str(r)) for r in range(2)]
+        assert sum(shares) == pytest.approx(1.0) and min(shares) > 0
+        assert [metric(server, "halo_rank_on_time_rate", rank=str(r)) for r in range(2)] == [1.0, 1.0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(MODES))
+def test_sigterm_cuts_the_streams_refuses_the_queue_and_every_rank_exits_0(real_store_path, mode):
+    import openai
+    ranks, extra = MODES[mode]
+    port = free_port()
+    live = LiveServer(serve_cmd(real_store_path, port, ranks, *extra), port)
+    others: list = []
+
+    def ask(client):
+        try:
+            r = client.completions.create(model="smollm2-135m", prompt="Once upon a time", max_tokens=500)
+            others.append(r.choices[0].finish_reason)
+        except openai.APIStatusError as e:
+            others.append(e.status_code)
+    try:
+        client = live.client()
+        stream = iter(client.completions.create(model="smollm2-135m", prompt="Once upon a time",
+                                                max_tokens=500, temperature=0, stream=True))
+        next(stream)                                      # it runs
+        slots = ranks if mode == "pipeline" else 1         # one more runs in pipeline mode, one queues
+        threads = [threading.Thread(target=ask, args=(client,)) for _ in range(slots)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: live.health()["queued"] >= 1, "a request to queue")
+        live.proc.send_signal(signal.SIGTERM)
+        chunks = list(stream)
+        for t in threads:
+            t.join(120)
+    finally:
+        code, err = live.stop()
+    assert chunks[-1].choices[0].finish_reason == "shutdown" and chunks[-1].usage.completion_tokens < 500
+    assert 503 in others and set(others) <= {503, "shutdown"}, others
+    assert code == 0 and "server stopped" in err, err[-2000:]

@@ -53,3 +53,13 @@ def test_streaming_holds_back_partial_utf8(tok):
 def test_synthetic_byte_tokenizer_round_trips(tiny_store):
     tok = Tokenizer.from_store(tiny_store)
     assert tok.decode(tok.encode("héllo 42")) == "héllo 42"
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_the_unlocked_encode_is_the_same(tok, text):
+    assert tok.encode_unlocked(text) == tok.encode(text)
+
+
+def test_no_text_has_fewer_tokens_than_its_bytes_over_the_longest_token(tok):
+    for text in TEXTS + ["word " * 1000, "a" * 5000]:
+        assert len(tok.encode(text)) >= len(text.encode()) // tok.longest_token_bytes

@@ -1,17 +1,20 @@
 """`halo-mpi serve`: an OpenAI-compatible HTTP API on rank 0; the other ranks follow its steps.
 
     halo-mpi serve --port 8000
-    mpiexec -n 2 halo-mpi serve --parallel tensor --sync strict --host 0.0.0.0 --port 8000
+    mpiexec -n 2 halo-mpi serve --parallel tensor --sync strict --host 0.0.0.0 --port 8000 \
+        --api-key-file ~/.halo-mpi/api-key
     mpiexec -n 4 halo-mpi serve --parallel pipeline --num-sequences 4
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"messages": [{"role": "user", "content": "Hello"}], "stream": true}'
 
 The model is loaded once; requests queue on rank 0 (halo_mpi/serve/) and run one at a time
 through the same session generate uses, or in pipeline mode up to --num-sequences at once on the
-ring. SIGTERM or Ctrl-C ends the streams and every rank.
+ring. SIGTERM or Ctrl-C ends the streams (finish reason "shutdown") and every rank. On an address
+other than loopback the API asks for a key (--api-key or --api-key-file).
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import sys
@@ -19,7 +22,10 @@ import threading
 import time
 
 from ..errors import HaloError
+from ..net.launch import CollectiveError, world_rank
 from .options import add_mode_options, mode_options, open_mode, positive_int
+
+MAX_BODY = 4 << 20        # bytes (serve/api.py's default)
 
 
 def add_parser(sub):
@@ -38,13 +44,51 @@ def add_parser(sub):
                    help="tokens to generate when a request gives no max_tokens (default: %(default)s)")
     s.add_argument("--model-name", default=None,
                    help="the model id clients name (default: the store's file name without .h5)")
+    s.add_argument("--max-body", type=positive_int, default=MAX_BODY, metavar="BYTES",
+                   help="largest request body; more gets 413 (default: %(default)s)")
+    key = s.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=None, metavar="KEY",
+                     help="clients must send \"Authorization: Bearer KEY\" (every route but /health); "
+                          "required when --host is not a loopback address")
+    key.add_argument("--api-key-file", default=None, metavar="PATH",
+                     help="the key in a file (its first line), kept off the command line and `ps`")
     add_mode_options(s)
     s.set_defaults(func=run)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False        # a name: it may resolve to any interface
+
+
+def api_key(a) -> str | None:
+    """The key from --api-key or --api-key-file; a non-loopback --host without one is an error
+    (every rank finds it, before anything is loaded)."""
+    key = a.api_key
+    if a.api_key_file is not None:
+        try:
+            with open(os.path.expanduser(a.api_key_file)) as f:
+                key = f.readline().strip()
+        except OSError as e:
+            raise CollectiveError(f"--api-key-file {a.api_key_file}: {e.strerror}", world_rank()) from None
+        if not key:
+            raise CollectiveError(f"--api-key-file {a.api_key_file}: the first line is empty", world_rank())
+    if key is not None and not key.strip():
+        raise CollectiveError("--api-key is empty", world_rank())
+    if key is None and not is_loopback(a.host):
+        raise CollectiveError(f"--host {a.host} is not a loopback address: anyone who reaches it could "
+                              "use the cluster; give --api-key KEY or --api-key-file PATH", world_rank())
+    return key
 
 
 def run(a):
     if not 0 < a.port < 65536:
         raise HaloError(f"--port {a.port} is not a TCP port (1-65535)")
+    a.key = api_key(a)
     from ..serve.broker import Broker
     from ..serve.driver import serve_jobs
     with open_mode(mode_options(a)) as engine:
@@ -98,8 +142,9 @@ def start_serving(a, broker, engine) -> Server:
     """Rank 0: the app, its server thread, and signals that close the broker."""
     from ..serve.api import make_app
     name = a.model_name or os.path.splitext(os.path.basename(engine.options.weights))[0]
-    server = Server(make_app(broker, engine.tokenizer, name, engine.context, engine.health, a.max_tokens),
-                    a.host, a.port)
+    app = make_app(broker, engine.tokenizer, name, engine.context, engine.health, a.max_tokens,
+                   max_body=a.max_body, api_key=a.key)
+    server = Server(app, a.host, a.port)
     server.start()
     on_signals(lambda signum, frame: broker.closed.set())
     ranks = engine.size

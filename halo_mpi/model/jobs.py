@@ -31,10 +31,11 @@ class Job:
     on_token: Callable[[int], bool] | None = None       # each token; True: stop here
     cancelled: Callable[[], bool] = lambda: False       # checked before the job starts
     index: int = 0                                      # its place among the jobs of a run
+    sampling: dict = field(default_factory=dict)        # Sampler's other options (penalties, bias, logprobs)
     result: GenerationResult | None = field(default=None, repr=False)   # set when it ends
 
     def sampler(self) -> Sampler:
-        return Sampler(self.temperature, self.top_p, self.seed)
+        return Sampler(self.temperature, self.top_p, self.seed, **self.sampling)
 
     @property
     def max_len(self) -> int:

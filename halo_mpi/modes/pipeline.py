@@ -58,6 +58,12 @@ class PipelineEngine(Engine):
     def describe_mode(self) -> str:
         return f"pipeline ({self.plan.in_flight} in flight)"
 
+    def health(self) -> dict:
+        """Adds each rank's share of the layers (a server's /health and /metrics)."""
+        n = self.plan.n_layers
+        return {**super().health(), "rank_stats": [{"rank": r, "layer_share": len(layers) / n}
+                                                   for r, layers in enumerate(self.plan.split)]}
+
     def _run(self, work):
         if self.comm is not None:
             return self.part.run(lambda ring, stage, clock: self._role(work, clock))

@@ -74,7 +74,27 @@ class TensorEngine(Engine):
 
     def health(self) -> dict:
         return {**super().health(), "link_on_time_rate": {str(r): round(link.on_time_rate, 4)
-                                                          for r, link in self.links.items()}}
+                                                          for r, link in self.links.items()},
+                **self.rank_figures()}
+
+    def rank_figures(self, recent: int = 64) -> dict:
+        """Rank 0, at any time (a server's /metrics): each rank's share of the MLP groups, its
+        link's on-time rate, the layers its partial came late and the importance that cost per
+        token, over the `recent` tokens; all the importance dropped per token over them."""
+        if self.lead is None:
+            return {}
+        placement = list(self.lead.planner.placement)            # [layer][rank] -> group ids
+        records = [rec for rec in list(self.lead.satellites.records[-recent:]) if rec.decoding]
+        total = sum(len(ids) for layer in placement for ids in layer) or 1
+        links = dict(self.links)
+        rows = [{"rank": r,
+                 "group_share": sum(len(layer[r]) for layer in placement if r < len(layer)) / total,
+                 "on_time_rate": links[r].on_time_rate if r in links else 1.0,
+                 "dropped_layers": sum(rec.dropped_ranks[r] for rec in records),
+                 "dropped_share": sum(rec.dropped_by_rank[r] for rec in records) / max(len(records), 1)}
+                for r in range(self.size)]
+        dropped = sum(rec.dropped_share for rec in records) / len(records) if records else 0.0
+        return {"rank_stats": rows, "dropped_share": dropped}
 
     def _run(self, work):
         if self.comm is not None:

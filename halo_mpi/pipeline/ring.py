@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..model.generate import GenerationResult, Sampler
+from ..model.generate import GenerationResult, Sampler, pick_token
 from ..model.jobs import Finished, Job, JobList, JobSource
 from ..model.llama import KVCache, Transformer
 from ..net.framing import Kind, Message, json_payload
@@ -235,16 +235,15 @@ class Conductor:
                                f"sequence {msg.seq}, step {msg.step}")
         with self.clock.compute(), torch.inference_mode():
             logits = self.stage.model.head(torch.from_numpy(msg.payload))[0]   # (1, dim) -> (vocab,)
-            token = seq.sampler(logits)
         self._record(seq, logits)
         job = seq.job
         if job.max_new == 0:
             return self.finish(seq, "max-new-tokens")
-        if token in job.stop_ids:
-            return self.finish(seq, "end-of-sequence token")
-        seq.result.tokens.append(token)
-        if job.on_token is not None and job.on_token(token):
-            return self.finish(seq, "stop")
+        with torch.inference_mode():
+            verdict = pick_token(seq.sampler, logits, job.stop_ids, job.on_token, seq.result)
+        if verdict is not None:
+            return self.finish(seq, verdict)
+        token = seq.result.tokens[-1]
         if len(seq.result.tokens) >= job.max_new:
             return self.finish(seq, "max-new-tokens")
         with self.clock.compute():

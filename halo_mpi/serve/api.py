@@ -1,174 +1,78 @@
 """The OpenAI-compatible HTTP API (FastAPI on uvicorn), served from rank 0.
 
-    POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "top_p", "seed",
-                                 "stop", "stream"}
-    POST /v1/chat/completions   {"model", "messages": [{"role", "content"}], ...the same}
-    GET  /v1/models             the one model this server runs
-    GET  /health                ranks, mode, link on-time rates, requests queued and running
+    POST /v1/completions        {"prompt", "max_tokens", "temperature", "top_p", "seed", "stop",
+                                 "stream", "logprobs", "presence_penalty", "frequency_penalty",
+                                 "logit_bias", ...}: serve/fields.py checks every one
+    POST /v1/chat/completions   {"messages": [{"role", "content"}], ...the same, "top_logprobs"}
+    GET  /v1/models, /v1/models/{id}   the one model this server runs
+    POST /tokenize {"content"} -> {"tokens"};  POST /detokenize {"tokens"} -> {"content"}
+    GET  /health                ranks, mode, per-rank figures, requests queued and running
+    GET  /metrics               Prometheus's text format (serve/metrics.py)
+    GET  /                      a chat page that streams from the API, beside the cluster live
 
-Streaming answers are server-sent events, one chunk per piece of text and `data: [DONE]` at the
-end. Errors have OpenAI's shape ({"error": {"message", "type", "param", "code"}}): 400 for a bad
-field or a prompt that leaves no room in the context, 404 for another model, 500 when generating
-failed, 503 when the queue is full or the server is going down.
+Errors have OpenAI's shape ({"error": {"message", "type", "param", "code"}}): 400 for a bad or
+unsupported field, 401 without the key (`--api-key`; /health needs none), 404 for another model
+or route, 405, 413 for a body over `--max-body`, 500 when generating failed (that request only),
+503 when the queue is full or the server is going down.
 
-`Api` checks a request and hands its `Job` to the broker; an `Answer` turns the job's events into
-the response, streamed or whole; `make_app` only routes.
+`Api` checks a request (tokenizing off the event loop) and hands its `Job` to the broker; an
+`Answer` (serve/answer.py) turns the job's events into the response; `make_app` only routes.
 """
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
-import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from importlib import resources
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
+from .answer import Answer
 from .broker import Broker, Job
+from .fields import BadRequest, content_text, is_int, messages_of, prompt_of, sampling_fields, short
+from .metrics import CONTENT_TYPE, Metrics
 
 if TYPE_CHECKING:
     from ..model.tokenizer import Tokenizer
 
-ROLES = ("system", "user", "assistant")
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.message, self.param, self.status, self.kind = message, param, status, kind
+PAGE = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
+MAX_BODY = 4 << 20        # bytes: some 500 pages of text, far above a full context of 8192 tokens
 
 
 def error_response(e: BadRequest) -> JSONResponse:
+    code = "invalid_api_key" if e.status == 401 else None
     return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param,
-                                   "code": None}}, status_code=e.status)
+                                   "code": code}}, status_code=e.status)
 
 
-def number(body: dict, name: str, default: float, lo: float, hi: float) -> float:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-        raise BadRequest(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}", name)
-    return float(value)
+async def read_body(request: Request, limit: int) -> bytes:
+    too_large = BadRequest(f"the body is over the server's limit of {limit} bytes (--max-body)",
+                           status=413)
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-def stops(body: dict) -> list[str]:
-    value = body.get("stop")
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or len(value) > 4 or not all(isinstance(s, str) for s in value):
-        raise BadRequest("stop must be a string or a list of at most 4 strings", "stop")
-    return [s for s in value if s]
-
-
-def usage(done: dict) -> dict:
-    return {"prompt_tokens": done["prompt_tokens"], "completion_tokens": done["completion_tokens"],
-            "total_tokens": done["prompt_tokens"] + done["completion_tokens"]}
-
-
-def finish_reason(done: dict) -> str:
-    # OpenAI clients know "stop" and "length"; the driver's others ("cancelled") read as "stop"
-    return done["finish_reason"] if done["finish_reason"] in ("stop", "length") else "stop"
-
-
-def event(payload: dict | str) -> str:
-    """One server-sent event."""
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
-
-
-def prompt_of(body: dict) -> str:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise BadRequest("prompt must be a string (one prompt per request)", "prompt")
-    return prompt
-
-
-def messages_of(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("messages must be a non-empty list", "messages")
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise BadRequest("each message needs a role (system, user or assistant) and a string "
-                             "content", "messages")
-    return messages
-
-
-@dataclass
-class Answer:
-    """The response to one submitted job: every chunk of a stream carries the same id and time."""
-    job: Job
-    chat: bool                     # chat.completion(.chunk) rather than text_completion
-    model: str
-    id: str = field(init=False)
-    created: int = field(init=False)   # unix seconds
-
-    def __post_init__(self):
-        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
-
-    def head(self, kind: str) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    def chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict:
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-            return {**self.head("chat.completion.chunk"),
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        return {**self.head("text_completion"),
-                "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
-
-    def stream(self) -> StreamingResponse:
-        async def events():
-            try:
-                if self.chat:
-                    yield event(self.chunk(None, None, first=True))
-                while True:
-                    what, value = await self.job.events.get()
-                    if what == "text":
-                        yield event(self.chunk(value, None))
-                        continue
-                    if value["error"]:
-                        yield event({"error": {"message": value["error"], "type": "server_error"}})
-                    else:
-                        yield event({**self.chunk(None, finish_reason(value)), "usage": usage(value)})
-                    yield event("[DONE]")
-                    return
-            finally:                      # the client went away, or the stream ended
-                self.job.cancelled.set()
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-
-    async def collect(self) -> JSONResponse:
-        """The whole text in one response, once the job is done."""
-        pieces = []
-        try:
-            while True:
-                what, value = await self.job.events.get()
-                if what != "text":
-                    break
-                pieces.append(value)
-        finally:
-            self.job.cancelled.set()
-        done = value
-        if done["error"]:
-            raise BadRequest(done["error"], status=500, kind="server_error")
-        text = "".join(pieces)
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": finish_reason(done)}
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": finish_reason(done), "logprobs": None}
-        kind = "chat.completion" if self.chat else "text_completion"
-        return JSONResponse({**self.head(kind), "choices": [choice], "usage": usage(done)})
+def json_object(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):        # not JSON, not UTF-8, nested too deep, a huge int
+        raise BadRequest("the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
 
 
 @dataclass
@@ -179,42 +83,53 @@ class Api:
     model_name: str
     context: int                   # tokens: prompt plus completion
     health: Callable[[], dict]     # what the running mode knows (ranks, links)
+    metrics: Metrics
     default_max_tokens: int = 128
+    max_body: int = MAX_BODY
+    api_key: str | None = None
+
+    async def authorize(self, request: Request):
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise BadRequest("a valid API key is needed: send it as \"Authorization: Bearer KEY\"",
+                             status=401)
 
     async def parse(self, request: Request) -> dict:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BadRequest("the body is not JSON") from None
-        if not isinstance(body, dict):
-            raise BadRequest("the body must be a JSON object")
+        body = json_object(await read_body(request, self.max_body))
         model = body.get("model", self.model_name)
-        if model != self.model_name:
-            raise BadRequest(f"model {model!r} is not served here; this server runs {self.model_name!r}",
-                             "model", status=404, kind="invalid_request_error")
+        if isinstance(model, str) and model != self.model_name:
+            raise BadRequest(f"model {short(model)} is not served here; this server runs "
+                             f"{self.model_name!r}", "model", status=404)
         return body
 
-    def job_of(self, body: dict, text: str) -> Job:
-        ids, context = self.tok.encode(text), self.context
+    async def job_of(self, body: dict, chat: bool) -> tuple[Job, Answer]:
+        """Every field checked first; then the prompt tokenized in a thread (a long one would
+        hold the event loop, and /health with it)."""
+        vocab = self.tok.vocab_size
+        params = sampling_fields(body, chat, vocab)
+        prompt = self.tok.chat_messages(messages_of(body)) if chat else prompt_of(body, vocab)
+        param = "messages" if chat else "prompt"
+        ids = prompt if isinstance(prompt, list) else await self.encode(prompt, param)
         if not ids:
-            raise BadRequest("the prompt is empty", "prompt")
-        if len(ids) >= context:
-            raise BadRequest(f"the prompt has {len(ids)} tokens; the model's context is {context}",
-                             "prompt")
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens", self.default_max_tokens))
-        if max_tokens is None:
-            max_tokens = self.default_max_tokens
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise BadRequest(f"max_tokens must be a positive integer, got {max_tokens!r}", "max_tokens")
-        seed = body.get("seed", 0)
-        if seed is None:
-            seed = 0
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise BadRequest(f"seed must be an integer, got {seed!r}", "seed")
-        if not isinstance(body.get("stream", False), bool):
-            raise BadRequest("stream must be true or false", "stream")
-        return Job(ids, min(max_tokens, context - len(ids)), number(body, "temperature", 1.0, 0.0, 2.0),
-                   number(body, "top_p", 1.0, 0.0, 1.0), seed, stops(body))
+            raise BadRequest("the prompt is empty", param)
+        if len(ids) >= self.context:
+            raise BadRequest(f"the prompt has {len(ids)} tokens; the model's context is {self.context}",
+                             param)
+        max_tokens = params.max_tokens or self.default_max_tokens
+        job = Job(ids, min(max_tokens, self.context - len(ids)), params.temperature, params.top_p,
+                  params.seed % 2 ** 64, params.stop, params.sampler_options(), on_done=self.metrics.done)
+        return job, Answer(job, chat, self.model_name, self.tok, params.logprobs)
+
+    async def encode(self, text: str, param: str) -> list[int]:
+        """The text's token ids, in a thread; a text too long to fit the context whatever its
+        tokens (n bytes are at least n / longest_token_bytes tokens) is refused untokenized."""
+        fewest = len(text.encode("utf-8", errors="replace")) // self.tok.longest_token_bytes
+        if fewest >= self.context:
+            raise BadRequest(f"the prompt has at least {fewest} tokens; the model's context is "
+                             f"{self.context}", param)
+        return await asyncio.to_thread(self.tok.encode_unlocked, text)
 
     async def submit(self, job: Job):
         if self.broker.closed.is_set():
@@ -224,47 +139,114 @@ class Api:
             raise BadRequest(f"the queue is full ({self.broker.jobs.maxsize} requests waiting); "
                              "retry later", status=503, kind="server_error")
 
-    async def respond(self, body: dict, text: str, chat: bool) -> StreamingResponse | JSONResponse:
-        """`text` (the prompt, or the chat rendered) becomes a job; its answer, streamed or whole."""
-        job = self.job_of(body, text)
+    async def respond(self, request: Request, chat: bool) -> StreamingResponse | JSONResponse:
+        body = await self.parse(request)
+        job, answer = await self.job_of(body, chat)
         await self.submit(job)
-        answer = Answer(job, chat, self.model_name)
-        return answer.stream() if body.get("stream", False) else await answer.collect()
+        return answer.stream() if body.get("stream") else await answer.collect(request)
+
+    async def tokenize(self, request: Request) -> dict:
+        body = json_object(await read_body(request, self.max_body))
+        text = content_text(body.get("content"), "body")
+        ids = await asyncio.to_thread(self.tok.encode_unlocked, text)
+        if body.get("with_pieces") is True:
+            return {"tokens": [{"id": i, "piece": self.tok.decode([i])} for i in ids]}
+        return {"tokens": ids}
+
+    async def detokenize(self, request: Request) -> dict:
+        body = json_object(await read_body(request, self.max_body))
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(is_int(i) and 0 <= i < self.tok.vocab_size for i in ids):
+            raise BadRequest(f"tokens must be a list of token ids in [0, {self.tok.vocab_size - 1}]",
+                             "tokens")
+        return {"content": self.tok.decode(ids)}
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "halo-mpi"}
 
     def status(self) -> dict:
         broker = self.broker
         return {"status": "shutting down" if broker.closed.is_set() else "ok", "model": self.model_name,
                 "queued": broker.queued, "running": broker.running, "served": broker.served,
+                "ms_per_token": self.metrics.recent_ms_per_token(), "key_required": self.api_key is not None,
                 **self.health()}
 
 
 def make_app(broker: Broker, tok: Tokenizer, model_name: str, context: int, health: Callable[[], dict],
-             default_max_tokens: int = 128) -> FastAPI:
-    """The app; `health()` adds what the running mode knows (ranks, links) to /health."""
-    api = Api(broker, tok, model_name, context, health, default_max_tokens)
-    app = FastAPI(title="halo-mpi", docs_url=None, redoc_url=None)
+             default_max_tokens: int = 128, *, max_body: int = MAX_BODY,
+             api_key: str | None = None) -> FastAPI:
+    """The app; `health()` adds what the running mode knows (ranks, links) to /health and
+    /metrics; with `api_key`, every route but /health asks for it."""
+    metrics = Metrics(lambda: broker.queued, lambda: broker.running, health)
+    api = Api(broker, tok, model_name, context, health, metrics, default_max_tokens, max_body, api_key)
+    app = FastAPI(title="halo-mpi", docs_url=None, redoc_url=None, openapi_url=None)
+    add_error_handlers(app, metrics)
+    keyed = [Depends(api.authorize)]
 
-    @app.exception_handler(BadRequest)
-    async def bad_request(_request: Request, e: BadRequest):
-        return error_response(e)
-
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=keyed)
     async def completions(request: Request):
-        body = await api.parse(request)
-        return await api.respond(body, prompt_of(body), chat=False)
+        return counted(metrics, request, await api.respond(request, chat=False))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(request: Request):
-        body = await api.parse(request)
-        return await api.respond(body, api.tok.chat_messages(messages_of(body)), chat=True)
+        return counted(metrics, request, await api.respond(request, chat=True))
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=keyed)
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "halo-mpi"}]}
+        return {"object": "list", "data": [api.model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=keyed)
+    async def model(model_id: str):
+        if model_id != model_name:
+            raise BadRequest(f"the model {short(model_id)} does not exist; this server runs "
+                             f"{model_name!r}", "model", status=404)
+        return api.model_card()
+
+    @app.post("/tokenize", dependencies=keyed)
+    async def tokenize(request: Request):
+        return await api.tokenize(request)
+
+    @app.post("/detokenize", dependencies=keyed)
+    async def detokenize(request: Request):
+        return await api.detokenize(request)
+
+    @app.get("/metrics", dependencies=keyed)
+    async def prometheus():
+        return Response(metrics.text(), media_type=CONTENT_TYPE)
 
     @app.get("/health")
     async def health_check():
         return api.status()
 
+    @app.get("/", response_class=HTMLResponse)
+    async def page():                     # static; its requests carry the key the user gives it
+        return PAGE
+
     return app
+
+
+def counted(metrics: Metrics, request: Request, response):
+    metrics.answered(request.url.path, response.status_code)
+    return response
+
+
+def add_error_handlers(app: FastAPI, metrics: Metrics):
+    """Every error in OpenAI's shape, counted in /metrics."""
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, e: BadRequest):
+        return counted(metrics, request, error_response(e))
+
+    @app.exception_handler(HTTPException)
+    async def no_route(request: Request, e: HTTPException):
+        if e.status_code == 405:
+            message = f"method {request.method} is not allowed for {request.url.path}"
+        elif e.status_code == 404:
+            message = f"invalid URL ({request.method} {request.url.path})"
+        else:
+            message = str(e.detail)
+        return error_response(BadRequest(message, status=e.status_code))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):
+        return counted(metrics, request, error_response(BadRequest(
+            f"internal error: {type(e).__name__}: {e}", status=500, kind="server_error")))

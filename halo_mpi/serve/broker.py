@@ -11,6 +11,7 @@ import asyncio
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -22,21 +23,32 @@ class Job:
     top_p: float = 1.0
     seed: int = 0
     stop: list[str] = field(default_factory=list)   # strings that end the text (not included)
+    sampling: dict = field(default_factory=dict)     # Sampler's other options (fields.Sampling)
+    picks: list = field(default_factory=list)        # the sampler's records when logprobs are asked
     loop: asyncio.AbstractEventLoop | None = None
-    events: asyncio.Queue | None = None              # ("text", str) ..., then ("done", dict)
+    events: asyncio.Queue | None = None              # ("text", (str, picks)) ..., then ("done", dict)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    on_done: Callable[[dict], None] | None = None    # given the end (in the driver's thread): metrics
     queued_at: float = field(default_factory=time.perf_counter)
 
     def _put(self, event):
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
-    def text(self, piece: str):
-        self._put(("text", piece))
+    def text(self, piece: str, picks: list):
+        """A piece of text, and the sampler's records of the tokens picked since the last piece."""
+        self._put(("text", (piece, picks)))
 
-    def done(self, finish_reason: str, completion_tokens: int, error: str | None = None):
-        self._put(("done", {"finish_reason": finish_reason, "completion_tokens": completion_tokens,
-                            "prompt_tokens": len(self.ids), "error": error}))
+    def done(self, finish_reason: str, completion_tokens: int, error: str | None = None,
+             picks: list | None = None, first_token_s: float | None = None, per_token_s: float | None = None):
+        """The end: why, how many tokens, an error (None: none), the picks not yet sent, and for
+        /metrics the time from the queue to the first token and per token after it."""
+        done = {"finish_reason": finish_reason, "completion_tokens": completion_tokens,
+                "prompt_tokens": len(self.ids), "error": error, "picks": picks or [],
+                "first_token_s": first_token_s, "per_token_s": per_token_s}
+        if self.on_done is not None:      # also when no client reads the events any more
+            self.on_done(done)
+        self._put(("done", done))
 
 
 class Broker:
@@ -72,4 +84,4 @@ class Broker:
     def drain(self, reason: str = "shutdown"):
         """Every job still queued ends at once (the server is going down)."""
         while (job := self.take_nowait()) is not None:
-            job.done(reason, 0, error="the server is shutting down")
+            job.done(reason, 0, error="the server is shutting down; this request was not started")

@@ -10,6 +10,7 @@ ring); this module knows no engine.
 from __future__ import annotations
 
 import itertools
+import time
 
 from ..model import jobs
 from .broker import Broker, Job
@@ -23,6 +24,9 @@ class TextOut:
         self.job, self.stream = job, tok.streamer()
         self.sent = ""          # text already given to the client
         self.held = ""          # text not sent yet
+        self.picks: list = []   # the sampler's records of tokens whose text is not sent yet
+        self.seen = 0           # job.picks taken so far
+        self.first_at: float | None = None   # perf_counter of the first token
         self.stopped = False
         self.keep = max((len(s) for s in job.stop), default=1) - 1
 
@@ -30,6 +34,10 @@ class TextOut:
         """True when the text reached a stop string (or the client left): stop generating."""
         if self.job.cancelled.is_set():
             return True
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+        self.picks += self.job.picks[self.seen:]      # empty unless logprobs were asked
+        self.seen = len(self.job.picks)
         self.held += self.stream.push(token)
         return self._flush(final=False)
 
@@ -49,7 +57,8 @@ class TextOut:
     def _send(self, text: str):
         if text:
             self.sent += text
-            self.job.text(text)
+            self.job.text(text, self.picks)
+            self.picks = []
 
     def close(self):
         if not self.stopped:
@@ -73,9 +82,10 @@ class BrokerSource:
         if request is None:
             return None
         out = TextOut(request, self.tok)
+        sampling = {**request.sampling, "picks": request.picks}
         job = jobs.Job(request.ids, request.max_new, request.temperature, request.top_p, request.seed,
                        frozenset(self.tok.stop_ids), on_token=self._on_token(request, out),
-                       cancelled=request.cancelled.is_set, index=next(self.indices))
+                       cancelled=request.cancelled.is_set, index=next(self.indices), sampling=sampling)
         self.running[job.index] = (request, out)
         self.broker.running = len(self.running)
         return job
@@ -94,14 +104,23 @@ class BrokerSource:
         request, out = self.running.pop(job.index)
         out.close()
         result = job.result
-        if request.cancelled.is_set() or result.stopped_by == "cancelled":
-            reason = "cancelled"
-        elif out.stopped or result.stopped_by in ("stop", "end-of-sequence token"):
-            reason = "stop"
-        else:
-            reason = "length"
-        request.done(reason, len(result.tokens))
+        reason = self.reason(request, out, result)
+        error = result.error if reason == "error" else None
+        first = out.first_at - request.queued_at if out.first_at is not None else None
+        per_token = sum(result.decode_s) / len(result.decode_s) if result.decode_s else None
+        request.done(reason, len(result.tokens), error, out.picks, first, per_token)
         self.broker.running, self.broker.served = len(self.running), self.broker.served + 1
+
+    def reason(self, request: Job, out: TextOut, result) -> str:
+        """OpenAI's finish reason ("stop", "length"), or what cut the text short: "shutdown" (the
+        server is going down), "cancelled" (the client left), "error" (its sampling failed)."""
+        if result.stopped_by == "error":
+            return "error"
+        if request.cancelled.is_set() or result.stopped_by == "cancelled":
+            return "shutdown" if self.broker.closed.is_set() else "cancelled"
+        if out.stopped or result.stopped_by in ("stop", "end-of-sequence token"):
+            return "stop"
+        return "length"
 
     def fail(self, error: BaseException):
         """An error in the engine: every running request is told (the server then ends: a rank

@@ -49,6 +49,7 @@ class StepRecord:
     dropped_share: float = 0.0                             # mean over layers of dropped importance
     skipped_share: float = 0.0                             # mean over layers skipped by --sparsity
     dropped_ranks: Counter = field(default_factory=Counter)  # rank -> layers dropped
+    dropped_by_rank: Counter = field(default_factory=Counter)  # rank -> its part of dropped_share
 
 
 class Satellites:
@@ -150,6 +151,7 @@ class Satellites:
         for r in self._dropped:
             rec.dropped_ranks[r] += 1
             rec.dropped_share += lost[r] / self.n_layers
+            rec.dropped_by_rank[r] += lost[r] / self.n_layers
 
     def _backed(self, layer: int, rank: int, imp: np.ndarray, keep) -> tuple:
         """(mask over the backup's groups or None for all, importance share they cover)."""
