@@ -2,11 +2,13 @@
 within 10 s, no traceback, and no file left behind. A few run under mpiexec -n 2 as well: the
 line is printed once, not once per rank."""
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 from conftest import ROOT, halo
 
@@ -24,11 +26,73 @@ def bad(tmp_path_factory, tiny_store_path):
     (d / "trunc.h5").write_bytes(Path(tiny_store_path).read_bytes()[:4000])
     with h5py.File(d / "other.h5", "w") as f:
         f.create_dataset("x", data=[1])
+    damaged_stores(d, Path(tiny_store_path))
     return d
+
+
+def edited(src: Path, dst: Path, edit):
+    """A copy of the store at src, opened read-write and handed to edit(f)."""
+    shutil.copyfile(src, dst)
+    with h5py.File(dst, "r+") as f:
+        edit(f)
+
+
+def replaced(name: str, data):
+    def edit(f):
+        del f[name]
+        f.create_dataset(name, data=data)
+    return edit
+
+
+def damaged_stores(d: Path, tiny: Path):
+    """Stores a broken disk or a hand edit leaves: each contradicts its attributes in one place."""
+    with h5py.File(tiny) as f:
+        mlp, attn = f["layers/001/mlp_groups"][()], f["layers/000/attn_groups"][()]
+        offset = f["layers/000/mlp_groups"].id.get_offset()
+    edited(tiny, d / "half.h5", replaced("layers/001/mlp_groups", mlp[:, :, :16]))   # half the neurons
+    edited(tiny, d / "f64.h5", replaced("layers/000/attn_groups", attn.astype(np.float64)))
+    edited(tiny, d / "layers40.h5", lambda f: f.attrs.modify("n_layers", 40))
+    edited(tiny, d / "negdim.h5", lambda f: f.attrs.modify("dim", -64))
+    edited(tiny, d / "layers1.h5", lambda f: f.attrs.modify("n_layers", 1))
+    edited(tiny, d / "dtype8.h5", lambda f: f.attrs.__setitem__("store_dtype", "float8"))
+    edited(tiny, d / "nonorm.h5", lambda f: f.__delitem__("layers/001/ffn_norm"))
+    edited(tiny, d / "textdim.h5", lambda f: f.attrs.__setitem__("dim", "wide"))
+    shutil.copyfile(tiny, d / "flipped.h5")          # one bit flipped inside group 3 of layer 0
+    with open(d / "flipped.h5", "r+b") as f:
+        f.seek(offset + 3 * mlp[0].nbytes + 100)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
 
 
 T = "{tiny}"          # stands for the tiny store's path
 G = ["generate", "--weights", T, "--prompt", "x"]
+
+
+def generate(store: str, *more: str) -> list[str]:
+    return ["generate", "--weights", f"{{d}}/{store}", "--prompt", "x", *more]
+
+
+STORE_LAYOUT = [
+    (generate("half.h5"),
+     "dataset /layers/001/mlp_groups has shape (8, 3, 16, 64), but the attributes ask for (8, 3, 32, 64)"),
+    (generate("f64.h5"), "dataset /layers/000/attn_groups holds float64, a float32 store holds float32"),
+    (generate("layers40.h5"), "dataset /layers/002/attn_norm is missing"),
+    (generate("negdim.h5"), "dim -64 is not a positive size"),
+    (generate("layers1.h5"), "group /layers/001 lies beyond the n_layers 1"),
+    (generate("dtype8.h5"), "attribute store_dtype 'float8'"),
+    (generate("nonorm.h5"), "dataset /layers/001/ffn_norm is missing"),
+    (generate("textdim.h5"), "an attribute is not a number"),
+    (generate("flipped.h5", "--verify"), "dataset /layers/000/mlp_groups item 3 does not match its checksum"),
+    (["info", "--weights", "{d}/flipped.h5", "--verify"], "/layers/000/mlp_groups item 3 does not match"),
+    (["info", "--weights", "{d}/half.h5"], "/layers/001/mlp_groups has shape"),
+    (["evaluate", "--weights", "{d}/f64.h5", "--tokens", "4"], "/layers/000/attn_groups holds float64"),
+    (["evaluate", "--weights", "{d}/flipped.h5", "--tokens", "4", "--verify"], "does not match its checksum"),
+    (["calibrate", "--weights", "{d}/half.h5", "--quiet"], "/layers/001/mlp_groups has shape"),
+    (["shard", "--weights", "{d}/layers40.h5", "--ranks", "2", "-o", "{d}/shards"], "is missing"),
+    (["convert", "{d}/half.h5", "-o", "{d}/q.h5", "--store-dtype", "q8_0"], "/mlp_groups has shape"),
+    (["generate", "--weights", "{d}/half.h5", "--prompt", "x", "--parallel", "pipeline"], "has shape"),
+]
 CASES = [
     (["generate", "--weights", "{d}/missing.h5", "--prompt", "x"], "not found"),
     (["generate", "--weights", "{d}/trunc.h5", "--prompt", "x"], "truncated"),
@@ -73,6 +137,9 @@ CASES = [
 ]
 
 
+CASES += STORE_LAYOUT
+
+
 def fill(args, d, tiny):
     return [a.replace("{d}", str(d)).replace("{tiny}", str(tiny)) for a in args]
 
@@ -97,6 +164,9 @@ def test_bad_input_is_one_line_and_exit_2(bad, tiny_store_path, args, says):
     (["generate", "--weights", "{d}/other.h5", "--prompt", "x", "--parallel", "tensor"],
      "not a halo-mpi store"),
     (G, "choose --parallel tensor or --parallel pipeline"),          # no mode for 2 ranks
+    (generate("half.h5", "--parallel", "tensor"), "/layers/001/mlp_groups has shape"),
+    (generate("f64.h5", "--parallel", "tensor"), "/layers/000/attn_groups holds float64"),
+    (generate("flipped.h5", "--parallel", "tensor", "--verify"), "does not match its checksum"),
     (["serve", "--weights", T], "choose --parallel tensor or --parallel pipeline"),
 ])
 def test_under_mpiexec_the_line_is_printed_once(bad, tiny_store_path, args, says):

@@ -13,7 +13,14 @@ from ..model.config import SHAPES
 from ..stats import write_json
 from ..store.convert import DEFAULT_MLP_GROUPS
 from ..store.hdf5 import STORE_DTYPES
-from .options import DEFAULT_WEIGHTS, add_threads_argument, positive_int, set_threads
+from .options import (
+    DEFAULT_WEIGHTS,
+    add_mode_options,
+    add_threads_argument,
+    mode_options,
+    positive_int,
+    set_threads,
+)
 
 
 def add_file_parsers(sub):
@@ -51,6 +58,8 @@ def add_file_parsers(sub):
     i = sub.add_parser("info", help="print a store's hyperparameters",
                        description="Print the hyperparameters and layout of an HDF5 store.")
     i.add_argument("--weights", default=DEFAULT_WEIGHTS, help="HDF5 store (default: %(default)s)")
+    i.add_argument("--verify", action="store_true",
+                   help="also read every weight and check it against the CRC-32 written at convert")
     i.set_defaults(func=info)
 
 
@@ -87,14 +96,10 @@ def add_preparation_parsers(sub):
                                    "embedding, attention, norms and tokenizer). The placement "
                                    "depends on --ranks, --link-loss and --unstable-ranks: run "
                                    "generate with the same values.")
-    s.add_argument("--weights", default=DEFAULT_WEIGHTS, help="HDF5 store to cut (default: %(default)s)")
     s.add_argument("--ranks", type=positive_int, required=True, help="number of ranks")
     s.add_argument("-o", "--out", default="weights/shards", help="output folder (default: %(default)s)")
-    s.add_argument("--link-loss", metavar="RANK:P,...", help="as for generate (sets the unstable ranks)")
-    s.add_argument("--unstable-ranks", metavar="R,...", help="as for generate")
-    s.add_argument("--placement", choices=["semantic", "static", "random"], default="semantic",
-                   help="as for generate (default: %(default)s)")
-    s.add_argument("--device-profile", help="as for generate")
+    add_mode_options(s, {"weights", "tensor.link_loss", "tensor.unstable_ranks", "tensor.placement",
+                         "tensor.sync", "device_profile"})   # as for generate: the same plan
     s.set_defaults(func=shard)
 
 
@@ -137,6 +142,7 @@ def convert(a):
 
 def info(a):
     from ..store.hdf5 import Store
+    from ..store.integrity import verify_store
     with Store(a.weights) as s:
         print(f"{a.weights}: {s.name}")
         for k, v in s.args.as_dict().items():
@@ -147,6 +153,9 @@ def info(a):
             print(f"  {'bytes/' + what:16s} {s.item_bytes(kind)}")
         print(f"  {'file':16s} {os.path.getsize(a.weights) / 1e6:.1f} MB")
         print(f"  {'tokenizer':16s} {'yes' if s.has_tokenizer() else 'no'}")
+        if a.verify:
+            items = verify_store(s.f, s.args, s.store_dtype)
+            print(f"  {'verified':16s} {items} items match their CRC-32")
 
 
 def calibrate(a):
@@ -168,13 +177,12 @@ def shard(a):
     from ..store.hdf5 import Store
     from ..store.writer import write_shard
     from ..tensor.placement import describe_plan
-    from ..tensor.run import TensorOptions, make_plan
+    from ..tensor.plan import make_plan
 
-    os.makedirs(a.out, exist_ok=True)
-    options = TensorOptions(link_loss=a.link_loss, unstable_ranks=a.unstable_ranks,
-                            placement=a.placement, device_profile=a.device_profile)
+    options = mode_options(a, parallel="tensor")
     with Store(a.weights) as store:
         plan = make_plan(store, a.ranks, options)
+        os.makedirs(a.out, exist_ok=True)
         base = os.path.splitext(os.path.basename(a.weights))[0]
         for rank in range(a.ranks):
             path = os.path.join(a.out, f"{base}.rank{rank}.h5")
