@@ -18,9 +18,11 @@ from .options import (
     add_mode_options,
     add_threads_argument,
     mode_options,
+    non_negative_int,
     positive_int,
     set_threads,
 )
+from .outputs import check_folder, check_output
 
 
 def add_file_parsers(sub):
@@ -45,7 +47,8 @@ def add_file_parsers(sub):
                         f"(default: {DEFAULT_MLP_GROUPS}, or the divisor nearest to it)")
     c.add_argument("--synthetic", choices=sorted(SHAPES), metavar="NAME",
                    help=f"write random weights of a named LLaMA shape instead: {', '.join(SHAPES)}")
-    c.add_argument("--seed", type=int, default=0, help="random seed for --synthetic (default: %(default)s)")
+    c.add_argument("--seed", type=non_negative_int, default=0,
+                   help="random seed for --synthetic (default: %(default)s)")
     c.add_argument("--store-dtype", choices=STORE_DTYPES, default=None,
                    help="weights as float32, or quantized in blocks of 32: q8_0 (8-bit, 1.06 "
                         "bytes/weight) or q4 (4-bit with an offset, 0.625 bytes/weight; embedding "
@@ -113,8 +116,11 @@ def convert(a):
     from ..store.hdf5 import Store
     if (a.gguf is None) == (a.synthetic is None):
         raise HaloError("convert needs either a GGUF file or --synthetic NAME (not both)")
-    if os.path.dirname(a.output):
-        os.makedirs(os.path.dirname(a.output), exist_ok=True)
+    if a.gguf and not os.path.exists(a.gguf):
+        raise HaloError(f"{a.gguf} not found; run `halo-mpi fetch-weights` for SmolLM2's GGUF")
+    if a.gguf and os.path.exists(a.output) and os.path.samefile(a.gguf, a.output):
+        raise HaloError(f"-o {a.output} is the input itself; write the store to another file")
+    check_output("-o", a.output, make_folder=True)
     if a.synthetic:
         a.store_dtype = a.store_dtype or "float32"
         args = write_synthetic(a.synthetic, a.output, a.mlp_groups, seed=a.seed, progress=not a.quiet,
@@ -144,6 +150,7 @@ def info(a):
     from ..store.hdf5 import Store
     from ..store.integrity import verify_store
     with Store(a.weights) as s:
+        items = verify_store(s.f, s.args, s.store_dtype) if a.verify else None
         print(f"{a.weights}: {s.name}")
         for k, v in s.args.as_dict().items():
             print(f"  {k:16s} {v}")
@@ -153,8 +160,7 @@ def info(a):
             print(f"  {'bytes/' + what:16s} {s.item_bytes(kind)}")
         print(f"  {'file':16s} {os.path.getsize(a.weights) / 1e6:.1f} MB")
         print(f"  {'tokenizer':16s} {'yes' if s.has_tokenizer() else 'no'}")
-        if a.verify:
-            items = verify_store(s.f, s.args, s.store_dtype)
+        if items is not None:
             print(f"  {'verified':16s} {items} items match their CRC-32")
 
 
@@ -182,7 +188,7 @@ def shard(a):
     options = mode_options(a, parallel="tensor")
     with Store(a.weights) as store:
         plan = make_plan(store, a.ranks, options)
-        os.makedirs(a.out, exist_ok=True)
+        check_folder("-o", a.out, a.out, make=True)
         base = os.path.splitext(os.path.basename(a.weights))[0]
         for rank in range(a.ranks):
             path = os.path.join(a.out, f"{base}.rank{rank}.h5")

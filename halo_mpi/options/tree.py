@@ -195,7 +195,7 @@ class ModeOptions:
         "--threads", 0, non_negative_int,
         help="torch threads per rank; 0 = this node's cores / ranks on it")
     seed: int = option(
-        "--seed", 0, int, help="seeds sampling, the loss emulation and random placement")
+        "--seed", 0, non_negative_int, help="seeds sampling, the loss emulation and random placement")
     prefill_chunk: int = option(
         "--prefill-chunk", 64, positive_int,
         help="prompt tokens per message during prefill (the parallel modes)")

@@ -300,6 +300,13 @@ def open_store_file(path: str) -> h5py.File:
     if not os.path.exists(path):
         raise HaloError(f"weights file {path} not found; create it with `halo-mpi fetch-weights` "
                         f"and `halo-mpi convert` (or `make weights`)")
+    if os.path.isdir(path):
+        raise HaloError(f"{path} is a folder; pass a store file written by `halo-mpi convert`")
+    try:
+        with open(path, "rb") as probe:
+            probe.read(8)
+    except OSError as e:
+        raise HaloError(f"cannot read {path}: {e.strerror}") from None
     if not h5py.is_hdf5(path):
         raise HaloError(f"{path} is not an HDF5 file; pass a store written by `halo-mpi convert`")
     try:

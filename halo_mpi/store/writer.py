@@ -39,7 +39,11 @@ class StoreWriter:
         check_quantizable(args, store_dtype)
         self.path, self.args, self.store_dtype = path, args, store_dtype
         self._tmp = f"{path}.partial"
-        self.f = h5py.File(self._tmp, "w")
+        try:
+            self.f = h5py.File(self._tmp, "w")
+        except OSError as e:
+            why = os.strerror(e.errno) if e.errno else str(e).splitlines()[0]
+            raise HaloError(f"cannot write {path}: {why}") from None
         self.f.attrs.update(format=FORMAT, layout_version=LAYOUT_VERSION, store_dtype=store_dtype,
                             name=name, source=source, **args.to_attrs())
 
