@@ -34,6 +34,15 @@ def bad(tmp_path_factory, tiny_store_path):
     (d / "rel.toml").write_text("[default]\nreliability = 0\n")
     (d / "notext.txt").write_text("  \n")
     (d / "empty_folder").mkdir()
+    llama = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 256, "vocab_size": 512}
+    for name, config in (("hf_noweights", llama), ("hf_mistral", {**llama, "model_type": "mistral"}),
+                         ("hf_scaled", {**llama, "rope_scaling": {"rope_type": "llama3"}}),
+                         ("hf_nolayers", {k: v for k, v in llama.items() if k != "num_hidden_layers"})):
+        (d / name).mkdir()
+        (d / name / "config.json").write_text(json.dumps(config))
+    (d / "hf_badjson").mkdir()
+    (d / "hf_badjson" / "config.json").write_text("{model_type: llama")
     (d / "fake.gguf").write_text("not a gguf\n")
     (d / "trunc.h5").write_bytes(Path(tiny_store_path).read_bytes()[:4000])
     with h5py.File(d / "other.h5", "w") as f:
@@ -196,6 +205,12 @@ FILESYSTEM = [       # a folder where a file is expected, a file where a folder 
     (["convert", "--synthetic", "tiny", "-o", "{d}/latin1.txt/t.h5"], "latin1.txt is a file, not a folder"),
     (["convert", T, "-o", T, "--store-dtype", "q8_0"], "is the input itself"),
     (["shard", "--weights", T, "--ranks", "2", "-o", "{d}/latin1.txt"], "latin1.txt is a file, not a folder"),
+    (["convert", "{d}/empty_folder", "-o", "{d}/hf.h5"], "is a folder without config.json"),
+    (["convert", "{d}/hf_noweights", "-o", "{d}/hf.h5"], "holds no .safetensors file"),
+    (["convert", "{d}/hf_mistral", "-o", "{d}/hf.h5"], "model_type 'mistral' (mistral) is not supported"),
+    (["convert", "{d}/hf_scaled", "-o", "{d}/hf.h5"], "rope_scaling {'rope_type': 'llama3'} is not"),
+    (["convert", "{d}/hf_nolayers", "-o", "{d}/hf.h5"], "config.json lacks num_hidden_layers"),
+    (["convert", "{d}/hf_badjson", "-o", "{d}/hf.h5"], "config.json is not valid JSON"),
     (["bench", "--decode", "--weights", T, "--json", "{d}"], "--json {d} is a folder"),
     (["testbed", "delays", "--json", "{d}/no/such/d.json"], "does not exist"),
 ]

@@ -34,13 +34,16 @@ def add_file_parsers(sub):
     f.add_argument("--quiet", action="store_true", help="no progress bars")
     f.set_defaults(func=fetch_weights)
 
-    c = sub.add_parser("convert", help="GGUF -> HDF5 neuron-group store (or a synthetic model)",
-                       description="Dequantize a LLaMA GGUF file into a halo-mpi HDF5 store with "
+    c = sub.add_parser("convert", help="GGUF or Hugging Face folder -> HDF5 neuron-group store",
+                       description="Dequantize a LLaMA GGUF file, or read a Hugging Face LLaMA "
+                                   "folder (config.json, tokenizer.json, *.safetensors in float32, "
+                                   "bfloat16 or float16, sharded or not), into a halo-mpi HDF5 store with "
                                    "attention groups (one per KV head) and MLP neuron groups, "
                                    "write a random-weight model of a named shape, or re-write a "
                                    "float32 store (e.g. calibrated) in another --store-dtype.")
-    c.add_argument("gguf", nargs="?", help="input .gguf file, or a float32 .h5 store to re-write "
-                                           "(omit with --synthetic)")
+    c.add_argument("gguf", nargs="?", metavar="INPUT",
+                   help="input .gguf file, Hugging Face model folder, or a float32 .h5 store to "
+                        "re-write (omit with --synthetic)")
     c.add_argument("-o", "--output", required=True, help="output .h5 store")
     c.add_argument("--mlp-groups", type=positive_int, default=None,
                    help=f"G, neuron groups per MLP layer; must divide the intermediate size "
@@ -54,7 +57,7 @@ def add_file_parsers(sub):
                         "bytes/weight) or q4 (4-bit with an offset, 0.625 bytes/weight; embedding "
                         "and head q8_0); norms stay float32. Default: q4 for a GGUF (the most "
                         "compact that keeps SmolLM2's perplexity within 5%%: +0.2%%), float32 for "
-                        "--synthetic; required when re-writing a store")
+                        "--synthetic and a Hugging Face folder; required when re-writing a store")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=convert)
 
@@ -114,6 +117,7 @@ def fetch_weights(a):
 def convert(a):
     from ..store.convert import convert_gguf, convert_store, write_synthetic
     from ..store.hdf5 import Store
+    from ..store.hf import convert_hf, is_hf_folder
     if (a.gguf is None) == (a.synthetic is None):
         raise HaloError("convert needs either a GGUF file or --synthetic NAME (not both)")
     if a.gguf and not os.path.exists(a.gguf):
@@ -125,6 +129,12 @@ def convert(a):
         a.store_dtype = a.store_dtype or "float32"
         args = write_synthetic(a.synthetic, a.output, a.mlp_groups, seed=a.seed, progress=not a.quiet,
                                store_dtype=a.store_dtype)
+    elif is_hf_folder(a.gguf):
+        a.store_dtype = a.store_dtype or "float32"
+        args = convert_hf(a.gguf, a.output, a.mlp_groups, progress=not a.quiet, store_dtype=a.store_dtype)
+    elif os.path.isdir(a.gguf):
+        raise HaloError(f"{a.gguf} is a folder without config.json; pass a GGUF file, a Hugging Face "
+                        f"model folder (config.json, tokenizer.json, *.safetensors) or a store")
     elif a.gguf.endswith((".h5", ".hdf5")):
         if not a.store_dtype:
             raise HaloError(f"re-writing the store {a.gguf}: say which --store-dtype "
