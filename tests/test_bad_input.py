@@ -290,6 +290,7 @@ def test_bad_input_by_category_is_one_line_before_any_work(batch, bad, tiny_stor
     (generate("half.h5", "--parallel", "tensor"), "/layers/001/mlp_groups has shape"),
     (generate("f64.h5", "--parallel", "tensor"), "/layers/000/attn_groups holds float64"),
     (generate("flipped.h5", "--parallel", "tensor", "--verify"), "does not match its checksum"),
+    (generate("layers40.h5", "--parallel", "pipeline"), "dataset /layers/002/attn_norm is missing"),
     (["serve", "--weights", T], "choose --parallel tensor or --parallel pipeline"),
 ])
 def test_under_mpiexec_the_line_is_printed_once(bad, tiny_store_path, args, says):
