@@ -216,14 +216,14 @@ FILESYSTEM = [       # a folder where a file is expected, a file where a folder 
 ]
 
 PROFILE = [          # device profiles of the wrong shape
-    (G + ["--parallel", "tensor", "--device-profile", "{d}/inf.toml"], "speed must be a number finite"),
+    (G + ["--parallel", "tensor", "--device-profile", "{d}/inf.toml"], "a number > 0 and finite"),
     (G + ["--parallel", "tensor", "--device-profile", "{d}/bool.toml"], "speed must be a number"),
     (G + ["--parallel", "tensor", "--device-profile", "{d}/rankint.toml"], "rank must be tables [rank.N]"),
     (G + ["--parallel", "tensor", "--device-profile", "{d}/defint.toml"], "[default] must be a table"),
     (G + ["--parallel", "tensor", "--device-profile", "{d}/mem.toml"], "memory_mb must be a number > 0"),
     (G + ["--parallel", "tensor", "--device-profile", "{d}/rel.toml"], "reliability must be a number in (0"),
     (["shard", "--weights", T, "--ranks", "2", "--device-profile", "{d}/inf.toml", "-o", "{d}/sh"],
-     "speed must be a number finite"),
+     "speed must be a number > 0 and finite"),
     (["shard", "--weights", T, "--ranks", "2", "--device-profile", "{d}/rankint.toml", "-o", "{d}/sh"],
      "rank must be tables"),
 ]

@@ -5,6 +5,8 @@ Face folder made of the same GGUF hold the same store."""
 import copy
 import json
 import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -103,22 +105,29 @@ def test_every_store_dtype_holds_what_the_float32_store_converts_to(saved, tmp_p
     assert (rounded - exact).abs().max() < close
 
 
+GGUF_TO_HF = """
+import os, sys, torch, transformers
+gguf, out = sys.argv[1], sys.argv[2]
+where, name = os.path.dirname(gguf), os.path.basename(gguf)
+model = transformers.AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+# a GGUF-loaded model will not save itself ("quantized with gguf"): its weights, into a fresh one
+config = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+plain.load_state_dict(model.state_dict())
+plain.save_pretrained(out)
+transformers.AutoTokenizer.from_pretrained(where, gguf_file=name).save_pretrained(out)
+"""
+
+
 @pytest.mark.slow
 def test_smollm2_from_its_gguf_and_from_a_hugging_face_folder_agree(real_gguf_path, tmp_path):
     """transformers reads the GGUF (dequantized, q/k un-permuted) and saves a Hugging Face folder;
     converting that folder gives the store converting the GGUF gives, to the bit."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(real_gguf_path.parent), gguf_file=real_gguf_path.name, dtype=torch.float32)
-    tok = transformers.AutoTokenizer.from_pretrained(str(real_gguf_path.parent),
-                                                     gguf_file=real_gguf_path.name)
-    # a GGUF-loaded model will not save itself ("quantized with gguf"): its weights, into a fresh one
-    config = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
-    plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
-    plain.load_state_dict(model.state_dict())
-    plain.save_pretrained(tmp_path / "hf")
-    tok.save_pretrained(tmp_path / "hf")
-    del model, plain
+    # in a process of its own: the test runner keeps none of transformers' 0.5 GB model
+    done = subprocess.run([sys.executable, "-c", GGUF_TO_HF, str(real_gguf_path), str(tmp_path / "hf")],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
     convert_gguf(str(real_gguf_path), str(tmp_path / "gguf.h5"), progress=False)
     convert_hf(str(tmp_path / "hf"), str(tmp_path / "hf.h5"), progress=False)
     with Store(str(tmp_path / "gguf.h5")) as a, Store(str(tmp_path / "hf.h5")) as b:

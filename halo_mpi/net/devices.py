@@ -102,7 +102,7 @@ def _check_keys(table, path: str, where: str):
 
 def _device(table: dict, path: str, where: str) -> Device:
     d = Device(**table)
-    rules = {"speed": ("finite and > 0", lambda v: 0 < v < math.inf), "memory_mb": ("> 0", lambda v: v > 0),
+    rules = {"speed": ("> 0 and finite", lambda v: 0 < v < math.inf), "memory_mb": ("> 0", lambda v: v > 0),
              "reliability": ("in (0, 1]", lambda v: 0 < v <= 1)}
     for key, (rule, ok) in rules.items():
         value = getattr(d, key)
