@@ -2,7 +2,12 @@
 shared memory and without (MPIR_CVAR_NOLOCAL=1), and a rank killed (SIGKILL) under the default
 launch and the fault-tolerant one (-disable-auto-cleanup, a proxy per rank). Strict sync, pipeline
 mode and a frozen rank 0 end the job naming the rank; HALO sync goes on without an unstable rank;
-nothing hangs past the timeouts."""
+nothing hangs past the timeouts.
+
+How long the job may take to end after the fault is the timeout it should notice it by, plus a
+margin that grows with the machine's load: a few seconds and as long again as the same job took
+to start (measured in the same run, under the same load), so two CPU hogs beside the suite
+stretch both alike instead of failing the test."""
 import json
 import os
 import signal
@@ -10,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 
 import pytest
 from conftest import halo_cmd, pid_of_rank
@@ -17,13 +23,26 @@ from conftest import halo_cmd, pid_of_rank
 SHM = {"shm": {}, "no-shm": {"MPIR_CVAR_NOLOCAL": "1"}}
 
 
+@dataclass
+class Ended:
+    code: int
+    took: float            # seconds from the signal to the end of the job
+    started_s: float       # seconds from the launch to the `started` line: the load's yardstick
+    out: str
+    err: str
+
+    def within(self, timeout: float, margin: float = 6.0) -> bool:
+        """Ended within `timeout` plus `margin` plus the start-up time (see the module docstring)."""
+        return self.took < timeout + margin + self.started_s
+
+
 def freeze_during_run(args: list[str], rank: int, env: dict, limit: float = 120.0,
                       sig: int = signal.SIGSTOP, launch: tuple[str, ...] = (), mode: str = "tensor",
-                      started: str = "tensor-parallel on 3 ranks", stream: str = "stderr"):
+                      started: str = "tensor-parallel on 3 ranks", stream: str = "stderr") -> Ended:
     """Start a 3-rank run, SIGSTOP `rank` for good (or send it `sig`) once rank 0 has written a
-    line starting with `started` on `stream`; returns (exit code, seconds from the signal to the
-    end, stdout, stderr)."""
+    line starting with `started` on `stream`."""
     mark = uuid.uuid4().hex
+    launched_at = time.time()
     proc = subprocess.Popen(halo_cmd("generate", "--parallel", mode, *args, ranks=3, launch=launch),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **env, "HALO_TEST_MARK": mark})
@@ -40,10 +59,10 @@ def freeze_during_run(args: list[str], rank: int, env: dict, limit: float = 120.
         os.kill(pid, sig)
         t0 = time.time()
         out, err = proc.communicate(timeout=limit)
-        before = "".join(lines)
+        took, before = time.time() - t0, "".join(lines)
         if stream == "stdout":
-            return proc.returncode, time.time() - t0, before + out, err
-        return proc.returncode, time.time() - t0, out, before + err
+            return Ended(proc.returncode, took, t0 - launched_at, before + out, err)
+        return Ended(proc.returncode, took, t0 - launched_at, out, before + err)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -57,19 +76,21 @@ def freeze_during_run(args: list[str], rank: int, env: dict, limit: float = 120.
 
 @pytest.mark.parametrize("shm", sorted(SHM))
 def test_strict_ends_within_the_rank_timeout_naming_the_frozen_rank(tiny_store_path, shm):
-    code, took, _, err = freeze_during_run(
+    end = freeze_during_run(
         ["--sync", "strict", "--weights", str(tiny_store_path), "--prompt", "hi", "--max-new-tokens", "250",
          "--ignore-eos", "--quiet", "--rank-timeout", "2"], rank=2, env=SHM[shm])
-    assert code != 0 and took < 2 + 6, err
+    code, err = end.code, end.err
+    assert code != 0 and end.within(2), err
     assert err.count("halo-mpi: error on rank 0: rank 2 silent for 2 s (--rank-timeout)") == 1, err
     assert "strict sync cannot go on without it" in err
 
 
 def test_a_worker_ends_when_rank_0_freezes(tiny_store_path):
-    code, took, _, err = freeze_during_run(
+    end = freeze_during_run(
         ["--sync", "strict", "--weights", str(tiny_store_path), "--prompt", "hi", "--max-new-tokens", "250",
          "--ignore-eos", "--quiet", "--rank-timeout", "1"], rank=0, env={})
-    assert code != 0 and took < 1 + 5 + 6, err           # a worker waits 5 s longer than rank 0
+    code, err = end.code, end.err
+    assert code != 0 and end.within(1 + 5), err           # a worker waits 5 s longer than rank 0
     assert "rank 0 silent for 6 s (--rank-timeout), frozen or dead: rank 0 leads the run" in err, err
 
 
@@ -77,10 +98,11 @@ def test_a_worker_ends_when_rank_0_freezes(tiny_store_path):
 @pytest.mark.parametrize("shm", sorted(SHM))
 def test_halo_goes_on_without_a_frozen_unstable_rank(real_store_path, tmp_path, shm):
     stats = tmp_path / "s.json"
-    code, took, out, err = freeze_during_run(
+    end = freeze_during_run(
         ["--sync", "halo", "--link-loss", "2:0.05", "--weights", str(real_store_path),
          "--prompt", "Once upon a time", "--max-new-tokens", "48", "--ignore-eos", "--temperature", "0",
          "--rank-timeout", "2", "--stats-json", str(stats)], rank=2, env=SHM[shm], limit=300)
+    code, err = end.code, end.err
     s = json.loads(stats.read_text())
     assert s["tokens"] == 48 and s["pending_requests_at_end"] == 0, err
     assert s["ms_per_token_max"] < 2000 + 1000, err        # no token waits past the timeout + 1 s
@@ -93,10 +115,10 @@ def test_halo_goes_on_without_a_frozen_unstable_rank(real_store_path, tmp_path, 
 def test_a_killed_worker_ends_the_job_at_once(tiny_store_path, shm):
     """SIGKILL: MPICH's launcher ends every rank (exit 9, its banner; no rank can name the dead one:
     README, "A dead worker"); what matters here is that nothing waits for it."""
-    code, took, _, err = freeze_during_run(
+    end = freeze_during_run(
         ["--sync", "halo", "--link-loss", "2:0.05", "--weights", str(tiny_store_path), "--prompt", "hi",
          "--max-new-tokens", "250", "--ignore-eos", "--quiet"], rank=2, env=SHM[shm], sig=signal.SIGKILL)
-    assert code != 0 and took < 10, err
+    assert end.code != 0 and end.within(0, margin=10), end.err
 
 
 def fault_tolerant_launch(tmp_path) -> tuple[str, ...]:
@@ -113,12 +135,13 @@ def test_halo_goes_on_without_a_killed_unstable_rank(real_store_path, tmp_path):
     """SIGKILL under the fault-tolerant launch: every token comes out, the dead rank is named once
     as unreachable and at the end, and nothing waits for it."""
     stats = tmp_path / "s.json"
-    code, took, out, err = freeze_during_run(
+    end = freeze_during_run(
         ["--sync", "halo", "--link-loss", "2:0.05", "--weights", str(real_store_path), "--prompt",
          "Once upon a time", "--max-new-tokens", "48", "--ignore-eos", "--temperature", "0", "--threads", "1",
          "--rank-timeout", "2",
          "--stats-json", str(stats)], rank=2, env={}, sig=signal.SIGKILL,
         launch=fault_tolerant_launch(tmp_path), limit=300)
+    code, err = end.code, end.err
     s = json.loads(stats.read_text())
     assert s["tokens"] == 48 and s["pending_requests_at_end"] == 0, err
     assert "2" in s["config"]["unreachable"], err
@@ -128,24 +151,26 @@ def test_halo_goes_on_without_a_killed_unstable_rank(real_store_path, tmp_path):
 
 
 def test_strict_names_a_killed_rank(tiny_store_path, tmp_path):
-    code, took, _, err = freeze_during_run(
+    end = freeze_during_run(
         ["--sync", "strict", "--weights", str(tiny_store_path), "--prompt", "hi", "--max-new-tokens", "250",
          "--ignore-eos", "--quiet", "--threads", "1", "--rank-timeout", "30"], rank=2, env={},
         sig=signal.SIGKILL, launch=fault_tolerant_launch(tmp_path))
-    # named once the launcher has reported the death (3 heartbeats), not after the 30 s timeout
-    assert code == 3 and took < 15, err
+    code, err = end.code, end.err
+    # named once the launcher has reported the death (3 heartbeats), not by the 30 s timeout
+    assert code == 3 and "silent for 30 s" not in err, err
     assert err.count("halo-mpi: error on rank 0: rank 2 died (the launcher reported a process failure)") == 1
 
 
 def test_pipeline_writes_the_finished_sequences_and_names_a_killed_rank(deep_store_path, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"prompt {i}\n" for i in range(40)))
-    code, took, out, err = freeze_during_run(
+    end = freeze_during_run(
         ["--weights", str(deep_store_path), "--prompt-file", str(prompts), "--num-sequences", "3",
          "--max-new-tokens", "60", "--ignore-eos", "--quiet", "--threads", "1", "--rank-timeout", "30"],
         rank=2, env={}, sig=signal.SIGKILL, launch=fault_tolerant_launch(tmp_path), mode="pipeline",
         started="[", stream="stdout")       # a sequence's text: it has finished
-    assert code == 3 and took < 15, err
+    code, out, err = end.code, end.out, end.err
+    assert code == 3 and "silent for 30 s" not in err, err
     assert "rank 2 died (the launcher reported a process failure): pipeline mode cannot go on" in err
     finished = [line for line in out.splitlines() if line.startswith("[")]
     assert 0 < len(finished) < 40, out
@@ -160,13 +185,12 @@ def test_the_watchdog_ends_a_rank_held_past_its_timeout(through):
             "proc, through = watchdog(1.0, 'held for {:g} s')\n"
             f"if {through}:\n"
             "    os.close(through); proc.wait()\n"
-            "time.sleep(3)\n"
+            f"time.sleep({3 if through else 600})\n"     # held: ended long before the sleep would end
             "print('done', flush=True)\n")
-    t0 = time.time()
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PMI_RANK": "0"})
     if through:
         assert run.returncode == 0 and run.stdout == "done\n" and run.stderr == "", run.stderr
     else:
-        assert run.returncode == -signal.SIGTERM and time.time() - t0 < 2.9, run
+        assert run.returncode == -signal.SIGTERM, run
         assert run.stderr == "halo-mpi: error on rank 0: held for 1 s\n" and run.stdout == ""

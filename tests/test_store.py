@@ -102,3 +102,41 @@ def test_real_store_shapes(real_store):
         (576, 30, 9, 3, 1536, 49152)
     assert a.tied_embeddings and a.rope_theta == 100000.0
     assert 134e6 < a.n_params() < 135e6
+
+
+@pytest.mark.parametrize("store_dtype", ["float32", "bfloat16", "q4"])
+def test_checksums_catch_a_flipped_bit_in_any_store_dtype(tmp_path, store_dtype):
+    """Each item (a group, a row) has its CRC-32: a read of an intact item passes, a read that
+    touches the damaged one names it; the layout check at open does not read weights at all."""
+    from halo_mpi.store.convert import write_synthetic
+    from halo_mpi.store.hdf5 import Store
+    path = tmp_path / "t.h5"
+    write_synthetic("tiny", str(path), mlp_groups=8, progress=False, store_dtype=store_dtype)
+    with Store(str(path), verify=True) as s:
+        intact = s.mlp_groups(1, [2, 5])
+        item = s.item_bytes("mlp")
+        offset = s.f["layers/001/mlp_groups"].id.get_offset()
+    with open(path, "r+b") as f:                              # flip one bit of group 5 of layer 1
+        f.seek(offset + 5 * item + item // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 1]))
+    with Store(str(path)) as s:                               # unverified: opens and reads
+        assert np.array_equal(s.mlp_groups(1, [2]), intact[:1])
+        s.verify = True
+        assert np.array_equal(s.mlp_groups(1, [2]), intact[:1])
+        with pytest.raises(HaloError, match="/layers/001/mlp_groups item 5 does not match"):
+            s.mlp_groups(1, [2, 5])
+    with pytest.raises(HaloError, match="item 5 does not match"):
+        Store(str(path), verify=True)
+
+
+def test_a_store_without_checksums_is_refused_only_when_verifying(tmp_path, tiny_store_path):
+    from halo_mpi.store.hdf5 import Store
+    path = tmp_path / "old.h5"
+    path.write_bytes(open(tiny_store_path, "rb").read())
+    with h5py.File(path, "r+") as f:
+        del f["checksums"]
+    Store(str(path)).close()
+    with pytest.raises(HaloError, match="holds no /checksums"):
+        Store(str(path), verify=True)

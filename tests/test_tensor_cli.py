@@ -16,10 +16,31 @@ def generate(n, store, *extra, timeout=300):
 
 
 def strict_lossy_run(store) -> list[str]:
-    """3 ranks in strict sync with 30% loss on both workers: minutes of generation to interrupt."""
+    """3 ranks in strict sync with 30% loss on both workers: minutes of generation to interrupt;
+    the text streams on stdout (so a test can wait for the first token)."""
     return halo_cmd("generate", "--parallel", "tensor", "--sync", "strict", "--link-loss", "1:0.3,2:0.3",
-                    "--weights", store, "--prompt", "hi", "--max-new-tokens", 240, "--ignore-eos", "--quiet",
+                    "--weights", store, "--prompt", "hi", "--max-new-tokens", 240, "--ignore-eos",
                     ranks=3)
+
+
+def wait_until_generating(proc, ranks: int = 3):
+    """Waits for the condition, not a time: rank 0's plan line (every rank is set up), then the
+    first generated character on stdout. Each read blocks until the run writes or ends."""
+    line = ""
+    while f"tensor-parallel on {ranks} ranks" not in line:
+        line = proc.stderr.readline()
+        assert line or proc.poll() is None, "the run ended before its plan"
+    assert proc.stdout.read(1) != "", "the run ended before its first token"
+    assert proc.poll() is None, "the run ended before the interrupt"
+
+
+def wait_for_rank(mark: str, rank: int, proc, timeout: float = 300.0) -> int:
+    """The pid of `rank` once it exists (polled; the timeout only guards against a hang)."""
+    end = time.monotonic() + timeout
+    while (pid := pid_of_rank(mark, rank)) is None:
+        assert time.monotonic() < end and proc.poll() is None, f"rank {rank} never started"
+        time.sleep(0.2)
+    return pid
 
 
 def test_one_rank_tensor_mode_equals_single_mode(tiny_store_path, tmp_path):
@@ -62,21 +83,10 @@ def test_missing_weights_on_every_rank(tmp_path):
 def test_interrupt_on_a_worker_ends_every_rank(tiny_store_path):
     mark = uuid.uuid4().hex
     with launched(strict_lossy_run(tiny_store_path), env={**os.environ, "HALO_TEST_MARK": mark}) as proc:
-        pid, end = None, time.time() + 60
-        while pid is None and time.time() < end and proc.poll() is None:
-            pid = pid_of_rank(mark, 1)
-            time.sleep(0.2)
-        assert pid is not None, "rank 1 never started"
-        line, end = "", time.time() + 120      # rank 0 reports its plan once every rank is set up
-        while "tensor-parallel on 3 ranks" not in line and time.time() < end:
-            line = proc.stderr.readline()
-        time.sleep(1)                           # generating now (30% loss: it takes minutes)
-        assert proc.poll() is None, "the run ended before the interrupt"
+        pid = wait_for_rank(mark, 1, proc)
+        wait_until_generating(proc)             # (30% loss: the run takes minutes)
         os.kill(pid, signal.SIGINT)
-        t0 = time.time()
-        proc.wait(timeout=20)                   # all ranks end within seconds
-        assert time.time() - t0 < 20
-    err = proc.stderr.read()
+        _, err = proc.communicate(timeout=120)  # every rank ends (the timeout: a hang, not a pace)
     assert proc.returncode != 0
     assert err.count("halo-mpi: interrupted on rank 1") == 1, err
 
@@ -90,12 +100,10 @@ def test_a_frozen_unstable_worker_does_not_stall_halo(real_store_path, tmp_path)
     stats = tmp_path / "s.json"
     cmd = halo_cmd("generate", "--weights", real_store_path, "--parallel", "tensor", "--sync", "halo",
                    "--link-loss", "2:0.05", "--prompt", "Once upon a time", "--max-new-tokens", 64,
-                   "--ignore-eos", "--temperature", 0, "--quiet", "--stats-json", stats, ranks=3)
+                   "--ignore-eos", "--temperature", 0, "--stats-json", stats, ranks=3)
     with launched(cmd, env={**os.environ, "HALO_TEST_MARK": mark}) as proc:
-        end = time.monotonic() + 60
-        while (pid := pid_of_rank(mark, 2)) is None and time.monotonic() < end:
-            time.sleep(0.2)
-        time.sleep(4.0)                               # loaded and generating
+        pid = wait_for_rank(mark, 2, proc)
+        wait_until_generating(proc)                   # loaded and decoding: frozen mid-decode
         os.kill(pid, signal.SIGSTOP)
         time.sleep(3.0)
         os.kill(pid, signal.SIGCONT)
@@ -134,13 +142,8 @@ def test_a_short_soak_neither_hangs_nor_grows(tiny_store_path, tmp_path):
 def test_ctrl_c_on_mpiexec_prints_one_line(tiny_store_path):
     """Ctrl-C reaches every rank through mpiexec: the user reads rank 0's line only."""
     with launched(strict_lossy_run(tiny_store_path)) as proc:
-        line, end = "", time.time() + 120
-        while "tensor-parallel on 3 ranks" not in line and time.time() < end:
-            line = proc.stderr.readline()
-        time.sleep(1)
-        assert proc.poll() is None, "the run ended before the interrupt"
+        wait_until_generating(proc)
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=20)
-    err = proc.stderr.read()
+        _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert err.count("halo-mpi: interrupted") == 1 and "halo-mpi: interrupted on rank 0" in err, err

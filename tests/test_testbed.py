@@ -178,10 +178,15 @@ def test_interrupted_run_cleans_up(root_testbed, tiny_store_path, sig):
         while not (os.path.exists(state) and json.load(open(state))["is_up"]):
             assert time.monotonic() < deadline and proc.poll() is None, "the testbed did not come up"
             time.sleep(0.2)
-        time.sleep(3)                      # the ranks are starting or running
+        seen, line = [], ""
+        while "tensor-parallel on 2 ranks" not in line:     # the ranks are set up: rank 0's plan
+            line = proc.stderr.readline()
+            seen.append(line)
+            assert line or proc.poll() is None, "the run ended before its plan"
         assert proc.poll() is None
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=120)
+        err = "".join(seen) + err
     finally:
         if proc.poll() is None:
             proc.kill()

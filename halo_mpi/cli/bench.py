@@ -16,7 +16,14 @@ from ..net.ranks import parse_floats, parse_ranks
 from ..stats import write_json
 from ..store.hdf5 import STORE_DTYPES
 from ..testbed.netns import tool
-from .options import add_mode_options, mode_options, positive_int, set_threads
+from .options import (
+    add_mode_options,
+    mode_options,
+    non_negative_int,
+    positive_int,
+    rto_min_ms,
+    set_threads,
+)
 
 BENCH_MODE_OPTIONS = {"weights", "dtype", "threads", "tensor.wire_dtype", "load.read_mbps", "load.cold"}
 
@@ -32,7 +39,8 @@ def add_parser(sub):
     add_mode_options(b, BENCH_MODE_OPTIONS)      # declared once, with generate's (options/tree.py)
     b.add_argument("--tokens", type=positive_int, default=64,
                    help="timed decode tokens per run (default: %(default)s)")
-    b.add_argument("--warmup", type=int, default=8, help="untimed decode tokens first (default: %(default)s)")
+    b.add_argument("--warmup", type=non_negative_int, default=8,
+                   help="untimed decode tokens first (default: %(default)s)")
     b.add_argument("--eval-tokens", type=positive_int, default=128,
                    help="held-out tokens for perplexity (default: %(default)s)")
     b.add_argument("--out", default="results", help="output folder (default: %(default)s)")
@@ -58,7 +66,7 @@ def add_loss_arguments(b):
                    help="testbed: real kernel packet loss in network namespaces (root); emulated: "
                         "the transport's loss model (default: testbed when root with iptables, else "
                         "emulated)")
-    m.add_argument("--rto-min", type=float, default=None, metavar="MS",
+    m.add_argument("--rto-min", type=rto_min_ms, default=None, metavar="MS",
                    help="with --net testbed: TCP's minimum retransmission timeout on the ranks' routes "
                         "in ms (Linux's default 200; see `halo-mpi testbed up --rto-min`)")
     m.add_argument("--calibrate-emulation", action="store_true",

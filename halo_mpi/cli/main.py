@@ -26,6 +26,7 @@ from ..net.launch import (
     world_size,
 )
 from . import bench, evaluate, generate, serve, testbed, weights
+from .outputs import check_output
 
 
 class Parser(argparse.ArgumentParser):
@@ -86,21 +87,15 @@ def run(argv=None) -> int:
     return 0
 
 
-OUTPUT_FILES = ("stats_json", "json")     # options naming a file a command writes at its end
+OUTPUT_FILES = ("stats_json", "json", "report_json")   # options naming a file written at the end
 
 
 def check_outputs(args: argparse.Namespace):
     """An output file that cannot be written is an error before any work, not after it."""
     for name in OUTPUT_FILES:
         path = getattr(args, name, None)
-        if not path:
-            continue
-        folder = os.path.dirname(os.path.abspath(path))
-        option = "--" + name.replace("_", "-")
-        if not os.path.isdir(folder):
-            raise HaloError(f"{option} {path}: the folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise HaloError(f"{option} {path}: the folder {folder} is not writable")
+        if path:
+            check_output("--" + name.replace("_", "-"), path)
 
 
 def fail(error: BaseException) -> int:

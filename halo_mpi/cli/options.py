@@ -26,7 +26,10 @@ def _argparse_type(parse):
 
 
 positive_int = _argparse_type(values.positive_int)
+non_negative_int = _argparse_type(values.non_negative_int)
 non_negative_float = _argparse_type(values.non_negative_float)
+positive_float = _argparse_type(values.positive_float)
+rto_min_ms = _argparse_type(values.rto_min_ms)
 top_p = _argparse_type(values.in_range(0, 1, lo_open=True))
 
 

@@ -13,6 +13,12 @@ def read_prompts(a) -> list[str]:
     if bool(a.prompt) == bool(a.prompt_file):
         raise HaloError("give --prompt TEXT (repeatable) or --prompt-file FILE (one prompt per line)")
     if a.prompt:
+        for prompt in a.prompt:       # bytes that are not UTF-8 reach Python as lone surrogates
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise HaloError(f"--prompt is not UTF-8 text (character {e.start}); set a UTF-8 "
+                                f"locale in the terminal, or convert it, e.g. iconv -t UTF-8") from None
         return list(a.prompt)
     try:
         with open(a.prompt_file, encoding="utf-8") as f:

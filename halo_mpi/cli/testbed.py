@@ -16,6 +16,7 @@ from ..net.ranks import parse_floats, parse_rank_values
 from ..testbed import bed, netns
 from ..testbed.bed import IFACE, STATE_DIR, SUBNET, Testbed, is_stale, remove_stale, testbeds
 from ..testbed.delays import ENGINE_MESSAGE, measure_delays, stall_histogram, summarize
+from .options import non_negative_float, non_negative_int, positive_float, positive_int, rto_min_ms
 
 
 def describe(tb: Testbed) -> str:
@@ -136,7 +137,8 @@ def add_actions(sub):
                        epilog="example: halo-mpi testbed run --ranks 2 --loss 1:0.05 -- generate "
                               "--parallel tensor --sync strict --prompt Hello --temperature 0")
     add_spec_arguments(r, defaults=False)
-    r.add_argument("--timeout", type=float, default=None, help="stop the run after this many seconds")
+    r.add_argument("--timeout", type=positive_float, default=None,
+                   help="stop the run after this many seconds")
     r.add_argument("--keep", action="store_true",
                    help="with --name of a testbed that is up: keep it after a Ctrl-C or timeout")
     r.add_argument("--drops", action="store_true",
@@ -168,13 +170,15 @@ def add_actions(sub):
     m.add_argument("--sizes", default=f"1024,{ENGINE_MESSAGE},8192",
                    help="comma list of message sizes in bytes (default: %(default)s; "
                         f"{ENGINE_MESSAGE} = one SmolLM2 activation + header)")
-    m.add_argument("--count", type=int, default=1000, help="timed round trips per size and loss "
+    m.add_argument("--count", type=positive_int, default=1000, help="timed round trips per size and loss "
                                                            "(default: %(default)s)")
-    m.add_argument("--warmup", type=int, default=20, help="untimed round trips first (default: %(default)s)")
-    m.add_argument("--interval-ms", type=float, default=0.0,
+    m.add_argument("--warmup", type=non_negative_int, default=20,
+                   help="untimed round trips first (default: %(default)s)")
+    m.add_argument("--interval-ms", type=non_negative_float, default=0.0,
                    help="pause between round trips, like compute between layers (default: %(default)s)")
-    m.add_argument("--peer", type=int, default=1, help="the lossy rank (default: %(default)s)")
-    m.add_argument("--rate", type=float, default=None, help="cap the peer's link to this many Mbit/s")
+    m.add_argument("--peer", type=positive_int, default=1, help="the lossy rank (default: %(default)s)")
+    m.add_argument("--rate", type=positive_float, default=None,
+                   help="cap the peer's link to this many Mbit/s")
     m.add_argument("--name", help="use this testbed (up already) instead of a 2-rank one made for "
                                   "the measurement; its loss on --peer is replaced")
     m.add_argument("--json", help="write every sample to this JSON file")
@@ -182,7 +186,7 @@ def add_actions(sub):
 
 
 def add_spec_arguments(p, defaults: bool = True):
-    p.add_argument("--ranks", type=int, default=2 if defaults else None,
+    p.add_argument("--ranks", type=positive_int, default=2 if defaults else None,
                    help="number of ranks (namespaces)" + (" (default: %(default)s)" if defaults else
                                                           "; default 2"))
     p.add_argument("--loss", metavar="RANK:P,...",
@@ -191,7 +195,7 @@ def add_spec_arguments(p, defaults: bool = True):
     p.add_argument("--rate", metavar="RANK:MBIT,...",
                    help="cap RANK's link to MBIT Mbit/s in each direction (tbf)")
     p.add_argument("--name", help="short id (letters, digits) in every name; random when omitted")
-    p.add_argument("--rto-min", type=float, default=None, metavar="MS",
+    p.add_argument("--rto-min", type=rto_min_ms, default=None, metavar="MS",
                    help="TCP's minimum retransmission timeout on every rank's route, in ms (Linux's "
                         "default is 200; `ip route ... rto_min`, as a deployment sets it)")
 

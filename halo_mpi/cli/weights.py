@@ -13,7 +13,16 @@ from ..model.config import SHAPES
 from ..stats import write_json
 from ..store.convert import DEFAULT_MLP_GROUPS
 from ..store.hdf5 import STORE_DTYPES
-from .options import DEFAULT_WEIGHTS, add_threads_argument, positive_int, set_threads
+from .options import (
+    DEFAULT_WEIGHTS,
+    add_mode_options,
+    add_threads_argument,
+    mode_options,
+    non_negative_int,
+    positive_int,
+    set_threads,
+)
+from .outputs import check_folder, check_output
 
 
 def add_file_parsers(sub):
@@ -25,32 +34,38 @@ def add_file_parsers(sub):
     f.add_argument("--quiet", action="store_true", help="no progress bars")
     f.set_defaults(func=fetch_weights)
 
-    c = sub.add_parser("convert", help="GGUF -> HDF5 neuron-group store (or a synthetic model)",
-                       description="Dequantize a LLaMA GGUF file into a halo-mpi HDF5 store with "
+    c = sub.add_parser("convert", help="GGUF or Hugging Face folder -> HDF5 neuron-group store",
+                       description="Dequantize a LLaMA GGUF file, or read a Hugging Face LLaMA "
+                                   "folder (config.json, tokenizer.json, *.safetensors in float32, "
+                                   "bfloat16 or float16, sharded or not), into a halo-mpi HDF5 store with "
                                    "attention groups (one per KV head) and MLP neuron groups, "
                                    "write a random-weight model of a named shape, or re-write a "
                                    "float32 store (e.g. calibrated) in another --store-dtype.")
-    c.add_argument("gguf", nargs="?", help="input .gguf file, or a float32 .h5 store to re-write "
-                                           "(omit with --synthetic)")
+    c.add_argument("gguf", nargs="?", metavar="INPUT",
+                   help="input .gguf file, Hugging Face model folder, or a float32 .h5 store to "
+                        "re-write (omit with --synthetic)")
     c.add_argument("-o", "--output", required=True, help="output .h5 store")
     c.add_argument("--mlp-groups", type=positive_int, default=None,
                    help=f"G, neuron groups per MLP layer; must divide the intermediate size "
                         f"(default: {DEFAULT_MLP_GROUPS}, or the divisor nearest to it)")
     c.add_argument("--synthetic", choices=sorted(SHAPES), metavar="NAME",
                    help=f"write random weights of a named LLaMA shape instead: {', '.join(SHAPES)}")
-    c.add_argument("--seed", type=int, default=0, help="random seed for --synthetic (default: %(default)s)")
+    c.add_argument("--seed", type=non_negative_int, default=0,
+                   help="random seed for --synthetic (default: %(default)s)")
     c.add_argument("--store-dtype", choices=STORE_DTYPES, default=None,
                    help="weights as float32, or quantized in blocks of 32: q8_0 (8-bit, 1.06 "
                         "bytes/weight) or q4 (4-bit with an offset, 0.625 bytes/weight; embedding "
                         "and head q8_0); norms stay float32. Default: q4 for a GGUF (the most "
                         "compact that keeps SmolLM2's perplexity within 5%%: +0.2%%), float32 for "
-                        "--synthetic; required when re-writing a store")
+                        "--synthetic and a Hugging Face folder; required when re-writing a store")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=convert)
 
     i = sub.add_parser("info", help="print a store's hyperparameters",
                        description="Print the hyperparameters and layout of an HDF5 store.")
     i.add_argument("--weights", default=DEFAULT_WEIGHTS, help="HDF5 store (default: %(default)s)")
+    i.add_argument("--verify", action="store_true",
+                   help="also read every weight and check it against the CRC-32 written at convert")
     i.set_defaults(func=info)
 
 
@@ -87,14 +102,10 @@ def add_preparation_parsers(sub):
                                    "embedding, attention, norms and tokenizer). The placement "
                                    "depends on --ranks, --link-loss and --unstable-ranks: run "
                                    "generate with the same values.")
-    s.add_argument("--weights", default=DEFAULT_WEIGHTS, help="HDF5 store to cut (default: %(default)s)")
     s.add_argument("--ranks", type=positive_int, required=True, help="number of ranks")
     s.add_argument("-o", "--out", default="weights/shards", help="output folder (default: %(default)s)")
-    s.add_argument("--link-loss", metavar="RANK:P,...", help="as for generate (sets the unstable ranks)")
-    s.add_argument("--unstable-ranks", metavar="R,...", help="as for generate")
-    s.add_argument("--placement", choices=["semantic", "static", "random"], default="semantic",
-                   help="as for generate (default: %(default)s)")
-    s.add_argument("--device-profile", help="as for generate")
+    add_mode_options(s, {"weights", "tensor.link_loss", "tensor.unstable_ranks", "tensor.placement",
+                         "tensor.sync", "device_profile"})   # as for generate: the same plan
     s.set_defaults(func=shard)
 
 
@@ -106,14 +117,24 @@ def fetch_weights(a):
 def convert(a):
     from ..store.convert import convert_gguf, convert_store, write_synthetic
     from ..store.hdf5 import Store
+    from ..store.hf import convert_hf, is_hf_folder
     if (a.gguf is None) == (a.synthetic is None):
         raise HaloError("convert needs either a GGUF file or --synthetic NAME (not both)")
-    if os.path.dirname(a.output):
-        os.makedirs(os.path.dirname(a.output), exist_ok=True)
+    if a.gguf and not os.path.exists(a.gguf):
+        raise HaloError(f"{a.gguf} not found; run `halo-mpi fetch-weights` for SmolLM2's GGUF")
+    if a.gguf and os.path.exists(a.output) and os.path.samefile(a.gguf, a.output):
+        raise HaloError(f"-o {a.output} is the input itself; write the store to another file")
+    check_output("-o", a.output, make_folder=True)
     if a.synthetic:
         a.store_dtype = a.store_dtype or "float32"
         args = write_synthetic(a.synthetic, a.output, a.mlp_groups, seed=a.seed, progress=not a.quiet,
                                store_dtype=a.store_dtype)
+    elif is_hf_folder(a.gguf):
+        a.store_dtype = a.store_dtype or "float32"
+        args = convert_hf(a.gguf, a.output, a.mlp_groups, progress=not a.quiet, store_dtype=a.store_dtype)
+    elif os.path.isdir(a.gguf):
+        raise HaloError(f"{a.gguf} is a folder without config.json; pass a GGUF file, a Hugging Face "
+                        f"model folder (config.json, tokenizer.json, *.safetensors) or a store")
     elif a.gguf.endswith((".h5", ".hdf5")):
         if not a.store_dtype:
             raise HaloError(f"re-writing the store {a.gguf}: say which --store-dtype "
@@ -137,7 +158,9 @@ def convert(a):
 
 def info(a):
     from ..store.hdf5 import Store
+    from ..store.integrity import verify_store
     with Store(a.weights) as s:
+        items = verify_store(s.f, s.args, s.store_dtype) if a.verify else None
         print(f"{a.weights}: {s.name}")
         for k, v in s.args.as_dict().items():
             print(f"  {k:16s} {v}")
@@ -147,6 +170,8 @@ def info(a):
             print(f"  {'bytes/' + what:16s} {s.item_bytes(kind)}")
         print(f"  {'file':16s} {os.path.getsize(a.weights) / 1e6:.1f} MB")
         print(f"  {'tokenizer':16s} {'yes' if s.has_tokenizer() else 'no'}")
+        if items is not None:
+            print(f"  {'verified':16s} {items} items match their CRC-32")
 
 
 def calibrate(a):
@@ -168,13 +193,12 @@ def shard(a):
     from ..store.hdf5 import Store
     from ..store.writer import write_shard
     from ..tensor.placement import describe_plan
-    from ..tensor.run import TensorOptions, make_plan
+    from ..tensor.plan import make_plan
 
-    os.makedirs(a.out, exist_ok=True)
-    options = TensorOptions(link_loss=a.link_loss, unstable_ranks=a.unstable_ranks,
-                            placement=a.placement, device_profile=a.device_profile)
+    options = mode_options(a, parallel="tensor")
     with Store(a.weights) as store:
         plan = make_plan(store, a.ranks, options)
+        check_folder("-o", a.out, a.out, make=True)
         base = os.path.splitext(os.path.basename(a.weights))[0]
         for rank in range(a.ranks):
             path = os.path.join(a.out, f"{base}.rank{rank}.h5")

@@ -28,6 +28,13 @@ class ModelArgs:
     group_size: int = field(init=False)  # neurons per MLP group: hidden_dim // mlp_groups
 
     def __post_init__(self):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size",
+                     "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise HaloError(f"{name} {getattr(self, name)} is not a positive size")
+        for name in ("rope_theta", "norm_eps"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise HaloError(f"{name} {getattr(self, name)} is not a finite number > 0")
         if self.dim % self.n_heads:
             raise HaloError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:

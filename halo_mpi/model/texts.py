@@ -47,7 +47,13 @@ def read_text(path: str) -> str:
             raise HaloError(f"--text folder {path} holds no .txt or .md file")
         return "\n\n".join(read_text(f) for f in files)
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     except OSError as e:
         raise HaloError(f"cannot read --text {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise HaloError(f"--text {path} is not UTF-8 text (byte {e.start}); convert it, e.g. "
+                        f"iconv -t UTF-8") from None
+    if not text.strip():
+        raise HaloError(f"--text {path} holds no text")
+    return text

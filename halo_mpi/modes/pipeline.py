@@ -39,7 +39,7 @@ class PipelineEngine(Engine):
         self.seq_ids = itertools.count(1 << 20)      # sessions' sequence ids, apart from jobs'
 
         def read_workload() -> Workload:
-            with Store(options.weights) as store:
+            with Store(options.weights, verify=options.verify) as store:
                 self.tokenizer = Tokenizer.from_store(store)
                 self.context = store.args.max_seq_len
                 return prepare(self.tokenizer, self.context) if prepare else Workload()
@@ -50,7 +50,7 @@ class PipelineEngine(Engine):
             self.ring, self.stage = self.part.ring, self.part.stage
         else:
             self.workload = read_workload()
-            with Store(options.weights) as store:
+            with Store(options.weights, verify=options.verify) as store:
                 self.part = LocalRing(store, options, size, planned_jobs(self.workload))
             self.ring, self.stage = self.part.rings[0], self.part.stages[0]
         self.plan = self.stage.plan

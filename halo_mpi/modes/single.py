@@ -18,7 +18,8 @@ class SingleEngine(Engine):
 
     def __init__(self, options: ModeOptions, prepare: Prepare | None = None):
         super().__init__(options)
-        self.store = Store(options.weights)     # open to the end: a budgeted model reads from it
+        # open to the end: a budgeted model reads from it
+        self.store = Store(options.weights, verify=options.verify)
         self.weights = None
         try:
             self.tokenizer = Tokenizer.from_store(self.store)

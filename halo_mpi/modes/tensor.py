@@ -33,7 +33,7 @@ class TensorEngine(Engine):
         self.comm, self.run = comm, None
 
         def setup():
-            store = Store(options.store_path(rank))
+            store = Store(options.store_path(rank), verify=options.verify)
             try:
                 plan = make_plan(store, size, options)
                 residency(store, plan, rank)          # a budget too small: one line, before loading

@@ -72,6 +72,8 @@ def read_device_profile(path: str | None, size: int, unstable=()) -> ClusterSpec
                         f"use [default] and [rank.N]")
     default = doc.get("default", {})
     per_rank = doc.get("rank", {})
+    if not isinstance(per_rank, dict):
+        raise HaloError(f"--device-profile {path}: rank must be tables [rank.N], got {per_rank!r}")
     bad = sorted(k for k in per_rank if not (k.isdigit() and int(k) < size))
     if bad:
         raise HaloError(f"--device-profile {path} describes [rank.{bad[0]}], but the run has ranks "
@@ -88,7 +90,10 @@ def read_device_profile(path: str | None, size: int, unstable=()) -> ClusterSpec
     return ClusterSpec(devices)
 
 
-def _check_keys(table: dict, path: str, where: str):
+def _check_keys(table, path: str, where: str):
+    if not isinstance(table, dict):
+        raise HaloError(f"--device-profile {path}: {where} must be a table of {', '.join(KEYS)}, "
+                        f"got {table!r}")
     unknown = set(table) - set(KEYS)
     if unknown:
         raise HaloError(f"--device-profile {path} {where}: unknown key(s) {', '.join(sorted(unknown))}; "
@@ -97,7 +102,7 @@ def _check_keys(table: dict, path: str, where: str):
 
 def _device(table: dict, path: str, where: str) -> Device:
     d = Device(**table)
-    rules = {"speed": ("> 0", lambda v: v > 0), "memory_mb": ("> 0", lambda v: v > 0),
+    rules = {"speed": ("> 0 and finite", lambda v: 0 < v < math.inf), "memory_mb": ("> 0", lambda v: v > 0),
              "reliability": ("in (0, 1]", lambda v: 0 < v <= 1)}
     for key, (rule, ok) in rules.items():
         value = getattr(d, key)

@@ -203,7 +203,7 @@ class ModeOptions:
         "--threads", 0, non_negative_int,
         help="torch threads per rank; 0 = this node's cores / ranks on it")
     seed: int = option(
-        "--seed", 0, int, help="seeds sampling, the loss emulation and random placement")
+        "--seed", 0, non_negative_int, help="seeds sampling, the loss emulation and random placement")
     prefill_chunk: int = option(
         "--prefill-chunk", 64, positive_int,
         help="prompt tokens per message during prefill (the parallel modes)")
@@ -214,6 +214,10 @@ class ModeOptions:
              "mode, and HALO when it holds attention or head rows end with one line naming it and a "
              "non-zero exit; it also bounds (at least 60 s) MPI's start and end, which wait for "
              "every rank, a dead one too under mpiexec -disable-auto-cleanup")
+    verify: bool = switch(
+        "--verify",
+        help="check every weight read against the CRC-32 written at convert (a damaged file is "
+             "one line naming the dataset); costs a CRC-32 pass over what is read")
     device_profile: str | None = option(
         "--device-profile", None, metavar="TOML",
         help="per-rank speed, memory_mb and link reliability ([default] and [rank.N] tables, see "

@@ -45,6 +45,14 @@ def positive_float(s: str) -> float:
     return v
 
 
+def rto_min_ms(s: str) -> float:
+    """TCP's minimum retransmission timeout, ms: Linux takes (0, 200] (200 is its default)."""
+    v = float(s)
+    if not 0 < v <= 200:
+        raise ValueError(f"give milliseconds in (0, 200] (Linux's default minimum is 200 ms), got {s}")
+    return v
+
+
 def in_range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
     """A parser of floats in [lo, hi], either end open as asked."""
     def parse(s: str) -> float:

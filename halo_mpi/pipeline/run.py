@@ -109,7 +109,7 @@ class RingRank:
 
         def plan_on_rank0() -> Plan:
             devices = read_device_profile(o.device_profile, size).ranks if o.device_profile else None
-            with Store(o.weights) as store:
+            with Store(o.weights, verify=o.verify) as store:
                 if jobs is None:
                     return serving_plan(store.args, size, o, devices, bytes_per_weight=quantized_bytes(store))
                 return make_plan(store.args, jobs, size, o, devices, quantized_bytes(store))
@@ -128,7 +128,7 @@ class RingRank:
         gentle_barrier(comm)                    # the clocks start together
 
     def _load(self):
-        store = Store(self.options.weights)
+        store = Store(self.options.weights, verify=self.options.verify)
         try:
             model, loading = load_stage_model(store, self.plan, self.rank, self.options)
         finally:

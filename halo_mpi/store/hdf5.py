@@ -23,6 +23,12 @@ Layout (layout_version 2), as `h5dump -H` shows it for store_dtype float32:
     /calibration/static_importance (n_layers, G) float32   mean contribution norm of each MLP group
                               on calibration text, each layer's row summing to 1 (`halo-mpi calibrate`)
 
+    /checksums/<path>       (n_items,) uint32  CRC-32 of each item of weight dataset <path> as stored
+                              (a group, a row; a norm is one item): integrity.py
+
+Every open checks each dataset's shape and dtype against the attributes (integrity.py, metadata
+only); `Store(path, verify=True)` (`--verify`) also checks the checksums.
+
 A shard file (`halo-mpi shard`) has the same layout and attributes plus shard_rank/shard_size;
 a worker's shard holds its MLP groups (with mlp_group_ids), every attention group, the output head
 (the embedding when tied) and the calibration.
@@ -56,6 +62,7 @@ import numpy as np
 from ..errors import HaloError
 from ..model.config import ModelArgs
 from ..model.quant import QUANT_DTYPES, from_bf16_bits, from_records, record_fields, to_records
+from .integrity import check_layout, verify_items, verify_store
 
 FORMAT = "halo-mpi-store"
 LAYOUT_VERSION = 2
@@ -120,12 +127,25 @@ def records_to_float(args: ModelArgs, kind: str, recs: np.ndarray) -> np.ndarray
 class Store:
     """Read access to a store file; every read returns new float32 numpy arrays."""
 
-    def __init__(self, path: str):
-        self.path = str(path)
+    def __init__(self, path: str, verify: bool = False):
+        """verify: check the whole file at open, and every read after, against the checksums
+        written at convert (integrity.py)."""
+        self.path, self.verify = str(path), verify
         self.f = open_store_file(self.path)
-        self.args = ModelArgs.from_attrs(self.f.attrs)
+        try:
+            self.args, self.store_dtype = store_args(self.f)
+            check_layout(self.f, self.args, self.store_dtype)   # metadata only: ~1 ms a layer
+        except HaloError as e:
+            self.f.close()
+            raise HaloError(f"{self.path}: {e}; the store is damaged or was edited: convert it "
+                            f"again") from None
+        if verify:          # the whole file once, so that every rank finds damage before any work
+            try:
+                verify_store(self.f, self.args, self.store_dtype)
+            except HaloError as e:
+                self.f.close()
+                raise HaloError(f"{self.path}: {e}") from None
         self.name = str(self.f.attrs.get("name", os.path.basename(self.path)))
-        self.store_dtype = str(self.f.attrs["store_dtype"])   # float32, q8_0 or q4
 
     def close(self):
         self.f.close()
@@ -140,9 +160,12 @@ class Store:
         """float32 arrays, or records (quantized weights; see model/quant.py) as stored."""
         try:
             ds = self.f[name]
+            stored = ds[sel]
+            if self.verify:
+                verify_items(self.f, name, sel, stored)
             if ds.dtype == np.uint16:                          # a bfloat16 store's weights
-                return from_bf16_bits(ds[sel])
-            return ds[sel] if ds.dtype.names else np.asarray(ds[sel], dtype=np.float32)
+                return from_bf16_bits(stored)
+            return stored if ds.dtype.names else np.asarray(stored, dtype=np.float32)
         except KeyError:
             raise HaloError(f"{self.path}: dataset /{name} is missing; reconvert the model") from None
         except OSError as e:
@@ -248,6 +271,17 @@ class Store:
         return "calibration" in self.f and bool(self.f["calibration"].attrs.get("regrouped"))
 
 
+def store_args(f: h5py.File) -> tuple[ModelArgs, str]:
+    """The model's hyperparameters and the store dtype, from the root attributes."""
+    store_dtype = str(f.attrs.get("store_dtype", ""))
+    if store_dtype not in STORE_DTYPES:
+        raise HaloError(f"attribute store_dtype {store_dtype!r} is none of {', '.join(STORE_DTYPES)}")
+    try:
+        return ModelArgs.from_attrs(f.attrs), store_dtype
+    except (TypeError, ValueError) as e:
+        raise HaloError(f"an attribute is not a number ({e})") from None
+
+
 def write_calibration(path: str, arrays: dict[str, np.ndarray], attrs: dict | None = None):
     """Add or replace datasets under /calibration of an existing store."""
     open_store_file(path).close()
@@ -266,6 +300,13 @@ def open_store_file(path: str) -> h5py.File:
     if not os.path.exists(path):
         raise HaloError(f"weights file {path} not found; create it with `halo-mpi fetch-weights` "
                         f"and `halo-mpi convert` (or `make weights`)")
+    if os.path.isdir(path):
+        raise HaloError(f"{path} is a folder; pass a store file written by `halo-mpi convert`")
+    try:
+        with open(path, "rb") as probe:
+            probe.read(8)
+    except OSError as e:
+        raise HaloError(f"cannot read {path}: {e.strerror}") from None
     if not h5py.is_hdf5(path):
         raise HaloError(f"{path} is not an HDF5 file; pass a store written by `halo-mpi convert`")
     try:

@@ -11,6 +11,7 @@ from ..errors import HaloError
 from ..model.config import ModelArgs
 from ..model.quant import BLOCK, QUANT_DTYPES, bf16_bits, bf16_round, records_dtype
 from .hdf5 import FORMAT, LAYOUT_VERSION, STORE_DTYPES, Store, float_to_records, layer_path
+from .integrity import put_checksums
 
 _STR = h5py.string_dtype("utf-8")
 
@@ -38,7 +39,11 @@ class StoreWriter:
         check_quantizable(args, store_dtype)
         self.path, self.args, self.store_dtype = path, args, store_dtype
         self._tmp = f"{path}.partial"
-        self.f = h5py.File(self._tmp, "w")
+        try:
+            self.f = h5py.File(self._tmp, "w")
+        except OSError as e:
+            why = os.strerror(e.errno) if e.errno else str(e).splitlines()[0]
+            raise HaloError(f"cannot write {path}: {why}") from None
         self.f.attrs.update(format=FORMAT, layout_version=LAYOUT_VERSION, store_dtype=store_dtype,
                             name=name, source=source, **args.to_attrs())
 
@@ -46,7 +51,7 @@ class StoreWriter:
         """A float32 array (norms, and weights of a float32 store), or a weight matrix given as
         float32 that a quantized store quantizes (/embedding, /output)."""
         if records_dtype(array):                     # already records (copied from a store)
-            self.f.create_dataset(name, data=array)
+            self.create(name, array)
             return
         expected = self._expected_shape(name)
         if expected is not None and tuple(array.shape) != expected:
@@ -54,16 +59,20 @@ class StoreWriter:
         leaf = name.rsplit("/", 1)[-1]
         kind = {"embedding": "row", "output": "row", "attn_groups": "attn", "mlp_groups": "mlp"}.get(leaf)
         if kind and self.store_dtype == "bfloat16":         # the 16 bits of each bfloat16 value
-            self.f.create_dataset(name, data=bf16_bits(bf16_round(np.asarray(array, np.float32))))
+            self.create(name, bf16_bits(bf16_round(np.asarray(array, np.float32))))
             return
         if kind and self.store_dtype != "float32":
             # the embedding and head of a q4 store are q8_0, as in llama.cpp's Q4 files: at 4 bits
             # they alone cost SmolLM2 +9.8% perplexity, at 8 bits +0.1% (bench in the README)
             dtype = "q8_0" if kind == "row" else self.store_dtype
-            array = float_to_records(self.args, kind, np.asarray(array, np.float32), dtype)
-            self.f.create_dataset(name, data=array)
+            self.create(name, float_to_records(self.args, kind, np.asarray(array, np.float32), dtype))
             return
-        self.f.create_dataset(name, data=np.ascontiguousarray(array, dtype=np.float32))
+        self.create(name, np.ascontiguousarray(array, dtype=np.float32))
+
+    def create(self, name: str, stored: np.ndarray):
+        """A dataset holding `stored` as it is, and its checksums (integrity.py)."""
+        self.f.create_dataset(name, data=stored)
+        put_checksums(self.f, name, stored)
 
     def put_layer(self, layer: int, attn_norm, ffn_norm, attn_groups, mlp_groups, group_ids=None):
         p = layer_path(layer)
@@ -72,7 +81,7 @@ class StoreWriter:
         self.put(f"{p}/attn_groups", attn_groups)
         self.put(f"{p}/mlp_groups", mlp_groups)
         if group_ids is not None:
-            self.f.create_dataset(f"{p}/mlp_group_ids", data=np.asarray(group_ids, np.int32))
+            self.create(f"{p}/mlp_group_ids", np.asarray(group_ids, np.int32))
 
     def put_tokenizer(self, tokens, token_type, merges, bos_id: int, eos_id: int, chat_template: str):
         g = self.f.create_group("tokenizer")
@@ -140,6 +149,6 @@ def write_shard(store: Store, path: str, rank: int, size: int, groups_per_layer:
                 w.put(f"{p}/attn_norm", attn_norm)
                 w.put(f"{p}/ffn_norm", ffn_norm)
             w.put(f"{p}/mlp_groups", store.mlp_groups(layer, ids))
-            w.f.create_dataset(f"{p}/mlp_group_ids", data=ids.astype(np.int32))
+            w.create(f"{p}/mlp_group_ids", ids.astype(np.int32))
         if "calibration" in store.f:
             store.f.copy("calibration", w.f)

@@ -24,6 +24,7 @@ from ..model.llama import Transformer
 from ..model.texts import calibration_text, evaluation_text
 from ..model.tokenizer import Tokenizer
 from ..store.hdf5 import Store, layer_path, write_calibration
+from ..store.integrity import put_checksums
 from .importance import static_importance
 from .predictor import Predictor, collect, model_flops_per_token, quality, train
 
@@ -73,7 +74,9 @@ def regroup(path: str, model: Transformer, xs: dict, progress: bool = True) -> n
             ds = f[f"{layer_path(l)}/mlp_groups"]                                        # (G, 3, gs, dim)
             w = ds[()].transpose(1, 0, 2, 3).reshape(3, G * gs, -1)                      # (3, H, dim)
             # back to (G, 3, gs, dim)
-            ds[...] = w[:, order].reshape(3, G, gs, -1).transpose(1, 0, 2, 3)
+            regrouped = np.ascontiguousarray(w[:, order].reshape(3, G, gs, -1).transpose(1, 0, 2, 3))
+            ds[...] = regrouped
+            put_checksums(f, ds.name.lstrip("/"), regrouped)
             orders.append(order)
         old = f.get("calibration/neuron_order")
         composed = np.stack(orders) if old is None else np.take_along_axis(old[()], np.stack(orders), 1)
