@@ -25,13 +25,13 @@ def main():
     right = 0
     try:
         for i in range(a.runs):
-            code, took, _, err = freeze_during_run(
+            ended = freeze_during_run(
                 ["--sync", a.sync, "--weights", a.weights, "--prompt", "hi", "--max-new-tokens", "250",
                  "--ignore-eos", "--quiet", "--rank-timeout", "3"], rank=2, env={})
-            named = re.findall(r"error on rank 0: (ranks? [0-9, ]+) silent", err)
+            named = re.findall(r"error on rank 0: (ranks? [0-9, ]+) silent", ended.err)
             right += named == ["rank 2"]
-            print(f"run {i}: named {', '.join(named) or 'nobody'}, ended {took:.1f} s after the "
-                  f"freeze, exit {code}", flush=True)
+            print(f"run {i}: named {', '.join(named) or 'nobody'}, ended {ended.took:.1f} s after the "
+                  f"freeze, exit {ended.code}", flush=True)
     finally:
         for h in hogs:
             h.kill()
