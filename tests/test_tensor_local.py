@@ -678,7 +678,7 @@ def test_a_slowed_member_gets_fewer_groups_within_twelve_steps(tiny_store):
     cluster = LocalCluster(tiny_store, make_plan(tiny_store, 2, o), speeds=True)
     planner = cluster.lead.planner
     before = sum(len(p[1]) for p in planner.placement)
-    rows = planner.vocab[1][1] - planner.vocab[1][0]
+    rows = planner.head.vocab[1][1] - planner.head.vocab[1][0]
     ref_model = Transformer.from_store(tiny_store)
     ref_cache = ref_model.new_cache(32)
     session = cluster.session(32)
@@ -696,5 +696,5 @@ def test_a_slowed_member_gets_fewer_groups_within_twelve_steps(tiny_store):
     assert workers[1]["groups"] == sum(len(p[1]) for p in planner.placement) < before
     # the head rows follow: fewer on rank 1, the split still the whole vocabulary, in order
     assert "head rows" in rerated[0] and workers[1]["head_rows"] < rows
-    (a0, b0), (a1, b1) = planner.vocab
+    (a0, b0), (a1, b1) = planner.head.vocab
     assert a0 == 0 and b0 == a1 and b1 == tiny_store.args.vocab_size and workers[1]["head_rows"] == b1 - a1

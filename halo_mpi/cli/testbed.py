@@ -128,6 +128,26 @@ def add_actions(sub):
     add_spec_arguments(u)
     u.set_defaults(func=cmd_up)
 
+    add_run_action(sub)
+
+    d = sub.add_parser("down", help="remove a testbed: namespaces, links, rules, qdiscs",
+                       description="Remove a testbed and everything it made.")
+    d.add_argument("--name", help="the testbed to remove")
+    d.add_argument("--stale", action="store_true",
+                   help="remove testbeds whose run was killed (their process is gone) and "
+                        "unrecorded namespaces named halotb-*")
+    d.set_defaults(func=cmd_down)
+
+    s = sub.add_parser("status", help="list testbeds and their drop counters",
+                       description="List the testbeds on this machine, their loss and rate, and "
+                                   "the packets dropped so far on each lossy link.")
+    s.add_argument("--name", help="only this testbed")
+    s.set_defaults(func=cmd_status)
+
+    add_delays_action(sub)
+
+
+def add_run_action(sub):
     r = sub.add_parser("run", help="run a halo-mpi command with one rank per namespace",
                        description="Run `halo-mpi ARGS` under mpiexec, each rank in its namespace, "
                                    "MPICH over TCP on the testbed's links. With --name of a testbed "
@@ -146,20 +166,8 @@ def add_actions(sub):
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- then the halo-mpi arguments")
     r.set_defaults(func=cmd_run)
 
-    d = sub.add_parser("down", help="remove a testbed: namespaces, links, rules, qdiscs",
-                       description="Remove a testbed and everything it made.")
-    d.add_argument("--name", help="the testbed to remove")
-    d.add_argument("--stale", action="store_true",
-                   help="remove testbeds whose run was killed (their process is gone) and "
-                        "unrecorded namespaces named halotb-*")
-    d.set_defaults(func=cmd_down)
 
-    s = sub.add_parser("status", help="list testbeds and their drop counters",
-                       description="List the testbeds on this machine, their loss and rate, and "
-                                   "the packets dropped so far on each lossy link.")
-    s.add_argument("--name", help="only this testbed")
-    s.set_defaults(func=cmd_status)
-
+def add_delays_action(sub):
     m = sub.add_parser("delays", help="measure message arrival delays under loss (ping-pong)",
                        description="Ping-pong between rank 0 and --peer over the testbed at each "
                                    "loss rate on the peer's link; prints median, p95, p99 and max "

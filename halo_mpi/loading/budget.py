@@ -129,7 +129,7 @@ def plan_residency(layers: list[LayerShare], fixed: int, budget: float | None, s
     limit = int(budget if budget is not None else share * total)
     least = None
     for kept in (RESERVE_TRIED if reserve else (0.0,)):
-        best, least = best_split(layers, fixed, limit - int(kept * reserve), prefetch)
+        best, least = best_split(layers, fixed, total, limit - int(kept * reserve), prefetch)
         if best is not None:
             best.budget, best.share = limit, total
             best.reserve, best.reserve_wanted = limit - best.resident, reserve
@@ -140,11 +140,10 @@ def plan_residency(layers: list[LayerShare], fixed: int, budget: float | None, s
                     f"for its largest streamed part) of its {size(total)} of weights")
 
 
-def best_split(layers: list[LayerShare], fixed: int, limit: int, prefetch: bool
+def best_split(layers: list[LayerShare], fixed: int, total: int, limit: int, prefetch: bool
                ) -> tuple[Residency | None, Residency]:
     """(the split within `limit` that reads the fewest bytes per token, or None; the split that
-    needs the least memory)."""
-    total = fixed + sum(la.attention + la.mlp_bytes(la.groups) for la in layers)
+    needs the least memory). total: the rank's weights, all resident."""
     best, least = None, None
     for stream_attention in (False, True):
         for s in range(max((la.groups for la in layers), default=0) + 1):

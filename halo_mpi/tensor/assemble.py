@@ -20,7 +20,7 @@ from ..net.transport import Transport
 from ..store.hdf5 import Store
 from .attention import HeldAttention
 from .exchange import ComputeClock, Exchange
-from .head import VocabSlice
+from .head import HeadRows, VocabSlice
 from .held import BudgetedGroups, HeldGroups
 from .lead import GatheredHead, Lead
 from .member import Member, MemberAttention, MemberMLP
@@ -153,9 +153,9 @@ def lead_part(store: Store, plan: TensorPlan, transport: Transport, weights, log
                           group_bytes(store, o.dtype))
     planner = Planner(transport, plan.placement, plan.importance, plan.policy, parts["groups"],
                       HeldGroups({}, copies), replanner, frozenset(probes), log, room=room)
-    planner.members, planner.load_head = plan.members, head_loader(store, plan)
-    lead = Lead(parts, plan.members, plan.policy, None, planner, plan.vocab,
-                planner.load_head(*plan.vocab[0]),
+    load_head = head_loader(store, plan)
+    planner.head = HeadRows(plan.vocab, load_head(*plan.vocab[0]), load_head, plan.members)
+    lead = Lead(parts, plan.members, plan.policy, None, planner,
                 halo_predictor=t.placement != "static" and plan.policy.mode == "halo")
     lead.satellites = Satellites(transport, lead.inbox, plan.satellites, plan.policy, store.args.n_layers,
                                  copies, planner.backups, keep_copies=weights is None)

@@ -6,9 +6,13 @@ order.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..loading.parts import head_linear
+from ..net.devices import ClusterSpec
+from .placement import vocab_slices
 
 
 class VocabSlice:
@@ -24,3 +28,32 @@ class VocabSlice:
     @property
     def nbytes(self) -> int:
         return self.linear.nbytes
+
+
+class HeadRows:
+    """Which member holds which rows of the head (`vocab`: rank -> [start, stop)) and rank 0's own
+    slice (`own`). A speed re-plan splits the rows anew over the members (`split`); rank 0 reads
+    its new slice at once (`read`) and holds it from the plan's step on (`switch`)."""
+
+    def __init__(self, vocab: list[tuple[int, int]], own: VocabSlice | None,
+                 load: Callable[[int, int], VocabSlice | None], members: list[int]):
+        self.vocab, self.own, self.load, self.members = vocab, own, load, members
+
+    def split(self, cluster: ClusterSpec) -> list[tuple[int, int]] | None:
+        """The rows in proportion to the cluster's speeds, or None where that moves none."""
+        new = vocab_slices(cluster, self.vocab[-1][1], self.members)
+        return None if new == self.vocab else new
+
+    def describe(self, vocab: list[tuple[int, int]]) -> str:
+        return "head rows: " + ", ".join(f"rank {r} {b - a}" for r, (a, b) in enumerate(vocab)
+                                         if r in self.members)
+
+    def gaining(self, vocab: list[tuple[int, int]]) -> set[int]:
+        """The workers whose rows change under `vocab` (they read theirs and say READY)."""
+        return {r for r in self.members if r and vocab[r] != self.vocab[r]}
+
+    def read(self, vocab: list[tuple[int, int]]) -> VocabSlice | None:
+        return self.load(*vocab[0]) if vocab[0] != self.vocab[0] else self.own
+
+    def switch(self, vocab: list[tuple[int, int]], own: VocabSlice | None):
+        self.vocab, self.own = vocab, own

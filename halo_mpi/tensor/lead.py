@@ -57,11 +57,9 @@ class Lead(Member):
     """Rank 0: a member (member.py) with the satellites, the planner and the step's announcement."""
 
     def __init__(self, member_parts: dict, members: list[int], policy: SyncPolicy,
-                 satellites: Satellites, planner: Planner, vocab: list[tuple[int, int]], head_slice=None,
-                 halo_predictor: bool = False):
+                 satellites: Satellites, planner: Planner, halo_predictor: bool = False):
         super().__init__(**member_parts)
         self.members, self.policy = members, policy
-        planner.vocab, planner.head_slice = vocab, head_slice   # rank -> [start, stop) of the head
         self.inbox = LeadInbox(self)
         self.satellites, self.planner = satellites, planner
         self.halo_predictor = halo_predictor     # per-token importance for the satellites' deadlines
@@ -74,11 +72,11 @@ class Lead(Member):
     @property
     def vocab(self) -> list[tuple[int, int]]:
         """rank -> [start, stop) of the head under the plan in force (a speed re-plan moves them)."""
-        return self.planner.vocab
+        return self.planner.head.vocab
 
     @property
     def head_slice(self):
-        return self.planner.head_slice
+        return self.planner.head.own
 
     @property
     def links(self) -> dict:

@@ -22,11 +22,11 @@ import numpy as np
 
 from ..net.framing import Kind, json_payload
 from ..net.transport import Transport
+from .head import HeadRows
 from .held import HeldGroups, StepPace
-from .placement import SPEED_BAND, Placement, moved, own_groups, share_in_room, vocab_slices
+from .placement import SPEED_BAND, Placement, moved, own_groups, share_in_room
 from .policy import SyncPolicy
 from .reserve import ReplanRoom
-from .speeds import CONFIRM
 
 
 @dataclass
@@ -41,6 +41,11 @@ class PendingPlan:
     vocab: list | None = None        # rank -> [start, stop) of the head, where it moves rows
     head: object = None              # rank 0's new head slice, once read
     head_read: bool = False
+
+    @property
+    def plan_read(self) -> bool:
+        """Whether rank 0's part of it is read (groups, then its head rows)."""
+        return self.vocab is None or self.head_read
 
 
 class Planner:
@@ -59,11 +64,7 @@ class Planner:
         self.room = room                # under --mem-budget: each rank's room for re-planned groups
         self.declined: set[str] = set()  # why plans were not made (room), each said once
         self.speeds = None               # SpeedMeter: the members' measured speeds (set by the lead)
-        self.vocab: list[tuple[int, int]] = []   # rank -> [start, stop) of the head (set by the lead)
-        self.head_slice = None                   # rank 0's slice of it
-        self.members: list[int] = [0]            # the ranks that hold head rows (set by the assembly)
-        self.load_head = None                    # (start, stop) -> a VocabSlice read from the store
-        self.imbalanced = 0              # steps in a row their compute times were SPEED_BAND apart
+        self.head: HeadRows | None = None   # the head's rows over the members (set by the assembly)
         self.before = None               # the re-planner's ratings before it proposed
         self.resident_bytes = lambda: held.nbytes + backups.nbytes   # all of rank 0's: set by the lead
         self.pending: PendingPlan | None = None
@@ -74,6 +75,15 @@ class Planner:
         self.pace = StepPace()
         # (`held` comes with the probes' groups already: the assembly reads own_groups once)
         self.backups.mlps = {k: backups.load(k[0], ids) for k, ids in self.wanted_backups(placement).items()}
+
+    def wanted_backups(self, placement: Placement, unstable=None, probes=None) -> dict:
+        """Rank 0's copies under `placement` (`backups_wanted`), by default for the policy's
+        unstable ranks and the probes in force."""
+        if self.policy.mode != "halo":
+            return {}
+        return backups_wanted(placement, self.importance, self.policy.backup_share,
+                              self.policy.unstable if unstable is None else unstable,
+                              self.probes if probes is None else probes, self.stuck_share)
 
     # -- each step
     def begin_step(self, step: int, decoding: bool, links: dict, control: list) -> int:
@@ -97,9 +107,8 @@ class Planner:
         t0, budget = time.perf_counter(), self.budget
         own = self.held.advance(budget)
         p = self.pending
-        if own and p.vocab is not None and not p.head_read:      # rank 0's new rows, at once
-            p.head = self.load_head(*p.vocab[0]) if p.vocab[0] != self.vocab[0] else self.head_slice
-            p.head_read = True
+        if own and not p.plan_read:                  # then rank 0's new head rows, at once
+            p.head, p.head_read = self.head.read(p.vocab), True
         spare = budget - (time.perf_counter() - t0)
         backups = self.backups.advance(max(spare, 0.0)) if own else False
         self.read_s += time.perf_counter() - t0
@@ -108,7 +117,7 @@ class Planner:
             self.held.switch(p.version)
             self.backups.switch(p.version)
             if p.vocab is not None:
-                self.vocab, self.head_slice = p.vocab, p.head
+                self.head.switch(p.vocab, p.head)
             self.placement, self.version, self.probes = p.placement, p.version, p.probes
             self.policy.unstable = p.unstable
             self.pending = None
@@ -133,14 +142,14 @@ class Planner:
         version = self.version + 1
         for r in range(1, self.t.size):
             body = {"mlp": [p[r].tolist() for p in new]}
-            if vocab is not None and r in self.members:
+            if vocab is not None and r in self.head.members:
                 body["vocab"] = list(vocab[r])
             self.t.send(r, Kind.PLAN, self.step, -1, json_payload(body), plan=version)
         unstable = frozenset(self.replanner.unstable())
         self.stuck_share = {r: s for r, s in self.stuck_share.items() if r in unstable}
         gaining = {r for r in moved(self.placement, new) if r != 0 and r not in self.unreachable}
         if vocab is not None:                       # a member given other head rows reads them
-            gaining |= {r for r in self.members if r and vocab[r] != self.vocab[r]}
+            gaining |= self.head.gaining(vocab)
         self.budget = self.pace.read_budget()
         self.held.prepare(version, own_groups(new, probes))
         self.backups.prepare(version, self.wanted_backups(new, unstable, probes))
@@ -185,17 +194,14 @@ class Planner:
         """Members whose compute times drifted SPEED_BAND apart (CONFIRM steps in a row) are
         re-rated to their measured speeds and the MLP groups re-planned (speeds.py); measured
         afresh after."""
-        self.imbalanced = self.imbalanced + 1 if self.speeds.imbalance() > SPEED_BAND else 0
-        if self.imbalanced < CONFIRM:
+        if not self.speeds.due(SPEED_BAND):
             return
-        self.imbalanced = 0
         self.before = self.replanner.state()
         new, line = self.replanner.rerate_speeds(self.speeds.ratios(), self.placement, self.step)
         self.speeds.forget()
-        vocab = vocab_slices(self.replanner.cluster, self.vocab[-1][1], self.members)
-        if line and vocab != self.vocab:            # the head rows follow the speeds too
-            rows = ", ".join(f"rank {r} {b - a}" for r, (a, b) in enumerate(vocab) if r in self.members)
-            line = line.replace("; nothing to move", "") + f"; head rows: {rows}"
+        vocab = self.head.split(self.replanner.cluster) if line else None
+        if vocab is not None:                       # the head rows follow the speeds too
+            line = line.replace("; nothing to move", "") + "; " + self.head.describe(vocab)
             self.propose(new if new is not None else self.placement, line, vocab)
         elif new is not None:
             self.propose(new, line)
@@ -207,27 +213,6 @@ class Planner:
         self.log(line)
 
     # -- rank 0's backups
-    def wanted_backups(self, placement: Placement, unstable=None,
-                       probes=None) -> dict[tuple[int, int], np.ndarray]:
-        """(layer, rank) -> ids of rank 0's copies: the most important `backup_share` of each
-        unstable rank's groups (by static importance), and the share backed up of a rank stuck
-        with nowhere to move (a probe's groups are rank 0's own: `own_groups`)."""
-        if self.policy.mode != "halo":
-            return {}
-        unstable = self.policy.unstable if unstable is None else unstable
-        probes = self.probes if probes is None else probes
-        wanted = {}
-        for l, placed in enumerate(placement):
-            for r in sorted((unstable | set(self.stuck_share)) - set(probes)):
-                if r >= len(placed) or not len(placed[r]):
-                    continue
-                share = max(self.policy.backup_share, self.stuck_share.get(r, 0.0))
-                n = int(np.ceil(share * len(placed[r]) - 1e-9))
-                most = np.argsort(-self.importance[l][placed[r]], kind="stable")[:n]
-                if n:
-                    wanted[(l, r)] = np.sort(placed[r][most])
-        return wanted
-
     def back_up_stuck(self, ranks: set[int]) -> str:
         """What is left when a late rank's groups have nowhere to go (two ranks): rank 0 backs
         them up, as many as its memory budget (the device profile's memory_mb) has room for, the
@@ -239,23 +224,50 @@ class Planner:
         if self.policy.mode != "halo" or self.room is not None:
             return "; its late partials count as missing"
         room = self.replanner.cluster.ranks[0].memory_mb * 1e6 - self.resident_bytes()
-        said = []
-        for r in sorted(ranks):
-            if r in self.probes:
-                said.append(f"rank 0 computes all of rank {r}'s groups already (they probe its link)")
-                continue
-            held = sum(len(p[r]) for p in self.placement)
-            need = held * self.replanner.group_mb * 1e6
-            share = share_in_room(need, room)
-            if share <= 0:
-                said.append(f"rank 0 has no room to back up rank {r}'s groups: its late partials "
-                            f"count as missing")
-                continue
-            self.stuck_share[r] = share
-            room -= share * need
-            said.append(f"rank 0 now backs up {share:.0%} of rank {r}'s {held} groups "
-                        f"({share * need / 1e6:.1f} MB) and computes them when its partials are late")
+        shares, said = stuck_backups(ranks, self.probes, self.placement, self.replanner.group_mb, room)
+        self.stuck_share.update(shares)
         if self.stuck_share and self.pending is None:     # read in the background, used once read
             self.propose(self.placement, "backups of late ranks read")
         return "; " + "; ".join(said) if said else ""
 
+
+
+def backups_wanted(placement: Placement, importance: np.ndarray, backup_share: float, unstable,
+                   probes, stuck_share: dict[int, float]) -> dict[tuple[int, int], np.ndarray]:
+    """(layer, rank) -> ids of rank 0's copies: the most important `backup_share` of each
+    unstable rank's groups (by static importance), and the share backed up of a rank stuck with
+    nowhere to move (a probe's groups are rank 0's own: `own_groups`)."""
+    wanted = {}
+    for l, placed in enumerate(placement):
+        for r in sorted((set(unstable) | set(stuck_share)) - set(probes)):
+            if r >= len(placed) or not len(placed[r]):
+                continue
+            share = max(backup_share, stuck_share.get(r, 0.0))
+            n = int(np.ceil(share * len(placed[r]) - 1e-9))
+            most = np.argsort(-importance[l][placed[r]], kind="stable")[:n]
+            if n:
+                wanted[(l, r)] = np.sort(placed[r][most])
+    return wanted
+
+
+def stuck_backups(ranks: set[int], probes, placement: Placement, group_mb: float,
+                  room: float) -> tuple[dict[int, float], list[str]]:
+    """(rank -> share of its groups rank 0 backs up, what to say) for late ranks with nowhere to
+    move, as far as `room` bytes allow, in rank order (Planner.back_up_stuck)."""
+    shares, said = {}, []
+    for r in sorted(ranks):
+        if r in probes:
+            said.append(f"rank 0 computes all of rank {r}'s groups already (they probe its link)")
+            continue
+        held = sum(len(p[r]) for p in placement)
+        need = held * group_mb * 1e6
+        share = share_in_room(need, room)
+        if share <= 0:
+            said.append(f"rank 0 has no room to back up rank {r}'s groups: its late partials "
+                        f"count as missing")
+            continue
+        shares[r] = share
+        room -= share * need
+        said.append(f"rank 0 now backs up {share:.0%} of rank {r}'s {held} groups "
+                    f"({share * need / 1e6:.1f} MB) and computes them when its partials are late")
+    return shares, said

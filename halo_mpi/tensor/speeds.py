@@ -18,6 +18,7 @@ here: to rank 0 a slow satellite is a late one, and its share follows its on-tim
     meter = SpeedMeter()
     meter.add(rank, seconds)            # a member's compute seconds in one decode step
     meter.imbalance()                   # slowest member's time over the fastest's
+    meter.due(band)                     # past the band CONFIRM steps in a row: re-rate now
     meter.ratios()                      # rank -> rank 0's time over its own
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ class SpeedMeter:
     def __init__(self, window: int = WINDOW):
         self.window = window
         self.seconds: dict[int, deque] = {}
+        self.imbalanced = 0               # steps in a row the imbalance was past the band
 
     def add(self, rank: int, seconds: float):
         if seconds >= MIN_SECONDS:
@@ -56,6 +58,15 @@ class SpeedMeter:
         """The slowest measured member's time over the fastest's (1: fewer than two measured)."""
         t = self.times().values()
         return max(t) / min(t) if len(t) > 1 else 1.0
+
+    def due(self, band: float) -> bool:
+        """Called once a decode step: whether the imbalance has been past `band` CONFIRM steps
+        in a row (then counted afresh)."""
+        self.imbalanced = self.imbalanced + 1 if self.imbalance() > band else 0
+        if self.imbalanced < CONFIRM:
+            return False
+        self.imbalanced = 0
+        return True
 
     def ratios(self) -> dict[int, float]:
         """rank -> rank 0's time over its own, for the members measured over a whole window."""
