@@ -46,7 +46,7 @@ def test_the_key_is_asked_for_by_every_route_but_health(live, client):
     status, body = live.get("/metrics")
     assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
     assert live.health()["status"] == "ok"
-    assert completion(client).usage.completion_tokens == 6
+    assert completion(client, temperature=0).usage.completion_tokens == 6
 
 
 @pytest.mark.parametrize("flags,says", [(("--host", "0.0.0.0"), "is not a loopback address"),
@@ -65,7 +65,7 @@ def test_a_key_file_opens_a_non_loopback_host(tiny_store_path, tmp_path):
     server = LiveServer(serve_cmd(tiny_store_path, port, 1, "--host", "0.0.0.0", "--api-key-file", key_file),
                         port)
     try:
-        assert completion(server.client(KEY), max_tokens=2).usage.completion_tokens == 2
+        assert completion(server.client(KEY), max_tokens=2, temperature=0).usage.completion_tokens == 2
         with pytest.raises(openai.AuthenticationError):
             completion(server.client("other"), max_tokens=2)
     finally:
