@@ -16,7 +16,7 @@ from ..store.hdf5 import Store
 from ..tensor.assemble import residency
 from ..tensor.lead import TensorParallelSession
 from ..tensor.local import LocalCluster
-from ..tensor.plan import describe, make_plan
+from ..tensor.plan import describe, make_plan, survey_links
 from ..tensor.report import format_report, tensor_stats
 from ..tensor.run import TensorRank, TensorRun, lost_ranks, members_comm
 from .engine import Engine, Prepare, Report, Workload, say
@@ -32,18 +32,21 @@ class TensorEngine(Engine):
         super().__init__(options, rank, size)
         self.comm, self.run = comm, None
 
-        def setup():
-            store = Store(options.store_path(rank), verify=options.verify)
-            try:
-                plan = make_plan(store, size, options)
-                residency(store, plan, rank)          # a budget too small: one line, before loading
-                workload = self._prepare(store, prepare) if rank == 0 else Workload()
-            except BaseException:
-                store.close()
-                raise
-            return store, plan, workload
+        self.store = Store(options.store_path(rank), verify=options.verify) if comm is None else \
+            collective(comm, lambda: Store(options.store_path(rank), verify=options.verify))
+        try:
+            # the links measured (every rank, once every store opened), then the plan
+            survey = survey_links(comm, self.store, options)
 
-        self.store, self.plan, self.workload = collective(comm, setup) if comm is not None else setup()
+            def setup():
+                plan = make_plan(self.store, size, options, survey)
+                residency(self.store, plan, rank)     # a budget too small: one line, before loading
+                return plan, self._prepare(self.store, prepare) if rank == 0 else Workload()
+
+            self.plan, self.workload = collective(comm, setup) if comm is not None else setup()
+        except BaseException:
+            self.store.close()
+            raise
         try:
             # the members' communicator while every rank is known to be there (start-up)
             group = members_comm(comm, rank in self.plan.members) if comm is not None else None

@@ -97,7 +97,15 @@ class TensorOptions:
     unstable_ranks: frozenset[int] | None = option(
         "--unstable-ranks", None, rank_set("--unstable-ranks"), format=format_ranks, metavar="R,...",
         help="ranks on unreliable links: they get the least important groups and are not waited "
-             "for past their deadline (default: the ranks in --link-loss)")
+             "for past their deadline (default: the ranks in --link-loss); a hint: the links are "
+             "measured too (--link-probe) and while the run goes on")
+    link_probe: int = option(
+        "--link-probe", 32, non_negative_int, metavar="N",
+        help="halo, under MPI: before placing anything, every pair of ranks exchanges up to N "
+             "round trips of a member's message; a rank behind a link with stalls (round trips "
+             "over 150 ms: TCP retransmissions) starts on an unstable link, its measured on-time rate as its "
+             "reliability. Takes milliseconds on clean links, a few seconds on a lossy one; "
+             "0: off (every rank starts stable unless named)")
     critical_share: float = option(
         "--critical-share", 0.3, in_range(0, 1, lo_open=True), format=number,
         help="halo: partials are waited for until this share of the layer's importance has "

@@ -102,6 +102,21 @@ class HeldAttention:
                 raise HaloError(f"KV head {head} of layer {layer} arrived without its cache")
         self.layers[layer] = _Layer(self.load(layer, ids), k, v, pos)
 
+    def reassign(self, heads: dict[int, np.ndarray]):
+        """Hold `heads` (layer -> KV heads) from now on, every cache empty, to be refilled from
+        position 0 (a replay of the sequence so far: lead.py). A layer whose heads stay keeps its
+        weights; the others are read from the store now."""
+        layers = {}
+        for layer, ids in heads.items():
+            ids = np.sort(np.asarray(ids, dtype=np.int64))
+            if not len(ids):
+                continue
+            old = self.layers.get(layer)
+            same = old is not None and np.array_equal(old.attention.ids, ids)
+            empty = torch.zeros(len(ids), 1, self.args.head_dim)                # (n_kv, 1, hd)
+            layers[layer] = _Layer(old.attention if same else self.load(layer, ids), empty, empty.clone())
+        self.layers = layers
+
     @property
     def count(self) -> int:
         """Attention groups held, over every layer."""

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 from ..net.framing import Kind, Message
+from ..net.links import LinkEstimate
+from ..net.probe import LATE_S
 from ..net.transport import Transport
 from ..net.wire import decode_body, encode_body
 
@@ -49,6 +51,11 @@ class Exchange:
         self.computed: list[tuple[int, int, int]] = []   # members' (source, step, compute us): logits
         self.wait_s = 0.0
         self.rounds = 0
+        # rank 0: each worker member's link, one outcome per decode round: its partial came
+        # within LATE_S of rank 0's own being ready (planner.py demotes a member late too often)
+        self.links: dict[int, LinkEstimate] | None = None
+        self.measuring = False            # set by the lead: decode steps only
+        self.clock = time.perf_counter
 
     def allreduce(self, kind: Kind, layer: int, own: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         """The members' partials (T, dim) summed in rank order; `own` None: this member has none."""
@@ -86,10 +93,19 @@ class Exchange:
     def collect(self, kind: Kind, layer: int, sources: list[int]) -> dict[int, np.ndarray]:
         """The messages of `kind` for (this step, layer) from `sources`, however long they take."""
         keys = {r: (int(kind), self.step, layer, r) for r in sources}
-        t0 = time.perf_counter()
-        while any(k not in self.early for k in keys.values()):
-            self.sort(self.t.poll(1.0))
-        self.wait_s += time.perf_counter() - t0
+        t0 = self.clock()
+        waiting = dict(keys)
+        measure = self.measuring and self.links is not None and kind != Kind.LOGITS
+        while waiting:
+            if any(k not in self.early for k in waiting.values()):
+                self.sort(self.t.poll(1.0))
+            now = self.clock()
+            for r, k in list(waiting.items()):
+                if k in self.early:
+                    del waiting[r]
+                    if measure and r in self.links:
+                        self.links[r].add_outcome(now - t0 <= LATE_S)
+        self.wait_s += self.clock() - t0
         return {r: self.early.pop(k) for r, k in keys.items()}
 
     def sort(self, messages: list[Message]):

@@ -117,6 +117,13 @@ class DeadlineGather:
         self._bound: dict[int, float] = {}
         self._grace: dict[int, float] = {}
 
+    def add(self, rank: int):
+        """A peer from now on (a member demoted to a satellite): its link measured afresh."""
+        p = self.policy
+        self.links[rank] = LinkEstimate(factor=p.deadline_factor, margin=p.deadline_margin,
+                                        initial=p.initial_deadline)
+        self._bounds_step = None
+
     def bounds(self, step: int) -> tuple[dict[int, float], dict[int, float]]:
         """(round-trip bound, grace) per link, as of the start of `step`."""
         if step != self._bounds_step:

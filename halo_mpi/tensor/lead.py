@@ -66,6 +66,7 @@ class Lead(Member):
         self.step = 0
         self.model_bytes = 0                     # the model's own weights here (norms)
         self.silent: list[int] = []              # workers that did not answer STOP
+        self.unanswered: list[int] = []          # satellites heard from whose DONE did not come in time
         self.speeds: SpeedMeter | None = None    # the ranks' measured speeds, when re-planning (assembly)
         self._computed = 0.0                     # rank 0's compute seconds when the step began
 
@@ -163,7 +164,9 @@ class Lead(Member):
     def finish(self, timeout: float = 20.0) -> dict[int, dict]:
         """STOP every worker and collect its statistics; late partials are drained meanwhile. A
         worker that does not answer within `timeout` (frozen, gone) is listed in `silent`: the
-        caller reports what it has and ends the job, never waits for it."""
+        caller reports what it has and ends the job, never waits for it; a satellite still heard
+        from (its DONE stuck behind retransmissions on a lossy link) in `unanswered`: reported,
+        and the job ends as it should."""
         if self.loading is not None:
             self.loading.close()
         self.t.pump(flush=True)   # held inputs go first: a worker must see them before its STOP
@@ -182,9 +185,14 @@ class Lead(Member):
                     self.satellites.late_discarded[m.source] += 1
                 elif m.kind != Kind.READY:
                     raise HaloError(f"rank 0 got an unexpected {m.kind.name} from rank {m.source}")
-            waiting = set(range(1, self.t.size)) - set(done) - set(self.t.silent())   # (unreachable:
-            if not waiting or time.perf_counter() > end:                              #  not waited for)
-                self.silent = sorted(set(range(1, self.t.size)) - set(done))
+            silent = set(self.t.silent())                                             # (unreachable:
+            waiting = set(range(1, self.t.size)) - set(done) - silent                 #  not waited for)
+            if not waiting or time.perf_counter() > end:
+                missing = set(range(1, self.t.size)) - set(done)
+                # a satellite still heard from is alive behind a late link: its figures are
+                # missing, its results never were (HALO went on without its late partials)
+                self.unanswered = sorted(r for r in missing - silent if r not in self.members)
+                self.silent = sorted(missing - set(self.unanswered))
                 return done
             pending = self.t.poll(1.0)
 

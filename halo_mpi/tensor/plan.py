@@ -19,6 +19,7 @@ from ..loading.budget import mlp_bytes, weight_kinds
 from ..net.devices import STABLE, ClusterSpec, read_device_profile
 from ..net.framing import HEADER
 from ..net.loss import LinkLoss
+from ..net.probe import LinkSurvey, measure_links
 from ..net.transport import WaitPolicy
 from ..net.wire import wire_report
 from ..options.tree import ModeOptions, check_tensor
@@ -58,6 +59,7 @@ class TensorPlan:
     members: list[int] | None = None               # the stable ranks: they all-reduce (exchange.py)
     satellites: list[int] | None = None            # the unstable ranks: MLP groups only (satellite.py)
     reserve: list[int] | None = None               # rank -> bytes its --mem-budget keeps for re-plans
+    measured: str = ""                             # what the start-up link probe found (net/probe.py)
 
     @property
     def budgeted(self) -> bool:
@@ -80,11 +82,15 @@ def static_or_uniform(store: Store) -> tuple[np.ndarray, str]:
     return imp, "static (calibration)"
 
 
-def make_plan(store: Store, size: int, o: ModeOptions) -> TensorPlan:
-    """The same plan on every rank, from the store and the options alone."""
+def make_plan(store: Store, size: int, o: ModeOptions, survey: LinkSurvey | None = None) -> TensorPlan:
+    """The same plan on every rank, from the store, the options and the links measured at start
+    (`survey`, the same on every rank: net/probe.py): a rank behind a bad link starts unstable,
+    with its measured on-time rate as its reliability (never above what the profile says)."""
     check_tensor(o, size)
     t, a, workers = o.tensor, store.args, range(1, size)
     cluster = read_device_profile(o.device_profile, size, t.unstable)
+    for r, rate in (survey.unstable() if survey is not None else {}).items():
+        cluster.ranks[r].reliability = min(cluster.ranks[r].reliability, rate)
     imp, source = static_or_uniform(store)
     group_mb = store.item_bytes("mlp") / 1e6                     # as stored: float32, bf16 or q4..
     eligible = holders(cluster, t.sync)
@@ -113,7 +119,20 @@ def make_plan(store: Store, size: int, o: ModeOptions) -> TensorPlan:
         reserve = reserve_bytes(imp, cluster, placed, group_mb, t.drop_budget, satellites,
                                 group_bytes(store, o.dtype))
     return TensorPlan(size, imp, placed, dict(t.link_loss), policy, source, cluster, o, replan, group_mb,
-                      a.dim, t.wire, t.members_wire, attention, vocab, members, satellites, reserve)
+                      a.dim, t.wire, t.members_wire, attention, vocab, members, satellites, reserve,
+                      survey.describe() if survey is not None else "")
+
+
+def survey_links(comm, store: Store, o: ModeOptions) -> LinkSurvey | None:
+    """Every rank, collectively, before the plan: the start-up link probe (net/probe.py) with a
+    member's one-token message of this model, where it can matter (HALO sync under MPI, two
+    ranks or more, --link-probe not 0); None elsewhere."""
+    t = o.tensor
+    if comm is None or comm.Get_size() < 2 or t.sync != "halo" or not t.link_probe:
+        return None
+    nbytes = wire_report(store.args.dim, t.members_wire)["message_bytes"]
+    loss = LinkLoss(dict(t.link_loss), seed=o.seed + 7919, model=t.loss_model) if t.link_loss else None
+    return measure_links(comm, nbytes, t.link_probe, loss)
 
 
 def group_bytes(store: Store, dtype: str):
@@ -150,7 +169,8 @@ def describe(plan: TensorPlan, store: Store) -> str:
                  and store.calibration("predictor_current_A") is not None)
     roles = f"all-reduce among ranks {plan.members}" + (f", satellites {plan.satellites}" if plan.satellites
                                                         else "")
-    return (f"tensor-parallel on {plan.size} ranks, sync {plan.policy.mode} ({roles}), "
+    measured = f"{plan.measured}\n" if plan.measured else ""
+    return (f"{measured}tensor-parallel on {plan.size} ranks, sync {plan.policy.mode} ({roles}), "
             f"placement {t.placement}, "
             f"importance {plan.importance_source}{' + per-token predictor' if predictor else ''}, "
             f"link loss {plan.loss or 'none'}, unstable ranks {sorted(plan.policy.unstable) or 'none'}"

@@ -20,13 +20,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..net.devices import UNSTABLE_RELIABILITY
 from ..net.framing import Kind, json_payload
 from ..net.transport import Transport
 from .head import HeadRows
 from .held import HeldGroups, StepPace
-from .placement import SPEED_BAND, Placement, moved, own_groups, share_in_room
+from .placement import (
+    SPEED_BAND,
+    Placement,
+    attention_placement,
+    moved,
+    own_groups,
+    plan,
+    share_in_room,
+    vocab_slices,
+)
 from .policy import SyncPolicy
 from .reserve import ReplanRoom
+
+DEMOTE_AFTER = 32      # all-reduce rounds of a member measured before it may be demoted
+DEMOTE_BELOW = 0.95    # on-time share of its recent rounds under which it is (2 late in 32: a
+                       # stalled round holds every rank ~200 ms; one may be a descheduled rank)
 
 
 @dataclass
@@ -41,6 +55,8 @@ class PendingPlan:
     vocab: list | None = None        # rank -> [start, stop) of the head, where it moves rows
     head: object = None              # rank 0's new head slice, once read
     head_read: bool = False
+    attention: Placement | None = None   # [layer][rank] -> KV heads, where a member leaves
+    members: list[int] | None = None     # the members under it, where one leaves
 
     @property
     def plan_read(self) -> bool:
@@ -68,6 +84,10 @@ class Planner:
         self.before = None               # the re-planner's ratings before it proposed
         self.resident_bytes = lambda: held.nbytes + backups.nbytes   # all of rank 0's: set by the lead
         self.pending: PendingPlan | None = None
+        self.members: list[int] = [0]            # the members and their attention groups
+        self.attention: Placement | None = None  # (set by the assembly)
+        self.member_links: dict = {}             # worker member -> its rounds on time (exchange.py)
+        self.on_members = None                   # the lead's: members and attention switched
         self.unreachable: dict[int, int] = {}    # rank -> step it was found silent
         self.step = 0
         self.replans: list[str] = []
@@ -96,6 +116,8 @@ class Planner:
                 self.pending.waiting.discard(m.source)
         self.watch_silence()
         if decoding and self.replanner is not None and self.pending is None:
+            self.maybe_demote()
+        if decoding and self.replanner is not None and self.pending is None:
             self.maybe_replan(links)
         if decoding and self.replanner is not None and self.pending is None and self.speeds is not None:
             self.maybe_rerate()
@@ -121,13 +143,20 @@ class Planner:
             self.placement, self.version, self.probes = p.placement, p.version, p.probes
             self.policy.unstable = p.unstable
             self.pending = None
+            if p.members is not None:
+                self.members, self.attention, self.head.members = p.members, p.attention, p.members
+                for r in set(self.member_links) - set(p.members):
+                    del self.member_links[r]
+                self.on_members(p.members, p.attention)
             self.say(f"{p.line}; in place from step {self.step}")
 
     # -- proposing plans
-    def propose(self, new: Placement, line: str, vocab: list | None = None):
+    def propose(self, new: Placement, line: str, vocab: list | None = None,
+                attention: Placement | None = None, members: list[int] | None = None):
         """Plan `new` to every worker (PLAN), and rank 0's part of it read in the background;
         under a budget only if its groups fit every rank's room (else said, and not made).
-        vocab: the head's new split over the members, where it moves rows."""
+        vocab: the head's new split over the members, where it moves rows; attention, members:
+        where a member leaves (demote)."""
         probes = self.replanner.probes()
         if self.room is not None:
             wanted = {0: own_groups(new, probes)}
@@ -144,6 +173,9 @@ class Planner:
             body = {"mlp": [p[r].tolist() for p in new]}
             if vocab is not None and r in self.head.members:
                 body["vocab"] = list(vocab[r])
+            if members is not None:
+                body["members"] = members
+                body["attention"] = [p[r].tolist() for p in attention]
             self.t.send(r, Kind.PLAN, self.step, -1, json_payload(body), plan=version)
         unstable = frozenset(self.replanner.unstable())
         self.stuck_share = {r: s for r, s in self.stuck_share.items() if r in unstable}
@@ -153,7 +185,8 @@ class Planner:
         self.budget = self.pace.read_budget()
         self.held.prepare(version, own_groups(new, probes))
         self.backups.prepare(version, self.wanted_backups(new, unstable, probes))
-        self.pending = PendingPlan(version, new, gaining, line, unstable, probes, vocab)
+        self.pending = PendingPlan(version, new, gaining, line, unstable, probes, vocab,
+                                   attention=attention, members=members)
 
     def watch_silence(self):
         """A worker silent for the rank timeout (frozen or dead) is unreachable: said once, its MLP
@@ -180,6 +213,40 @@ class Planner:
                 self.say(f"{line}; {why}{later}")
             else:
                 self.propose(new, f"{line}; {why}")
+
+    def maybe_demote(self):
+        """A worker member whose all-reduce rounds came late (a retransmission stall) in more
+        than 1 - DEMOTE_BELOW of the last ones (at least DEMOTE_AFTER) leaves the members: its
+        link holds up every rank on every round, and its attention groups and head rows cannot
+        be dropped. The worst one first, one at a time."""
+        late = {r: link.recent_rate for r, link in self.member_links.items()
+                if r in self.members and len(link.recent) >= DEMOTE_AFTER and link.recent_rate < DEMOTE_BELOW}
+        if late and len(self.members) > 1:
+            r = min(late, key=lambda r: (late[r], -r))
+            n = len(self.member_links[r].recent)
+            self.demote(r, late[r], f"on time in {late[r]:.0%} of its last {n} all-reduce rounds")
+
+    def demote(self, rank: int, rate: float, why: str):
+        """Member `rank` becomes a satellite (the re-planner rates its link `rate`): its attention
+        groups go to the other members (those kept stay put), the head's rows are split over
+        them, its MLP groups re-placed by the new rating; once every rank has read what it
+        gains, the members switch together and rank 0 replays the sequence so far, so the moved
+        attention groups' K/V caches are recomputed (lead.py)."""
+        self.before = self.replanner.state()
+        cluster = self.replanner.cluster
+        cluster.ranks[rank].reliability = max(min(rate, UNSTABLE_RELIABILITY), 0.01)
+        members = [m for m in self.members if m != rank]
+        n_layers, n_kv = len(self.attention), max(int(max(h.max(initial=-1) for h in layer)) + 1
+                                                  for layer in self.attention)
+        attention = attention_placement(cluster, n_layers, n_kv, members, previous=self.attention)
+        vocab = vocab_slices(cluster, self.head.vocab[-1][1], members)
+        new = plan(self.importance, cluster, self.replanner.group_mb, self.placement,
+                   self.replanner.drop_budget)
+        loads = ", ".join(f"rank {r} loads {n}" for r, n in sorted(moved(self.placement, new).items()))
+        self.propose(new, f"rank {rank} demoted at step {self.step} ({why}): a satellite now; its "
+                          f"attention groups and head rows go to ranks {members}, MLP groups moved: "
+                          f"{loads or 'none'}; the K/V caches recomputed from the sequence so far",
+                     vocab, attention, members)
 
     def maybe_replan(self, links: dict):
         stuck_before = set(self.replanner.said_stuck)

@@ -70,7 +70,18 @@ def run_config(plan: TensorPlan, lead) -> dict:
             "rank_timeout": plan.options.rank_timeout,
             "wire": wire_report(plan.dim, plan.wire),
             "members_wire": wire_report(plan.dim, plan.members_wire),
-            "silent": list(lead.silent)}
+            "silent": list(lead.silent), "unanswered": list(lead.unanswered),
+            "links_measured": plan.measured}
+
+
+def end_note(rank: int, config: dict) -> str:
+    """Why a rank's row has no figures of its own: silent at the end, or its statistics stuck on
+    a late link (a satellite, alive)."""
+    if rank in config.get("silent", []):
+        return "  (silent at the end: no statistics)"
+    if rank in config.get("unanswered", []):
+        return "  (its statistics did not come through its late link in time)"
+    return ""
 
 
 def format_report(stats: RunStats) -> str:
@@ -91,8 +102,7 @@ def format_report(stats: RunStats) -> str:
                      f"{r['cpu_s'] or nan:5.1f}  {r['on_time_rate']:7.3f}  {r['dropped_layers']:14d}  "
                      f"{r.get('recovered_by_backup', 0):9d}  {r['late_discarded']:14d}  "
                      f"{r.get('skipped', 0):7d}  {r['peak_rss_mb'] or nan:11.0f}"
-                     + ("  (silent at the end: no statistics)" if r["rank"] in s["config"].get("silent", [])
-                        else ""))
+                     + end_note(r["rank"], s["config"]))
     tokens = s["tokens"]
     for r in s["ranks"]:
         if r.get("loading"):

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import HaloError
+from ..net.launch import farewell
 from ..net.transport import MPITransport
 from ..stats import cpu_seconds, peak_rss_mb
 from ..store.hdf5 import Store
@@ -68,11 +69,14 @@ class TensorRank:
         else:
             self.part.run()
         wall = time.perf_counter() - t0
-        return result, self._gather(workers, self.transport.close(), wall)
+        run = self._gather(workers, self.transport.close(), wall)
+        farewell(self.comm, sorted(set(range(1, self.plan.size)) - set(self.lead.silent))
+                 if self.rank == 0 else None)
+        return result, run
 
     def _gather(self, workers: dict, pending: int, wall: float) -> TensorRun:
         size, lead = self.plan.size, self.lead
-        if self.rank == 0 and lead.silent:     # a collective would wait for them forever: rank 0
+        if self.rank == 0 and (lead.silent or lead.unanswered):   # a collective would wait for them: rank 0
             nan = float("nan")                 # reports its own figures and ends the job
             rest = [nan] * (size - 1)
             return TensorRun(lead, workers, [pending] + [0] * (size - 1), [peak_rss_mb()] + rest,

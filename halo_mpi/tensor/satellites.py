@@ -73,6 +73,11 @@ class Satellites:
     def links(self):
         return self.deadlines.links
 
+    def add(self, rank: int):
+        """A satellite from now on (a member demoted: planner.py)."""
+        self.ranks = sorted(set(self.ranks) | {rank})
+        self.deadlines.add(rank)
+
     def begin_step(self, step: int, decoding: bool):
         self.step, self.decoding = step, decoding
         self.records.append(StepRecord(step, decoding))
