@@ -698,3 +698,42 @@ def test_a_slowed_member_gets_fewer_groups_within_twelve_steps(tiny_store):
     assert "head rows" in rerated[0] and workers[1]["head_rows"] < rows
     (a0, b0), (a1, b1) = planner.head.vocab
     assert a0 == 0 and b0 == a1 and b1 == tiny_store.args.vocab_size and workers[1]["head_rows"] == b1 - a1
+
+
+@pytest.mark.parametrize("store_name", ["tiny_store", "kv3_store"])
+def test_a_member_late_on_its_rounds_is_demoted_and_the_logits_stay_the_reference(request, store_name):
+    """Rank 2 holds attention groups and head rows when its all-reduce rounds turn late: it is
+    demoted mid-sequence to a satellite, its attention groups and head rows move to ranks 0
+    and 1, rank 0 replays the sequence so far to refill the moved groups' K/V caches, and every
+    step's logits stay the reference's (float32 wire, every satellite partial waited for)."""
+    store = request.getfixturevalue(store_name)
+    ids = [5, 70, 33, 9, 120, 17, 3, 44, 8, 61]
+    ref_model = Transformer.from_store(store)
+    ref_cache = ref_model.new_cache(32)
+    o = ModeOptions.of(sync="halo", critical_share=1.0, wire_dtype="float32", prefill_chunk=3)
+    plan = make_plan(store, 3, o)
+    assert plan.members == [0, 1, 2] and any(len(p[2]) for p in plan.attention)
+    cluster = LocalCluster(store, plan)
+    planner, lead = cluster.lead.planner, cluster.lead
+    session = cluster.session(32)
+    with torch.inference_mode():
+        want = ref_model(torch.tensor(ids[:4]), ref_cache, last_only=True)
+        got = session.step(torch.tensor(ids[:4]), decoding=False)
+        assert (got - want).abs().max().item() < 1e-4
+        for i, token in enumerate(ids[4:]):
+            if i == 2:                               # rank 2's rounds turn late (as exchange.py counts)
+                for k in range(40):
+                    planner.member_links[2].add_outcome(k % 3 == 0)
+            got = session.step(torch.tensor([token]), decoding=True)
+            want = ref_model(torch.tensor([token]), ref_cache, last_only=True)
+            assert (got - want).abs().max().item() < 1e-4, i
+    workers = cluster.stop()
+    assert planner.members == [0, 1] and lead.members == [0, 1] and planner.version == 1
+    assert all(not len(layer[2]) for layer in planner.attention)
+    assert sorted(np.concatenate([np.concatenate(layer) for layer in planner.attention]).tolist()) == \
+        sorted(np.concatenate([np.concatenate(layer) for layer in plan.attention]).tolist())
+    assert planner.head.vocab[2][1] == planner.head.vocab[2][0]
+    assert 2 in lead.satellites.ranks and 2 in planner.policy.unstable
+    assert lead.replays and lead.replays[0][1] >= 6
+    assert any("rank 2 demoted" in line for line in planner.replans)
+    assert workers[2].get("demoted") and workers[2]["attention_groups"] == 0, workers[2]

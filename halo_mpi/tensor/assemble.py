@@ -16,6 +16,7 @@ from ..loading.parts import BudgetedWeights, rank_residency
 from ..model.groups import GroupMLP
 from ..model.linear import DTYPES
 from ..model.llama import Attention, Transformer
+from ..net.links import LinkEstimate
 from ..net.transport import Transport
 from ..store.hdf5 import Store
 from .attention import HeldAttention
@@ -26,7 +27,7 @@ from .lead import GatheredHead, Lead
 from .member import Member, MemberAttention, MemberMLP
 from .placement import Replanner, own_groups, probe_ranks
 from .plan import TensorPlan, group_bytes
-from .planner import Planner
+from .planner import MEMBER_WINDOW, Planner
 from .predictor import Predictor
 from .reserve import ReplanRoom
 from .satellite import Satellite
@@ -159,6 +160,12 @@ def lead_part(store: Store, plan: TensorPlan, transport: Transport, weights, log
                 halo_predictor=t.placement != "static" and plan.policy.mode == "halo")
     lead.satellites = Satellites(transport, lead.inbox, plan.satellites, plan.policy, store.args.n_layers,
                                  copies, planner.backups, keep_copies=weights is None)
+    lead.chunk = o.prefill_chunk
+    planner.members, planner.attention = list(plan.members), plan.attention
+    planner.on_members = lead.change_members
+    if plan.replan:                      # each worker member's rounds measured: a late one is demoted
+        lead.exchange.links = planner.member_links = {r: LinkEstimate(outcome_window=MEMBER_WINDOW)
+                                                      for r in plan.members if r}
     if plan.replan and speeds:           # the members' speeds measured: a slow one gets fewer groups
         lead.speeds = planner.speeds = SpeedMeter()
     lead.model = model_of(store, plan, lead, lambda: GatheredHead(lead))

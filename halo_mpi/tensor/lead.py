@@ -23,7 +23,7 @@ import torch
 
 from ..errors import HaloError
 from ..net.framing import Kind, Message
-from .member import DECODING, LAST_ONLY, Member
+from .member import DECODING, LAST_ONLY, REPLAY, Member
 from .planner import Planner
 from .policy import SyncPolicy
 from .satellites import Satellites
@@ -69,6 +69,10 @@ class Lead(Member):
         self.unanswered: list[int] = []          # satellites heard from whose DONE did not come in time
         self.speeds: SpeedMeter | None = None    # the ranks' measured speeds, when re-planning (assembly)
         self._computed = 0.0                     # rank 0's compute seconds when the step began
+        self.history: list[int] = []             # the sequence's token ids so far, by position
+        self.chunk = 64                          # tokens per replayed step (--prefill-chunk: assembly)
+        self.replay_due = False                  # members changed: recompute the K/V caches
+        self.replays: list[tuple[int, int]] = []  # (step, positions) of each replay
 
     @property
     def vocab(self) -> list[tuple[int, int]]:
@@ -89,22 +93,63 @@ class Lead(Member):
 
     # -- steps
     def begin_step(self, tokens: torch.Tensor, pos: int, decoding: bool, last_only: bool):
-        """Plans, then STEP to every other member: its tokens (T,), first position, flags, plan."""
-        self.step += 1
-        self.decoding = decoding
-        self.clock.step, self._computed = self.step, self.clock.seconds
+        """Plans, then STEP to every other member: its tokens (T,), first position, flags, plan.
+        A plan that changed the members first replays the sequence so far (`replay`)."""
+        self._next_step(decoding)
         self.rss.tick()
-        self.satellites.begin_step(self.step, decoding)
         for m in self.inbox.take_others():                   # replies of closed steps
             self.satellites.late_discarded[m.source] += 1
         control, self.inbox.control = self.inbox.control, []
         version = self.planner.begin_step(self.step, decoding, self.links, control)
-        self.exchange.step = self.step
-        ids = tokens.numpy().astype(np.int32).reshape(-1, 1)                      # (T, 1)
+        if self.replay_due:
+            self.replay(pos, version)
+            self._next_step(decoding)
+        del self.history[pos:]
+        self.history.extend(tokens.tolist())
         flags = (LAST_ONLY if last_only else 0) | (DECODING if decoding else 0)
+        self._announce(tokens, pos, flags, version)
+
+    def _next_step(self, decoding: bool):
+        self.step += 1
+        self.decoding = self.exchange.measuring = decoding
+        self.clock.step, self._computed = self.step, self.clock.seconds
+        self.satellites.begin_step(self.step, decoding)
+        self.exchange.step = self.step
+
+    def _announce(self, tokens: torch.Tensor, pos: int, flags: int, version: int):
+        ids = tokens.numpy().astype(np.int32).reshape(-1, 1)                      # (T, 1)
         for r in self.members:
             if r != 0:
                 self.t.send(r, Kind.STEP, self.step, flags, ids, plan=version, pos=pos)
+
+    def change_members(self, members: list[int], attention):
+        """At the switch to a plan that demoted a member (planner.py): it is a satellite from now
+        on, the others hold the attention groups of `attention` ([layer][rank] -> KV heads), each
+        cache empty until the replay refills it."""
+        for r in set(self.members) - set(members):
+            self.satellites.add(r)
+            self.t.fatal.discard(r)          # its silence no longer ends the run
+        self.members = list(members)
+        self.exchange.members, self.exchange.collective = sorted(members), False   # (the collective's
+        self.attention_groups.reassign({l: p[0] for l, p in enumerate(attention)})  #  group had it)
+        self.replay_due = True
+
+    @torch.inference_mode()
+    def replay(self, upto: int, version: int):
+        """Positions 0..upto-1 again, in steps of `chunk` tokens, under the plan just switched
+        to, without the head: every member refills its attention groups' K/V caches (those it
+        just gained have none) the way a prompt's prefill fills them; the satellites' MLP
+        groups computed by rank 0, as in any prefill."""
+        self.replay_due = False
+        ids = torch.tensor(self.history[:upto], dtype=torch.long)
+        cache = self.model.new_cache(max(upto, 1))      # positions only: the K/V live with the groups
+        for start in range(0, upto, self.chunk):
+            self._next_step(False)                      # each chunk a step of its own
+            chunk = ids[start:start + self.chunk]
+            self._announce(chunk, start, REPLAY, version)
+            cache.pos = start
+            self.model.layers(self.model.embed(chunk), cache)
+        self.replays.append((self.step, upto))
 
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's MLP round: satellites' inputs out, own partial, theirs folded in, all-reduce."""

@@ -23,8 +23,9 @@ from ..stats import RssTrace
 from .attention import HeldAttention
 from .exchange import ComputeClock, Exchange
 from .held import HeldGroups, StepPace, loading_stats
+from .satellite import Satellite
 
-LAST_ONLY, DECODING = 1, 2          # STEP flags (the message's layer field)
+LAST_ONLY, DECODING, REPLAY = 1, 2, 4   # STEP flags (the message's layer field); REPLAY: K/V only
 
 
 class Member:
@@ -45,6 +46,7 @@ class Member:
         self.load_head = None                  # (start, stop) -> a VocabSlice (set by the assembly)
         self.head_wanted: tuple | None = None  # a pending plan's head rows, and the slice once read
         self.head_read = None
+        self.roles_wanted: tuple | None = None  # a pending plan's (members, my KV heads per layer)
 
     # -- a block's parts
     def attend(self, layer: int, x: torch.Tensor, pos: int) -> torch.Tensor:
@@ -80,17 +82,27 @@ class Member:
         cache = self.model.new_cache(self.model.args.max_seq_len)   # empty: the caches are held
         while True:
             m = self.next_message()
+            if m.kind in (Kind.INPUT, Kind.STOP) and self.leaving:
+                return self.become_satellite(m)
             if m.kind == Kind.STOP:
                 return self.finish()
             if m.kind == Kind.PLAN:
                 plan = m.json()
                 self.groups.prepare(m.plan, {l: ids for l, ids in enumerate(plan["mlp"])})
                 self.head_wanted, self.head_read = (tuple(plan["vocab"]) if "vocab" in plan else None), None
+                self.roles_wanted = (plan["members"], plan["attention"]) if "members" in plan else None
                 self.read_budget = self.pace.read_budget()
             elif m.kind == Kind.STEP:
                 self.run_step(m, cache)
+            elif m.kind in (Kind.PARTIAL, Kind.ATTN_PARTIAL, Kind.LOGITS):
+                continue               # a former member's, for a round it no longer takes part in
             else:
                 raise HaloError(f"rank {self.t.rank} got an unexpected {m.kind.name} from rank {m.source}")
+
+    @property
+    def leaving(self) -> bool:
+        """Demoted by the plan being read (planner.py): a satellite from rank 0's next input."""
+        return self.roles_wanted is not None and self.t.rank not in self.roles_wanted[0]
 
     def next_message(self) -> Message:
         while not self.exchange.others:
@@ -108,7 +120,7 @@ class Member:
         tokens = torch.from_numpy(m.payload.reshape(-1).astype(np.int64))
         cache.pos = m.pos
         h = self.model.layers(self.model.embed(tokens), cache)
-        if self.model.output is not None:
+        if self.model.output is not None and not m.layer & REPLAY:
             with self.clock:
                 logits = self.model.head(h[-1:] if m.layer & LAST_ONLY else h)      # (1 or T, slice)
             # seq: this step's compute microseconds, from which rank 0 learns this rank's speed
@@ -128,7 +140,11 @@ class Member:
                 raise HaloError(f"rank {self.t.rank}: step under plan {version} before its groups")
             if self.head_wanted is not None:
                 self.model.output = self.read_head()
-            self.head_wanted = self.head_read = None
+            if self.roles_wanted is not None:           # a member left: replayed from position 0
+                members, heads = self.roles_wanted
+                self.exchange.members, self.exchange.collective = sorted(members), False
+                self.attention_groups.reassign(dict(enumerate(heads)))
+            self.head_wanted = self.head_read = self.roles_wanted = None
             self.plans += 1
         elif not pending.done and self.groups.advance(self.read_budget):
             self.read_head()
@@ -144,6 +160,14 @@ class Member:
             same = head is not None and (head.start, head.stop) == (start, stop)
             self.head_read = head if same else self.load_head(start, stop)
         return self.head_read
+
+    def become_satellite(self, first: Message) -> dict:
+        """Demoted (planner.py): from rank 0's first input on, serve MLP partials as a satellite
+        does, with the groups of the plan being read; its statistics are the satellite's."""
+        satellite = Satellite(self.t, self.groups, self.clock, sparse=self.sparsity > 0, loading=self.loading)
+        satellite.plans = self.plans
+        satellite.notes = {"demoted": True, "member_steps": self.steps}
+        return satellite.run(first=[first])
 
     def finish(self) -> dict:
         if self.loading is not None:

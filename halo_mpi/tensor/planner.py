@@ -38,6 +38,7 @@ from .placement import (
 from .policy import SyncPolicy
 from .reserve import ReplanRoom
 
+MEMBER_WINDOW = 64     # a member's rounds judged by the last this many (a token of SmolLM2 has 61)
 DEMOTE_AFTER = 32      # all-reduce rounds of a member measured before it may be demoted
 DEMOTE_BELOW = 0.95    # on-time share of its recent rounds under which it is (2 late in 32: a
                        # stalled round holds every rank ~200 ms; one may be a descheduled rank)
@@ -147,6 +148,8 @@ class Planner:
                 self.members, self.attention, self.head.members = p.members, p.attention, p.members
                 for r in set(self.member_links) - set(p.members):
                     del self.member_links[r]
+                for link in self.member_links.values():  # their rounds waited on the one gone:
+                    link.recent.clear()                  # judged afresh without it
                 self.on_members(p.members, p.attention)
             self.say(f"{p.line}; in place from step {self.step}")
 
@@ -247,6 +250,8 @@ class Planner:
                           f"attention groups and head rows go to ranks {members}, MLP groups moved: "
                           f"{loads or 'none'}; the K/V caches recomputed from the sequence so far",
                      vocab, attention, members)
+        if self.pending is not None:     # a satellite reads its groups while the others go on:
+            self.pending.waiting.discard(rank)           # its READY comes over the late link
 
     def maybe_replan(self, links: dict):
         stuck_before = set(self.replanner.said_stuck)

@@ -33,9 +33,11 @@ class Satellite:
         self.loading = loading                 # BudgetedWeights under --mem-budget, else None
         self.computed = self.skipped = self.plans = 0
         self.rss = RssTrace(every=50)          # resident MB every 50 of rank 0's steps
+        self.notes: dict = {}                  # more statistics (a demoted member's)
 
-    def run(self) -> dict:
-        stash: list[Message] = []   # inputs of a plan whose groups are still being read
+    def run(self, first: list[Message] | None = None) -> dict:
+        """Serve until STOP; `first`: messages already taken (a demoted member's)."""
+        stash: list[Message] = list(first or [])   # inputs of a plan whose groups are still being read
         while True:
             reading = self.held.pending is not None and not self.held.pending.done
             got = self.t.poll(0.0 if reading else 1.0)
@@ -99,4 +101,4 @@ class Satellite:
                 "sent": s.sent, "held_by_loss": s.held, "held_seconds": s.held_seconds,
                 "groups": self.held.count, "attention_groups": 0, "head_rows": 0, "weight_bytes": weights,
                 "rss_mb_trace": self.rss.samples,
-                **loading_stats(self.loading, self.held)}
+                **loading_stats(self.loading, self.held), **self.notes}
