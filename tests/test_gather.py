@@ -12,7 +12,7 @@ import torch
 from halo_mpi.errors import HaloError
 from halo_mpi.net.framing import Kind, Message
 from halo_mpi.net.links import LinkEstimate
-from halo_mpi.tensor.gather import DeadlineGather, LayerKey
+from halo_mpi.tensor.gather import SENT_KEPT, DeadlineGather, LayerKey
 from halo_mpi.tensor.held import HeldGroups
 from halo_mpi.tensor.policy import SyncPolicy
 from halo_mpi.tensor.satellites import Satellites
@@ -267,3 +267,30 @@ def test_satellites_add_partials_in_time_and_account_the_rest():
     assert rec.dropped_ranks == Counter({2: 1}) and rec.dropped_share == 0.5
     assert sats.wait_s == 0.5 + BOUND and sats.links is sats.deadlines.links
     assert list(sats.links[2].recent) == [False]
+
+
+def test_a_covered_peer_is_judged_when_its_partial_comes():
+    """A probe (covered: rank 0 computes its groups) is not waited for, yet its link is measured:
+    a partial that comes within its round-trip bound of its own input is on time, a later one
+    late, and one that never comes counts late once SENT_KEPT layers have passed."""
+    clock, inbox, g = setup(halo(), [(0.1, partial(1)), (0.1, partial(3))])
+    g.gather(KEY, [1, 2, 3], 0.0, SHARES, decoding=True, covered=frozenset({2}))
+    assert len(g.links[2].recent) == 0                    # not judged at the close
+    inbox.at(0.2, partial(2))                             # within the bound (0.25) of its input
+    inbox.at(0.3, partial(1, layer=1))
+    inbox.at(0.3, partial(3, layer=1))
+    clock.now = 0.2
+    g.gather(LayerKey(1, 1, 0), [1, 2, 3], 0.2, SHARES, decoding=True, covered=frozenset({2}))
+    assert list(g.links[2].recent) == [True]
+    inbox.at(1.4, partial(2, layer=1))                    # 1.2 s after its input: late
+    inbox.at(1.5, partial(1, layer=2))
+    inbox.at(1.5, partial(3, layer=2))
+    clock.now = 1.3
+    g.gather(LayerKey(1, 2, 0), [1, 2, 3], 1.3, SHARES, decoding=True, covered=frozenset({2}))
+    assert list(g.links[2].recent) == [True, False]
+    for layer in range(3, 3 + SENT_KEPT + 1):             # the layer-2 partial never comes
+        inbox.at(clock.now, partial(1, layer=layer))
+        inbox.at(clock.now, partial(3, layer=layer))
+        g.gather(LayerKey(1, layer, 0), [1, 2, 3], clock.now, SHARES, decoding=True,
+                 covered=frozenset({2}))
+    assert list(g.links[2].recent)[:3] == [True, False, False]

@@ -32,11 +32,12 @@ def test_clean_links_leave_every_rank_stable():
     assert "all 6 on time" in survey(4, {}).describe()
 
 
-def test_one_stall_in_32_is_enough_to_start_unstable():
-    # 31/32 = 0.969 < STABLE: a link that stalls once in 32 round trips of a member's message
-    # would stall one all-reduce round in ~60 (a token of SmolLM2 has 61)
-    assert 31 / 32 < STABLE
-    assert survey(2, {(0, 1): 1}).unstable() == {1: 31 / 32}
+def test_two_stalls_in_32_start_unstable_one_may_be_a_busy_machine():
+    # 30/32 < STABLE: a link that stalls twice in 32 round trips of a member's message would stall
+    # about four all-reduce rounds a token (SmolLM2 has 61); one stall alone was seen from a
+    # descheduled rank on a loaded machine (-n 4 on 2 cores)
+    assert survey(2, {(0, 1): 2}).unstable() == {1: 30 / 32}
+    assert survey(2, {(0, 1): 1}).unstable() == {}
 
 
 def test_the_rank_behind_the_bad_links_starts_unstable_never_rank_0():
@@ -45,6 +46,7 @@ def test_the_rank_behind_the_bad_links_starts_unstable_never_rank_0():
     # a bad link between two workers costs one of them (the one whose worst link is worse)
     assert set(survey(3, {(1, 2): 10}).unstable()) == {2}
     assert set(survey(4, {(1, 3): 10, (2, 3): 2}).unstable()) == {3}
+    assert set(survey(4, {(1, 3): 10, (2, 3): 1}).unstable()) == {3}
     # a bad link to rank 0 costs the worker, whatever its other links
     assert set(survey(3, {(0, 1): 5}).unstable()) == {1}
 

@@ -29,7 +29,8 @@ from .loss import LinkLoss
 
 ROUNDS = 32          # round trips per link at most
 LATE_S = 0.050       # a round trip slower than this was a stall (a retransmission), not jitter
-STOP_LATE = 2        # this many late round trips decide the link is unstable: stop early
+STOP_LATE = 2        # this many late round trips make a link unstable (one may be a descheduled
+                     # rank on a busy machine, not the link): the pinger stops there
 CAP_S = 2.0          # and stop after this long on one link, whatever the count
 POLL_S = 1e-4        # sleep between tests of a pending receive (never spin a shared core)
 TAG = 31_000         # + the tournament round; the transport's tags start elsewhere
@@ -46,16 +47,25 @@ class LinkSurvey:
         on_time, total = self.counts.get((min(a, b), max(a, b)), (0, 0))
         return on_time / total if total else 1.0
 
+    def late(self, a: int, b: int) -> int:
+        on_time, total = self.counts.get((min(a, b), max(a, b)), (0, 0))
+        return total - on_time
+
+    def bad(self, a: int, b: int, threshold: float = STABLE) -> bool:
+        return self.rate(a, b) < threshold and self.late(a, b) >= STOP_LATE
+
     def unstable(self, threshold: float = STABLE) -> dict[int, float]:
         """rank -> reliability for the ranks that start as satellites. While some link among the
-        remaining ranks is below `threshold`, the worker with the lowest mean rate over its links
-        to them leaves (rank 0 never: it leads), its worst link's rate as its reliability. So a
-        rank behind bad links goes, and not a neighbour it drags down; a bad link between two
-        workers costs one of them; a bad link to rank 0 costs the worker."""
+        remaining ranks is below `threshold` with at least STOP_LATE late round trips (one alone
+        may be a descheduled rank on a loaded machine: seen at -n 4 on 2 cores), the worker with
+        the lowest mean rate over its links to them leaves (rank 0 never: it leads), its worst
+        link's rate as its reliability. So a rank behind bad links goes, and not a neighbour it
+        drags down; a bad link between two workers costs one of them; a bad link to rank 0 costs
+        the worker."""
         left, out = set(range(self.size)), {}
         while len(left) > 1:
             rates = {r: [self.rate(r, s) for s in left if s != r] for r in left if r != 0}
-            bad = {r: v for r, v in rates.items() if min(v) < threshold}
+            bad = {r: v for r, v in rates.items() if any(self.bad(r, s, threshold) for s in left if s != r)}
             if not bad:
                 break
             r = min(bad, key=lambda r: (sum(bad[r]) / len(bad[r]), -r))

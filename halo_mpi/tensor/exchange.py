@@ -95,7 +95,7 @@ class Exchange:
         keys = {r: (int(kind), self.step, layer, r) for r in sources}
         t0 = self.clock()
         waiting = dict(keys)
-        measure = self.measuring and self.links is not None and kind != Kind.LOGITS
+        on_time = {}
         while waiting:
             if any(k not in self.early for k in waiting.values()):
                 self.sort(self.t.poll(1.0))
@@ -103,10 +103,20 @@ class Exchange:
             for r, k in list(waiting.items()):
                 if k in self.early:
                     del waiting[r]
-                    if measure and r in self.links:
-                        self.links[r].add_outcome(now - t0 <= LATE_S)
+                    on_time[r] = now - t0 <= LATE_S
         self.wait_s += self.clock() - t0
+        if self.measuring and self.links is not None and kind != Kind.LOGITS:
+            self.judge(on_time)
         return {r: self.early.pop(k) for r, k in keys.items()}
+
+    def judge(self, on_time: dict[int, bool]):
+        """Rank 0: each member's round on time or late; not when every one of two or more was
+        late (this rank was the one held up: descheduled on a busy machine)."""
+        if len(on_time) > 1 and not any(on_time.values()):
+            return
+        for r, ok in on_time.items():
+            if r in self.links:
+                self.links[r].add_outcome(ok)
 
     def sort(self, messages: list[Message]):
         """Partials and logits into `early` by (kind, step, layer, source); the rest into `others`."""

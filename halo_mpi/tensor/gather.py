@@ -109,6 +109,9 @@ class DeadlineGather:
         self.sent: dict[tuple[int, int], float] = {}   # (step, layer) -> when its inputs went out
         self.links = {r: LinkEstimate(factor=policy.deadline_factor, margin=policy.deadline_margin,
                                       initial=policy.initial_deadline) for r in peers}
+        # covered peers (probes) not waited for: their outcome is judged when the partial comes
+        # ((step, layer, rank) -> when its input went out), so a probe's link can earn groups back
+        self.judged_later: dict[tuple[int, int, int], float] = {}
         self.missed: dict[int, float] = {}   # rank -> when the input of its missed partial went out,
                                              # while nothing has arrived from it since
         # round-trip bounds and graces, taken once per step: a quantile over a link's samples
@@ -197,6 +200,7 @@ class DeadlineGather:
             return True
         if self._fresh(m, w):
             self.missed.pop(m.source, None)
+        self._judge_late_arrival(m, w)
         w.discarded[m.source] += 1           # a closed step or layer, or an old plan: never mixed in
         return False
 
@@ -216,4 +220,20 @@ class DeadlineGather:
         for r in dropped:
             self.missed.setdefault(r, sent_at)
         for r in w.peers:
-            self.links[r].add_outcome(r in on_time)
+            if r in w.covered and r in dropped:      # not waited for: judged when it comes
+                self.judged_later[(w.key.step, w.key.layer, r)] = sent_at
+            else:
+                self.links[r].add_outcome(r in on_time)
+        while len(self.judged_later) > SENT_KEPT:    # never came: late (the oldest first)
+            key = next(iter(self.judged_later))
+            del self.judged_later[key]
+            self.links[key[2]].add_outcome(False)
+
+    def _judge_late_arrival(self, m: Message, w: _Layer):
+        """A covered peer's partial after its layer closed: on time if it came within its link's
+        round-trip bound of its input, as if it had been waited for."""
+        sent = self.judged_later.pop((m.step, m.layer, m.source), None)
+        if sent is not None:
+            rtt = self.clock() - sent
+            self.links[m.source].add_latency(rtt)
+            self.links[m.source].add_outcome(rtt <= w.bound.get(m.source, 0.0))
