@@ -737,3 +737,38 @@ def test_a_member_late_on_its_rounds_is_demoted_and_the_logits_stay_the_referenc
     assert lead.replays and lead.replays[0][1] >= 6
     assert any("rank 2 demoted" in line for line in planner.replans)
     assert workers[2].get("demoted") and workers[2]["attention_groups"] == 0, workers[2]
+
+
+def test_a_demoted_member_whose_link_recovers_is_promoted_back(kv3_store):
+    """Rank 2 is demoted (late rounds), then its partials as a satellite come on time for long
+    enough (twice PROMOTE_AFTER: it was demoted once): it joins the members again, gets attention
+    groups back (their caches refilled by a replay) and head rows, and the logits stay the
+    reference's all along."""
+    from halo_mpi.tensor.planner import PROMOTE_AFTER
+    store = kv3_store
+    ids = [5, 70, 33, 9, 120, 17, 3, 44, 8, 61, 7, 19, 23, 2]
+    ref_model = Transformer.from_store(store)
+    ref_cache = ref_model.new_cache(32)
+    o = ModeOptions.of(sync="halo", critical_share=1.0, wire_dtype="float32", prefill_chunk=4)
+    cluster = LocalCluster(store, make_plan(store, 3, o))
+    planner, lead = cluster.lead.planner, cluster.lead
+    session = cluster.session(32)
+    with torch.inference_mode():
+        for i, token in enumerate(ids):
+            if i == 3:
+                for k in range(40):
+                    planner.member_links[2].add_outcome(k % 3 == 0)
+            if i == 7:
+                assert planner.members == [0, 1]
+                for _ in range(2 * PROMOTE_AFTER):
+                    lead.links[2].add_outcome(True)
+            got = session.step(torch.tensor([token]), decoding=True)
+            want = ref_model(torch.tensor([token]), ref_cache, last_only=True)
+            assert (got - want).abs().max().item() < 1e-4, i
+    workers = cluster.stop()
+    assert planner.members == [0, 1, 2] and lead.members == [0, 1, 2] and planner.version == 2
+    assert sum(len(layer[2]) for layer in planner.attention) > 0
+    assert planner.head.vocab[2][1] > planner.head.vocab[2][0]
+    assert 2 not in lead.satellites.ranks and len(lead.replays) == 2
+    assert any("rank 2 promoted" in line for line in planner.replans)
+    assert workers[2].get("promoted") and workers[2]["attention_groups"] > 0, workers[2]

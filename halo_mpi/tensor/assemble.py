@@ -94,10 +94,14 @@ def build(store: Store, plan: TensorPlan, transport: Transport, log=None, speeds
     if rank not in plan.members:
         part = Satellite(transport, held_groups(store, plan, rank, weights), clock_of(plan, rank),
                          sparse=plan.options.tensor.sparsity > 0, loading=weights), None
+        if roles_change(plan):
+            part[0].make_member = joining_member(store, plan, transport)
     elif rank == 0:
         part = lead_part(store, plan, transport, weights, log, speeds)
     else:
         part = member_part(store, plan, transport, weights)
+        if roles_change(plan):
+            part[0].make_member = joining_member(store, plan, transport)
     if weights is not None:
         weights.start()
     return part
@@ -163,15 +167,41 @@ def lead_part(store: Store, plan: TensorPlan, transport: Transport, weights, log
     lead.chunk = o.prefill_chunk
     planner.members, planner.attention = list(plan.members), plan.attention
     planner.on_members = lead.change_members
-    if plan.replan:                      # each worker member's rounds measured: a late one is demoted
+    if roles_change(plan):               # each worker member's rounds measured: a late one is demoted
         lead.exchange.links = planner.member_links = {r: LinkEstimate(outcome_window=MEMBER_WINDOW)
                                                       for r in plan.members if r}
+        planner.roles_change = True
     if plan.replan and speeds:           # the members' speeds measured: a slow one gets fewer groups
         lead.speeds = planner.speeds = SpeedMeter()
     lead.model = model_of(store, plan, lead, lambda: GatheredHead(lead))
     lead.model_bytes = lead.model.weight_bytes()
     planner.resident_bytes = lambda: lead.weight_bytes + lead.model_bytes
     return lead, lead.model
+
+
+def joining_member(store: Store, plan: TensorPlan, transport: Transport) -> Callable:
+    """(members, heads, vocab, groups, clock) -> the Member a promoted satellite becomes: its MLP
+    groups (those of the plan that promotes it), the KV heads and head rows that plan gives it
+    (read now; their caches filled by rank 0's replay), the members' all-reduce framed."""
+    def make(members: list[int], heads: list, vocab: tuple[int, int], groups: HeldGroups,
+             clock: ComputeClock) -> Member:
+        t = plan.options.tensor
+        member = Member(transport, Exchange(transport, members, plan.members_wire, collective=False),
+                        held_attention(store, plan, transport.rank), groups, clock, plan.importance,
+                        t.sparsity, Predictor.from_store(store) if t.sparsity > 0 else None)
+        member.attention_groups.reassign(dict(enumerate(heads)))
+        member.load_head = head_loader(store, plan)
+        head = member.load_head(*vocab)
+        member.model = model_of(store, plan, member, lambda: head)
+        member.make_member = make
+        return member
+    return make
+
+
+def roles_change(plan: TensorPlan) -> bool:
+    """Whether members may be demoted and satellites promoted: HALO re-planning, without a memory
+    budget (a budget's residency is laid out for the roles at start)."""
+    return plan.replan and not plan.budgeted
 
 
 def model_of(store: Store, plan: TensorPlan, member: Member, head: Callable) -> Transformer:

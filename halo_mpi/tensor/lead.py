@@ -123,12 +123,15 @@ class Lead(Member):
                 self.t.send(r, Kind.STEP, self.step, flags, ids, plan=version, pos=pos)
 
     def change_members(self, members: list[int], attention):
-        """At the switch to a plan that demoted a member (planner.py): it is a satellite from now
-        on, the others hold the attention groups of `attention` ([layer][rank] -> KV heads), each
+        """At the switch to a plan that demoted a member or promoted a satellite (planner.py):
+        the members hold the attention groups of `attention` ([layer][rank] -> KV heads), each
         cache empty until the replay refills it."""
         for r in set(self.members) - set(members):
             self.satellites.add(r)
             self.t.fatal.discard(r)          # its silence no longer ends the run
+        for r in set(members) - set(self.members):
+            self.satellites.remove(r)
+            self.t.fatal.add(r)              # it holds attention groups and head rows now
         self.members = list(members)
         self.exchange.members, self.exchange.collective = sorted(members), False   # (the collective's
         self.attention_groups.reassign({l: p[0] for l, p in enumerate(attention)})  #  group had it)

@@ -47,6 +47,8 @@ class Member:
         self.head_wanted: tuple | None = None  # a pending plan's head rows, and the slice once read
         self.head_read = None
         self.roles_wanted: tuple | None = None  # a pending plan's (members, my KV heads per layer)
+        self.notes: dict = {}                   # more statistics (a promoted satellite's)
+        self.make_member = None                 # a demoted member's way back (assemble.joining_member)
 
     # -- a block's parts
     def attend(self, layer: int, x: torch.Tensor, pos: int) -> torch.Tensor:
@@ -78,8 +80,11 @@ class Member:
         return keep
 
     # -- a worker member's loop
-    def run(self) -> dict:
+    def run(self, first: list[Message] | None = None) -> dict:
+        """Serve rank 0's steps until STOP; `first`: messages already taken (a promoted
+        satellite's)."""
         cache = self.model.new_cache(self.model.args.max_seq_len)   # empty: the caches are held
+        self.exchange.sort(first or [])
         while True:
             m = self.next_message()
             if m.kind in (Kind.INPUT, Kind.STOP) and self.leaving:
@@ -94,8 +99,8 @@ class Member:
                 self.read_budget = self.pace.read_budget()
             elif m.kind == Kind.STEP:
                 self.run_step(m, cache)
-            elif m.kind in (Kind.PARTIAL, Kind.ATTN_PARTIAL, Kind.LOGITS):
-                continue               # a former member's, for a round it no longer takes part in
+            elif m.kind in (Kind.PARTIAL, Kind.ATTN_PARTIAL, Kind.LOGITS, Kind.INPUT):
+                continue               # a former member's round, or an input from before it joined
             else:
                 raise HaloError(f"rank {self.t.rank} got an unexpected {m.kind.name} from rank {m.source}")
 
@@ -167,6 +172,7 @@ class Member:
         satellite = Satellite(self.t, self.groups, self.clock, sparse=self.sparsity > 0, loading=self.loading)
         satellite.plans = self.plans
         satellite.notes = {"demoted": True, "member_steps": self.steps}
+        satellite.make_member = self.make_member          # (it may be promoted again)
         return satellite.run(first=[first])
 
     def finish(self) -> dict:
@@ -191,7 +197,7 @@ class Member:
                 "attention_groups": self.attention_groups.count,
                 "head_rows": 0 if head is None else head.stop - head.start, "weight_bytes": self.weight_bytes,
                 "rss_mb_trace": self.rss.samples,
-                **loading_stats(self.loading, self.groups)}
+                **loading_stats(self.loading, self.groups), **self.notes}
 
 
 class MemberAttention:

@@ -359,6 +359,24 @@ def attention_placement(cluster: ClusterSpec, n_layers: int, n_kv: int, eligible
     return [[np.array(sorted(h), dtype=np.int64) for h in layer] for layer in held]
 
 
+def rebalance_attention(cluster: ClusterSpec, attention: Placement, eligible: list[int]) -> Placement:
+    """`attention` with heads moved to the eligible ranks below their speed quota (a rank just
+    promoted to member holds none) from those above it, one head per layer at a time so a
+    layer's heads stay spread; the rest stay where they are."""
+    held = [[list(h) for h in layer] for layer in attention]
+    count = {r: sum(len(layer[r]) for layer in held) for r in eligible}
+    quota = speed_shares(cluster, eligible, sum(count.values()))
+    for layer in held:
+        for g in (r for r in eligible if count[r] < quota[r] and not layer[r]):
+            donors = [d for d in eligible if d != g and len(layer[d]) and count[d] > quota[d]]
+            if not donors:
+                continue
+            d = max(donors, key=lambda d: (count[d] - quota[d], len(layer[d]), -d))
+            layer[g].append(layer[d].pop())
+            count[g], count[d] = count[g] + 1, count[d] - 1
+    return [[np.array(sorted(h), dtype=np.int64) for h in layer] for layer in held]
+
+
 def vocab_slices(cluster: ClusterSpec, vocab: int, eligible: list[int],
                  previous: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
     """rank -> [start, stop) rows of the output head, contiguous, in proportion to speed over the

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..net.devices import UNSTABLE_RELIABILITY
 from ..net.framing import Kind, json_payload
+from ..net.links import LinkEstimate
 from ..net.transport import Transport
 from .head import HeadRows
 from .held import HeldGroups, StepPace
@@ -32,6 +33,7 @@ from .placement import (
     moved,
     own_groups,
     plan,
+    rebalance_attention,
     share_in_room,
     vocab_slices,
 )
@@ -39,6 +41,8 @@ from .policy import SyncPolicy
 from .reserve import ReplanRoom
 
 MEMBER_WINDOW = 64     # a member's rounds judged by the last this many (a token of SmolLM2 has 61)
+PROMOTE_AFTER = 48     # a satellite's partials all on time before it joins the members again
+                       # (doubled for each time it was demoted)
 DEMOTE_AFTER = 32      # all-reduce rounds of a member measured before it may be demoted
 DEMOTE_BELOW = 0.95    # on-time share of its recent rounds under which it is (2 late in 32: a
                        # stalled round holds every rank ~200 ms; one may be a descheduled rank)
@@ -89,6 +93,9 @@ class Planner:
         self.attention: Placement | None = None  # (set by the assembly)
         self.member_links: dict = {}             # worker member -> its rounds on time (exchange.py)
         self.on_members = None                   # the lead's: members and attention switched
+        self.demotions: dict[int, int] = {}      # rank -> times demoted (promotion needs more)
+        self.roles_change = False                # members demoted and promoted (assembly: HALO
+                                                 # re-planning without a memory budget)
         self.unreachable: dict[int, int] = {}    # rank -> step it was found silent
         self.step = 0
         self.replans: list[str] = []
@@ -116,8 +123,10 @@ class Planner:
             if m.kind == Kind.READY and self.pending is not None and m.plan == self.pending.version:
                 self.pending.waiting.discard(m.source)
         self.watch_silence()
-        if decoding and self.replanner is not None and self.pending is None:
+        if decoding and self.roles_change and self.pending is None:
             self.maybe_demote()
+        if decoding and self.roles_change and self.pending is None:
+            self.maybe_promote(links)
         if decoding and self.replanner is not None and self.pending is None:
             self.maybe_replan(links)
         if decoding and self.replanner is not None and self.pending is None and self.speeds is not None:
@@ -150,6 +159,9 @@ class Planner:
                     del self.member_links[r]
                 for link in self.member_links.values():  # their rounds waited on the one gone:
                     link.recent.clear()                  # judged afresh without it
+                for r in p.members:
+                    if r and r not in self.member_links:
+                        self.member_links[r] = LinkEstimate(outcome_window=MEMBER_WINDOW)
                 self.on_members(p.members, p.attention)
             self.say(f"{p.line}; in place from step {self.step}")
 
@@ -174,7 +186,7 @@ class Planner:
         version = self.version + 1
         for r in range(1, self.t.size):
             body = {"mlp": [p[r].tolist() for p in new]}
-            if vocab is not None and r in self.head.members:
+            if vocab is not None and (r in self.head.members or r in (members or ())):
                 body["vocab"] = list(vocab[r])
             if members is not None:
                 body["members"] = members
@@ -229,29 +241,53 @@ class Planner:
             n = len(self.member_links[r].recent)
             self.demote(r, late[r], f"on time in {late[r]:.0%} of its last {n} all-reduce rounds")
 
+    def maybe_promote(self, links: dict):
+        """A satellite whose last PROMOTE_AFTER x 2^(its demotions) partials were all on time (at
+        most the window) joins the members again: the record it needs doubles each time it is
+        demoted, so a link that is clean only now and then stops flapping."""
+        for r, link in sorted(links.items()):
+            if r in self.members or r in self.unreachable or r in self.replanner.excluded:
+                continue
+            need = min(PROMOTE_AFTER * 2 ** self.demotions.get(r, 0), link.outcome_window)
+            recent = list(link.recent)[-need:]
+            if len(recent) >= need and all(recent):
+                self.change_roles(r, 1.0, sorted(self.members + [r]),
+                                  f"rank {r} promoted at step {self.step} (its last {need} partials on "
+                                  f"time): a member again")
+                return
+
     def demote(self, rank: int, rate: float, why: str):
         """Member `rank` becomes a satellite (the re-planner rates its link `rate`): its attention
         groups go to the other members (those kept stay put), the head's rows are split over
         them, its MLP groups re-placed by the new rating; once every rank has read what it
         gains, the members switch together and rank 0 replays the sequence so far, so the moved
         attention groups' K/V caches are recomputed (lead.py)."""
+        self.demotions[rank] = self.demotions.get(rank, 0) + 1
+        self.change_roles(rank, max(min(rate, UNSTABLE_RELIABILITY), 0.01),
+                          [m for m in self.members if m != rank],
+                          f"rank {rank} demoted at step {self.step} ({why}): a satellite now")
+
+    def change_roles(self, rank: int, reliability: float, members: list[int], line: str):
+        """A plan with `rank` rated `reliability` and these members: attention groups moved to
+        or from it (the others' stay), head rows split over the members, MLP groups re-placed."""
         self.before = self.replanner.state()
         cluster = self.replanner.cluster
-        cluster.ranks[rank].reliability = max(min(rate, UNSTABLE_RELIABILITY), 0.01)
-        members = [m for m in self.members if m != rank]
-        n_layers, n_kv = len(self.attention), max(int(max(h.max(initial=-1) for h in layer)) + 1
-                                                  for layer in self.attention)
-        attention = attention_placement(cluster, n_layers, n_kv, members, previous=self.attention)
+        cluster.ranks[rank].reliability = reliability
+        if rank in members:
+            attention = rebalance_attention(cluster, self.attention, members)
+        else:
+            n_kv = max(int(h.max(initial=-1)) + 1 for layer in self.attention for h in layer)
+            attention = attention_placement(cluster, len(self.attention), n_kv, members,
+                                            previous=self.attention)
         vocab = vocab_slices(cluster, self.head.vocab[-1][1], members)
         new = plan(self.importance, cluster, self.replanner.group_mb, self.placement,
                    self.replanner.drop_budget)
         loads = ", ".join(f"rank {r} loads {n}" for r, n in sorted(moved(self.placement, new).items()))
-        self.propose(new, f"rank {rank} demoted at step {self.step} ({why}): a satellite now; its "
-                          f"attention groups and head rows go to ranks {members}, MLP groups moved: "
-                          f"{loads or 'none'}; the K/V caches recomputed from the sequence so far",
+        self.propose(new, f"{line}; attention groups and head rows over ranks {members}, MLP groups "
+                          f"moved: {loads or 'none'}; the K/V caches recomputed from the sequence so far",
                      vocab, attention, members)
-        if self.pending is not None:     # a satellite reads its groups while the others go on:
-            self.pending.waiting.discard(rank)           # its READY comes over the late link
+        if self.pending is not None and rank not in members:   # a satellite reads its groups while
+            self.pending.waiting.discard(rank)                  # the others go on: its READY comes late
 
     def maybe_replan(self, links: dict):
         stuck_before = set(self.replanner.said_stuck)

@@ -19,7 +19,7 @@ from ..net.launch import farewell
 from ..net.transport import MPITransport
 from ..stats import cpu_seconds, peak_rss_mb
 from ..store.hdf5 import Store
-from .assemble import build
+from .assemble import build, roles_change
 from .lead import Lead
 from .plan import TensorPlan, emulated_loss, max_message_bytes, wait_policy
 
@@ -90,7 +90,10 @@ class TensorRank:
 
 def peers(plan: TensorPlan, rank: int) -> list[int]:
     """Whom a rank exchanges messages with: a member with every member (the framed all-reduce),
-    rank 0 with the satellites too; a satellite with rank 0."""
+    rank 0 with the satellites too; a satellite with rank 0; everyone with everyone where roles
+    change during the run (assemble.roles_change)."""
+    if roles_change(plan):               # any worker may be a member or a satellite later
+        return [r for r in range(plan.size) if r != rank]
     if rank not in plan.members:
         return [0]
     return sorted(set(plan.members) | (set(plan.satellites) if rank == 0 else set()))

@@ -20,6 +20,7 @@ from .exchange import ComputeClock
 from .held import HeldGroups, loading_stats
 
 IDLE_READ_S = 0.005     # reading a pending plan's groups, per idle poll
+MEMBER_TRAFFIC = (Kind.STEP, Kind.ATTN_PARTIAL, Kind.PARTIAL, Kind.LOGITS)   # what a member gets
 
 
 class Satellite:
@@ -34,6 +35,8 @@ class Satellite:
         self.computed = self.skipped = self.plans = 0
         self.rss = RssTrace(every=50)          # resident MB every 50 of rank 0's steps
         self.notes: dict = {}                  # more statistics (a demoted member's)
+        self.make_member = None                # (members, heads, vocab, groups, clock) -> Member
+        self.joining: tuple | None = None      # a plan that promotes it: (members, heads, vocab)
 
     def run(self, first: list[Message] | None = None) -> dict:
         """Serve until STOP; `first`: messages already taken (a demoted member's)."""
@@ -48,6 +51,8 @@ class Satellite:
                 continue
             work = [i for i, m in enumerate(batch) if m.kind == Kind.INPUT]
             for i, m in enumerate(batch):
+                if self.joining is not None and m.kind in MEMBER_TRAFFIC:   # promoted: switched
+                    return self.become_member(batch[i:])
                 if m.kind == Kind.STOP:
                     if m.plan > self.held.version:      # switched to while not asked (a probe)
                         self.held.switch(m.plan)
@@ -55,6 +60,8 @@ class Satellite:
                 if m.kind == Kind.PLAN:
                     plan = m.json()
                     self.held.prepare(m.plan, {l: ids for l, ids in enumerate(plan["mlp"])})
+                    if self.t.rank in plan.get("members", ()):
+                        self.joining = (plan["members"], plan["attention"], tuple(plan["vocab"]))
                 elif m.kind != Kind.INPUT:
                     raise HaloError(f"rank {self.t.rank} got an unexpected {m.kind.name} from "
                                     f"rank {m.source}")
@@ -62,6 +69,16 @@ class Satellite:
                     stash.append(m)      # (rank 0 switches only after READY: not seen so far)
                 else:
                     self.serve(m, newest=i == work[-1])
+
+    def become_member(self, messages: list[Message]) -> dict:
+        """Promoted (planner.py): from the members' first step under the new plan on (a replay
+        from position 0, which fills the attention groups it now holds) it runs as a member."""
+        if self.make_member is None:
+            raise HaloError(f"rank {self.t.rank} was made a member, but cannot become one here")
+        members, heads, vocab = self.joining
+        member = self.make_member(members, heads, vocab, self.held, self.clock)
+        member.plans, member.notes = self.plans, {"promoted": True, "satellite_computed": self.computed}
+        return member.run(first=messages)
 
     def _read_pending(self):
         if self.held.advance(IDLE_READ_S):

@@ -78,6 +78,10 @@ class Satellites:
         self.ranks = sorted(set(self.ranks) | {rank})
         self.deadlines.add(rank)
 
+    def remove(self, rank: int):
+        """A member from now on (a satellite promoted): no more inputs; late partials discarded."""
+        self.ranks = [r for r in self.ranks if r != rank]
+
     def begin_step(self, step: int, decoding: bool):
         self.step, self.decoding = step, decoding
         self.records.append(StepRecord(step, decoding))
