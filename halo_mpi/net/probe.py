@@ -12,7 +12,8 @@ reliability, which the re-planner then keeps up to date from the partials (tenso
     unstable = survey.unstable()                        # {2: 0.4}: rank -> on-time rate
 
 The pairs are probed in the rounds of a round-robin tournament (each rank meets one other per
-round, so the probes of disjoint pairs run at the same time). The lower rank of a pair pings and
+round, so the probes of disjoint pairs run at the same time); a pair's first round trip is not
+timed (its peer may still be finishing a round with a lossy link). The lower rank of a pair pings and
 stops early once the link is known to be unstable (STOP_LATE late) or after CAP_S; its last ping
 says so, so the higher rank's receive is never left posted. Under emulated loss (`--link-loss`)
 the pinger adds the delays the transport would hold the two messages for (net/loss.py).
@@ -102,6 +103,10 @@ def ping(comm, peer: int, tag: int, nbytes: int, rounds: int, loss: LinkLoss | N
     me = comm.Get_rank()
     out, back = np.zeros(max(nbytes, 8), np.uint8), np.empty(max(nbytes, 8), np.uint8)
     flag = out[:8].view(np.int64)                       # 1 on the last ping
+    flag[0] = 0                                         # untimed: the peer may still be busy with
+    recv = comm.Irecv(back, source=peer, tag=tag)       # its previous pair (on a lossy link), and
+    comm.Send(out, dest=peer, tag=tag)                  # the first message sets up the connection
+    _wait(recv)
     on_time = done = 0
     t_start = time.perf_counter()
     while True:
