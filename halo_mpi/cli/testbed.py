@@ -68,7 +68,7 @@ def run_scheduled(tb: Testbed, argv: list[str], schedule: LossSchedule, **run_op
     if not schedule.pending:
         return tb.run(argv, **run_options).returncode
     return run_following(tb, argv, schedule, seconds_since(time.monotonic()), log=stderr_line,
-                         **run_options)
+                         **run_options).returncode
 
 
 def cmd_set(a):

@@ -73,6 +73,7 @@ class Planner:
         self.replans: list[str] = []
         self.read_s = 0.0                        # rank 0's time reading pending groups
         self.pace = StepPace()
+        self.switches: list[tuple[int, Placement]] = [(0, placement)]   # (step, plan in force from it)
         # (`held` comes with the probes' groups already: the assembly reads own_groups once)
         self.backups.mlps = {k: backups.load(k[0], ids) for k, ids in self.wanted_backups(placement).items()}
 
@@ -121,6 +122,7 @@ class Planner:
             self.placement, self.version, self.probes = p.placement, p.version, p.probes
             self.policy.unstable = p.unstable
             self.pending = None
+            self.switches.append((self.step, p.placement))
             self.say(f"{p.line}; in place from step {self.step}")
 
     # -- proposing plans

@@ -16,6 +16,7 @@ fixed delay would need a user-space NFQUEUE program (the kernel has NFQUEUE; non
 """
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
 import time
@@ -107,19 +108,19 @@ def stderr_line(line: str):
 
 
 def run_following(tb: Testbed, argv: list[str], schedule: LossSchedule, count, log=None,
-                  **run_options) -> int:
+                  **run_options) -> subprocess.CompletedProcess:
     """tb.run(argv, **run_options) while a thread applies `schedule` as count() grows (changes at
-    0 first, before the job starts); its exit status. A change that fails is raised after it."""
+    0 first, before the job starts); the finished job. A change that fails is raised after it."""
     for _at, rank, p in schedule.pending:
         check_spec(tb.ranks, {rank: p}, {}, tb.name)
     schedule.apply_due(tb, 0)
     stop = threading.Event()
     thread = follow(schedule, tb, count, stop, log=log)
     try:
-        code = tb.run(argv, **run_options).returncode
+        done = tb.run(argv, **run_options)
     finally:
         stop.set()
         thread.join()
     if schedule.error is not None:
         raise schedule.error
-    return code
+    return done

@@ -1,0 +1,179 @@
+"""The changing-loss scenario: one long tensor-parallel generation while a rank's link turns bad
+and recovers, and how ms/token, the dropped share and the ranks' shares follow it.
+
+    halo-mpi bench --scenario changing-loss --net testbed --ranks 3 --lossy-ranks 2 \\
+        --phases 0,0.1,0.3,0 --phase-tokens 50 --weights weights/smollm2-135m-q4.h5
+
+Phases are counted in decode tokens (token 0: the first after the prompt's). On the emulation
+(`--net emulated`) the loss changes at exactly the phases' steps (`--link-loss RANK:P@STEP`). On
+the testbed the job (rank 0) appends a line per token to a progress file; a thread of the bench
+reads it and replaces the iptables rules once the count reaches a phase's start (one token early,
+as a change takes a few ms), and records from which token the new loss was in place: the phases
+are split there. Writes changing-loss.json (the per-token records and the figures) and
+changing-loss.png (bench/recovery.py) to --out.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass, replace
+
+from ..errors import HaloError
+from ..net.launch import mpiexec_path
+from ..options.tree import ModeOptions
+from ..stats import RunStats, write_json
+from ..store.hdf5 import Store
+from ..testbed.bed import Testbed
+from ..testbed.change import LossSchedule, run_following
+from .loss import PROMPT, machine_description
+from .rank import Task, command
+from .recovery import figures, format_figures, plot_scenario
+
+
+@dataclass
+class ChangingLoss:
+    base: ModeOptions                # --weights, --dtype, --threads, --sync, --unstable-ranks, ...
+    ranks: int
+    lossy: list[int]                 # the ranks whose link changes (together)
+    phases: list[float]              # the loss of each phase
+    phase_tokens: list[int]          # the decode tokens of each phase
+    net: str = "emulated"            # emulated | testbed
+    out: str = "results"
+    warmup: int = 8                  # the first phase's first tokens, left out of its median
+    timeout: float = 1800.0
+    rto_min_ms: float | None = None  # testbed: TCP's minimum retransmission timeout
+
+    @property
+    def starts(self) -> list[int]:
+        """The token at which each phase is planned to start."""
+        return [sum(self.phase_tokens[:k]) for k in range(len(self.phases))]
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.phase_tokens)
+
+
+def check_config(cfg: ChangingLoss):
+    if len(cfg.phase_tokens) != len(cfg.phases) or not cfg.phases:
+        raise HaloError(f"--phase-tokens gives {len(cfg.phase_tokens)} lengths for "
+                        f"{len(cfg.phases)} --phases: give one, or one per phase")
+    if not all(0 <= p < 1 for p in cfg.phases):
+        raise HaloError(f"--phases {cfg.phases}: each loss is in [0, 1)")
+    if cfg.ranks < 2 or not cfg.lossy or not all(0 < r < cfg.ranks for r in cfg.lossy):
+        raise HaloError(f"--lossy-ranks {cfg.lossy}: workers of the {cfg.ranks} ranks (1..{cfg.ranks - 1})")
+
+
+def first_decode_step(weights: str, prefill_chunk: int) -> int:
+    """The step of token 0's decode: the prompt's prefill chunks are the steps before it."""
+    from ..model.tokenizer import Tokenizer
+    with Store(weights) as store:
+        n = len(Tokenizer.from_store(store).encode(PROMPT))
+    return math.ceil(n / prefill_chunk) + 1
+
+
+def emulated_options(cfg: ChangingLoss) -> ModeOptions:
+    """The run's options with the phases as --link-loss RANK:P@STEP on each lossy rank."""
+    first = first_decode_step(cfg.base.weights, cfg.base.prefill_chunk)
+    steps = [0] + [first + s for s in cfg.starts[1:]]
+    schedule = tuple(zip(steps, cfg.phases))
+    return replace(cfg.base, tensor=replace(cfg.base.tensor, link_loss={r: schedule for r in cfg.lossy}))
+
+
+def run_emulated(cfg: ChangingLoss, task: Task) -> list[dict]:
+    options = replace(emulated_options(cfg), parallel="tensor")
+    cmd = [mpiexec_path(), "-n", str(cfg.ranks), *command(options, task)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.timeout)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise HaloError(f"changing-loss run failed: {tail}")
+    return []      # the changes are in the options: read back from the steps (changes_from_steps)
+
+
+def run_testbed(cfg: ChangingLoss, task: Task) -> list[dict]:
+    """The job on a testbed made for it, the phases applied as its progress file grows; the
+    changes as applied (token counts: `asked_at`, `in_place_at`)."""
+    options = replace(cfg.base, parallel="tensor")
+    # a phase starting at token s is asked for once s tokens are out (the decode of token s-1 runs)
+    schedule = LossSchedule([(s, r, p) for s, p in zip(cfg.starts, cfg.phases) for r in cfg.lossy])
+    with Testbed(cfg.ranks, {}, rto_min_ms=cfg.rto_min_ms) as tb:
+        done = run_following(tb, command(options, task)[3:], schedule, lambda: lines_in(task.progress),
+                             module="mpi4py", timeout=cfg.timeout, capture=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise HaloError(f"changing-loss run on the testbed failed: {tail}")
+    return schedule.applied
+
+
+def lines_in(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def phase_starts(cfg: ChangingLoss, applied: list[dict], decode_steps: list[int]) -> list[int]:
+    """The token from which each phase's loss was in place. Testbed: tokens out when the last of
+    its changes was in place (the decode then running may have met either loss). Emulated: the
+    first token whose step is at or after the phase's step."""
+    if cfg.net == "testbed":
+        starts = []
+        for k, s in enumerate(cfg.starts):
+            mine = [c["in_place_at"] for c in applied if c["at"] == s]
+            starts.append(0 if k == 0 else max(s, max(mine, default=s)))
+        return starts
+    first = first_decode_step(cfg.base.weights, cfg.base.prefill_chunk)
+    return [0] + [next((i for i, step in enumerate(decode_steps) if step >= first + s), len(decode_steps))
+                  for s in cfg.starts[1:]]
+
+
+def token_records(stats: RunStats, starts: list[int], phases: list[float]) -> list[dict]:
+    """One record per decode token: its step, ms, dropped share, loss in force and each rank's
+    share of the MLP groups under the plan in force at its step."""
+    steps = stats.config.get("decode_steps", [])
+    switches = stats.config.get("plan_switches", [])
+    dropped = stats.dropped_share_per_token
+    records = []
+    for i, ms in enumerate(stats.decode_ms):
+        step = steps[i] if i < len(steps) else None
+        plan = [s for s in switches if step is None or s["step"] <= step]
+        phase = max(k for k, s in enumerate(starts) if s <= i)
+        records.append({"token": i, "step": step, "ms": ms,
+                        "dropped_share": dropped[i] if i < len(dropped) else 0.0,
+                        "loss": phases[phase], "mlp_share": plan[-1]["mlp_share"] if plan else {}})
+    return records
+
+
+def run_scenario(cfg: ChangingLoss, log=print) -> dict:
+    """Run the scenario once; its records, changes and figures (also written to cfg.out)."""
+    check_config(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        task = Task("generate", PROMPT, cfg.tokens + 1, out=os.path.join(tmp, "gen.json"),
+                    progress=os.path.join(tmp, "progress"))
+        applied = (run_testbed if cfg.net == "testbed" else run_emulated)(cfg, task)
+        with open(task.out) as f:
+            stats = RunStats.from_json(json.load(f))
+    starts = phase_starts(cfg, applied, stats.config.get("decode_steps", []))
+    records = token_records(stats, starts, cfg.phases)
+    result = {"net": cfg.net, "ranks": cfg.ranks, "lossy_ranks": cfg.lossy, "phases": cfg.phases,
+              "planned_starts": cfg.starts, "starts": starts, "changes": applied,
+              "sync": stats.config.get("sync"), "unstable_ranks": stats.config.get("unstable_ranks"),
+              "replans": stats.config.get("replans", []), "machine": machine_description(),
+              "figures": figures([r["ms"] for r in records], starts, cfg.phases, cfg.warmup),
+              "records": records}
+    write_scenario(result, cfg.out)
+    log(format_figures(result["figures"]))
+    return result
+
+
+def write_scenario(result: dict, out: str) -> bool:
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "changing-loss.json"), result)
+    declared = f", unstable {result['unstable_ranks']}" if result.get("unstable_ranks") else ""
+    title = (f"changing loss on ranks {result['lossy_ranks']} ({result['net']}), {result['ranks']} "
+             f"ranks, sync {result['sync']}{declared}")
+    return plot_scenario(result["records"], result["starts"], result["phases"], title,
+                         os.path.join(out, "changing-loss.png"))
