@@ -85,7 +85,11 @@ def emulated_options(cfg: ChangingLoss) -> ModeOptions:
 def run_emulated(cfg: ChangingLoss, task: Task) -> list[dict]:
     options = replace(emulated_options(cfg), parallel="tensor")
     cmd = [mpiexec_path(), "-n", str(cfg.ranks), *command(options, task)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.timeout)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.timeout)
+    except subprocess.TimeoutExpired:
+        raise HaloError(f"changing-loss run did not finish within {cfg.timeout:.0f} s "
+                        f"({how_far(task, [])})") from None
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise HaloError(f"changing-loss run failed: {tail}")
@@ -99,12 +103,21 @@ def run_testbed(cfg: ChangingLoss, task: Task) -> list[dict]:
     # a phase starting at token s is asked for once s tokens are out (the decode of token s-1 runs)
     schedule = LossSchedule([(s, r, p) for s, p in zip(cfg.starts, cfg.phases) for r in cfg.lossy])
     with Testbed(cfg.ranks, {}, rto_min_ms=cfg.rto_min_ms) as tb:
-        done = run_following(tb, command(options, task)[3:], schedule, lambda: lines_in(task.progress),
-                             module="mpi4py", timeout=cfg.timeout, capture=True)
+        try:
+            done = run_following(tb, command(options, task)[3:], schedule, lambda: lines_in(task.progress),
+                                 module="mpi4py", timeout=cfg.timeout, capture=True)
+        except HaloError as e:
+            raise HaloError(f"{e} ({how_far(task, schedule.applied)})") from None
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise HaloError(f"changing-loss run on the testbed failed: {tail}")
     return schedule.applied
+
+
+def how_far(task: Task, applied: list[dict]) -> str:
+    """Where a run that was stopped had got to: its tokens, the loss changes in place."""
+    changes = ", ".join(f"rank {c['rank']} loss {c['loss']:g} from token {c['in_place_at']}" for c in applied)
+    return f"{max(lines_in(task.progress) - 1, 0)} decode tokens done; {changes or 'no loss change'}"
 
 
 def lines_in(path: str) -> int:

@@ -21,6 +21,7 @@ from .options import (
     add_mode_options,
     mode_options,
     non_negative_int,
+    positive_float,
     positive_int,
     rto_min_ms,
     set_threads,
@@ -126,6 +127,9 @@ def add_scenario_arguments(b):
     m.add_argument("--phase-tokens", default=None, metavar="N[,N...]",
                    help="with --scenario: decode tokens of each phase, one number for all or one "
                         "per phase (default: --tokens split evenly)")
+    m.add_argument("--timeout", type=positive_float, default=1800.0, metavar="S",
+                   help="with --scenario: stop the run after S seconds and say how far it got "
+                        "(default: %(default)s)")
     add_mode_options(b, SCENARIO_MODE_OPTIONS)
 
 
@@ -141,7 +145,7 @@ def bench_scenario(a):
     lossy = (sorted(parse_ranks(a.lossy_ranks, "--lossy-ranks", range(1, a.ranks))) if a.lossy_ranks
              else [a.ranks - 1])
     cfg = ChangingLoss(mode_options(a), a.ranks, lossy, phases, lengths, a.net or default_net(), a.out,
-                       a.warmup, rto_min_ms=a.rto_min)
+                       a.warmup, a.timeout, a.rto_min)
     if a.rto_min is not None and cfg.net != "testbed":
         raise HaloError("--rto-min sets real TCP's timeout on the testbed's routes: "
                         "use it with --net testbed")
