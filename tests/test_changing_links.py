@@ -10,6 +10,7 @@ import pytest
 from conftest import halo
 from test_testbed import unique, why_no_testbed
 
+from halo_mpi.bench.changing_loss import Progress, progress_records
 from halo_mpi.bench.recovery import figures, tokens_to_recover
 from halo_mpi.errors import HaloError
 from halo_mpi.net.loss import LinkLoss, loss_at
@@ -118,6 +119,17 @@ def test_figures_of_a_synthetic_run():
 def test_a_warm_up_token_over_1s_is_left_out_of_the_max():
     f = figures([1500.0] + [20.0] * 9, [0, 5], [0.0, 0.1], warmup=1)
     assert f["max_ms"] == 20.0 and f["max_ms_all"] == 1500.0 and f["tokens_over_1s"] == 0
+
+
+def test_a_run_stopped_short_is_timed_from_its_progress_file(tmp_path):
+    progress = Progress(str(tmp_path / "progress"))
+    assert progress() == 0
+    (tmp_path / "progress").write_text("5\n7\n9\n11\n")
+    assert progress() == 4 and len(progress.times) == 4
+    progress.times = [10.0, 10.1, 10.35, 10.45]          # when each token was seen
+    records = progress_records(progress, [0, 2], [0.0, 0.1])
+    assert [round(r["ms"], 6) for r in records] == [100.0, 250.0, 100.0]
+    assert [r["loss"] for r in records] == [0.0, 0.0, 0.1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import math
 import os
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, replace
 
 from ..errors import HaloError
@@ -82,50 +83,64 @@ def emulated_options(cfg: ChangingLoss) -> ModeOptions:
     return replace(cfg.base, tensor=replace(cfg.base.tensor, link_loss={r: schedule for r in cfg.lossy}))
 
 
-def run_emulated(cfg: ChangingLoss, task: Task) -> list[dict]:
+def run_emulated(cfg: ChangingLoss, task: Task, progress: Progress) -> tuple[list[dict], str | None]:
+    """The job under mpiexec, the phases in its options; (no changes to record: they are read
+    back from the steps, see phase_starts; None: it finished)."""
     options = replace(emulated_options(cfg), parallel="tensor")
     cmd = [mpiexec_path(), "-n", str(cfg.ranks), *command(options, task)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.timeout)
     except subprocess.TimeoutExpired:
         raise HaloError(f"changing-loss run did not finish within {cfg.timeout:.0f} s "
-                        f"({how_far(task, [])})") from None
+                        f"({how_far(progress(), [])})") from None
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise HaloError(f"changing-loss run failed: {tail}")
-    return []      # the changes are in the options: read back from the steps (changes_from_steps)
+    return [], None
 
 
-def run_testbed(cfg: ChangingLoss, task: Task) -> list[dict]:
-    """The job on a testbed made for it, the phases applied as its progress file grows; the
-    changes as applied (token counts: `asked_at`, `in_place_at`)."""
+def run_testbed(cfg: ChangingLoss, task: Task, progress: Progress) -> tuple[list[dict], str | None]:
+    """The job on a testbed made for it, the phases applied as its progress file grows: the
+    changes as applied (token counts: `asked_at`, `in_place_at`), and why it stopped short (a
+    timeout), or None."""
     options = replace(cfg.base, parallel="tensor")
     # a phase starting at token s is asked for once s tokens are out (the decode of token s-1 runs)
     schedule = LossSchedule([(s, r, p) for s, p in zip(cfg.starts, cfg.phases) for r in cfg.lossy])
     with Testbed(cfg.ranks, {}, rto_min_ms=cfg.rto_min_ms) as tb:
         try:
-            done = run_following(tb, command(options, task)[3:], schedule, lambda: lines_in(task.progress),
+            done = run_following(tb, command(options, task)[3:], schedule, progress,
                                  module="mpi4py", timeout=cfg.timeout, capture=True)
         except HaloError as e:
-            raise HaloError(f"{e} ({how_far(task, schedule.applied)})") from None
+            return schedule.applied, f"{e} ({how_far(progress(), schedule.applied)})"
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise HaloError(f"changing-loss run on the testbed failed: {tail}")
-    return schedule.applied
+    return schedule.applied, None
 
 
-def how_far(task: Task, applied: list[dict]) -> str:
-    """Where a run that was stopped had got to: its tokens, the loss changes in place."""
+def how_far(tokens: int, applied: list[dict]) -> str:
+    """Where a run that was stopped had got to: its decode tokens, the loss changes in place."""
     changes = ", ".join(f"rank {c['rank']} loss {c['loss']:g} from token {c['in_place_at']}" for c in applied)
-    return f"{max(lines_in(task.progress) - 1, 0)} decode tokens done; {changes or 'no loss change'}"
+    return f"{max(tokens - 1, 0)} decode tokens done; {changes or 'no loss change'}"
 
 
-def lines_in(path: str) -> int:
-    try:
-        with open(path, "rb") as f:
-            return f.read().count(b"\n")
-    except FileNotFoundError:
-        return 0
+class Progress:
+    """The job's progress file read as a count of tokens out; `times` keeps when each was first
+    seen (time.monotonic, to the poll's few ms): the per-token times of a run stopped short,
+    which writes no statistics."""
+
+    def __init__(self, path: str):
+        self.path, self.times = path, []
+
+    def __call__(self) -> int:
+        try:
+            with open(self.path, "rb") as f:
+                n = f.read().count(b"\n")
+        except FileNotFoundError:
+            n = 0
+        now = time.monotonic()
+        self.times += [now] * (n - len(self.times))
+        return n
 
 
 def phase_starts(cfg: ChangingLoss, applied: list[dict], decode_steps: list[int]) -> list[int]:
@@ -160,21 +175,38 @@ def token_records(stats: RunStats, starts: list[int], phases: list[float]) -> li
     return records
 
 
+def read_stats(path: str) -> RunStats:
+    with open(path) as f:
+        return RunStats.from_json(json.load(f))
+
+
+def progress_records(progress: Progress, starts: list[int], phases: list[float]) -> list[dict]:
+    """The records of a run stopped short, from when each token was seen in its progress file
+    (ms only: no statistics came back)."""
+    t = progress.times
+    return [{"token": i, "step": None, "ms": 1e3 * (t[i + 1] - t[i]), "dropped_share": math.nan,
+             "loss": phases[max(k for k, s in enumerate(starts) if s <= i)], "mlp_share": {}}
+            for i in range(len(t) - 1)]
+
+
 def run_scenario(cfg: ChangingLoss, log=print) -> dict:
     """Run the scenario once; its records, changes and figures (also written to cfg.out)."""
     check_config(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         task = Task("generate", PROMPT, cfg.tokens + 1, out=os.path.join(tmp, "gen.json"),
                     progress=os.path.join(tmp, "progress"))
-        applied = (run_testbed if cfg.net == "testbed" else run_emulated)(cfg, task)
-        with open(task.out) as f:
-            stats = RunStats.from_json(json.load(f))
-    starts = phase_starts(cfg, applied, stats.config.get("decode_steps", []))
-    records = token_records(stats, starts, cfg.phases)
+        progress = Progress(task.progress)
+        applied, stopped = (run_testbed if cfg.net == "testbed" else run_emulated)(cfg, task, progress)
+        stats = None if stopped else read_stats(task.out)
+    config = stats.config if stats else {"sync": cfg.base.tensor.sync,
+                                         "unstable_ranks": sorted(cfg.base.tensor.unstable)}
+    starts = phase_starts(cfg, applied, config.get("decode_steps", []))
+    records = (token_records(stats, starts, cfg.phases) if stats
+               else progress_records(progress, starts, cfg.phases))
     result = {"net": cfg.net, "ranks": cfg.ranks, "lossy_ranks": cfg.lossy, "phases": cfg.phases,
-              "planned_starts": cfg.starts, "starts": starts, "changes": applied,
-              "sync": stats.config.get("sync"), "unstable_ranks": stats.config.get("unstable_ranks"),
-              "replans": stats.config.get("replans", []), "machine": machine_description(),
+              "planned_starts": cfg.starts, "starts": starts, "changes": applied, "stopped": stopped,
+              "sync": config.get("sync"), "unstable_ranks": config.get("unstable_ranks"),
+              "replans": config.get("replans", []), "machine": machine_description(),
               "figures": figures([r["ms"] for r in records], starts, cfg.phases, cfg.warmup),
               "records": records}
     write_scenario(result, cfg.out)

@@ -149,8 +149,11 @@ def bench_scenario(a):
     if a.rto_min is not None and cfg.net != "testbed":
         raise HaloError("--rto-min sets real TCP's timeout on the testbed's routes: "
                         "use it with --net testbed")
-    run_scenario(cfg)
+    result = run_scenario(cfg)
     print(f"wrote {a.out}/changing-loss.json, changing-loss.png")
+    if result["stopped"]:
+        raise HaloError(f"{result['stopped']}; the figures above are of the tokens it made, timed "
+                        f"by the bench")
 
 
 def run(a):
