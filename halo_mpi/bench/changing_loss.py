@@ -29,9 +29,12 @@ from ..stats import RunStats, write_json
 from ..store.hdf5 import Store
 from ..testbed.bed import Testbed
 from ..testbed.change import LossSchedule, run_following
+from ..testbed.launch import stop_job
 from .loss import PROMPT, machine_description
 from .rank import Task, command
 from .recovery import figures, format_figures, plot_scenario
+
+POLL_S = 0.002          # how often the progress file is read
 
 
 @dataclass
@@ -84,17 +87,28 @@ def emulated_options(cfg: ChangingLoss) -> ModeOptions:
 
 
 def run_emulated(cfg: ChangingLoss, task: Task, progress: Progress) -> tuple[list[dict], str | None]:
-    """The job under mpiexec, the phases in its options; (no changes to record: they are read
-    back from the steps, see phase_starts; None: it finished)."""
+    """The job under mpiexec, the phases in its options, its progress file read meanwhile: (no
+    changes to record: they are read back from the steps, see phase_starts), and why it stopped
+    short (a timeout), or None."""
     options = replace(emulated_options(cfg), parallel="tensor")
     cmd = [mpiexec_path(), "-n", str(cfg.ranks), *command(options, task)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.timeout)
-    except subprocess.TimeoutExpired:
-        raise HaloError(f"changing-loss run did not finish within {cfg.timeout:.0f} s "
-                        f"({how_far(progress(), [])})") from None
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    with open(task.out + ".log", "w+") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, text=True,
+                                start_new_session=True)
+        deadline = time.monotonic() + cfg.timeout
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                progress()
+                time.sleep(POLL_S)
+            timed_out = proc.poll() is None
+        finally:
+            stop_job(proc)              # (a Ctrl-C too: every rank ends)
+        if timed_out:
+            return [], (f"changing-loss run did not finish within {cfg.timeout:.0f} s "
+                        f"({how_far(progress(), [])})")
+        log.seek(0)
+        tail = (log.read().strip().splitlines() or ["no output"])[-1]
+    if proc.returncode != 0:
         raise HaloError(f"changing-loss run failed: {tail}")
     return [], None
 
