@@ -89,7 +89,7 @@ def emulated_options(cfg: ChangingLoss) -> ModeOptions:
 def run_emulated(cfg: ChangingLoss, task: Task, progress: Progress) -> tuple[list[dict], str | None]:
     """The job under mpiexec, the phases in its options, its progress file read meanwhile: (no
     changes to record: they are read back from the steps, see phase_starts), and why it stopped
-    short (a timeout), or None."""
+    short (a timeout, a failure), or None."""
     options = replace(emulated_options(cfg), parallel="tensor")
     cmd = [mpiexec_path(), "-n", str(cfg.ranks), *command(options, task)]
     with open(task.out + ".log", "w+") as log:
@@ -107,16 +107,16 @@ def run_emulated(cfg: ChangingLoss, task: Task, progress: Progress) -> tuple[lis
             return [], (f"changing-loss run did not finish within {cfg.timeout:.0f} s "
                         f"({how_far(progress(), [])})")
         log.seek(0)
-        tail = (log.read().strip().splitlines() or ["no output"])[-1]
+        why = error_line(log.read())
     if proc.returncode != 0:
-        raise HaloError(f"changing-loss run failed: {tail}")
+        return [], f"changing-loss run failed ({how_far(progress(), [])}): {why}"
     return [], None
 
 
 def run_testbed(cfg: ChangingLoss, task: Task, progress: Progress) -> tuple[list[dict], str | None]:
     """The job on a testbed made for it, the phases applied as its progress file grows: the
     changes as applied (token counts: `asked_at`, `in_place_at`), and why it stopped short (a
-    timeout), or None."""
+    timeout, a failure), or None."""
     options = replace(cfg.base, parallel="tensor")
     # a phase starting at token s is asked for once s tokens are out (the decode of token s-1 runs)
     schedule = LossSchedule([(s, r, p) for s, p in zip(cfg.starts, cfg.phases) for r in cfg.lossy])
@@ -127,9 +127,15 @@ def run_testbed(cfg: ChangingLoss, task: Task, progress: Progress) -> tuple[list
         except HaloError as e:
             return schedule.applied, f"{e} ({how_far(progress(), schedule.applied)})"
     if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise HaloError(f"changing-loss run on the testbed failed: {tail}")
+        return schedule.applied, (f"changing-loss run on the testbed failed "
+                                  f"({how_far(progress(), schedule.applied)}): {error_line(done.stderr)}")
     return schedule.applied, None
+
+
+def error_line(stderr: str) -> str:
+    """What a failed job said: its last `halo-mpi: error` line, else its last line."""
+    lines = stderr.strip().splitlines() or ["no output"]
+    return next((line for line in reversed(lines) if "halo-mpi: error" in line), lines[-1])
 
 
 def how_far(tokens: int, applied: list[dict]) -> str:
