@@ -10,7 +10,7 @@ import pytest
 from conftest import halo
 from test_testbed import unique, why_no_testbed
 
-from halo_mpi.bench.changing_loss import Progress, progress_records
+from halo_mpi.bench.changing_loss import Progress, error_line, progress_records
 from halo_mpi.bench.recovery import figures, tokens_to_recover
 from halo_mpi.errors import HaloError
 from halo_mpi.net.loss import LinkLoss, loss_at
@@ -130,6 +130,12 @@ def test_a_run_stopped_short_is_timed_from_its_progress_file(tmp_path):
     records = progress_records(progress, [0, 2], [0.0, 0.1])
     assert [round(r["ms"], 6) for r in records] == [100.0, 250.0, 100.0]
     assert [r["loss"] for r in records] == [0.0, 0.0, 0.1]
+
+
+def test_a_failed_job_is_told_by_its_own_error_line():
+    stderr = "tokens...\nhalo-mpi: error on rank 0: rank 2 silent for 60 s\nMPICH: Builtin communicator\n"
+    assert error_line(stderr) == "halo-mpi: error on rank 0: rank 2 silent for 60 s"
+    assert error_line("a\nlast words\n") == "last words" and error_line("") == "no output"
 
 
 # ---------------------------------------------------------------------------------------------
