@@ -11,7 +11,7 @@ from conftest import halo
 from test_testbed import unique, why_no_testbed
 
 from halo_mpi.bench.changing_loss import Progress, error_line, progress_records
-from halo_mpi.bench.recovery import figures, tokens_to_recover
+from halo_mpi.bench.recovery import figures, format_figures, tokens_to_recover
 from halo_mpi.errors import HaloError
 from halo_mpi.net.loss import LinkLoss, loss_at
 from halo_mpi.net.ranks import parse_rank_schedule
@@ -114,6 +114,13 @@ def test_figures_of_a_synthetic_run():
     assert figures(ms, starts, losses, warmup=0)["max_ms"] == 900.0
     assert figures([10.0] * 5 + [99.0] * 5, [0, 5], [0.0, 0.2])["tokens_to_recover"] is None  # never ends
     assert tokens_to_recover([30.0] * 10, 0, 20.0) is None                                 # never back
+
+
+def test_figures_of_a_run_stopped_before_the_loss_ended():
+    f = figures([10.0, 10.0, 10.0, 900.0, 2000.0], [0, 3, 10], [0.0, 0.3, 0.0])
+    assert [p["tokens"] for p in f["phases"]] == [3, 2, 0] and f["phases"][2]["median_ms"] is None
+    assert f["loss_end_token"] is None and f["tokens_to_recover"] is None and f["tokens_over_1s"] == 1
+    assert "did not reach the loss's end" in format_figures(f)
 
 
 def test_a_warm_up_token_over_1s_is_left_out_of_the_max():

@@ -9,8 +9,8 @@ Phases are counted in decode tokens (token 0: the first after the prompt's). On 
 the testbed the job (rank 0) appends a line per token to a progress file; a thread of the bench
 reads it and replaces the iptables rules once the count reaches a phase's start (one token early,
 as a change takes a few ms), and records from which token the new loss was in place: the phases
-are split there. Writes changing-loss.json (the per-token records and the figures) and
-changing-loss.png (bench/recovery.py) to --out.
+are split there. Writes changing-loss.json (the per-token records and the figures),
+changing-loss.png (bench/recovery.py) and changing-loss.log (the job's own output) to --out.
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def run_emulated(cfg: ChangingLoss, task: Task, progress: Progress) -> tuple[lis
     short (a timeout, a failure), or None."""
     options = replace(emulated_options(cfg), parallel="tensor")
     cmd = [mpiexec_path(), "-n", str(cfg.ranks), *command(options, task)]
-    with open(task.out + ".log", "w+") as log:
+    with open(job_log(cfg), "w+") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, text=True,
                                 start_new_session=True)
         deadline = time.monotonic() + cfg.timeout
@@ -126,10 +126,18 @@ def run_testbed(cfg: ChangingLoss, task: Task, progress: Progress) -> tuple[list
                                  module="mpi4py", timeout=cfg.timeout, capture=True)
         except HaloError as e:
             return schedule.applied, f"{e} ({how_far(progress(), schedule.applied)})"
+    with open(job_log(cfg), "w") as f:
+        f.write(done.stderr)
     if done.returncode != 0:
         return schedule.applied, (f"changing-loss run on the testbed failed "
                                   f"({how_far(progress(), schedule.applied)}): {error_line(done.stderr)}")
     return schedule.applied, None
+
+
+def job_log(cfg: ChangingLoss) -> str:
+    """Where the job's own output goes (its report, or why it failed): changing-loss.log in --out."""
+    os.makedirs(cfg.out, exist_ok=True)
+    return os.path.join(cfg.out, "changing-loss.log")
 
 
 def error_line(stderr: str) -> str:

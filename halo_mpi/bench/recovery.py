@@ -15,8 +15,8 @@ WINDOW = 5               # ... judged on the median of this many tokens, so one 
 
 
 def phase_spans(starts: list[int], n: int) -> list[tuple[int, int]]:
-    """[start, stop) of each phase over n tokens."""
-    return [(s, starts[k + 1] if k + 1 < len(starts) else n) for k, s in enumerate(starts)]
+    """[start, stop) of each phase over n tokens (empty for a phase the run did not reach)."""
+    return [(min(s, n), min(starts[k + 1], n) if k + 1 < len(starts) else n) for k, s in enumerate(starts)]
 
 
 def loss_end(starts: list[int], losses: list[float]) -> int | None:
@@ -53,6 +53,7 @@ def figures(ms: list[float], starts: list[int], losses: list[float], warmup: int
                        "max_ms": max(timed, default=None)})
     free = next((p["median_ms"] for p in phases if p["loss"] == 0 and p["median_ms"] is not None), None)
     end = loss_end(starts, losses)
+    end = end if end is not None and end < len(ms) else None     # (a run stopped before it)
     recover = (tokens_to_recover(ms, end, free, factor, window)
                if end is not None and free is not None else None)
     timed = ms[warmup:]
@@ -71,10 +72,11 @@ def format_figures(f: dict) -> str:
         lines.append(f"  phase {k}: loss {p['loss']:g} from token {p['start']} ({p['tokens']} tokens): "
                      f"median {ms(p['median_ms'])} ms/token, max {ms(p['max_ms'])}")
     rec = f["tokens_to_recover"]
-    lines.append(f"loss-free median {ms(f['loss_free_median_ms'])} ms/token; after the loss ends "
-                 f"(token {f['loss_end_token']}): "
-                 + ("never back within" if rec is None else f"{rec} tokens until back within")
-                 + f" {f['recovered_factor']:g}x (median of {f['recovery_window']} tokens)")
+    after = (f"after the loss ends (token {f['loss_end_token']}): "
+             + ("never back within" if rec is None else f"{rec} tokens until back within")
+             + f" {f['recovered_factor']:g}x (median of {f['recovery_window']} tokens)"
+             if f["loss_end_token"] is not None else "the run did not reach the loss's end")
+    lines.append(f"loss-free median {ms(f['loss_free_median_ms'])} ms/token; {after}")
     return "\n".join(lines)
 
 

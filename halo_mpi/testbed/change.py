@@ -69,7 +69,7 @@ class LossSchedule:
         self.pending = self.pending[len(due):]
         return due
 
-    def apply_due(self, tb: Testbed, count: float, now=lambda: 0.0) -> bool:
+    def apply_due(self, tb: Testbed, count: float, now=lambda: 0) -> bool:
         """Apply what is due at `count`; `now()` reads the count again once it is in place
         (recorded as `in_place_at`). True if anything changed."""
         due = self.due(count)
