@@ -181,6 +181,8 @@ def phase_starts(cfg: ChangingLoss, applied: list[dict], decode_steps: list[int]
             mine = [c["in_place_at"] for c in applied if c["at"] == s]
             starts.append(0 if k == 0 else max(s, max(mine, default=s)))
         return starts
+    if not decode_steps:                  # a run stopped short: token t was step first + t
+        return list(cfg.starts)
     first = first_decode_step(cfg.base.weights, cfg.base.prefill_chunk)
     return [0] + [next((i for i, step in enumerate(decode_steps) if step >= first + s), len(decode_steps))
                   for s in cfg.starts[1:]]

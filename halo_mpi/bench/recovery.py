@@ -100,7 +100,8 @@ def plot_scenario(records: list[dict], starts: list[int], losses: list[float], t
     for r in ranks:
         a3.plot(tokens, [rec["mlp_share"].get(r, 0.0) for rec in records], label=f"rank {r}")
     a3.set(xlabel="token", ylabel="share of MLP groups")
-    a3.legend(loc="upper right", fontsize="small")
+    if ranks:                        # (a run stopped short has no plans to show)
+        a3.legend(loc="upper right", fontsize="small")
     for ax in (a1, a2, a3):
         for s in starts:
             ax.axvline(s, color="grey", ls=":", lw=1)
