@@ -143,6 +143,9 @@ def test_a_failed_job_is_told_by_its_own_error_line():
     stderr = "tokens...\nhalo-mpi: error on rank 0: rank 2 silent for 60 s\nMPICH: Builtin communicator\n"
     assert error_line(stderr) == "halo-mpi: error on rank 0: rank 2 silent for 60 s"
     assert error_line("a\nlast words\n") == "last words" and error_line("") == "no output"
+    raised = ("Traceback (most recent call last):\n  File x\nhalo_mpi.net.liveness.RankSilent: rank 2 "
+              "silent for 60 s\nAbort(1) on node 0 (rank 0 in comm 0): application called MPI_Abort\n")
+    assert error_line(raised) == "halo_mpi.net.liveness.RankSilent: rank 2 silent for 60 s"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -140,10 +141,15 @@ def job_log(cfg: ChangingLoss) -> str:
     return os.path.join(cfg.out, "changing-loss.log")
 
 
+RAISED = re.compile(r"^[\w.]+(Error|Exception|Silent|Interrupted)\w*: ")   # a traceback's last line
+
+
 def error_line(stderr: str) -> str:
-    """What a failed job said: its last `halo-mpi: error` line, else its last line."""
+    """What a failed job said: its last `halo-mpi: error` line, else the exception it raised,
+    else its last line."""
     lines = stderr.strip().splitlines() or ["no output"]
-    return next((line for line in reversed(lines) if "halo-mpi: error" in line), lines[-1])
+    return next((line for line in reversed(lines) if "halo-mpi: error" in line),
+                next((line for line in reversed(lines) if RAISED.match(line)), lines[-1]))
 
 
 def how_far(tokens: int, applied: list[dict]) -> str:
