@@ -76,6 +76,18 @@ def test_testbed_schedules_are_in_seconds():
         parse_rank_schedule("2:0.1@20", "--loss-schedule", unit="s")
 
 
+def test_testbed_set_and_loss_schedule_parse():
+    import argparse
+
+    from halo_mpi.cli.testbed import add_parser
+    p = argparse.ArgumentParser(prog="halo-mpi")
+    add_parser(p.add_subparsers(dest="command"))
+    a = p.parse_args(["testbed", "set", "--name", "x", "--loss", "2:0.3", "--rate", "1:0"])
+    assert (a.name, a.loss, a.rate, a.func.__name__) == ("x", "2:0.3", "1:0", "cmd_set")
+    a = p.parse_args(["testbed", "run", "--ranks", "3", "--loss-schedule", "2:0.1@5s", "--", "generate"])
+    assert a.loss_schedule == "2:0.1@5s" and a.func.__name__ == "cmd_run"
+
+
 # ---------------------------------------------------------------------------------------------
 # the emulation: the loss in force at a message's step
 
