@@ -31,10 +31,11 @@ class Task:
     new_tokens: int = 0           # generate: tokens to generate
     eval_tokens: int = 0          # evaluate: held-out tokens to score
     out: str = ""                 # the JSON written by rank 0
+    progress: str = ""            # generate: rank 0 appends a line to this file per token made
 
     def argv(self) -> list[str]:
         return ["--task", self.kind, "--prompt", self.prompt, "--new-tokens", str(self.new_tokens),
-                "--eval-tokens", str(self.eval_tokens), "--out", self.out]
+                "--eval-tokens", str(self.eval_tokens), "--out", self.out, "--progress", self.progress]
 
 
 def command(options: ModeOptions, task: Task) -> list[str]:
@@ -51,14 +52,29 @@ def parse(words: list[str]) -> tuple[ModeOptions, Task]:
     p.add_argument("--new-tokens", type=int, default=0)
     p.add_argument("--eval-tokens", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--progress", default="")
     a = p.parse_args(words)
-    return options_of(ModeOptions, a), Task(a.task, a.prompt, a.new_tokens, a.eval_tokens, a.out)
+    return options_of(ModeOptions, a), Task(a.task, a.prompt, a.new_tokens, a.eval_tokens, a.out,
+                                            a.progress)
+
+
+def progress_writer(path: str):
+    """on_token for a Job: one line per token to `path` (the bench reads how far the job is)."""
+    if not path:
+        return None
+    f = open(path, "a", buffering=1)          # line-buffered: each token is in the file at once
+
+    def on_token(token: int) -> bool:
+        f.write(f"{token}\n")
+        return False
+    return on_token
 
 
 def workload(task: Task):
     def prepare(tok, context: int) -> Workload:
         if task.kind == "generate":
-            return Workload(jobs=[Job(tok.encode(task.prompt), task.new_tokens)])
+            return Workload(jobs=[Job(tok.encode(task.prompt), task.new_tokens,
+                                      on_token=progress_writer(task.progress))])
         from ..model.texts import evaluation_text
         return Workload(score=tok.encode(evaluation_text())[: task.eval_tokens + 1])
     return prepare

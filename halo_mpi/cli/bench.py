@@ -4,6 +4,7 @@
     halo-mpi bench --decode --dtypes float32,float16 --profile
     halo-mpi bench --calibrate-emulation --loss 0.01,0.03,0.05      # root, on the testbed
     halo-mpi bench --budgets 100%,50%:prefetch,50%:no-prefetch --budget-ranks 1,2
+    halo-mpi bench --scenario changing-loss --net testbed --ranks 3 --lossy-ranks 2 --phases 0,0.1,0.3,0
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .options import (
     add_mode_options,
     mode_options,
     non_negative_int,
+    positive_float,
     positive_int,
     rto_min_ms,
     set_threads,
@@ -48,6 +50,7 @@ def add_parser(sub):
     add_loss_arguments(b)
     add_decode_arguments(b)
     add_budget_arguments(b)
+    add_scenario_arguments(b)
     b.set_defaults(func=run)
 
 
@@ -106,7 +109,56 @@ def add_budget_arguments(b):
                    help="with --budgets: rounds; each row shows the median (default: %(default)s)")
 
 
+SCENARIO_MODE_OPTIONS = {"tensor.sync", "tensor.unstable_ranks", "tensor.loss_model"}
+
+
+def add_scenario_arguments(b):
+    m = b.add_argument_group("a link that changes during one run (--scenario)")
+    m.add_argument("--scenario", choices=["changing-loss"],
+                   help="instead: one tensor-parallel generation of --tokens while the loss of "
+                        "--lossy-ranks (default: the last rank) goes through --phases on --net; "
+                        "writes changing-loss.json (per token: ms, dropped share, each rank's share "
+                        "of the MLP groups) and changing-loss.png to --out, and prints the max "
+                        "ms/token, the median per phase and the tokens until ms/token is back within "
+                        "1.2x of the loss-free phase after the loss ends")
+    m.add_argument("--phases", default="0,0.1,0.3,0",
+                   help="with --scenario: comma list of the lossy ranks' drop probability in each "
+                        "phase (default: %(default)s)")
+    m.add_argument("--phase-tokens", default=None, metavar="N[,N...]",
+                   help="with --scenario: decode tokens of each phase, one number for all or one "
+                        "per phase (default: --tokens split evenly)")
+    m.add_argument("--timeout", type=positive_float, default=1800.0, metavar="S",
+                   help="with --scenario: stop the run after S seconds and say how far it got "
+                        "(default: %(default)s)")
+    add_mode_options(b, SCENARIO_MODE_OPTIONS)
+
+
+def bench_scenario(a):
+    from ..bench.changing_loss import ChangingLoss, run_scenario
+    phases = parse_floats(a.phases, "--phases")
+    lengths = ([int(n) for n in parse_floats(a.phase_tokens, "--phase-tokens")] if a.phase_tokens
+               else [a.tokens // max(len(phases), 1)])
+    if len(lengths) == 1:
+        lengths = lengths * len(phases)
+    if not all(n > 0 for n in lengths):
+        raise HaloError(f"--phase-tokens {a.phase_tokens or a.tokens}: each phase has at least one token")
+    lossy = (sorted(parse_ranks(a.lossy_ranks, "--lossy-ranks", range(1, a.ranks))) if a.lossy_ranks
+             else [a.ranks - 1])
+    cfg = ChangingLoss(mode_options(a), a.ranks, lossy, phases, lengths, a.net or default_net(), a.out,
+                       a.warmup, a.timeout, a.rto_min)
+    if a.rto_min is not None and cfg.net != "testbed":
+        raise HaloError("--rto-min sets real TCP's timeout on the testbed's routes: "
+                        "use it with --net testbed")
+    result = run_scenario(cfg)
+    print(f"wrote {a.out}/changing-loss.json, changing-loss.png")
+    if result["stopped"]:
+        raise HaloError(f"{result['stopped']}; the figures above are of the tokens it made, timed "
+                        f"by the bench")
+
+
 def run(a):
+    if a.scenario:
+        return bench_scenario(a)
     if a.budgets:
         return bench_budgets(a)
     if a.decode:

@@ -1,4 +1,4 @@
-"""`halo-mpi testbed up|run|down|status|delays`: real lossy links on one machine (root).
+"""`halo-mpi testbed up|run|set|down|status|delays`: real lossy links on one machine (root).
 
 The testbed itself is halo_mpi/testbed/bed.py; its module docstring explains the layout.
 """
@@ -12,9 +12,10 @@ import time
 from contextlib import nullcontext
 
 from ..errors import HaloError
-from ..net.ranks import parse_floats, parse_rank_values
+from ..net.ranks import parse_floats, parse_rank_schedule, parse_rank_values
 from ..testbed import bed, netns
 from ..testbed.bed import IFACE, STATE_DIR, SUBNET, Testbed, is_stale, remove_stale, testbeds
+from ..testbed.change import LossSchedule, change_links, run_following, seconds_since, stderr_line
 from ..testbed.delays import ENGINE_MESSAGE, measure_delays, stall_histogram, summarize
 from .options import non_negative_float, non_negative_int, positive_float, positive_int, rto_min_ms
 
@@ -42,23 +43,44 @@ def cmd_run(a):
     if not argv:
         raise HaloError("testbed run needs the halo-mpi command after --, e.g. "
                         "`halo-mpi testbed run --ranks 2 --loss 1:0.05 -- generate --parallel tensor ...`")
+    schedule = LossSchedule.of(parse_rank_schedule(a.loss_schedule, "--loss-schedule", unit="s"))
     recorded = a.name and os.path.exists(os.path.join(STATE_DIR, f"{a.name}.json"))
     if recorded:
         if a.ranks or a.loss or a.rate or a.rto_min is not None:
             raise HaloError(f"testbed {a.name} is up already with its own ranks, loss, rate and "
                             f"rto_min: drop --ranks/--loss/--rate/--rto-min, or choose another --name")
         tb = Testbed.load(a.name)
-        code = tb.run(argv, timeout=a.timeout, down_on_error=not a.keep).returncode
+        code = run_scheduled(tb, argv, schedule, timeout=a.timeout, down_on_error=not a.keep)
     else:                                  # a testbed for this run alone
         tb = Testbed(a.ranks or 2, parse_rank_values(a.loss, "--loss"),
                      parse_rank_values(a.rate, "--rate"), a.name or "", rto_min_ms=a.rto_min)
         with tb:
             print(describe(tb), file=sys.stderr)
-            code = tb.run(argv, timeout=a.timeout).returncode
+            code = run_scheduled(tb, argv, schedule, timeout=a.timeout)
             if a.drops:
                 print(f"dropped packets: {tb.drop_counters(by_direction=True)}", file=sys.stderr)
     if code != 0:
         raise SystemExit(code)
+
+
+def run_scheduled(tb: Testbed, argv: list[str], schedule: LossSchedule, **run_options) -> int:
+    """The job's exit status; with a --loss-schedule, its changes applied on time meanwhile."""
+    if not schedule.pending:
+        return tb.run(argv, **run_options).returncode
+    return run_following(tb, argv, schedule, seconds_since(time.monotonic()), log=stderr_line,
+                         **run_options).returncode
+
+
+def cmd_set(a):
+    netns.require_root()
+    if not a.name:
+        raise HaloError("testbed set needs --name NAME of a testbed that is up "
+                        "(see `halo-mpi testbed status`)")
+    if not (a.loss or a.rate):
+        raise HaloError("testbed set needs --loss RANK:P,... and/or --rate RANK:MBIT,... (0: none)")
+    tb = Testbed.load(a.name)
+    change_links(tb, parse_rank_values(a.loss, "--loss"), parse_rank_values(a.rate, "--rate"))
+    print(describe(tb))
 
 
 def cmd_down(a):
@@ -130,6 +152,8 @@ def add_actions(sub):
 
     add_run_action(sub)
 
+    add_set_action(sub)
+
     d = sub.add_parser("down", help="remove a testbed: namespaces, links, rules, qdiscs",
                        description="Remove a testbed and everything it made.")
     d.add_argument("--name", help="the testbed to remove")
@@ -161,10 +185,32 @@ def add_run_action(sub):
                    help="stop the run after this many seconds")
     r.add_argument("--keep", action="store_true",
                    help="with --name of a testbed that is up: keep it after a Ctrl-C or timeout")
+    r.add_argument("--loss-schedule", metavar="RANK:P@SECONDSs,...",
+                   help="change RANK's loss to P that many seconds after the job starts, e.g. "
+                        "2:0.1@20s,2:0.3@40s,2:0@60s (the last one stays on a testbed kept up)")
     r.add_argument("--drops", action="store_true",
                    help="print the dropped-packet counters at the end (on stderr)")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- then the halo-mpi arguments")
     r.set_defaults(func=cmd_run)
+
+
+def add_set_action(sub):
+    c = sub.add_parser("set", help="change a rank's loss or rate cap on a testbed that is up, "
+                                   "also while a job runs",
+                       description="Change the drop probability or the rate cap of ranks' links on "
+                                   "a testbed that is up, at once, also while a job runs on it. A "
+                                   "rank's drop rules are replaced in place (iptables -R: no moment "
+                                   "with both rules or none), one namespace after another. Delay "
+                                   "cannot be set: this kernel has no netem, and a fixed delay "
+                                   "would need a user-space NFQUEUE program.",
+                       epilog="example: halo-mpi testbed set --name demo --loss 2:0.3   "
+                              "(then --loss 2:0 to end it)")
+    c.add_argument("--name", help="the testbed (see `halo-mpi testbed status`)")
+    c.add_argument("--loss", metavar="RANK:P,...",
+                   help="drop TCP packets to and from RANK with probability P from now on (0: none)")
+    c.add_argument("--rate", metavar="RANK:MBIT,...",
+                   help="cap RANK's link to MBIT Mbit/s each way from now on (0: no cap)")
+    c.set_defaults(func=cmd_set)
 
 
 def add_delays_action(sub):
@@ -209,7 +255,7 @@ def add_spec_arguments(p, defaults: bool = True):
 
 
 def add_parser(subparsers):
-    """Register `testbed {up,run,down,status,delays}` on halo-mpi's subcommand parsers."""
+    """Register `testbed {up,run,set,down,status,delays}` on halo-mpi's subcommand parsers."""
     t = subparsers.add_parser("testbed", help="real lossy links: namespaces, iptables drops, tbf (root)",
                               description="\n\n".join(bed.__doc__.split("\n\n")[:2])
                               + "\n\nNeeds root and iptables.",

@@ -2,7 +2,10 @@
 
 A message on a lossy link is held back for as long as real TCP would take to repair its lost
 packets (see `LinkLoss`), in both directions between rank 0 and the lossy rank. Holding never
-blocks the sender's compute. The testbed (`halo-mpi testbed`) gives real kernel loss instead.
+blocks the sender's compute. A link's loss may change at given steps (`--link-loss
+2:0@0,2:0.1@50,2:0@150`: a `LossSchedule`), the way a real link turns bad and recovers; a message
+is judged by the loss in force at its own step. The testbed (`halo-mpi testbed`) gives real kernel
+loss instead (`testbed set` changes it while a job runs).
 """
 from __future__ import annotations
 
@@ -15,6 +18,21 @@ from ..errors import HaloError
 MTU = 1500           # bytes of payload per emulated packet
 RTO = 0.200          # Linux TCP minimum retransmission timeout, seconds
 RTO_MAX = 120.0      # Linux caps the backed-off timeout here (TCP_RTO_MAX), seconds
+
+LossSchedule = tuple[tuple[int, float], ...]   # ((step, p), ...) sorted: p from that step on
+
+
+def loss_at(loss: float | LossSchedule, step: int) -> float:
+    """The drop probability in force at `step`: a fixed one, or the last change of a schedule at
+    or before `step` (0 before its first change)."""
+    if not isinstance(loss, tuple):
+        return float(loss)
+    p = 0.0
+    for at, value in loss:
+        if at > step:
+            break
+        p = value
+    return p
 
 
 @dataclass
@@ -37,7 +55,8 @@ class LinkLoss:
     segment), the message is late by fast_lo_ms..fast_hi_ms (log-uniform): a loss repaired by
     fast retransmit or a probe.
     """
-    loss: dict[int, float]       # rank -> packet loss probability on its link with rank 0
+    loss: dict[int, float | LossSchedule]   # rank -> packet loss probability on its link with
+                                            # rank 0, fixed or changing at given steps
     seed: int = 0
     mtu: int = MTU
     rto: float = RTO
@@ -59,9 +78,9 @@ class LinkLoss:
     def link_of(self, src: int, dst: int) -> int:
         return dst if src == 0 else src
 
-    def delay(self, src: int, dst: int, nbytes: int) -> float:
-        """Seconds a message is held back on its way from src to dst."""
-        p = self.loss.get(self.link_of(src, dst), 0.0)
+    def delay(self, src: int, dst: int, nbytes: int, step: int = 0) -> float:
+        """Seconds a message of step `step` is held back on its way from src to dst."""
+        p = loss_at(self.loss.get(self.link_of(src, dst), 0.0), step)
         if p <= 0:
             return 0.0
         rng = self._rng.get((src, dst))

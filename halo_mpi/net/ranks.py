@@ -87,3 +87,36 @@ def parse_floats(spec: str, option: str) -> list[float]:
         return [float(x) for x in spec.split(",") if x.strip()]
     except ValueError:
         raise HaloError(f"{option} {spec!r} is not a comma list of numbers") from None
+
+
+Schedule = tuple[tuple[float, float], ...]      # ((at, value), ...) sorted by at
+
+
+def parse_rank_schedule(spec: str | None, option: str, unit: str = "",
+                        values: tuple[float, float] = (0.0, 1.0)) -> dict[int, Schedule]:
+    """'2:0@0,2:0.1@50,2:0@150' -> {2: ((0, 0.0), (50, 0.1), (150, 0.0))}: RANK's value from AT on
+    (each rank's changes sorted by AT). `unit`: a suffix AT must carry ('s' for seconds) or none
+    (a step); values in [lo, hi). An item without @AT is the rank's value from the start (0)."""
+    out: dict[int, dict[float, float]] = {}
+    example = f"RANK:VALUE@AT{unit} (e.g. 2:0.1@50{unit})"
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        try:
+            rank_s, rest = item.split(":")
+            value_s, at_s = rest.split("@") if "@" in rest else (rest, f"0{unit}")
+            if unit and not at_s.strip().endswith(unit):
+                raise ValueError(at_s)
+            rank, value = int(rank_s), float(value_s)
+            at = float(at_s.strip()[:len(at_s.strip()) - len(unit)]) if unit else int(at_s)
+        except ValueError:
+            raise HaloError(f"{option} item {item!r} is not {example}") from None
+        lo, hi = values
+        if not lo <= value < hi:
+            raise HaloError(f"{option} value {value:g} for rank {rank} is not in [{lo:g}, {hi:g})")
+        if not 0 <= at < float("inf"):
+            raise HaloError(f"{option} item {item!r}: AT is a finite number >= 0")
+        if at in out.setdefault(rank, {}):
+            raise HaloError(f"{option} names rank {rank} twice at {at:g}{unit}")
+        out[rank][at] = value
+    return {r: tuple(sorted(changes.items())) for r, changes in out.items()}

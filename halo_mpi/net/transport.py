@@ -113,7 +113,7 @@ class Transport(Liveness):
         if self.loss is None:
             self._post(dest, buf, n)
             return
-        d = self.loss.delay(self.rank, dest, n)
+        d = self.loss.delay(self.rank, dest, n, step)
         queue = self._held.setdefault(dest, deque())
         in_order = self.loss is not None and self.loss.in_order
         if d <= 0 and not (in_order and queue):

@@ -17,16 +17,18 @@ from dataclasses import dataclass, fields, replace
 
 from ..errors import HaloError
 from ..model.config import DTYPE_NAMES
+from ..net.loss import LossSchedule
 from ..net.ranks import check_ranks
 from ..net.wire import WIRE_DTYPES
 from .flags import group, option, switch
 from .values import (
     Budget,
     auto_or,
-    format_rank_values,
+    format_link_losses,
     format_ranks,
     format_slowdowns,
     in_range,
+    link_losses,
     non_negative_float,
     non_negative_int,
     number,
@@ -34,7 +36,6 @@ from .values import (
     positive_int,
     rank_set,
     rank_slowdowns,
-    rank_values,
 )
 
 DEFAULT_WEIGHTS = os.path.join("weights", "smollm2-135m.h5")
@@ -86,10 +87,12 @@ class TensorOptions:
         "--sync", "halo", choices=("strict", "halo"),
         help="strict: wait for every partial (the blocking-allreduce baseline); halo: wait for "
              "critical partials, for the rest only until a deadline")
-    link_loss: dict[int, float] = option(
-        "--link-loss", {}, rank_values("--link-loss"), format=format_rank_values, metavar="RANK:P,...",
+    link_loss: dict[int, float | LossSchedule] = option(
+        "--link-loss", {}, link_losses("--link-loss"), format=format_link_losses,
+        metavar="RANK:P[@STEP],...",
         help="emulate packet loss P on the link between rank 0 and RANK, both ways, with TCP "
-             "retransmission delays (e.g. 2:0.05,3:0.05)")
+             "retransmission delays (e.g. 2:0.05,3:0.05); with @STEP the loss changes at that step "
+             "(prefill chunks count as steps, as in --slow), e.g. 2:0@0,2:0.1@50,2:0.3@100,2:0@150")
     loss_model: str = option(
         "--loss-model", "tcp", choices=("tcp", "rto"),
         help="emulated loss: tcp = fitted to real Linux TCP on the testbed (most losses repaired in "

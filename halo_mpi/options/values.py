@@ -3,6 +3,7 @@ one-line error, and has a formatter that its parser takes back (options/flags.py
 
     Budget.parse("50%")                               -> Budget(share=0.5)
     rank_values("--link-loss")("2:0.05,3:0.05")       -> {2: 0.05, 3: 0.05}
+    link_losses("--link-loss")("2:0@0,2:0.1@50")      -> {2: ((0, 0.0), (50, 0.1))}
     rank_set("--unstable-ranks")("2,3")               -> frozenset({2, 3})
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import HaloError
-from ..net.ranks import parse_rank_values, parse_ranks, parse_slowdowns
+from ..net.ranks import parse_rank_schedule, parse_rank_values, parse_ranks, parse_slowdowns
 
 # ---------------------------------------------------------------------------------------------
 # numbers
@@ -98,6 +99,24 @@ def rank_values(option: str, lo: float = 0.0, hi: float = 1.0, closed: bool = Fa
 
 def format_rank_values(values: dict[int, float]) -> str:
     return ",".join(f"{r}:{number(v)}" for r, v in sorted(values.items()))
+
+
+def link_losses(option: str):
+    """A parser of link losses for `option`: fixed ('2:0.05' -> {2: 0.05}) or changing at steps
+    ('2:0@0,2:0.1@50' -> {2: ((0, 0.0), (50, 0.1))}: net/loss.py's LossSchedule); a rank whose
+    only item is at step 0 has a fixed loss."""
+    def parse(spec: str):
+        if "@" not in (spec or ""):
+            return parse_rank_values(spec, option, values=(0.0, 1.0))
+        schedules = parse_rank_schedule(spec, option)
+        return {r: c[0][1] if len(c) == 1 and c[0][0] == 0 else c for r, c in schedules.items()}
+    return parse
+
+
+def format_link_losses(values: dict) -> str:
+    return ",".join(f"{r}:{number(v)}" if not isinstance(v, tuple)
+                    else ",".join(f"{r}:{number(p)}@{s}" for s, p in v)
+                    for r, v in sorted(values.items()))
 
 
 def rank_slowdowns(option: str):

@@ -101,6 +101,7 @@ class Planner:
         self.replans: list[str] = []
         self.read_s = 0.0                        # rank 0's time reading pending groups
         self.pace = StepPace()
+        self.switches: list[tuple[int, Placement]] = [(0, placement)]   # (step, plan in force from it)
         # (`held` comes with the probes' groups already: the assembly reads own_groups once)
         self.backups.mlps = {k: backups.load(k[0], ids) for k, ids in self.wanted_backups(placement).items()}
 
@@ -153,17 +154,23 @@ class Planner:
             self.placement, self.version, self.probes = p.placement, p.version, p.probes
             self.policy.unstable = p.unstable
             self.pending = None
+            self.switches.append((self.step, p.placement))
             if p.members is not None:
-                self.members, self.attention, self.head.members = p.members, p.attention, p.members
-                for r in set(self.member_links) - set(p.members):
-                    del self.member_links[r]
-                for link in self.member_links.values():  # their rounds waited on the one gone:
-                    link.recent.clear()                  # judged afresh without it
-                for r in p.members:
-                    if r and r not in self.member_links:
-                        self.member_links[r] = LinkEstimate(outcome_window=MEMBER_WINDOW)
-                self.on_members(p.members, p.attention)
+                self.switch_members(p)
             self.say(f"{p.line}; in place from step {self.step}")
+
+    def switch_members(self, p: PendingPlan):
+        """A plan that demoted or promoted a member is in place: the members' records start
+        afresh (their rounds waited on the one gone), the lead switches (lead.change_members)."""
+        self.members, self.attention, self.head.members = p.members, p.attention, p.members
+        for r in set(self.member_links) - set(p.members):
+            del self.member_links[r]
+        for link in self.member_links.values():
+            link.recent.clear()
+        for r in p.members:
+            if r and r not in self.member_links:
+                self.member_links[r] = LinkEstimate(outcome_window=MEMBER_WINDOW)
+        self.on_members(p.members, p.attention)
 
     # -- proposing plans
     def propose(self, new: Placement, line: str, vocab: list | None = None,

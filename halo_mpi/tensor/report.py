@@ -66,6 +66,8 @@ def run_config(plan: TensorPlan, lead) -> dict:
             "unstable_ranks": sorted(plan.policy.unstable), "critical_share": plan.policy.critical_share,
             "backup_share": plan.policy.backup_share, "sparsity": t.sparsity,
             "replans": list(planner.replans),
+            "decode_steps": [rec.step for rec in lead.satellites.records if rec.decoding],
+            "plan_switches": plan_switches(planner.switches),
             "unreachable": {str(r): step for r, step in planner.unreachable.items()},
             "rank_timeout": plan.options.rank_timeout,
             "wire": wire_report(plan.dim, plan.wire),
@@ -82,6 +84,15 @@ def end_note(rank: int, config: dict) -> str:
     if rank in config.get("unanswered", []):
         return "  (its statistics did not come through its late link in time)"
     return ""
+
+
+def plan_switches(switches) -> list[dict]:
+    """Each plan put in force: its step and each rank's share of the MLP groups under it."""
+    out = []
+    for step, placement in switches:
+        held = [sum(len(layer[r]) for layer in placement) for r in range(len(placement[0]))]
+        out.append({"step": step, "mlp_share": {str(r): n / max(sum(held), 1) for r, n in enumerate(held)}})
+    return out
 
 
 def format_report(stats: RunStats) -> str:

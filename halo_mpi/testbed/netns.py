@@ -158,12 +158,46 @@ def add_drop_rule(ns: str, iface: str, probability: float, label: str, source: s
     TCP segment is reported to the sender's TCP as a send error, which then retries it without
     any timeout; a packet lost on a wire is never reported, which INPUT reproduces.
     """
-    argv = [tool("iptables"), "-w", "5", "-A", "INPUT", "-i", iface]
-    if source:
-        argv += ["-s", source]
-    argv += ["-p", "tcp", "-m", "statistic", "--mode", "random", "--probability", f"{probability:.6f}",
-             "-m", "comment", "--comment", f"{DROP_COMMENT} {label}", "-j", "DROP"]
-    sh(in_ns(ns, argv))
+    sh(in_ns(ns, [tool("iptables"), "-w", "5", "-A", "INPUT",
+                  *drop_rule(iface, probability, label, source)]))
+
+
+def drop_rule(iface: str, probability: float, label: str, source: str | None = None) -> list[str]:
+    """The match and target of a drop rule (what follows `-A INPUT`)."""
+    rule = ["-i", iface] + (["-s", source] if source else [])
+    return rule + ["-p", "tcp", "-m", "statistic", "--mode", "random", "--probability",
+                   f"{probability:.6f}", "-m", "comment", "--comment", f"{DROP_COMMENT} {label}",
+                   "-j", "DROP"]
+
+
+def set_drop_rule(ns: str, iface: str, probability: float, label: str, source: str | None = None):
+    """Make the drop rule `label` in ns drop with this probability, 0 removing it. An existing
+    rule is replaced in place (`iptables -R`, one commit of the table): from one non-zero
+    probability to another there is never a moment with both rules or none."""
+    iptables = [tool("iptables"), "-w", "5"]
+    found = drop_rules_at(ns, label)
+    numbers = sorted(found)
+    if probability > 0 and numbers:        # its counters carried over (-c), for drop_counts
+        sh(in_ns(ns, [*iptables, "-R", "INPUT", str(numbers[0]), "-c", *found[numbers[0]],
+                      *drop_rule(iface, probability, label, source)]))
+        numbers = numbers[1:]
+    elif probability > 0:
+        add_drop_rule(ns, iface, probability, label, source)
+    for n in reversed(numbers):             # the highest first: the others keep their numbers
+        sh(in_ns(ns, [*iptables, "-D", "INPUT", str(n)]))
+
+
+def drop_rules_at(ns: str, label: str) -> dict[int, list[str]]:
+    """Our drop rules `label` in ns's INPUT: position (1-based, as -R and -D take them) ->
+    their counters [packets, bytes]."""
+    lines = sh(in_ns(ns, [tool("iptables"), "-w", "5", "-v", "-S", "INPUT"])).stdout.splitlines()
+    found = {}
+    for i, line in enumerate(line for line in lines if line.startswith("-A INPUT")):
+        words = _split_rule(line)
+        if f"{DROP_COMMENT} {label}" in words:
+            c = words.index("-c") if "-c" in words else None
+            found[i + 1] = words[c + 1:c + 3] if c is not None else ["0", "0"]
+    return found
 
 
 def delete_drop_rules(ns: str):
@@ -211,6 +245,11 @@ def set_rate(ns: str, iface: str, mbit: float):
     burst = int(max(15000, bytes_per_s * 0.004))
     sh([tool("tc"), "-n", ns, "qdisc", "replace", "dev", iface, "root", "tbf", "rate", f"{mbit}mbit",
         "burst", str(burst), "latency", "100ms"])
+
+
+def remove_rate(ns: str, iface: str):
+    """Lift a cap set by set_rate (none there is not an error)."""
+    sh([tool("tc"), "-n", ns, "qdisc", "del", "dev", iface, "root"], check=False)
 
 
 def qdiscs(ns: str | None = None) -> list[str]:
