@@ -294,3 +294,30 @@ def test_a_covered_peer_is_judged_when_its_partial_comes():
         g.gather(LayerKey(1, layer, 0), [1, 2, 3], clock.now, SHARES, decoding=True,
                  covered=frozenset({2}))
     assert list(g.links[2].recent)[:3] == [True, False, False]
+
+
+def test_rank_0_counts_a_member_late_when_its_partial_comes_150_ms_after_its_own():
+    """The all-reduce's rounds judge each worker member (exchange.py, fake clock): a partial
+    within LATE_S of rank 0's own being ready is on time, a later one late; a round where every
+    member came late is rank 0's own stall (descheduled), held against none of them."""
+    from halo_mpi.net.links import LinkEstimate
+    from halo_mpi.net.probe import LATE_S
+    from halo_mpi.tensor.exchange import Exchange
+    clock = FakeClock()
+    t = ScriptedTransport(clock, [(0.01, partial(1)), (LATE_S + 0.05, partial(2))], size=3)
+    t.rank = 0
+    ex = Exchange(t, [0, 1, 2], collective=False)
+    ex.clock, ex.step, ex.measuring = clock, 1, True
+    ex.links = {1: LinkEstimate(), 2: LinkEstimate()}
+    ex.collect(Kind.PARTIAL, 0, [1, 2])
+    assert list(ex.links[1].recent) == [True] and list(ex.links[2].recent) == [False]
+    clock.now = 1.0                                   # both late: this rank was held up
+    t.at(1.0 + LATE_S + 0.1, partial(1, layer=1))
+    t.at(1.0 + LATE_S + 0.1, partial(2, layer=1))
+    ex.collect(Kind.PARTIAL, 1, [1, 2])
+    assert len(ex.links[1].recent) == 1 and len(ex.links[2].recent) == 1
+    ex.measuring = False                              # prefill: not judged
+    t.at(clock.now + 1.0, partial(1, layer=2))
+    t.at(clock.now + 0.01, partial(2, layer=2))
+    ex.collect(Kind.PARTIAL, 2, [1, 2])
+    assert len(ex.links[1].recent) == 1
