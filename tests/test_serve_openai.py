@@ -73,12 +73,18 @@ def test_a_key_file_opens_a_non_loopback_host(tiny_store_path, tmp_path):
     assert code == 0, err
 
 
-@pytest.mark.parametrize("n", [0, -1, "x", 1.5, True, 3])
-def test_n_other_than_one_is_a_400_naming_it(client, n):
+@pytest.mark.parametrize("n", [0, -1, "x", 1.5, True, 17])
+def test_n_out_of_range_is_a_400_naming_it(client, n):
     with pytest.raises(openai.BadRequestError) as e:
         completion(client, extra_body={"n": n})
     assert error_of(e)["param"] == "n"
-    assert ("one choice per request" in error_of(e)["message"]) == (n == 3)
+    assert "n must be an integer in [1, 16]" in error_of(e)["message"]
+
+
+def test_best_of_above_one_is_a_400_naming_it(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        completion(client, extra_body={"best_of": 2})
+    assert error_of(e)["param"] == "best_of"
 
 
 def test_n_one_is_served(client):
@@ -220,3 +226,25 @@ def test_penalties_turn_greedy_text_away_from_repeats(client):
     assert plain < 8                                           # it repeats
     assert distinct(frequency_penalty=2.0) > plain
     assert distinct(presence_penalty=2.0) > plain
+
+
+def test_n_choices_whole_and_streamed(client):
+    """n > 1: n sequences of the one prompt, indexed 0..n-1, each seeded apart; the usage counts
+    the prompt once and every choice's tokens."""
+    r = completion(client, n=3, max_tokens=5, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert len({c.text for c in r.choices}) == 1                     # greedy: the same text
+    assert r.usage.prompt_tokens == completion(client, max_tokens=1).usage.prompt_tokens
+    assert r.usage.completion_tokens == 15
+    stream = chat(client, [{"role": "user", "content": "hi"}], n=2, max_tokens=4, temperature=1.5,
+                  seed=7, stream=True)
+    texts, finishes, usage = {0: "", 1: ""}, {}, None
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+        usage = chunk.usage or usage
+    assert set(finishes) == {0, 1} and usage.completion_tokens <= 8
+    one = chat(client, [{"role": "user", "content": "hi"}], max_tokens=4, temperature=1.5, seed=7)
+    assert one.choices[0].message.content == texts[0]                # choice 0 has the request's seed

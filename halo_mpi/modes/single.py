@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from ..loading.parts import budgeted_transformer, describe_loading
+from ..model.batch import LocalBatch
 from ..model.generate import LocalSession
 from ..model.llama import Transformer
 from ..model.tokenizer import Tokenizer
@@ -41,6 +42,18 @@ class SingleEngine(Engine):
             return work()
         finally:
             self.wall_s = time.perf_counter() - t0
+
+    @property
+    def max_batch(self) -> int:
+        """--max-batch, when every block's attention has the ragged path (a memory budget that
+        streams the attention has none: one sequence at a time then)."""
+        return self.options.max_batch if self.model.batches() else 1
+
+    def batch_model(self) -> LocalBatch:
+        return LocalBatch(self.model)
+
+    def describe_mode(self) -> str:
+        return f"single process, batches of up to {self.max_batch}"
 
     def session(self, max_len: int) -> LocalSession:
         return LocalSession(self.model, max_len)
