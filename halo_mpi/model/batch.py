@@ -6,8 +6,8 @@
 Every step: waiting jobs are admitted up to `max_batch` (a job joins the running batch at the next
 step, it never waits for the batch to drain); each running sequence contributes its rows to one
 step of the model (one token when it decodes, the next chunk of its prompt when it prefills: at
-most `prefill_chunk` prompt tokens per step over all sequences, so a long prompt does not stall
-the others for long); each sequence samples from its own logits with its own sampler; finished
+most `prefill_chunk` prompt tokens per step over all sequences while any decodes, so a long prompt
+does not stall the others for long); each sequence samples from its own logits with its own sampler; finished
 ones leave at once and free their caches. Each sequence's result sees its own figures: prefill_s
 from its admission to its first token, one decode_s per token (the step it came from).
 
@@ -125,8 +125,10 @@ class Batcher:
                                        time.perf_counter()))
 
     def feeds(self) -> list[tuple[Running, list[int]]]:
-        """This step's rows: a token per decoding sequence, prompt chunks within the budget."""
-        budget, feeds = self.prefill_chunk, []
+        """This step's rows: a token per decoding sequence, prompt chunks within the budget (none
+        when no sequence decodes: then a prompt stalls nobody and goes through whole)."""
+        decoding = any(not run.prefilling for run in self.active)
+        budget, feeds = self.prefill_chunk if decoding else sum(len(r.job.ids) for r in self.active), []
         for run in self.active:
             if not run.prefilling:
                 feeds.append((run, run.result.tokens[-1:]))
