@@ -19,8 +19,9 @@ A `BatchModel` is what a mode provides to run here (the single process: `LocalBa
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -75,17 +76,22 @@ class Running:
         return self.fed < len(self.job.ids)
 
 
-@dataclass
 class StepLog:
-    """What each step did: its wall time and how many sequences it carried."""
-    ms: list[float] = field(default_factory=list)
-    batch: list[int] = field(default_factory=list)       # sequences in the step
-    decoding: list[int] = field(default_factory=list)    # of them, those that decoded a token
+    """What the steps did: each one's wall time and sequences (the last LOGGED of them: a server
+    runs for days), and how many steps carried each batch size (all of them)."""
+    LOGGED = 1 << 16
+
+    def __init__(self):
+        self.ms: deque[float] = deque(maxlen=self.LOGGED)
+        self.batch: deque[int] = deque(maxlen=self.LOGGED)      # sequences in the step
+        self.decoding: deque[int] = deque(maxlen=self.LOGGED)   # of them, those that decoded
+        self.by_batch: dict[int, int] = {}                      # batch size -> steps
 
     def add(self, seconds: float, batch: int, decoding: int):
         self.ms.append(1e3 * seconds)
         self.batch.append(batch)
         self.decoding.append(decoding)
+        self.by_batch[batch] = self.by_batch.get(batch, 0) + 1
 
 
 class Batcher:

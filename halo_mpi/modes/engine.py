@@ -155,10 +155,18 @@ class Engine:
         """Rank 0, at any time: what a server's /health says of the mode."""
         batcher = self.batcher
         return {"mode": self.describe_mode(), "ranks": self.size, "max_batch": self.max_batch,
-                "batch": len(batcher.active) if batcher is not None else None}
+                "batching": self.describe_batch(),
+                "batch": len(batcher.active) if batcher is not None else None,
+                "steps_by_batch": dict(batcher.steps.by_batch) if batcher is not None else {}}
 
     def describe_mode(self) -> str:
         return "none"
+
+    def describe_batch(self) -> str:
+        """What a step carries, for the server's log line and /health."""
+        if self.max_batch > 1:
+            return f"batches of up to {self.max_batch} sequences per step (continuous batching)"
+        return "one sequence per step (this mode does not batch)"
 
     def report(self) -> Report | None:
         """Rank 0, after the run: the lines to print, the statistics, an error to raise after."""

@@ -54,7 +54,7 @@ class SingleEngine(Engine):
         return LocalBatch(self.model)
 
     def describe_mode(self) -> str:
-        return f"single process, batches of up to {self.max_batch}"
+        return "single process"
 
     def session(self, max_len: int) -> LocalSession:
         return LocalSession(self.model, max_len)
@@ -79,7 +79,8 @@ class SingleEngine(Engine):
                          [RankStats(0, peak_rss_mb(), cpu_seconds(), weight_bytes=resident,
                                     extra={"loading": loading} if loading else {})],
                          tokens_per_s, self.wall_s, config={"max_batch": self.max_batch},
-                         step_ms=steps.ms if steps else [], step_batch=steps.batch if steps else [])
+                         step_ms=list(steps.ms) if steps else [],
+                         step_batch=list(steps.batch) if steps else [])
         return Report(lines, stats)
 
     def close(self):
