@@ -56,13 +56,19 @@ def check_ragged_against_alone(model: Transformer):
             torch.testing.assert_close(g, w, **TOL)
 
 
-def test_a_ragged_step_equals_each_sequence_alone_tiny(tiny_model):
+def test_a_ragged_step_equals_each_sequence_alone_tiny(tiny_model, tiny_store):
     check_ragged_against_alone(tiny_model)
+    packed = Transformer.from_store(tiny_store)
+    packed.pack_for_batches()                     # several rows through oneDNN, one through MKL
+    check_ragged_against_alone(packed)
 
 
 @pytest.mark.slow
-def test_a_ragged_step_equals_each_sequence_alone_smollm2(real_model):
+def test_a_ragged_step_equals_each_sequence_alone_smollm2(real_model, real_store):
     check_ragged_against_alone(real_model)
+    packed = Transformer.from_store(real_store)
+    packed.pack_for_batches()
+    check_ragged_against_alone(packed)
 
 
 def reference_run(model, job: Job) -> GenerationResult:

@@ -50,6 +50,7 @@ def bench_batches(weights: str, batches: list[int], tokens: int, warmup: int, re
         path = weights if store_dtype is None else store_for(weights, store_dtype)
         with Store(path) as store:
             model = Transformer.from_store(store)
+            model.pack_for_batches()                  # as a batching engine does
             dtype = store.store_dtype
         times: dict[int, list[float]] = {b: [] for b in batches}
         with torch.inference_mode():
@@ -69,7 +70,8 @@ def batch_row(path: str, store_dtype: str, batch: int, times: list[float], first
     step = statistics.median(times)
     base = statistics.median(first)
     return {"mode": "single", "store": path, "store_dtype": store_dtype,
-            "compute": "int4 kernel, bfloat16 activations" if store_dtype in QUANT_DTYPES else "float32",
+            "compute": ("int4 kernel, bfloat16 activations" if store_dtype in QUANT_DTYPES
+                        else "float32: MKL sgemv for one row, oneDNN on reordered weights for more"),
             "threads": torch.get_num_threads(), "batch": batch, "steps": len(times),
             "ms_per_step_median": 1e3 * step,
             "ms_per_step_p95": 1e3 * sorted(times)[int(0.95 * (len(times) - 1))],

@@ -29,7 +29,7 @@ from ..errors import HaloError
 from .config import ModelArgs
 from .embedding import StoreEmbedding
 from .groups import GroupMLP
-from .linear import DTYPES, make_linear
+from .linear import DTYPES, Linear, make_linear
 from .qlinear import QuantRows
 from .quant import from_records, records_dtype
 
@@ -282,6 +282,16 @@ class Transformer:
         streamed attention has no ragged path), with the embedding and the head held here."""
         return (self.lookup is not None and self.output is not None and self.norm is not None
                 and all(type(b.attention) is Attention for b in self.blocks.values()))
+
+    def pack_for_batches(self):
+        """Every float32 weight also kept in oneDNN's layout for several rows at once (see
+        model/linear.py: a batched step's matmuls then cost about one row's); doubles their memory."""
+        for b in self.blocks.values():
+            for linear in b.attention.linears() + b.feed_forward.linears():
+                if isinstance(linear, Linear):
+                    linear.pack_rows()
+        if isinstance(self.output, Linear):
+            self.output.pack_rows()
 
     @torch.inference_mode()
     def step(self, feeds: list[tuple[KVCache, list[int]]]) -> torch.Tensor:

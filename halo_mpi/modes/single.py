@@ -32,6 +32,8 @@ class SingleEngine(Engine):
                 say(f"memory: {self.weights.describe()}")
             else:
                 self.model = Transformer.from_store(self.store, dtype=options.dtype)
+                if options.max_batch > 1:
+                    self.model.pack_for_batches()     # float32 weights in oneDNN's layout too
         except BaseException:
             self.close()
             raise
