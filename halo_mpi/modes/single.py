@@ -32,8 +32,6 @@ class SingleEngine(Engine):
                 say(f"memory: {self.weights.describe()}")
             else:
                 self.model = Transformer.from_store(self.store, dtype=options.dtype)
-                if options.max_batch > 1:
-                    self.model.pack_for_batches()     # float32 weights in oneDNN's layout too
         except BaseException:
             self.close()
             raise
@@ -53,6 +51,10 @@ class SingleEngine(Engine):
         return self.options.max_batch if self.model.batches() else 1
 
     def batch_model(self) -> LocalBatch:
+        """The model as a batch; float32 weights are also kept in oneDNN's layout from here on
+        (model/linear.py: several rows at about one row's cost; their memory twice)."""
+        if self.weights is None:          # a budget's streamed weights are never packed
+            self.model.pack_for_batches()
         return LocalBatch(self.model)
 
     def describe_mode(self) -> str:
