@@ -83,7 +83,7 @@ def jobs_of(prompts, max_new=8, **kw) -> list[Job]:
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_batched_jobs_give_what_each_gives_alone(tiny_model, max_batch, temperature):
     jobs = jobs_of(PROMPTS * 2, temperature=temperature, seed=3)
-    batcher = Batcher(LocalBatch(tiny_model), max_batch, prefill_chunk=4)
+    batcher = Batcher(LocalBatch(tiny_model), max_batch, prefill_chunk=64)
     with torch.inference_mode():
         done = batcher.run(JobList(jobs))
         want = [reference_run(tiny_model, job).tokens for job in jobs]

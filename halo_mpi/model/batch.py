@@ -5,9 +5,9 @@
 
 Every step: waiting jobs are admitted up to `max_batch` (a job joins the running batch at the next
 step, it never waits for the batch to drain); each running sequence contributes its rows to one
-step of the model (one token when it decodes, the next chunk of its prompt when it prefills: at
-most `prefill_chunk` prompt tokens per step over all sequences while any decodes, so a long prompt
-does not stall the others for long); each sequence samples from its own logits with its own sampler; finished
+step of the model (one token when it decodes; one prefilling sequence a step feeds its prompt, in
+chunks of at most `prefill_chunk` tokens while any other decodes, so a long prompt does not stall
+the others for long); each sequence samples from its own logits with its own sampler; finished
 ones leave at once and free their caches. Each sequence's result sees its own figures: prefill_s
 from its admission to its first token, one decode_s per token (the step it came from).
 
@@ -131,17 +131,20 @@ class Batcher:
                                        time.perf_counter()))
 
     def feeds(self) -> list[tuple[Running, list[int]]]:
-        """This step's rows: a token per decoding sequence, prompt chunks within the budget (none
-        when no sequence decodes: then a prompt stalls nobody and goes through whole)."""
+        """This step's rows: a token per decoding sequence, and the prompt of one prefilling
+        sequence (the first admitted): whole when no sequence decodes (it stalls nobody), else
+        its next chunk of at most prefill_chunk tokens. One prompt a step: prefill is compute-
+        bound, so prompts that arrive together reach their first tokens one after another (the
+        median waits 2.5 prefills for 4 prompts) rather than all after the four (4 prefills)."""
         decoding = any(not run.prefilling for run in self.active)
-        budget, feeds = self.prefill_chunk if decoding else sum(len(r.job.ids) for r in self.active), []
+        feeds, prefilled = [], False
         for run in self.active:
             if not run.prefilling:
                 feeds.append((run, run.result.tokens[-1:]))
-            elif budget > 0:
-                chunk = run.job.ids[run.fed:run.fed + budget]
-                budget -= len(chunk)
-                feeds.append((run, chunk))
+            elif not prefilled:
+                end = run.fed + self.prefill_chunk if decoding else len(run.job.ids)
+                feeds.append((run, run.job.ids[run.fed:end]))
+                prefilled = True
         return feeds
 
     def step(self):
