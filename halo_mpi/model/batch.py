@@ -18,6 +18,7 @@ A `BatchModel` is what a mode provides to run here (the single process: `LocalBa
 """
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -86,6 +87,12 @@ class StepLog:
         self.batch: deque[int] = deque(maxlen=self.LOGGED)      # sequences in the step
         self.decoding: deque[int] = deque(maxlen=self.LOGGED)   # of them, those that decoded
         self.by_batch: dict[int, int] = {}                      # batch size -> steps
+
+    def recent_ms(self, steps: int = 32) -> float | None:
+        """Median ms of the last `steps` steps (None before one): the model's share of a
+        server's time per token, apart from the HTTP side."""
+        recent = list(self.ms)[-steps:]
+        return round(statistics.median(recent), 2) if recent else None
 
     def add(self, seconds: float, batch: int, decoding: int):
         self.ms.append(1e3 * seconds)

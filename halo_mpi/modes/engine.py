@@ -157,7 +157,8 @@ class Engine:
         return {"mode": self.describe_mode(), "ranks": self.size, "max_batch": self.max_batch,
                 "batching": self.describe_batch(),
                 "batch": len(batcher.active) if batcher is not None else None,
-                "steps_by_batch": dict(batcher.steps.by_batch) if batcher is not None else {}}
+                "steps_by_batch": dict(batcher.steps.by_batch) if batcher is not None else {},
+                "step_ms_recent": batcher.steps.recent_ms() if batcher is not None else None}
 
     def describe_mode(self) -> str:
         return "none"
