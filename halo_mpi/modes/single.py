@@ -50,6 +50,12 @@ class SingleEngine(Engine):
         streams the attention has none: one sequence at a time then)."""
         return self.options.max_batch if self.model.batches() else 1
 
+    def describe_batch(self) -> str:
+        if self.max_batch > 1:
+            return super().describe_batch()
+        why = "--max-batch 1" if self.options.max_batch == 1 else "its memory budget streams the attention"
+        return f"one sequence per step ({why})"
+
     def batch_model(self) -> LocalBatch:
         """The model as a batch; float32 weights are also kept in oneDNN's layout from here on
         (model/linear.py: several rows at about one row's cost; their memory twice)."""
