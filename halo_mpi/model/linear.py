@@ -14,7 +14,7 @@ sgemm pack the whole weight on every call, so on this AMD CPU 4 rows cost 4-6x o
 (576, 49152) head: 5 ms for one row, 20 ms for four, one thread). oneDNN's matmul on a weight
 reordered once (`pack_rows`) streams it without repacking: four rows in ~1.1x one row's time,
 but one row ~1.5x slower than MKL's sgemv. So a batching model keeps both: W_t for one row, the
-reordered copy for several (twice the float32 weights' memory, counted in nbytes).
+reordered copy for several (twice the float32 weights' memory: nbytes, then packed_bytes).
 """
 from __future__ import annotations
 
@@ -98,8 +98,12 @@ class Linear:
     @property
     def nbytes(self) -> int:
         t = self.w_t if self.dtype == torch.float32 else self.w
-        own = 0 if t is None else t.numel() * t.element_size()
-        return own + (self.out_features * self.in_features * 4 if self.packed is not None else 0)
+        return 0 if t is None else t.numel() * t.element_size()
+
+    @property
+    def packed_bytes(self) -> int:
+        """The reordered copy's bytes (pack_rows), beside nbytes."""
+        return self.out_features * self.in_features * 4 if self.packed is not None else 0
 
     def tensors(self) -> list[torch.Tensor]:
         """The weight tensors as computed on (a loader writes them out and binds them back)."""

@@ -293,6 +293,12 @@ class Transformer:
         if isinstance(self.output, Linear):
             self.output.pack_rows()
 
+    def packed_bytes(self) -> int:
+        """Bytes of the copies pack_for_batches made (beside weight_bytes)."""
+        parts = [self.output] + [lin for b in self.blocks.values()
+                                 for lin in b.attention.linears() + b.feed_forward.linears()]
+        return sum(part.packed_bytes for part in parts if isinstance(part, Linear))
+
     @torch.inference_mode()
     def step(self, feeds: list[tuple[KVCache, list[int]]]) -> torch.Tensor:
         """One step over several sequences: feeds are (its cache, its new token ids: one when it

@@ -74,7 +74,10 @@ class SingleEngine(Engine):
         loading = self.weights.stats() if self.weights is not None else None
         resident = loading["resident_bytes"] if loading else self.model.weight_bytes()
         lines = [r.summary() for r in results]
-        lines.append(f"weights {resident / 1e6:.1f} MB resident, peak RSS {peak_rss_mb():.0f} MB")
+        packed = self.model.packed_bytes()
+        lines.append(f"weights {resident / 1e6:.1f} MB resident"
+                     + (f" (+{packed / 1e6:.1f} MB reordered for batched steps)" if packed else "")
+                     + f", peak RSS {peak_rss_mb():.0f} MB")
         if loading:
             lines.append(describe_loading(loading, sum(len(r.tokens) for r in results)))
         decode_s = [s for r in results for s in r.decode_s]
@@ -87,7 +90,7 @@ class SingleEngine(Engine):
         stats = RunStats("single", 1, self.options.dtype,
                          [SequenceStats.of(job.index, job.result) for job in self.jobs],
                          [RankStats(0, peak_rss_mb(), cpu_seconds(), weight_bytes=resident,
-                                    extra={"loading": loading} if loading else {})],
+                                    extra={"loading": loading} if loading else {"packed_bytes": packed})],
                          tokens_per_s, self.wall_s, config={"max_batch": self.max_batch},
                          step_ms=list(steps.ms) if steps else [],
                          step_batch=list(steps.batch) if steps else [])
