@@ -43,7 +43,8 @@ def add_parser(sub):
                    help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
     s.add_argument("--queue-size", type=positive_int, default=16,
-                   help="requests that may wait; more get 503 (default: %(default)s)")
+                   help="sequences that may wait (a request's n choices count n); more get 503 "
+                        "(default: %(default)s)")
     s.add_argument("--max-tokens", type=positive_int, default=128,
                    help="tokens to generate when a request gives no max_tokens (default: %(default)s)")
     s.add_argument("--model-name", default=None,
