@@ -4,7 +4,8 @@
      "ms_per_token_median": ..., "ms_per_token_p95": ..., "ms_per_token_p99": ..., "ms_per_token_max": ...,
      "slow_tokens": (tokens over 3x the median), "tokens_per_s": ..., "decode_ms": [...],
      "dropped_share_mean": ..., "pending_requests_at_end": 0, "wall_s": ..., "prefill_s": ...,
-     "config": {mode-specific settings}, "sequences": [...], "ranks": [...]}
+     "config": {mode-specific settings}, "sequences": [...], "ranks": [...],
+     "step_ms": [...], "step_batch": [...]}     (batched runs: each step's time and sequences)
 
 Every field above is present in every mode; a rank's entry has the common fields of `RankStats`
 plus what its mode adds (tensor: groups, on_time_rate, ...; pipeline: layers, busy_share, ...).
@@ -107,6 +108,8 @@ class RunStats:
     wall_s: float
     dropped_share_per_token: list[float] = field(default_factory=list)   # tensor mode only
     config: dict = field(default_factory=dict)  # the mode's settings (sync, loss, split, ...)
+    step_ms: list[float] = field(default_factory=list)   # batched runs: each step's wall time
+    step_batch: list[int] = field(default_factory=list)  # batched runs: sequences in each step
 
     @property
     def decode_ms(self) -> list[float]:

@@ -57,3 +57,22 @@ def test_the_scaling_script_runs_every_configuration_and_prints_one_table(deep_s
             if line.startswith("| ") and "ranks x threads" not in line]
     assert [row.split("|")[1].strip() for row in rows] == order
     assert all(float(row.split("|")[3]) > 0 for row in rows)
+
+
+def test_bench_batch_reports_each_b_and_names_the_modes_that_do_not_batch(tiny_store_path, tmp_path):
+    rows_path = tmp_path / "batch.json"
+    done = halo("bench", "--batch", "1,2,4", "--weights", tiny_store_path, "--tokens", 3, "--warmup", 1,
+                "--repeat", 2, "--out", tmp_path, "--json", rows_path, "--threads", 1, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(rows_path.read_text())
+    assert [r["batch"] for r in rows] == [1, 2, 4] and all(r["steps"] == 6 for r in rows)
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["ms_per_token_per_sequence"] == r["ms_per_step_median"]
+    assert rows[0]["step_vs_first"] == 1.0
+    assert "B=4" in done.stdout and "tensor: one sequence per step" in done.stdout
+    assert "no batched figure" in done.stdout
+
+
+def test_bench_batch_refuses_a_bad_list(tiny_store_path):
+    done = halo("bench", "--batch", "0,2", "--weights", tiny_store_path, timeout=120)
+    assert done.returncode != 0 and "--batch" in done.stderr and "Traceback" not in done.stderr

@@ -25,7 +25,8 @@ SCORED = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79]
 NEW = 10
 
 MODES = [
-    ("none", 1, {}),
+    ("none", 1, {}),                        # batched: --max-batch 8 by default
+    ("none", 1, {"max_batch": 1}),          # one sequence at a time
     ("tensor", 2, {"sync": "strict"}),
     ("tensor", 3, {"sync": "strict", "wire_dtype": "float32"}),
     ("tensor", 3, {"sync": "halo", "wire_dtype": "float32", "critical_share": 1.0}),

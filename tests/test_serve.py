@@ -235,7 +235,8 @@ def test_sigterm_cuts_the_streams_refuses_the_queue_and_every_rank_exits_0(real_
     import openai
     ranks, extra = MODES[mode]
     port = free_port()
-    live = LiveServer(serve_cmd(real_store_path, port, ranks, *extra), port)
+    batch = ("--max-batch", "2") if mode == "single" else ()
+    live = LiveServer(serve_cmd(real_store_path, port, ranks, *extra, *batch), port)
     others: list = []
 
     def ask(client):
@@ -249,7 +250,8 @@ def test_sigterm_cuts_the_streams_refuses_the_queue_and_every_rank_exits_0(real_
         stream = iter(client.completions.create(model="smollm2-135m", prompt="Once upon a time",
                                                 max_tokens=500, temperature=0, stream=True))
         next(stream)                                      # it runs
-        slots = ranks if mode == "pipeline" else 1         # one more runs in pipeline mode, one queues
+        # one more runs in pipeline mode and in the batch of 2, then one queues
+        slots = ranks if mode == "pipeline" else 2 if mode == "single" else 1
         threads = [threading.Thread(target=ask, args=(client,)) for _ in range(slots)]
         for t in threads:
             t.start()

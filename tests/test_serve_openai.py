@@ -1,6 +1,7 @@
 """The OpenAI surface of `halo-mpi serve` field by field, with the official `openai` client, on
 the tiny model in one process (quick); and the API key it asks for."""
 import json
+import threading
 
 import openai
 import pytest
@@ -73,12 +74,18 @@ def test_a_key_file_opens_a_non_loopback_host(tiny_store_path, tmp_path):
     assert code == 0, err
 
 
-@pytest.mark.parametrize("n", [0, -1, "x", 1.5, True, 3])
-def test_n_other_than_one_is_a_400_naming_it(client, n):
+@pytest.mark.parametrize("n", [0, -1, "x", 1.5, True, 17])
+def test_n_out_of_range_is_a_400_naming_it(client, n):
     with pytest.raises(openai.BadRequestError) as e:
         completion(client, extra_body={"n": n})
     assert error_of(e)["param"] == "n"
-    assert ("one choice per request" in error_of(e)["message"]) == (n == 3)
+    assert "n must be an integer in [1, 16]" in error_of(e)["message"]
+
+
+def test_best_of_above_one_is_a_400_naming_it(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        completion(client, extra_body={"best_of": 2})
+    assert error_of(e)["param"] == "best_of"
 
 
 def test_n_one_is_served(client):
@@ -220,3 +227,68 @@ def test_penalties_turn_greedy_text_away_from_repeats(client):
     assert plain < 8                                           # it repeats
     assert distinct(frequency_penalty=2.0) > plain
     assert distinct(presence_penalty=2.0) > plain
+
+
+def test_n_choices_whole_and_streamed(client):
+    """n > 1: n sequences of the one prompt, indexed 0..n-1, each seeded apart; the usage counts
+    the prompt once and every choice's tokens."""
+    r = completion(client, n=3, max_tokens=5, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert len({c.text for c in r.choices}) == 1                     # greedy: the same text
+    assert r.usage.prompt_tokens == completion(client, max_tokens=1).usage.prompt_tokens
+    assert r.usage.completion_tokens == 15
+    stream = chat(client, [{"role": "user", "content": "hi"}], n=2, max_tokens=4, temperature=1.5,
+                  seed=7, stream=True)
+    texts, finishes, usage = {0: "", 1: ""}, {}, None
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+        usage = chunk.usage or usage
+    assert set(finishes) == {0, 1} and usage.completion_tokens <= 8
+    one = chat(client, [{"role": "user", "content": "hi"}], max_tokens=4, temperature=1.5, seed=7)
+    assert one.choices[0].message.content == texts[0]                # choice 0 has the request's seed
+
+
+def steps_by_batch(live) -> dict[int, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+    status, text = live.get("/metrics", {"Authorization": f"Bearer {KEY}"})
+    assert status == 200
+    return {int(s.labels["batch"]): s.value for family in text_string_to_metric_families(text.decode())
+            for s in family.samples if s.name == "halo_steps_by_batch_total"}
+
+
+def test_concurrent_requests_share_steps_and_health_says_the_batch(live, client):
+    """The n choices of a request are queued together, so they run in the same steps (one
+    request at a time they could not); four clients at once all get the greedy answer."""
+    health = live.health()
+    assert health["max_batch"] == 8 and "batches of up to 8" in health["batching"]
+    before = steps_by_batch(live)
+    r = completion(client, n=4, max_tokens=8, temperature=0)
+    after = steps_by_batch(live)
+    shared = sum(after.get(b, 0) - before.get(b, 0) for b in after if b >= 2)
+    assert shared >= 7 and len({c.text for c in r.choices}) == 1
+    answers = {}
+
+    def ask(i):
+        answers[i] = completion(client, max_tokens=8, temperature=0, stream=False).choices[0].text
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert answers == {i: r.choices[0].text for i in range(4)}
+
+
+def test_max_batch_one_serves_one_sequence_per_step(tiny_store_path):
+    port = free_port()
+    server = LiveServer(serve_cmd(tiny_store_path, port, 1, "--max-batch", 1), port)
+    try:
+        r = completion(server.client(), n=2, max_tokens=3, temperature=0)
+        assert [c.index for c in r.choices] == [0, 1] and r.choices[0].text == r.choices[1].text
+        health = server.health()
+        assert health["max_batch"] == 1 and "one sequence per step" in health["batching"]
+    finally:
+        code, err = server.stop()
+    assert code == 0 and "one sequence per step" in err, err

@@ -5,6 +5,7 @@
     halo-mpi bench --calibrate-emulation --loss 0.01,0.03,0.05      # root, on the testbed
     halo-mpi bench --budgets 100%,50%:prefetch,50%:no-prefetch --budget-ranks 1,2
     halo-mpi bench --scenario changing-loss --net testbed --ranks 3 --lossy-ranks 2 --phases 0,0.1,0.3,0
+    halo-mpi bench --batch 1,2,4,8 --store-dtypes float32,q4 --out results
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def add_parser(sub):
     b.add_argument("--eval-tokens", type=positive_int, default=128,
                    help="held-out tokens for perplexity (default: %(default)s)")
     b.add_argument("--out", default="results", help="output folder (default: %(default)s)")
-    b.add_argument("--json", help="with --decode or --attention-drop: also write the rows to this JSON file")
+    b.add_argument("--json", help="with --decode, --batch or --attention-drop: also write the rows to "
+                                  "this JSON file")
     add_loss_arguments(b)
     add_decode_arguments(b)
     add_budget_arguments(b)
@@ -93,6 +95,11 @@ def add_decode_arguments(b):
                    help="with --decode: comma list among float32, q8_0, q4; each is --weights when it "
                         "has that dtype, else <stem>-<dtype>.h5 beside it (default: --weights only)")
     d.add_argument("--profile", action="store_true", help="with --decode: profile one decode step")
+    d.add_argument("--batch", metavar="LIST",
+                   help="instead: batched decode in one process, a step over B sequences for each B "
+                        "of this comma list (1,2,4,8): ms/step, tokens/s in total and per-sequence "
+                        "ms/token, per --store-dtypes, --repeat rounds taking the B in turn; writes "
+                        "batch.png to --out (the modes that do not batch are named, with no figure)")
 
 
 def add_budget_arguments(b):
@@ -106,7 +113,7 @@ def add_budget_arguments(b):
                    help="with --budgets: comma list of rank counts; 1 = one process, more = strict "
                         "tensor mode (default: %(default)s)")
     m.add_argument("--repeat", type=positive_int, default=3,
-                   help="with --budgets: rounds; each row shows the median (default: %(default)s)")
+                   help="with --budgets or --batch: rounds; each row shows the median (default: %(default)s)")
 
 
 SCENARIO_MODE_OPTIONS = {"tensor.sync", "tensor.unstable_ranks", "tensor.loss_model"}
@@ -161,6 +168,8 @@ def run(a):
         return bench_scenario(a)
     if a.budgets:
         return bench_budgets(a)
+    if a.batch:
+        return bench_batch(a)
     if a.decode:
         return bench_decode(a)
     if a.attention_drop:
@@ -227,14 +236,33 @@ def bench_attention_drop(a):
         write_json(a.json, {"baseline": base, "tokens": len(ids) - 1, "rows": rows})
 
 
-def bench_decode(a):
-    from ..bench.decode import bench_single
+def bench_batch(a):
+    from ..bench.batch import bench_batches, plot_batches
     set_threads(a.threads)
+    batches = [int(b) for b in parse_floats(a.batch, "--batch")]
+    if not batches or min(batches) < 1:
+        raise HaloError(f"--batch {a.batch!r}: give sequence counts of 1 or more, e.g. 1,2,4,8")
+    rows = bench_batches(a.weights, batches, a.tokens, a.warmup, a.repeat, store_dtypes_of(a))
+    os.makedirs(a.out, exist_ok=True)
+    plotted = plot_batches(rows, os.path.join(a.out, "batch.png"))
+    print(f"wrote {a.out}/batch.png" if plotted else "no plot: pip install matplotlib")
+    if a.json:
+        write_json(a.json, rows)
+
+
+def store_dtypes_of(a) -> list[str] | None:
     store_dtypes = a.store_dtypes.split(",") if a.store_dtypes else None
     unknown = sorted(set(store_dtypes or []) - set(STORE_DTYPES))
     if unknown:
         raise HaloError(f"--store-dtypes: unknown {', '.join(unknown)}; "
                         f"choose among {', '.join(STORE_DTYPES)}")
+    return store_dtypes
+
+
+def bench_decode(a):
+    from ..bench.decode import bench_single
+    set_threads(a.threads)
+    store_dtypes = store_dtypes_of(a)
     rows = bench_single(a.weights, a.dtypes.split(","), a.tokens, a.warmup, a.profile, store_dtypes,
                         a.eval_tokens if store_dtypes else 0)
     if a.json:

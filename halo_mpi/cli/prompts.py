@@ -105,11 +105,12 @@ class Progress:
 class Output:
     """generate's prompts as jobs (rank 0), and their text: streamed token by token when one
     sequence runs at a time, each sequence whole (`[i] text`) as it finishes when several
-    run at once (pipeline mode)."""
+    run at once (pipeline mode, or batches of several prompts in one process)."""
 
     def __init__(self, a, options):
         self.a, self.in_flight = a, options.pipeline.num_sequences
         self.concurrent = options.parallel == "pipeline"
+        self.batched = options.parallel == "none" and options.max_batch > 1
         self.prompts: list[str] = []
         self.printers: dict[int, TokenPrinter] = {}
         self.progress = Progress(a.progress)
@@ -119,12 +120,13 @@ class Output:
         """The prompts encoded into jobs (rank 0, while the mode opens)."""
         a, self.tok = self.a, tok
         self.prompts = read_prompts(a)
+        self.concurrent = self.concurrent or (self.batched and len(self.prompts) > 1)
         jobs = []
         for index, prompt in enumerate(self.prompts):
             ids, max_new = encode_prompt(tok, prompt, a, context)
             jobs.append(Job(ids, max_new, a.temperature, a.top_p, a.seed, stop_ids(tok, a),
                             on_token=self._on_token(index), index=index))
-        if self.concurrent and self.in_flight > len(jobs):
+        if self.concurrent and not self.batched and self.in_flight > len(jobs):
             print(f"note: --num-sequences {self.in_flight} capped to the {len(jobs)} prompts given",
                   file=sys.stderr)
         return jobs

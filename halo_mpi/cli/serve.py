@@ -7,8 +7,10 @@
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"messages": [{"role": "user", "content": "Hello"}], "stream": true}'
 
-The model is loaded once; requests queue on rank 0 (halo_mpi/serve/) and run one at a time
-through the same session generate uses, or in pipeline mode up to --num-sequences at once on the
+The model is loaded once; requests queue on rank 0 (halo_mpi/serve/). In one process they join
+the running batch at the next step and leave when done (continuous batching, up to --max-batch
+sequences per step; a request's `n` choices are n sequences); tensor mode runs one at a time
+through the same session generate uses, pipeline mode up to --num-sequences at once on the
 ring. SIGTERM or Ctrl-C ends the streams (finish reason "shutdown") and every rank. On an address
 other than loopback the API asks for a key (--api-key or --api-key-file).
 """
@@ -33,13 +35,16 @@ def add_parser(sub):
                        description="Serve the model on rank 0 over HTTP, in the OpenAI shape: "
                                    "POST /v1/chat/completions and /v1/completions (streaming with "
                                    "\"stream\": true), GET /v1/models and /health. Requests queue "
-                                   "on rank 0 and run one at a time (pipeline mode: up to "
-                                   "--num-sequences at once); the other ranks follow rank 0's steps.")
+                                   "on rank 0; in one process they run together, up to "
+                                   "--max-batch per step (continuous batching); tensor mode runs "
+                                   "one at a time, pipeline mode up to --num-sequences at once; the "
+                                   "other ranks follow rank 0's steps.")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
     s.add_argument("--queue-size", type=positive_int, default=16,
-                   help="requests that may wait; more get 503 (default: %(default)s)")
+                   help="sequences that may wait (a request's n choices count n); more get 503 "
+                        "(default: %(default)s)")
     s.add_argument("--max-tokens", type=positive_int, default=128,
                    help="tokens to generate when a request gives no max_tokens (default: %(default)s)")
     s.add_argument("--model-name", default=None,
@@ -149,7 +154,8 @@ def start_serving(a, broker, engine) -> Server:
     on_signals(lambda signum, frame: broker.closed.set())
     ranks = engine.size
     print(f"halo-mpi: serving {name} on http://{a.host}:{a.port}/v1 ({engine.describe_mode()}, "
-          f"{ranks} rank{'s' if ranks > 1 else ''}); Ctrl-C ends it", file=sys.stderr, flush=True)
+          f"{ranks} rank{'s' if ranks > 1 else ''}, {engine.describe_batch()}); Ctrl-C ends it",
+          file=sys.stderr, flush=True)
     return server
 
 

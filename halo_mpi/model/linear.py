@@ -8,6 +8,13 @@ the 2-core dev machine over 30 cache-cold matrices of the model's shapes (halo-m
   x @ W_t is 5-40x slower (no fast kernel for that layout).
 So each Linear keeps W_t for float32 and W for the half types, and always returns float32.
 Quantized weights (q8_0, q4) get a QuantLinear (model/quant.py) instead: `make_linear` picks.
+
+Several rows at once (a batched decode step, a prefill) are another matter: MKL's and OpenBLAS's
+sgemm pack the whole weight on every call, so on this AMD CPU 4 rows cost 4-6x one row (the
+(576, 49152) head: 5 ms for one row, 20 ms for four, one thread). oneDNN's matmul on a weight
+reordered once (`pack_rows`) streams it without repacking: four rows in ~1.1x one row's time,
+but one row ~1.5x slower than MKL's sgemv. So a batching model keeps both: W_t for one row, the
+reordered copy for several (twice the float32 weights' memory: nbytes, then packed_bytes).
 """
 from __future__ import annotations
 
@@ -31,11 +38,20 @@ class Linear:
             self.w_t = w.T.contiguous()                 # (in, out)
         else:
             self.w = w.to(dtype).contiguous()           # (out, in)
+        self.packed = None                              # oneDNN's reordered W, after pack_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.dtype == torch.float32:
+            if self.packed is not None and x.shape[0] > 1:
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
             return torch.matmul(x, self.w_t)
         return F.linear(x.to(self.dtype), self.w).float()
+
+    def pack_rows(self, rows: int = 4):
+        """Keep a copy of W reordered by oneDNN for products of several rows (`rows`: the count
+        its layout is tuned for); float32 only, where oneDNN is built in (else nothing)."""
+        if self.dtype == torch.float32 and self.packed is None and torch.backends.mkldnn.is_available():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.w_t.T.contiguous(), rows)
 
     @classmethod
     def from_row_chunks(cls, out_features: int, in_features: int, chunks, dtype: torch.dtype = torch.float32):
@@ -44,6 +60,7 @@ class Linear:
         W read at once would)."""
         lin = cls.__new__(cls)
         lin.dtype, lin.out_features, lin.in_features = dtype, out_features, in_features
+        lin.packed = None
         if dtype == torch.float32:
             lin.w_t = torch.empty(in_features, out_features)            # (in, out)
         else:
@@ -83,6 +100,11 @@ class Linear:
         t = self.w_t if self.dtype == torch.float32 else self.w
         return 0 if t is None else t.numel() * t.element_size()
 
+    @property
+    def packed_bytes(self) -> int:
+        """The reordered copy's bytes (pack_rows), beside nbytes."""
+        return self.out_features * self.in_features * 4 if self.packed is not None else 0
+
     def tensors(self) -> list[torch.Tensor]:
         """The weight tensors as computed on (a loader writes them out and binds them back)."""
         return [self.w_t if self.dtype == torch.float32 else self.w]
@@ -90,6 +112,7 @@ class Linear:
     def bind(self, tensors: list[torch.Tensor] | None):
         """Compute on these tensors (views into a load buffer), or on none (evicted)."""
         t = None if tensors is None else tensors[0]
+        self.packed = None                              # a loader's weights are never packed
         if self.dtype == torch.float32:
             self.w_t = t
         else:

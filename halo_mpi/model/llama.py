@@ -9,10 +9,17 @@ outside (and the output head and the embedding lookup likewise).
     cache = model.new_cache(max_len=256)
     logits = model(torch.tensor(ids), cache)          # (T, vocab) for the prompt
     logits = model(torch.tensor([next_id]), cache)    # (1, vocab), one decode step
+    logits = model.step([(cache_a, [id_a]), (cache_b, prompt_chunk)])   # (2, vocab): a ragged batch
+
+A step over several sequences (`step`) flattens their new tokens into the rows of one h (N, dim):
+every row-wise part (embedding, norms, the qkv, o and MLP matmuls, the head) runs once over all
+N rows, so each weight is read once per step whatever the batch; only the attention core (RoPE at
+each sequence's positions, its cache, its causal attention) goes sequence by sequence.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,7 +29,7 @@ from ..errors import HaloError
 from .config import ModelArgs
 from .embedding import StoreEmbedding
 from .groups import GroupMLP
-from .linear import DTYPES, make_linear
+from .linear import DTYPES, Linear, make_linear
 from .qlinear import QuantRows
 from .quant import from_records, records_dtype
 
@@ -76,6 +83,22 @@ class KVCache:
         self.pos = 0  # tokens already stored (advanced by the model after the last layer)
 
 
+@dataclass
+class Ragged:
+    """One step over several sequences: what `Attention.ragged` needs beside h (N, dim)."""
+    caches: list[KVCache]       # each sequence's cache, in row order (pos: its tokens so far)
+    lengths: list[int]          # each sequence's new tokens (rows of h), in order; sum = N
+    cos: torch.Tensor           # (N, hd) RoPE tables at every row's own position
+    sin: torch.Tensor           # (N, hd) signed sin, likewise
+
+    def spans(self):
+        """(cache, first row, end row) of each sequence."""
+        a = 0
+        for cache, n in zip(self.caches, self.lengths):
+            yield cache, a, a + n
+            a += n
+
+
 class Attention:
     """GQA self-attention over a set of the layer's attention groups (one group = one KV head
     with its query heads); over all of them in the reference model. The outputs of disjoint
@@ -118,6 +141,10 @@ class Attention:
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> torch.Tensor:
         """Queries (n_heads, T, hd) at pos.. over the cache up to pos+T -> this set's (T, dim)."""
+        return self.o(self.core(q, k_cache, v_cache, pos))
+
+    def core(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> torch.Tensor:
+        """Queries (n_heads, T, hd) at pos.. over the cache up to pos+T -> heads' outputs (T, nh*hd)."""
         T = q.shape[1]
         S = pos + T
         mask = None
@@ -125,7 +152,22 @@ class Attention:
             mask = torch.ones(T, S, dtype=torch.bool).tril(pos)          # (T, S) True = attend
         out = F.scaled_dot_product_attention(q[None], k_cache[None, :, :S], v_cache[None, :, :S],
                                              attn_mask=mask, enable_gqa=True)  # (1, nh, T, hd)
-        return self.o(out[0].transpose(0, 1).reshape(T, -1))             # (T, nh*hd) -> (T, dim)
+        return out[0].transpose(0, 1).reshape(T, -1)                     # (T, nh, hd) -> (T, nh*hd)
+
+    def ragged(self, x: torch.Tensor, batch: Ragged, layer: int) -> torch.Tensor:
+        """x (N, dim) holding several sequences' new rows (see Ragged) -> (N, dim): the qkv and o
+        matmuls once over all rows, RoPE at each row's position, each sequence's K/V stored in its
+        own cache and its queries attending over that cache alone."""
+        N, hd, nh = x.shape[0], self.args.head_dim, self.n_heads
+        heads = self.qkv(x).view(N, self.n_qk + self.n_kv, hd).transpose(0, 1)  # (nh+2n_kv, N, hd)
+        qk = apply_rope(heads[:self.n_qk], batch.cos, batch.sin)                 # (nh+n_kv, N, hd)
+        outs = []
+        for cache, a, b in batch.spans():
+            k_cache, v_cache, pos = cache.k[layer], cache.v[layer], cache.pos
+            k_cache[:, pos:pos + b - a] = qk[nh:, a:b]                           # (n_kv, T, hd)
+            v_cache[:, pos:pos + b - a] = heads[self.n_qk:, a:b]                 # (n_kv, T, hd)
+            outs.append(self.core(qk[:nh, a:b], k_cache, v_cache, pos))          # (T, nh*hd)
+        return self.o(torch.cat(outs))                                           # (N, dim)
 
     def __call__(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -151,6 +193,12 @@ class Block:
         eps = self.args.norm_eps
         h = x + self.attention(rms_norm(x, self.attn_norm, eps), cache.k[self.layer],
                                cache.v[self.layer], cache.pos, cos, sin)
+        return h + self.feed_forward(rms_norm(h, self.ffn_norm, eps))
+
+    def ragged(self, x: torch.Tensor, batch: Ragged) -> torch.Tensor:
+        """The block over several sequences' rows x (N, dim) (see Ragged)."""
+        eps = self.args.norm_eps
+        h = x + self.attention.ragged(rms_norm(x, self.attn_norm, eps), batch, self.layer)
         return h + self.feed_forward(rms_norm(h, self.ffn_norm, eps))
 
 
@@ -228,6 +276,49 @@ class Transformer:
         for layer in (self.blocks if layer_ids is None else layer_ids):
             h = self.blocks[layer](h, cache, cos, sin)
         return h
+
+    def batches(self) -> bool:
+        """Whether `step` can run: every block's attention is the reference one (a distributed or
+        streamed attention has no ragged path), with the embedding and the head held here."""
+        return (self.lookup is not None and self.output is not None and self.norm is not None
+                and all(type(b.attention) is Attention for b in self.blocks.values()))
+
+    def pack_for_batches(self):
+        """Every float32 weight also kept in oneDNN's layout for several rows at once (see
+        model/linear.py: a batched step's matmuls then cost about one row's); doubles their memory."""
+        for b in self.blocks.values():
+            for linear in b.attention.linears() + b.feed_forward.linears():
+                if isinstance(linear, Linear):
+                    linear.pack_rows()
+        if isinstance(self.output, Linear):
+            self.output.pack_rows()
+
+    def packed_bytes(self) -> int:
+        """Bytes of the copies pack_for_batches made (beside weight_bytes)."""
+        parts = [self.output] + [lin for b in self.blocks.values()
+                                 for lin in b.attention.linears() + b.feed_forward.linears()]
+        return sum(part.packed_bytes for part in parts if isinstance(part, Linear))
+
+    @torch.inference_mode()
+    def step(self, feeds: list[tuple[KVCache, list[int]]]) -> torch.Tensor:
+        """One step over several sequences: feeds are (its cache, its new token ids: one when it
+        decodes, a chunk of its prompt when it prefills); returns the logits after each one's last
+        new token, (B, vocab), and advances every cache."""
+        caches, lengths = [c for c, _ in feeds], [len(ids) for _, ids in feeds]
+        for cache, n in zip(caches, lengths):
+            if cache.pos + n > cache.max_len:
+                raise HaloError(f"sequence of {cache.pos + n} tokens overflows the KV cache of "
+                                f"{cache.max_len}")
+        tables = [self.rope(c.pos, n) for c, n in zip(caches, lengths)]
+        batch = Ragged(caches, lengths, torch.cat([cos for cos, _ in tables]),   # (N, hd)
+                       torch.cat([sin for _, sin in tables]))                   # (N, hd)
+        h = self.embed(torch.tensor([t for _, ids in feeds for t in ids]))     # (N, dim)
+        for block in self.blocks.values():
+            h = block.ragged(h, batch)
+        for cache, n in zip(caches, lengths):
+            cache.pos += n
+        last = torch.tensor(lengths).cumsum(0) - 1                              # (B,) rows
+        return self.head(h[last])                                               # (B, vocab)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(rms_norm(h, self.norm, self.args.norm_eps))  # (T, dim) -> (T, vocab)

@@ -4,6 +4,11 @@
         engine.generate(on_finish=print_sequence)           # rank 0 runs the jobs, the rest follow
         report = engine.report()                            # rank 0: lines, statistics, error
 
+Batching is a capability: `max_batch` is how many sequences one step may carry (1: the mode
+decodes one at a time). A mode that batches provides `batch_model()` (model/batch.py's calls:
+open, step over several sequences, close) and `generate` runs its jobs through the Batcher,
+joining and leaving between steps; otherwise each job runs alone through `session`.
+
 An engine runs once: `generate` (jobs from the workload, or from a source such as a server's
 queue) or `perplexity` (teacher-forced, over the workload's ids). On rank 0 it does the work; on
 every other rank the same call serves rank 0 until rank 0 is done. `prepare(tokenizer, context)`,
@@ -19,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import HaloError
+from ..model.batch import Batcher, BatchModel
 from ..model.evaluate import teacher_forced_nll
 from ..model.generate import GenerationResult
 from ..model.jobs import Finished, Job, JobList, JobSource, run_job
@@ -57,6 +63,12 @@ class Engine:
         self.context = 0                  # the model's context, tokens
         self.workload = Workload()        # rank 0's
         self.jobs: list[Job] = []         # rank 0: the jobs run, in the order they finished
+        self.batcher: Batcher | None = None   # rank 0, while generate runs batched
+
+    @property
+    def max_batch(self) -> int:
+        """Sequences one step may carry: 1 unless the mode batches (then `batch_model`)."""
+        return 1
 
     @property
     def leads(self) -> bool:
@@ -71,6 +83,10 @@ class Engine:
         """Rank 0, inside work(): a session of one sequence (model/generate.py's calls)."""
         raise NotImplementedError
 
+    def batch_model(self) -> BatchModel:
+        """Rank 0, inside work(), when max_batch > 1: the model as a batch of sequences."""
+        raise NotImplementedError
+
     def _report(self) -> Report:
         raise NotImplementedError
 
@@ -81,9 +97,12 @@ class Engine:
     def generate(self, source: JobSource | None = None,
                  on_finish: Finished | None = None) -> list[Job] | None:
         """Every job of `source` (default: the workload's), each through a session of its own;
-        rank 0 returns the jobs as they finished, with their results."""
+        rank 0 returns the jobs as they finished, with their results. With max_batch > 1 the
+        jobs run together, up to max_batch per step, joining and leaving between steps."""
         def work():
             jobs = source if source is not None else JobList(self.workload.jobs)
+            if self.max_batch > 1:
+                return self._run_batched(jobs, on_finish)
             while True:
                 job = jobs.take(POLL_S)
                 if job is None:
@@ -95,6 +114,17 @@ class Engine:
                 if on_finish is not None:
                     on_finish(job)
         return self._run(work)
+
+    def _run_batched(self, jobs: JobSource, on_finish: Finished | None) -> list[Job]:
+        def finished(job: Job):
+            self.jobs.append(job)
+            if on_finish is not None:
+                on_finish(job)
+        self.batcher = Batcher(self.batch_model(), self.max_batch, self.options.prefill_chunk,
+                               finished, idle=responsive)
+        with torch.inference_mode():
+            self.batcher.run(jobs)
+        return self.jobs
 
     def _run_one(self, job: Job):
         if job.cancelled():
@@ -123,10 +153,21 @@ class Engine:
 
     def health(self) -> dict:
         """Rank 0, at any time: what a server's /health says of the mode."""
-        return {"mode": self.describe_mode(), "ranks": self.size}
+        batcher = self.batcher
+        return {"mode": self.describe_mode(), "ranks": self.size, "max_batch": self.max_batch,
+                "batching": self.describe_batch(),
+                "batch": len(batcher.active) if batcher is not None else None,
+                "steps_by_batch": dict(batcher.steps.by_batch) if batcher is not None else {},
+                "step_ms_recent": batcher.steps.recent_ms() if batcher is not None else None}
 
     def describe_mode(self) -> str:
         return "none"
+
+    def describe_batch(self) -> str:
+        """What a step carries, for the server's log line and /health."""
+        if self.max_batch > 1:
+            return f"batches of up to {self.max_batch} sequences per step (continuous batching)"
+        return "one sequence per step (this mode does not batch)"
 
     def report(self) -> Report | None:
         """Rank 0, after the run: the lines to print, the statistics, an error to raise after."""

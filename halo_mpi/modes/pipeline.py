@@ -58,6 +58,12 @@ class PipelineEngine(Engine):
     def describe_mode(self) -> str:
         return f"pipeline ({self.plan.in_flight} in flight)"
 
+    def describe_batch(self) -> str:
+        """No batched step (max_batch 1): each stage takes one sequence a step, the ring keeps
+        several in flight."""
+        return (f"one sequence per stage per step, up to {self.plan.in_flight} in flight on the ring "
+                f"(--num-sequences)")
+
     def health(self) -> dict:
         """Adds each rank's share of the layers (a server's /health and /metrics)."""
         n = self.plan.n_layers

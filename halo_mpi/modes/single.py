@@ -1,9 +1,11 @@
 """One process (`--parallel none`): the reference model, whole or under a memory budget."""
 from __future__ import annotations
 
+import statistics
 import time
 
 from ..loading.parts import budgeted_transformer, describe_loading
+from ..model.batch import LocalBatch
 from ..model.generate import LocalSession
 from ..model.llama import Transformer
 from ..model.tokenizer import Tokenizer
@@ -42,6 +44,28 @@ class SingleEngine(Engine):
         finally:
             self.wall_s = time.perf_counter() - t0
 
+    @property
+    def max_batch(self) -> int:
+        """--max-batch, when every block's attention has the ragged path (a memory budget that
+        streams the attention has none: one sequence at a time then)."""
+        return self.options.max_batch if self.model.batches() else 1
+
+    def describe_batch(self) -> str:
+        if self.max_batch > 1:
+            return super().describe_batch()
+        why = "--max-batch 1" if self.options.max_batch == 1 else "its memory budget streams the attention"
+        return f"one sequence per step ({why})"
+
+    def batch_model(self) -> LocalBatch:
+        """The model as a batch; float32 weights are also kept in oneDNN's layout from here on
+        (model/linear.py: several rows at about one row's cost; their memory twice)."""
+        if self.weights is None:          # a budget's streamed weights are never packed
+            self.model.pack_for_batches()
+        return LocalBatch(self.model)
+
+    def describe_mode(self) -> str:
+        return "single process"
+
     def session(self, max_len: int) -> LocalSession:
         return LocalSession(self.model, max_len)
 
@@ -50,15 +74,26 @@ class SingleEngine(Engine):
         loading = self.weights.stats() if self.weights is not None else None
         resident = loading["resident_bytes"] if loading else self.model.weight_bytes()
         lines = [r.summary() for r in results]
-        lines.append(f"weights {resident / 1e6:.1f} MB resident, peak RSS {peak_rss_mb():.0f} MB")
+        packed = self.model.packed_bytes()
+        lines.append(f"weights {resident / 1e6:.1f} MB resident"
+                     + (f" (+{packed / 1e6:.1f} MB reordered for batched steps)" if packed else "")
+                     + f", peak RSS {peak_rss_mb():.0f} MB")
         if loading:
             lines.append(describe_loading(loading, sum(len(r.tokens) for r in results)))
         decode_s = [s for r in results for s in r.decode_s]
+        tokens_per_s = len(decode_s) / sum(decode_s) if decode_s else float("nan")
+        steps = self.batcher.steps if self.batcher is not None else None
+        if steps is not None and steps.ms:
+            lines.append(describe_steps(steps))
+            decode_step_s = sum(ms for ms, n in zip(steps.ms, steps.decoding) if n) / 1e3
+            tokens_per_s = len(decode_s) / decode_step_s if decode_step_s else float("nan")
         stats = RunStats("single", 1, self.options.dtype,
                          [SequenceStats.of(job.index, job.result) for job in self.jobs],
                          [RankStats(0, peak_rss_mb(), cpu_seconds(), weight_bytes=resident,
-                                    extra={"loading": loading} if loading else {})],
-                         len(decode_s) / sum(decode_s) if decode_s else float("nan"), self.wall_s)
+                                    extra={"loading": loading} if loading else {"packed_bytes": packed})],
+                         tokens_per_s, self.wall_s, config={"max_batch": self.max_batch},
+                         step_ms=list(steps.ms) if steps else [],
+                         step_batch=list(steps.batch) if steps else [])
         return Report(lines, stats)
 
     def close(self):
@@ -66,3 +101,13 @@ class SingleEngine(Engine):
             self.weights.close()
             self.weights = None
         self.store.close()
+
+
+def describe_steps(steps) -> str:
+    """One line on a batched run's steps: how many, their batch, their time."""
+    decode = [ms for ms, n in zip(steps.ms, steps.decoding) if n]
+    tokens = sum(steps.decoding)
+    return (f"{len(steps.ms)} steps of up to {max(steps.batch)} sequences (median "
+            f"{statistics.median(steps.batch):g}): median {statistics.median(steps.ms):.1f} ms/step; "
+            f"{tokens} tokens decoded in {sum(decode) / 1e3:.2f} s of steps, "
+            f"{tokens / max(sum(decode) / 1e3, 1e-9):.1f} tokens/s in total")

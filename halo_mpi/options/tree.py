@@ -1,7 +1,7 @@
 """Every option a mode is opened with, in one tree: each field declares its flag, type, default
 and help (options/flags.py), and `check` holds the rules that span fields.
 
-    ModeOptions                     --parallel, --weights, --dtype, --threads, --seed, ...
+    ModeOptions                     --parallel, --weights, --dtype, --threads, --max-batch, ...
       .tensor: TensorOptions        --sync, --link-loss, --wire-dtype, ...   (tensor mode)
       .pipeline: PipelineOptions    --num-sequences                          (pipeline mode)
       .load: LoadOptions            --mem-budget, --prefetch, ...            (every mode)
@@ -217,7 +217,15 @@ class ModeOptions:
         "--seed", 0, non_negative_int, help="seeds sampling, the loss emulation and random placement")
     prefill_chunk: int = option(
         "--prefill-chunk", 64, positive_int,
-        help="prompt tokens per message during prefill (the parallel modes)")
+        help="prompt tokens per message during prefill (the parallel modes); with batching, the "
+             "prompt tokens a step takes beside sequences that are decoding (a joining prompt is "
+             "fed in such chunks, so the others are not stalled for long)")
+    max_batch: int = option(
+        "--max-batch", 8, positive_int,
+        help="sequences decoded together, one step for all (continuous batching: generate's "
+             "prompts, a server's requests join and leave between steps); 1: one at a time. "
+             "One process only for now: tensor mode runs one sequence at a time, pipeline mode "
+             "--num-sequences on its ring")
     rank_timeout: float = option(
         "--rank-timeout", 60.0, positive_float, format=number, metavar="S",
         help="a rank silent for S seconds (no message, no heartbeat: frozen or dead) is "

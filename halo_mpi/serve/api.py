@@ -1,12 +1,13 @@
 """The OpenAI-compatible HTTP API (FastAPI on uvicorn), served from rank 0.
 
     POST /v1/completions        {"prompt", "max_tokens", "temperature", "top_p", "seed", "stop",
-                                 "stream", "logprobs", "presence_penalty", "frequency_penalty",
+                                 "stream", "n", "logprobs", "presence_penalty", "frequency_penalty",
                                  "logit_bias", ...}: serve/fields.py checks every one
     POST /v1/chat/completions   {"messages": [{"role", "content"}], ...the same, "top_logprobs"}
     GET  /v1/models, /v1/models/{id}   the one model this server runs
     POST /tokenize {"content"} -> {"tokens"};  POST /detokenize {"tokens"} -> {"content"}
-    GET  /health                ranks, mode, per-rank figures, requests queued and running
+    GET  /health                ranks, mode, the batch it supports (max_batch) and runs now (batch),
+                                per-rank figures, sequences queued and running
     GET  /metrics               Prometheus's text format (serve/metrics.py)
     GET  /                      a chat page that streams from the API, beside the cluster live
 
@@ -104,9 +105,10 @@ class Api:
                              f"{self.model_name!r}", "model", status=404)
         return body
 
-    async def job_of(self, body: dict, chat: bool) -> tuple[Job, Answer]:
+    async def jobs_of(self, body: dict, chat: bool) -> tuple[list[Job], Answer]:
         """Every field checked first; then the prompt tokenized in a thread (a long one would
-        hold the event loop, and /health with it)."""
+        hold the event loop, and /health with it). A job per choice (n), each seeded apart, so
+        that sampled choices differ."""
         vocab = self.tok.vocab_size
         params = sampling_fields(body, chat, vocab)
         prompt = self.tok.chat_messages(messages_of(body)) if chat else prompt_of(body, vocab)
@@ -118,9 +120,10 @@ class Api:
             raise BadRequest(f"the prompt has {len(ids)} tokens; the model's context is {self.context}",
                              param)
         max_tokens = params.max_tokens or self.default_max_tokens
-        job = Job(ids, min(max_tokens, self.context - len(ids)), params.temperature, params.top_p,
-                  params.seed % 2 ** 64, params.stop, params.sampler_options(), on_done=self.metrics.done)
-        return job, Answer(job, chat, self.model_name, self.tok, params.logprobs)
+        jobs = [Job(ids, min(max_tokens, self.context - len(ids)), params.temperature, params.top_p,
+                    (params.seed + i) % 2 ** 64, params.stop, params.sampler_options(),
+                    on_done=self.metrics.done, choice=i) for i in range(params.n)]
+        return jobs, Answer(jobs, chat, self.model_name, self.tok, params.logprobs)
 
     async def encode(self, text: str, param: str) -> list[int]:
         """The text's token ids, in a thread; a text too long to fit the context whatever its
@@ -131,18 +134,21 @@ class Api:
                              f"{self.context}", param)
         return await asyncio.to_thread(self.tok.encode_unlocked, text)
 
-    async def submit(self, job: Job):
+    async def submit(self, jobs: list[Job]):
+        """A request's jobs queued together, their events into one queue (or a 503)."""
         if self.broker.closed.is_set():
             raise BadRequest("the server is shutting down", status=503, kind="server_error")
-        job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
-        if not self.broker.submit(job):
-            raise BadRequest(f"the queue is full ({self.broker.jobs.maxsize} requests waiting); "
-                             "retry later", status=503, kind="server_error")
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        for job in jobs:
+            job.loop, job.events = loop, events
+        if not self.broker.submit(*jobs):
+            raise BadRequest(f"the queue is full ({self.broker.jobs.maxsize} sequences at most "
+                             f"wait, {len(jobs)} asked for); retry later", status=503, kind="server_error")
 
     async def respond(self, request: Request, chat: bool) -> StreamingResponse | JSONResponse:
         body = await self.parse(request)
-        job, answer = await self.job_of(body, chat)
-        await self.submit(job)
+        jobs, answer = await self.jobs_of(body, chat)
+        await self.submit(jobs)
         return answer.stream() if body.get("stream") else await answer.collect(request)
 
     async def tokenize(self, request: Request) -> dict:

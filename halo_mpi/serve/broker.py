@@ -1,7 +1,8 @@
 """Between the HTTP server (its own thread, asyncio) and the rank that runs the model (MPI).
 
-A request becomes a `Job`; the server puts it in the `Broker`'s bounded queue (full: the client
-gets 503) and awaits its events; the driver takes jobs, and for each token calls `job.text(...)`,
+A request becomes a `Job` per choice (`n` of them, sharing one events queue, each event tagged
+with its choice's index); the server puts them in the `Broker`'s bounded queue together (full:
+the client gets 503) and awaits their events; the driver takes jobs, and for each token calls `job.text(...)`,
 at the end `job.done(...)`. A client that goes away sets `job.cancelled`, and the driver ends
 that job at its next token.
 """
@@ -26,14 +27,16 @@ class Job:
     sampling: dict = field(default_factory=dict)     # Sampler's other options (fields.Sampling)
     picks: list = field(default_factory=list)        # the sampler's records when logprobs are asked
     loop: asyncio.AbstractEventLoop | None = None
-    events: asyncio.Queue | None = None              # ("text", (str, picks)) ..., then ("done", dict)
+    events: asyncio.Queue | None = None              # (choice, "text", (str, picks)) ..., then
+                                                     # (choice, "done", dict); shared by a request's choices
+    choice: int = 0                                  # its index among the request's n choices
     cancelled: threading.Event = field(default_factory=threading.Event)
     on_done: Callable[[dict], None] | None = None    # given the end (in the driver's thread): metrics
     queued_at: float = field(default_factory=time.perf_counter)
 
     def _put(self, event):
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (self.choice, *event))
 
     def text(self, piece: str, picks: list):
         """A piece of text, and the sampler's records of the tokens picked since the last piece."""
@@ -60,13 +63,15 @@ class Broker:
         self.running = 0                  # jobs being generated now
         self.served = 0
 
-    def submit(self, job: Job) -> bool:
-        """False when the queue is full."""
-        try:
-            self.jobs.put_nowait(job)
-            return True
-        except queue.Full:
+    def submit(self, *jobs: Job) -> bool:
+        """All the jobs queued (a request's choices), or none and False when they do not fit.
+        Only the server's event loop submits and the driver only takes, so the room seen here
+        can only grow before the jobs are put."""
+        if self.jobs.maxsize - self.jobs.qsize() < len(jobs):
             return False
+        for job in jobs:
+            self.jobs.put_nowait(job)
+        return True
 
     def take(self, timeout: float) -> Job | None:
         try:

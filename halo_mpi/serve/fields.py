@@ -4,7 +4,7 @@
     text = chat_text(messages_of(body), tok)                 # or prompt_of(body, vocab): str or ids
 
 Every field OpenAI defines is either honoured, or refused with a 400 that names it (`tools`,
-`n` > 1, ...); a field OpenAI does not define is refused as OpenAI refuses it ("unrecognized
+`best_of` > 1, ...); a field OpenAI does not define is refused as OpenAI refuses it ("unrecognized
 request argument"). Numbers are checked for type and range here, so a sampler on rank 0 only
 ever sees values it can use.
 """
@@ -14,6 +14,7 @@ import secrets
 from dataclasses import dataclass, field
 
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)   # torch.Generator.manual_seed's
+MAX_CHOICES = 16                         # n at most: each choice is a sequence of the batch
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MESSAGE_KEYS = {"role", "content", "name"}
 
@@ -52,6 +53,7 @@ class Sampling:
     seed: int
     stop: list[str]
     stream: bool
+    n: int = 1                        # choices: sequences of the one prompt, each its own seed
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
@@ -117,12 +119,15 @@ def check_names(body: dict, chat: bool):
                          "(no JSON mode or schemas)", "response_format")
 
 
-def choices(body: dict):
-    for name in ("n", "best_of"):
-        value = integer(body, name, 1)
-        if value is not None and value > 1:
-            raise BadRequest(f"{name} = {value}: this server returns one choice per request "
-                             f"(several come with batching); send {value} requests", name)
+def choices(body: dict) -> int:
+    """n: the choices asked for (sequences of the one prompt, decoded together when the mode
+    batches); best_of other than 1 is refused (no ranking of candidates here)."""
+    best_of = integer(body, "best_of", 1)
+    if best_of is not None and best_of > 1:
+        raise BadRequest(f"best_of = {best_of}: this server does not rank candidates; ask for n "
+                         f"choices instead", "best_of")
+    n = integer(body, "n", 1, MAX_CHOICES)
+    return 1 if n is None else n
 
 
 def stops(body: dict) -> list[str]:
@@ -191,14 +196,14 @@ def sampling_fields(body: dict, chat: bool, vocab: int) -> Sampling:
         raise BadRequest(f"model must be a string, got {short(body['model'])}", "model")
     if not isinstance(body.get("user", ""), str):
         raise BadRequest("user must be a string", "user")
-    choices(body)
+    n = choices(body)
     max_tokens = integer(body, "max_tokens", 1)
     if chat and max_tokens is None:
         max_tokens = integer(body, "max_completion_tokens", 1)
     stream = flag(body, "stream")
     stream_options(body, stream)
     return Sampling(max_tokens, number(body, "temperature", 1.0, 0.0, 2.0),
-                    number(body, "top_p", 1.0, 0.0, 1.0), seed_of(body), stops(body), stream,
+                    number(body, "top_p", 1.0, 0.0, 1.0), seed_of(body), stops(body), stream, n,
                     number(body, "presence_penalty", 0.0, -2.0, 2.0),
                     number(body, "frequency_penalty", 0.0, -2.0, 2.0), logit_bias(body, vocab),
                     logprobs(body, chat))

@@ -3,7 +3,11 @@
     halo_requests_total{endpoint, status}       HTTP answers (400s included)
     halo_finished_total{reason}                 jobs ended: stop, length, shutdown, cancelled, error
     halo_prompt_tokens_total, halo_completion_tokens_total
-    halo_queue_length, halo_running             requests waiting, being generated
+    halo_queue_length, halo_running             sequences waiting, being generated (a request's n
+                                                choices count n)
+    halo_batch_size, halo_max_batch             sequences in the running step, the most the mode
+                                                batches (1: it runs one at a time)
+    halo_steps_by_batch_total{batch}            model steps that carried each number of sequences
     halo_time_to_first_token_seconds            from the request's arrival in the queue (histogram)
     halo_time_per_output_token_seconds          mean over each request's tokens after its first
     halo_rank_group_share{rank}                 the share of MLP groups each rank holds (tensor)
@@ -22,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 RECENT = 16          # requests /health's ms_per_token is the mean over
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -51,6 +55,19 @@ class RankCollector:
             for row in rows:
                 if name in row:
                     family.add_metric([str(row["rank"])], float(row[name]))
+            yield family
+        if health.get("max_batch") is not None:
+            yield GaugeMetricFamily("halo_max_batch", "the most sequences one step carries in this mode",
+                                    value=float(health["max_batch"]))
+        if health.get("batch") is not None:
+            yield GaugeMetricFamily("halo_batch_size", "sequences in the running step",
+                                    value=float(health["batch"]))
+        steps = health.get("steps_by_batch") or {}
+        if steps:
+            family = CounterMetricFamily("halo_steps_by_batch", "model steps by the sequences they carried",
+                                         labels=["batch"])
+            for batch, count in sorted(steps.items()):
+                family.add_metric([str(batch)], float(count))
             yield family
         if "dropped_share" in health:
             yield GaugeMetricFamily("halo_dropped_importance_share",
