@@ -68,6 +68,7 @@ class Message:
     seq: int = 0            # pipeline mode: the sequence
     plan: int = 0           # tensor mode: the placement version
     pos: int = 0            # position of the payload's first token (attention inputs, caches)
+    arrived_at: float = 0.0  # when a reader set it aside (tensor/exchange.py): a late reply's time
 
     def json(self) -> dict:
         return json.loads(self.payload.tobytes().decode())

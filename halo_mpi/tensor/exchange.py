@@ -126,6 +126,7 @@ class Exchange:
                 if m.kind == Kind.LOGITS:        # seq: the member's compute microseconds that step
                     self.computed.append((m.source, m.step, m.seq))
             else:
+                m.arrived_at = self.clock()
                 self.others.append(m)
 
 

@@ -232,8 +232,14 @@ class DeadlineGather:
     def _judge_late_arrival(self, m: Message, w: _Layer):
         """A covered peer's partial after its layer closed: on time if it came within its link's
         round-trip bound of its input, as if it had been waited for."""
+        self.judge_late(m, w.bound)
+
+    def judge_late(self, m: Message, bound: dict[int, float] | None = None):
+        """A covered peer's partial met after its layer closed (in a gather, or set aside while
+        rank 0 was in the members' all-reduce: lead.py), judged by when it arrived."""
         sent = self.judged_later.pop((m.step, m.layer, m.source), None)
         if sent is not None:
-            rtt = self.clock() - sent
+            rtt = (m.arrived_at or self.clock()) - sent
             self.links[m.source].add_latency(rtt)
-            self.links[m.source].add_outcome(rtt <= w.bound.get(m.source, 0.0))
+            bound = self._bound if bound is None else bound     # (the bounds of the last step)
+            self.links[m.source].add_outcome(rtt <= bound.get(m.source, 0.0))

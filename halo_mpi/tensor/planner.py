@@ -41,7 +41,7 @@ from .policy import SyncPolicy
 from .reserve import ReplanRoom
 
 MEMBER_WINDOW = 64     # a member's rounds judged by the last this many (a token of SmolLM2 has 61)
-PROMOTE_AFTER = 48     # a satellite's partials all on time before it joins the members again
+PROMOTE_AFTER = 32     # a satellite's partials all on time before it joins the members again
                        # (doubled for each time it was demoted)
 DEMOTE_AFTER = 32      # all-reduce rounds of a member measured before it may be demoted
 DEMOTE_BELOW = 0.95    # on-time share of its recent rounds under which it is (2 late in 32: a

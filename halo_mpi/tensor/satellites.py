@@ -73,6 +73,12 @@ class Satellites:
     def links(self):
         return self.deadlines.links
 
+    def discard_late(self, replies: list):
+        """Partials of closed steps, set aside meanwhile: discarded, a probe's judged."""
+        for m in replies:
+            self.late_discarded[m.source] += 1
+            self.deadlines.judge_late(m)
+
     def add(self, rank: int):
         """A satellite from now on (a member demoted: planner.py)."""
         self.ranks = sorted(set(self.ranks) | {rank})
