@@ -127,6 +127,15 @@ class DeadlineGather:
                                         initial=p.initial_deadline)
         self._bounds_step = None
 
+    def remove(self, rank: int):
+        """No longer a peer (a satellite promoted to member): its link's record goes, so the
+        re-planner never rates a member by what it did as a satellite."""
+        self.links.pop(rank, None)
+        self.missed.pop(rank, None)
+        for key in [k for k in self.judged_later if k[2] == rank]:
+            del self.judged_later[key]
+        self._bounds_step = None
+
     def bounds(self, step: int) -> tuple[dict[int, float], dict[int, float]]:
         """(round-trip bound, grace) per link, as of the start of `step`."""
         if step != self._bounds_step:

@@ -87,6 +87,7 @@ class Satellites:
     def remove(self, rank: int):
         """A member from now on (a satellite promoted): no more inputs; late partials discarded."""
         self.ranks = [r for r in self.ranks if r != rank]
+        self.deadlines.remove(rank)
 
     def begin_step(self, step: int, decoding: bool):
         self.step, self.decoding = step, decoding
