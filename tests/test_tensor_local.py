@@ -723,14 +723,14 @@ def test_a_member_late_on_its_rounds_is_demoted_and_the_logits_stay_the_referenc
         for i, token in enumerate(ids[4:]):
             if i == 2:                               # rank 2's rounds turn late (as exchange.py counts)
                 for k in range(40):
-                    planner.member_links[2].add_outcome(k % 3 == 0)
+                    planner.roles.links[2].add_outcome(k % 3 == 0)
             got = session.step(torch.tensor([token]), decoding=True)
             want = ref_model(torch.tensor([token]), ref_cache, last_only=True)
             assert (got - want).abs().max().item() < 1e-4, i
     workers = cluster.stop()
-    assert planner.members == [0, 1] and lead.members == [0, 1] and planner.version == 1
-    assert all(not len(layer[2]) for layer in planner.attention)
-    assert sorted(np.concatenate([np.concatenate(layer) for layer in planner.attention]).tolist()) == \
+    assert planner.roles.members == [0, 1] and lead.members == [0, 1] and planner.version == 1
+    assert all(not len(layer[2]) for layer in planner.roles.attention)
+    assert sorted(np.concatenate([np.concatenate(layer) for layer in planner.roles.attention]).tolist()) == \
         sorted(np.concatenate([np.concatenate(layer) for layer in plan.attention]).tolist())
     assert planner.head.vocab[2][1] == planner.head.vocab[2][0]
     assert 2 in lead.satellites.ranks and 2 in planner.policy.unstable
@@ -744,7 +744,7 @@ def test_a_demoted_member_whose_link_recovers_is_promoted_back(kv3_store):
     enough (twice PROMOTE_AFTER: it was demoted once): it joins the members again, gets attention
     groups back (their caches refilled by a replay) and head rows, and the logits stay the
     reference's all along."""
-    from halo_mpi.tensor.planner import PROMOTE_AFTER
+    from halo_mpi.tensor.roles import PROMOTE_AFTER
     store = kv3_store
     ids = [5, 70, 33, 9, 120, 17, 3, 44, 8, 61, 7, 19, 23, 2]
     ref_model = Transformer.from_store(store)
@@ -757,17 +757,17 @@ def test_a_demoted_member_whose_link_recovers_is_promoted_back(kv3_store):
         for i, token in enumerate(ids):
             if i == 3:
                 for k in range(40):
-                    planner.member_links[2].add_outcome(k % 3 == 0)
+                    planner.roles.links[2].add_outcome(k % 3 == 0)
             if i == 7:
-                assert planner.members == [0, 1]
+                assert planner.roles.members == [0, 1]
                 for _ in range(2 * PROMOTE_AFTER):
                     lead.links[2].add_outcome(True)
             got = session.step(torch.tensor([token]), decoding=True)
             want = ref_model(torch.tensor([token]), ref_cache, last_only=True)
             assert (got - want).abs().max().item() < 1e-4, i
     workers = cluster.stop()
-    assert planner.members == [0, 1, 2] and lead.members == [0, 1, 2] and planner.version == 2
-    assert sum(len(layer[2]) for layer in planner.attention) > 0
+    assert planner.roles.members == [0, 1, 2] and lead.members == [0, 1, 2] and planner.version == 2
+    assert sum(len(layer[2]) for layer in planner.roles.attention) > 0
     assert planner.head.vocab[2][1] > planner.head.vocab[2][0]
     assert 2 not in lead.satellites.ranks and len(lead.replays) == 2
     assert any("rank 2 promoted" in line for line in planner.replans)

@@ -16,7 +16,6 @@ from ..loading.parts import BudgetedWeights, rank_residency
 from ..model.groups import GroupMLP
 from ..model.linear import DTYPES
 from ..model.llama import Attention, Transformer
-from ..net.links import LinkEstimate
 from ..net.transport import Transport
 from ..store.hdf5 import Store
 from .attention import HeldAttention
@@ -27,7 +26,7 @@ from .lead import GatheredHead, Lead
 from .member import Member, MemberAttention, MemberMLP
 from .placement import Replanner, own_groups, probe_ranks
 from .plan import TensorPlan, group_bytes
-from .planner import MEMBER_WINDOW, Planner
+from .planner import Planner
 from .predictor import Predictor
 from .reserve import ReplanRoom
 from .satellite import Satellite
@@ -165,12 +164,8 @@ def lead_part(store: Store, plan: TensorPlan, transport: Transport, weights, log
     lead.satellites = Satellites(transport, lead.inbox, plan.satellites, plan.policy, store.args.n_layers,
                                  copies, planner.backups, keep_copies=weights is None)
     lead.chunk = o.prefill_chunk
-    planner.members, planner.attention = list(plan.members), plan.attention
-    planner.on_members = lead.change_members
     if roles_change(plan):               # each worker member's rounds measured: a late one is demoted
-        lead.exchange.links = planner.member_links = {r: LinkEstimate(outcome_window=MEMBER_WINDOW)
-                                                      for r in plan.members if r}
-        planner.roles_change = True
+        lead.exchange.links = planner.roles.start(plan.members, plan.attention, lead.change_members)
     if plan.replan and speeds:           # the members' speeds measured: a slow one gets fewer groups
         lead.speeds = planner.speeds = SpeedMeter()
     lead.model = model_of(store, plan, lead, lambda: GatheredHead(lead))

@@ -20,32 +20,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..net.devices import UNSTABLE_RELIABILITY
 from ..net.framing import Kind, json_payload
-from ..net.links import LinkEstimate
 from ..net.transport import Transport
 from .head import HeadRows
 from .held import HeldGroups, StepPace
 from .placement import (
     SPEED_BAND,
     Placement,
-    attention_placement,
     moved,
     own_groups,
-    plan,
-    rebalance_attention,
     share_in_room,
-    vocab_slices,
 )
 from .policy import SyncPolicy
 from .reserve import ReplanRoom
-
-MEMBER_WINDOW = 64     # a member's rounds judged by the last this many (a token of SmolLM2 has 61)
-PROMOTE_AFTER = 32     # a satellite's partials all on time before it joins the members again
-                       # (doubled for each time it was demoted)
-DEMOTE_AFTER = 32      # all-reduce rounds of a member measured before it may be demoted
-DEMOTE_BELOW = 0.95    # on-time share of its recent rounds under which it is (2 late in 32: a
-                       # stalled round holds every rank ~200 ms; one may be a descheduled rank)
+from .roles import Roles
 
 
 @dataclass
@@ -89,13 +77,7 @@ class Planner:
         self.before = None               # the re-planner's ratings before it proposed
         self.resident_bytes = lambda: held.nbytes + backups.nbytes   # all of rank 0's: set by the lead
         self.pending: PendingPlan | None = None
-        self.members: list[int] = [0]            # the members and their attention groups
-        self.attention: Placement | None = None  # (set by the assembly)
-        self.member_links: dict = {}             # worker member -> its rounds on time (exchange.py)
-        self.on_members = None                   # the lead's: members and attention switched
-        self.demotions: dict[int, int] = {}      # rank -> times demoted (promotion needs more)
-        self.roles_change = False                # members demoted and promoted (assembly: HALO
-                                                 # re-planning without a memory budget)
+        self.roles = Roles(self)                 # who is a member (roles.py)
         self.unreachable: dict[int, int] = {}    # rank -> step it was found silent
         self.step = 0
         self.replans: list[str] = []
@@ -124,10 +106,8 @@ class Planner:
             if m.kind == Kind.READY and self.pending is not None and m.plan == self.pending.version:
                 self.pending.waiting.discard(m.source)
         self.watch_silence()
-        if decoding and self.roles_change and self.pending is None:
-            self.maybe_demote()
-        if decoding and self.roles_change and self.pending is None:
-            self.maybe_promote(links)
+        if decoding and self.roles.enabled and self.pending is None:
+            self.roles.maybe_change(links)
         if decoding and self.replanner is not None and self.pending is None:
             self.maybe_replan(links)
         if decoding and self.replanner is not None and self.pending is None and self.speeds is not None:
@@ -156,21 +136,8 @@ class Planner:
             self.pending = None
             self.switches.append((self.step, p.placement))
             if p.members is not None:
-                self.switch_members(p)
+                self.roles.switch(p.members, p.attention)
             self.say(f"{p.line}; in place from step {self.step}")
-
-    def switch_members(self, p: PendingPlan):
-        """A plan that demoted or promoted a member is in place: the members' records start
-        afresh (their rounds waited on the one gone), the lead switches (lead.change_members)."""
-        self.members, self.attention, self.head.members = p.members, p.attention, p.members
-        for r in set(self.member_links) - set(p.members):
-            del self.member_links[r]
-        for link in self.member_links.values():
-            link.recent.clear()
-        for r in p.members:
-            if r and r not in self.member_links:
-                self.member_links[r] = LinkEstimate(outcome_window=MEMBER_WINDOW)
-        self.on_members(p.members, p.attention)
 
     # -- proposing plans
     def propose(self, new: Placement, line: str, vocab: list | None = None,
@@ -235,66 +202,6 @@ class Planner:
                 self.say(f"{line}; {why}{later}")
             else:
                 self.propose(new, f"{line}; {why}")
-
-    def maybe_demote(self):
-        """A worker member whose all-reduce rounds came late (a retransmission stall) in more
-        than 1 - DEMOTE_BELOW of the last ones (at least DEMOTE_AFTER) leaves the members: its
-        link holds up every rank on every round, and its attention groups and head rows cannot
-        be dropped. The worst one first, one at a time."""
-        late = {r: link.recent_rate for r, link in self.member_links.items()
-                if r in self.members and len(link.recent) >= DEMOTE_AFTER and link.recent_rate < DEMOTE_BELOW}
-        if late and len(self.members) > 1:
-            r = min(late, key=lambda r: (late[r], -r))
-            n = len(self.member_links[r].recent)
-            self.demote(r, late[r], f"on time in {late[r]:.0%} of its last {n} all-reduce rounds")
-
-    def maybe_promote(self, links: dict):
-        """A satellite whose last PROMOTE_AFTER x 2^(its demotions) partials were all on time (at
-        most the window) joins the members again: the record it needs doubles each time it is
-        demoted, so a link that is clean only now and then stops flapping."""
-        for r, link in sorted(links.items()):
-            if r in self.members or r in self.unreachable or r in self.replanner.excluded:
-                continue
-            need = min(PROMOTE_AFTER * 2 ** self.demotions.get(r, 0), link.outcome_window)
-            recent = list(link.recent)[-need:]
-            if len(recent) >= need and all(recent):
-                self.change_roles(r, 1.0, sorted(self.members + [r]),
-                                  f"rank {r} promoted at step {self.step} (its last {need} partials on "
-                                  f"time): a member again")
-                return
-
-    def demote(self, rank: int, rate: float, why: str):
-        """Member `rank` becomes a satellite (the re-planner rates its link `rate`): its attention
-        groups go to the other members (those kept stay put), the head's rows are split over
-        them, its MLP groups re-placed by the new rating; once every rank has read what it
-        gains, the members switch together and rank 0 replays the sequence so far, so the moved
-        attention groups' K/V caches are recomputed (lead.py)."""
-        self.demotions[rank] = self.demotions.get(rank, 0) + 1
-        self.change_roles(rank, max(min(rate, UNSTABLE_RELIABILITY), 0.01),
-                          [m for m in self.members if m != rank],
-                          f"rank {rank} demoted at step {self.step} ({why}): a satellite now")
-
-    def change_roles(self, rank: int, reliability: float, members: list[int], line: str):
-        """A plan with `rank` rated `reliability` and these members: attention groups moved to
-        or from it (the others' stay), head rows split over the members, MLP groups re-placed."""
-        self.before = self.replanner.state()
-        cluster = self.replanner.cluster
-        cluster.ranks[rank].reliability = reliability
-        if rank in members:
-            attention = rebalance_attention(cluster, self.attention, members)
-        else:
-            n_kv = max(int(h.max(initial=-1)) + 1 for layer in self.attention for h in layer)
-            attention = attention_placement(cluster, len(self.attention), n_kv, members,
-                                            previous=self.attention)
-        vocab = vocab_slices(cluster, self.head.vocab[-1][1], members)
-        new = plan(self.importance, cluster, self.replanner.group_mb, self.placement,
-                   self.replanner.drop_budget)
-        loads = ", ".join(f"rank {r} loads {n}" for r, n in sorted(moved(self.placement, new).items()))
-        self.propose(new, f"{line}; attention groups and head rows over ranks {members}, MLP groups "
-                          f"moved: {loads or 'none'}; the K/V caches recomputed from the sequence so far",
-                     vocab, attention, members)
-        if self.pending is not None and rank not in members:   # a satellite reads its groups while
-            self.pending.waiting.discard(rank)                  # the others go on: its READY comes late
 
     def maybe_replan(self, links: dict):
         stuck_before = set(self.replanner.said_stuck)
