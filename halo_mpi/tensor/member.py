@@ -96,7 +96,7 @@ class Member:
                 self.groups.prepare(m.plan, {l: ids for l, ids in enumerate(plan["mlp"])})
                 self.head_wanted, self.head_read = (tuple(plan["vocab"]) if "vocab" in plan else None), None
                 self.roles_wanted = (plan["members"], plan["attention"]) if "members" in plan else None
-                self.read_budget = self.pace.read_budget()
+                self.read_budget = float("inf") if plan.get("urgent") else self.pace.read_budget()
             elif m.kind == Kind.STEP:
                 self.run_step(m, cache)
             elif m.kind in (Kind.PARTIAL, Kind.ATTN_PARTIAL, Kind.LOGITS, Kind.INPUT):

@@ -141,11 +141,13 @@ class Planner:
 
     # -- proposing plans
     def propose(self, new: Placement, line: str, vocab: list | None = None,
-                attention: Placement | None = None, members: list[int] | None = None):
+                attention: Placement | None = None, members: list[int] | None = None,
+                urgent: bool = False):
         """Plan `new` to every worker (PLAN), and rank 0's part of it read in the background;
         under a budget only if its groups fit every rank's room (else said, and not made).
         vocab: the head's new split over the members, where it moves rows; attention, members:
-        where a member leaves (demote)."""
+        where a member leaves (demote). urgent: every rank reads what it gains at once instead of
+        a slice a step (a late member stalls every step until the switch: reading costs less)."""
         probes = self.replanner.probes()
         if self.room is not None:
             wanted = {0: own_groups(new, probes)}
@@ -162,6 +164,8 @@ class Planner:
             body = {"mlp": [p[r].tolist() for p in new]}
             if vocab is not None and (r in self.head.members or r in (members or ())):
                 body["vocab"] = list(vocab[r])
+            if urgent:
+                body["urgent"] = True
             if members is not None:
                 body["members"] = members
                 body["attention"] = [p[r].tolist() for p in attention]
@@ -171,7 +175,7 @@ class Planner:
         gaining = {r for r in moved(self.placement, new) if r != 0 and r not in self.unreachable}
         if vocab is not None:                       # a member given other head rows reads them
             gaining |= self.head.gaining(vocab)
-        self.budget = self.pace.read_budget()
+        self.budget = float("inf") if urgent else self.pace.read_budget()
         self.held.prepare(version, own_groups(new, probes))
         self.backups.prepare(version, self.wanted_backups(new, unstable, probes))
         self.pending = PendingPlan(version, new, gaining, line, unstable, probes, vocab,

@@ -84,8 +84,9 @@ class Roles:
     def change(self, rank: int, reliability: float, members: list[int], line: str):
         """Propose the plan with `rank` rated `reliability` and these members: attention groups
         moved to or from it (the others' stay), the head's rows split over the members, MLP groups
-        re-placed by the new rating. A demoted rank reads its groups as a satellite while the
-        others go on (its READY would come over the late link)."""
+        re-placed by the new rating. A demotion is urgent (every step stalls on the late member
+        until the switch: the others read what they gain at once); the demoted rank reads its
+        groups as a satellite while the others go on (its READY would come over the late link)."""
         p = self.planner
         p.before = p.replanner.state()
         cluster = p.replanner.cluster
@@ -101,7 +102,7 @@ class Roles:
         loads = ", ".join(f"rank {r} loads {n}" for r, n in sorted(moved(p.placement, new).items()))
         p.propose(new, f"{line}; attention groups and head rows over ranks {members}, MLP groups moved: "
                        f"{loads or 'none'}; the K/V caches recomputed from the sequence so far",
-                  vocab, attention, members)
+                  vocab, attention, members, urgent=rank not in members)
         if p.pending is not None and rank not in members:
             p.pending.waiting.discard(rank)
 
