@@ -196,11 +196,14 @@ def test_routes_models_tokenize_and_the_body_limit(live, client):
 
 def test_metrics_give_each_ranks_share_on_time_rate_and_drops(tiny_store_path):
     """Tensor mode under HALO sync with emulated loss on rank 1's link (seeded): /metrics has a
-    row per rank, the shares add up, and the late partials of rank 1 are counted."""
+    row per rank, the shares add up, and the late partials of rank 1 are counted. Rank 1 keeps a
+    real share, waited for until its deadline (not a probe, whose partials rank 0 computes itself
+    and judges only as they come: the drop budget and the backups would make it one)."""
     from prometheus_client.parser import text_string_to_metric_families
     port = free_port()
     server = LiveServer(serve_cmd(tiny_store_path, port, 2, "--parallel", "tensor", "--sync", "halo",
-                                  "--link-loss", "1:0.3", "--loss-model", "rto"), port)
+                                  "--link-loss", "1:0.3", "--loss-model", "rto", "--drop-budget", "1",
+                                  "--backup-share", "0"), port)
     try:
         r = completion(server.client(), max_tokens=16, temperature=0)
         assert r.usage.completion_tokens == 16

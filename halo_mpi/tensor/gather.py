@@ -233,10 +233,15 @@ class DeadlineGather:
                 self.judged_later[(w.key.step, w.key.layer, r)] = sent_at
             else:
                 self.links[r].add_outcome(r in on_time)
-        while len(self.judged_later) > SENT_KEPT:    # never came: late (the oldest first)
-            key = next(iter(self.judged_later))
-            del self.judged_later[key]
-            self.links[key[2]].add_outcome(False)
+        self.expire(w.bound)
+
+    def expire(self, bound: dict[int, float] | None = None):
+        """Covered peers' partials not come within their link's bound: late."""
+        bound, now = self._bound if bound is None else bound, self.clock()
+        for key, sent in list(self.judged_later.items()):
+            if now - sent > bound.get(key[2], 0.0) or len(self.judged_later) > SENT_KEPT:
+                del self.judged_later[key]
+                self.links[key[2]].add_outcome(False)
 
     def _judge_late_arrival(self, m: Message, w: _Layer):
         """A covered peer's partial after its layer closed: on time if it came within its link's

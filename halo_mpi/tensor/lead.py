@@ -97,7 +97,7 @@ class Lead(Member):
         A plan that changed the members first replays the sequence so far (`replay`)."""
         self._next_step(decoding)
         self.rss.tick()
-        self.satellites.discard_late(self.inbox.take_others())   # replies of closed steps
+        self.satellites.discard_late(self.inbox.poll(0.0))      # replies of closed steps
         control, self.inbox.control = self.inbox.control, []
         version = self.planner.begin_step(self.step, decoding, self.links, control)
         if self.replay_due:

@@ -78,6 +78,7 @@ class Satellites:
         for m in replies:
             self.late_discarded[m.source] += 1
             self.deadlines.judge_late(m)
+        self.deadlines.expire()
 
     def add(self, rank: int):
         """A satellite from now on (a member demoted: planner.py)."""
