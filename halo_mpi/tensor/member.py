@@ -173,6 +173,7 @@ class Member:
         satellite.plans = self.plans
         satellite.notes = {"demoted": True, "member_steps": self.steps}
         satellite.make_member = self.make_member          # (it may be promoted again)
+        satellite.rss = self.rss                           # one memory trace over its roles
         return satellite.run(first=[first])
 
     def finish(self) -> dict:

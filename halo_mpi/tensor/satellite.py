@@ -78,6 +78,7 @@ class Satellite:
         members, heads, vocab = self.joining
         member = self.make_member(members, heads, vocab, self.held, self.clock)
         member.plans, member.notes = self.plans, {"promoted": True, "satellite_computed": self.computed}
+        member.rss = self.rss                              # one memory trace over its roles
         return member.run(first=messages)
 
     def _read_pending(self):
