@@ -161,6 +161,16 @@ def test_failing_run_cleans_up(root_testbed, tmp_path):
     assert_removed(name, before)
 
 
+def state_says_up(path: str) -> bool:
+    """Whether a testbed's state file says it is up; an empty one is a testbed being made (its
+    name is claimed with an empty file, then the state written whole: bed.claim_state)."""
+    try:
+        with open(path) as f:
+            return json.load(f)["is_up"]
+    except (OSError, ValueError):
+        return False
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_cleans_up(root_testbed, tiny_store_path, sig):
     """Ctrl-C or SIGTERM during a run: ranks end, namespaces, rules and state file go."""
@@ -175,7 +185,7 @@ def test_interrupted_run_cleans_up(root_testbed, tiny_store_path, sig):
     try:
         state = testbed.Testbed(2, name=name).state_path
         deadline = time.monotonic() + 60
-        while not (os.path.exists(state) and json.load(open(state))["is_up"]):
+        while not state_says_up(state):
             assert time.monotonic() < deadline and proc.poll() is None, "the testbed did not come up"
             time.sleep(0.2)
         seen, line = [], ""
