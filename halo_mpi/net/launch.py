@@ -211,37 +211,6 @@ def gentle_barrier(comm):
         time.sleep(BARRIER_NAP)
 
 
-BYE_TAG = 32_000        # the run's last message (farewell), apart from every other tag
-
-
-def farewell(comm, answered=None, timeout: float = 60.0):
-    """The run's last word, after its last collective: rank 0 tells the workers in `answered`
-    (default all) that it has all they sent; a worker waits for that (at most `timeout` s, rank 0
-    may be gone) before it may exit. A worker that exits sooner can take with it what is still on
-    its way: on a lossy TCP link its last messages may need seconds of retransmissions, and the
-    process's end cuts them off, leaving rank 0 waiting for them (seen on the testbed at 30% loss:
-    rank 0 stuck for minutes at the end, sending to a rank that had gone)."""
-    import numpy as np
-    size = comm.Get_size()
-    if size < 2:
-        return
-    if comm.Get_rank() == 0:
-        to = range(1, size) if answered is None else answered
-        byes = [comm.Isend(np.zeros(1, np.uint8), dest=r, tag=BYE_TAG) for r in to]
-        end = time.perf_counter() + timeout
-        while byes and time.perf_counter() < end:
-            byes = [b for b in byes if not b.Test()]
-            time.sleep(BARRIER_NAP)
-        return
-    req = comm.Irecv(np.empty(1, np.uint8), source=0, tag=BYE_TAG)
-    end = time.perf_counter() + timeout
-    while not req.Test():
-        if time.perf_counter() > end:
-            req.Cancel()
-            return
-        time.sleep(BARRIER_NAP)
-
-
 def collective(comm, fn):
     """Run fn on every rank; if it fails anywhere, every rank raises the same CollectiveError.
 

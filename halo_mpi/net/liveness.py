@@ -49,6 +49,7 @@ class Liveness:
         self.heard = {r: 0.0 for r in range(self.size) if r != self.rank}  # peer -> listening time heard
         self.rank_timeout: float | None = None     # seconds of silence that make a peer unreachable
         self.fatal: set[int] = set()               # peers whose silence ends the run (RankSilent)
+        self.finished: set[int] = set()            # peers done with the run (DONE): no more beats
         self.silence_note = ""                     # said after the ranks in RankSilent's line
         self._checked = now                        # when silences were last checked
         self._beats: threading.Thread | None = None
@@ -95,8 +96,8 @@ class Liveness:
         def beat():
             while not self._beating.wait(period):
                 for r in to:
-                    if self.silence(r) < 5 * period:     # not to a silent peer
-                        self._beat(r)
+                    if self.silence(r) < 5 * period and r not in self.finished:   # not to a silent
+                        self._beat(r)                                              # or gone peer
         self._beats = threading.Thread(target=beat, name="halo-beats", daemon=True)
         self._beats.start()
 

@@ -228,6 +228,7 @@ class Lead(Member):
             for m in pending:
                 if m.kind == Kind.DONE:
                     done[m.source] = m.json()
+                    self.t.finished.add(m.source)   # it may exit now: a send to it could block MPI
                 elif m.kind in (Kind.PARTIAL, Kind.ATTN_PARTIAL, Kind.LOGITS):
                     self.satellites.late_discarded[m.source] += 1
                 elif m.kind != Kind.READY:

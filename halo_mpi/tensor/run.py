@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 
 from ..errors import HaloError
-from ..net.launch import farewell
 from ..net.transport import MPITransport
 from ..stats import cpu_seconds, peak_rss_mb
 from ..store.hdf5 import Store
@@ -69,10 +68,7 @@ class TensorRank:
         else:
             self.part.run()
         wall = time.perf_counter() - t0
-        run = self._gather(workers, self.transport.close(), wall)
-        farewell(self.comm, sorted(set(range(1, self.plan.size)) - set(self.lead.silent))
-                 if self.rank == 0 else None)
-        return result, run
+        return result, self._gather(workers, self.transport.close(), wall)
 
     def _gather(self, workers: dict, pending: int, wall: float) -> TensorRun:
         size, lead = self.plan.size, self.lead
