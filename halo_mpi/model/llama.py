@@ -305,6 +305,14 @@ class Transformer:
         decodes, a chunk of its prompt when it prefills); returns the logits after each one's last
         new token, (B, vocab), and advances every cache."""
         caches, lengths = [c for c, _ in feeds], [len(ids) for _, ids in feeds]
+        h = self.embed(torch.tensor([t for _, ids in feeds for t in ids]))     # (N, dim)
+        h = self.ragged(h, caches, lengths)
+        return self.head(h[last_rows(lengths)])                                # (B, vocab)
+
+    def ragged(self, h: torch.Tensor, caches: list[KVCache], lengths: list[int]) -> torch.Tensor:
+        """The held blocks over several sequences' new rows h (N, dim), `lengths[i]` rows of
+        sequence i in order (see Ragged); every cache advanced by its rows. A pipeline stage runs
+        its slice of layers this way; `step` is embedding + this + head."""
         for cache, n in zip(caches, lengths):
             if cache.pos + n > cache.max_len:
                 raise HaloError(f"sequence of {cache.pos + n} tokens overflows the KV cache of "
@@ -312,13 +320,11 @@ class Transformer:
         tables = [self.rope(c.pos, n) for c, n in zip(caches, lengths)]
         batch = Ragged(caches, lengths, torch.cat([cos for cos, _ in tables]),   # (N, hd)
                        torch.cat([sin for _, sin in tables]))                   # (N, hd)
-        h = self.embed(torch.tensor([t for _, ids in feeds for t in ids]))     # (N, dim)
         for block in self.blocks.values():
             h = block.ragged(h, batch)
         for cache, n in zip(caches, lengths):
             cache.pos += n
-        last = torch.tensor(lengths).cumsum(0) - 1                              # (B,) rows
-        return self.head(h[last])                                               # (B, vocab)
+        return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(rms_norm(h, self.norm, self.args.norm_eps))  # (T, dim) -> (T, vocab)
@@ -340,3 +346,8 @@ class Transformer:
         h = self.layers(self.embed(tokens), cache)
         cache.pos += tokens.shape[0]
         return self.head(h[-1:] if last_only else h)
+
+
+def last_rows(lengths: list[int]) -> torch.Tensor:
+    """(B,) the row of each sequence's last new token in a ragged step's rows."""
+    return torch.tensor(lengths).cumsum(0) - 1
