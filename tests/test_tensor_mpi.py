@@ -238,3 +238,30 @@ def test_semantic_placement_drops_less_importance_than_random(real_store):
                    f"vs random {per_drop['random']:.4f}"
         return None
     agree(comm, check)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("sync", ["strict", "halo"])
+def test_a_batch_of_sequences_equals_each_sequence_alone(kv3_store, sync):
+    """Three sequences joining and leaving a batch (tests/test_tensor_batch.py's schedule) under
+    MPI: every round carries all their rows, each sequence's logits the reference's."""
+    from mpi4py import MPI
+    from test_tensor_batch import check, run_schedule
+
+    from halo_mpi.tensor.lead import TensorBatch
+    comm = MPI.COMM_WORLD
+    plan = make_plan(kv3_store, comm.Get_size(), ModeOptions.of(parallel="tensor", sync=sync,
+                                                                wire_dtype="float32", critical_share=1.0))
+
+    def drive(lead, model):
+        with torch.inference_mode():
+            return run_schedule(TensorBatch(model, lead, 4))
+    got, run = TensorRank(comm, kv3_store, plan).run(drive)
+
+    def verdict():
+        try:
+            check(kv3_store, got)
+        except AssertionError as e:
+            return str(e)
+        return f"pending requests at end: {run.pending}" if sum(run.pending) else None
+    agree(comm, verdict)

@@ -110,7 +110,7 @@ class Output:
     def __init__(self, a, options):
         self.a, self.in_flight = a, options.pipeline.num_sequences
         self.concurrent = options.parallel == "pipeline"
-        self.batched = options.parallel == "none" and options.max_batch > 1
+        self.batched = options.parallel in ("none", "tensor") and options.max_batch > 1
         self.prompts: list[str] = []
         self.printers: dict[int, TokenPrinter] = {}
         self.progress = Progress(a.progress)

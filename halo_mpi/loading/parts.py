@@ -170,6 +170,10 @@ class StreamedAttention:
         self.cache.acquire(self.piece.part)
         return self.attention.attend(*args, **kw)
 
+    def ragged_over(self, *args, **kw):
+        self.cache.acquire(self.piece.part)
+        return self.attention.ragged_over(*args, **kw)
+
     def __call__(self, *args, **kw):
         self.cache.acquire(self.piece.part)
         return self.attention(*args, **kw)

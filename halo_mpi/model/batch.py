@@ -105,8 +105,12 @@ class Batcher:
     """Runs jobs from a source through a BatchModel, up to max_batch at once (see the module)."""
 
     def __init__(self, model: BatchModel, max_batch: int, prefill_chunk: int,
-                 on_finish: Finished | None = None, idle: Callable[[], None] | None = None):
+                 on_finish: Finished | None = None, idle: Callable[[], None] | None = None,
+                 chunk_alone: bool = False):
+        """chunk_alone: a prompt is fed in chunks even when no other sequence decodes (a
+        distributed step's messages are sized for a chunk's rows)."""
         self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
+        self.chunk_alone = chunk_alone
         self.on_finish, self.idle = on_finish, idle
         self.active: list[Running] = []
         self.done: list[Job] = []             # in the order they finished
@@ -139,17 +143,19 @@ class Batcher:
 
     def feeds(self) -> list[tuple[Running, list[int]]]:
         """This step's rows: a token per decoding sequence, and the prompt of one prefilling
-        sequence (the first admitted): whole when no sequence decodes (it stalls nobody), else
-        its next chunk of at most prefill_chunk tokens. One prompt a step: prefill is compute-
-        bound, so prompts that arrive together reach their first tokens one after another (the
-        median waits 2.5 prefills for 4 prompts) rather than all after the four (4 prefills)."""
+        sequence (the first admitted): whole when no sequence decodes (it stalls nobody; not with
+        chunk_alone), else its next chunk of at most prefill_chunk tokens. One prompt a step:
+        prefill is compute-bound, so prompts that arrive together reach their first tokens one
+        after another (the median waits 2.5 prefills for 4 prompts) rather than all after the
+        four (4 prefills)."""
         decoding = any(not run.prefilling for run in self.active)
         feeds, prefilled = [], False
         for run in self.active:
             if not run.prefilling:
                 feeds.append((run, run.result.tokens[-1:]))
             elif not prefilled:
-                end = run.fed + self.prefill_chunk if decoding else len(run.job.ids)
+                whole = not decoding and not self.chunk_alone
+                end = len(run.job.ids) if whole else run.fed + self.prefill_chunk
                 feeds.append((run, run.job.ids[run.fed:end]))
                 prefilled = True
         return feeds

@@ -158,12 +158,17 @@ class Attention:
         """x (N, dim) holding several sequences' new rows (see Ragged) -> (N, dim): the qkv and o
         matmuls once over all rows, RoPE at each row's position, each sequence's K/V stored in its
         own cache and its queries attending over that cache alone."""
+        return self.ragged_over(x, batch, [(c.k[layer], c.v[layer], c.pos) for c in batch.caches])
+
+    def ragged_over(self, x: torch.Tensor, batch: Ragged,
+                    stores: list[tuple[torch.Tensor, torch.Tensor, int]]) -> torch.Tensor:
+        """`ragged` with each sequence's (k_cache, v_cache, pos) given: caches held elsewhere than
+        in batch.caches (tensor mode's attention groups keep their own)."""
         N, hd, nh = x.shape[0], self.args.head_dim, self.n_heads
         heads = self.qkv(x).view(N, self.n_qk + self.n_kv, hd).transpose(0, 1)  # (nh+2n_kv, N, hd)
         qk = apply_rope(heads[:self.n_qk], batch.cos, batch.sin)                 # (nh+n_kv, N, hd)
         outs = []
-        for cache, a, b in batch.spans():
-            k_cache, v_cache, pos = cache.k[layer], cache.v[layer], cache.pos
+        for (k_cache, v_cache, pos), (_, a, b) in zip(stores, batch.spans()):
             k_cache[:, pos:pos + b - a] = qk[nh:, a:b]                           # (n_kv, T, hd)
             v_cache[:, pos:pos + b - a] = heads[self.n_qk:, a:b]                 # (n_kv, T, hd)
             outs.append(self.core(qk[:nh, a:b], k_cache, v_cache, pos))          # (T, nh*hd)

@@ -56,6 +56,7 @@ class Report:
 class Engine:
     """A mode open on this rank. Subclasses provide `_run`, `session` and `_report`."""
     mode = ""
+    chunk_alone = False                   # a prompt fed in chunks even alone (Batcher)
 
     def __init__(self, options: ModeOptions, rank: int = 0, size: int = 1):
         self.options, self.rank, self.size = options, rank, size
@@ -121,7 +122,7 @@ class Engine:
             if on_finish is not None:
                 on_finish(job)
         self.batcher = Batcher(self.batch_model(), self.max_batch, self.options.prefill_chunk,
-                               finished, idle=responsive)
+                               finished, idle=responsive, chunk_alone=self.chunk_alone)
         with torch.inference_mode():
             self.batcher.run(jobs)
         return self.jobs

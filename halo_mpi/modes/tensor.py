@@ -14,7 +14,7 @@ from ..options.tree import ModeOptions
 from ..stats import cpu_seconds, peak_rss_mb
 from ..store.hdf5 import Store
 from ..tensor.assemble import residency
-from ..tensor.lead import TensorParallelSession
+from ..tensor.lead import TensorBatch, TensorParallelSession
 from ..tensor.local import LocalCluster
 from ..tensor.plan import describe, make_plan, survey_links
 from ..tensor.report import format_report, tensor_stats
@@ -25,6 +25,7 @@ from .engine import Engine, Prepare, Report, Workload, say
 class TensorEngine(Engine):
     """comm: MPI's communicator (every rank builds one), or None: `local_ranks` ranks as threads."""
     mode = "tensor"
+    chunk_alone = True        # a step's messages are sized for --prefill-chunk rows (plan.py)
 
     def __init__(self, options: ModeOptions, comm=None, prepare: Prepare | None = None, log=None,
                  local_ranks: int = 1):
@@ -111,6 +112,19 @@ class TensorEngine(Engine):
             size = self.plan.size
             self.run = TensorRun(self.lead, workers, [0] * size, [peak_rss_mb()] * size,
                                  [cpu_seconds()] * size, time.perf_counter() - t0)
+
+    @property
+    def max_batch(self) -> int:
+        return self.options.max_batch
+
+    def batch_model(self) -> TensorBatch:
+        return TensorBatch(self.model, self.lead, self.max_batch)
+
+    def describe_batch(self) -> str:
+        if self.max_batch > 1:
+            return (f"batches of up to {self.max_batch} sequences per step (continuous batching; "
+                    f"each round of the step carries every sequence's rows)")
+        return "one sequence per step (--max-batch 1)"
 
     def session(self, max_len: int) -> TensorParallelSession:
         return TensorParallelSession(self.model, self.lead, max_len, self.options.prefill_chunk)

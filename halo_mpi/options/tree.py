@@ -224,8 +224,8 @@ class ModeOptions:
         "--max-batch", 8, positive_int,
         help="sequences decoded together, one step for all (continuous batching: generate's "
              "prompts, a server's requests join and leave between steps); 1: one at a time. "
-             "One process only for now: tensor mode runs one sequence at a time, pipeline mode "
-             "--num-sequences on its ring")
+             "One process and tensor mode (every round of a step carries all its sequences' "
+             "rows); pipeline mode keeps --num-sequences on its ring")
     rank_timeout: float = option(
         "--rank-timeout", 60.0, positive_float, format=number, metavar="S",
         help="a rank silent for S seconds (no message, no heartbeat: frozen or dead) is "

@@ -1,36 +1,44 @@
-"""The attention groups one member holds, each with its K/V cache.
+"""The attention groups one member holds, each with its K/V caches (one per sequence).
 
 An attention group is one KV head with its query heads (rows of q, k, v and columns of o). Its
-state is its K/V cache, so it moves only with it (`export` on the old rank, `regroup` with the
-imported cache on the new one). Every step appends its K/V: a member's cache never has holes,
-and an input whose position is behind the cache starts the sequence over from there (a new
-prompt).
+state is its K/V cache, so it stays where it is: a change of members (lead.py) empties every cache
+and rank 0 replays the sequences so far to refill them. Every step appends its K/V: a member's
+cache never has holes, and an input whose position is behind the cache starts the sequence over
+from there (a new prompt). Several sequences decode together in batched steps (model/batch.py):
+each has a slot (rank 0 numbers them, 0 for a lone session), and each slot its own caches.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..errors import HaloError
 from ..model.config import ModelArgs
-from ..model.llama import Attention, Rope
+from ..model.llama import Attention, Ragged, Rope
 
 LoadAttention = Callable[[int, np.ndarray], Attention]   # (layer, KV heads) -> their Attention
 
 
 @dataclass
-class _Layer:
-    attention: Attention
+class _Cache:
+    """One sequence's keys and values for the held heads of one layer."""
     k: torch.Tensor          # (n_kv held, capacity, hd)
     v: torch.Tensor          # (n_kv held, capacity, hd)
     pos: int = 0             # positions stored
 
 
+@dataclass
+class _Layer:
+    attention: Attention
+    caches: dict[int, _Cache] = field(default_factory=dict)    # slot -> its sequence's cache
+
+
 class HeldAttention:
-    """Per layer: the attention of the held KV heads and their caches (grown by doubling)."""
+    """Per layer: the attention of the held KV heads and each sequence's caches (grown by
+    doubling, made at a slot's first input)."""
 
     def __init__(self, args: ModelArgs, load: LoadAttention):
         self.args, self.load = args, load
@@ -41,70 +49,68 @@ class HeldAttention:
         held = self.layers.get(layer)
         return held.attention.ids if held else np.zeros(0, np.int64)
 
-    def step(self, layer: int, x: torch.Tensor, pos: int, reply: bool = True) -> torch.Tensor | None:
-        """Append the K/V of x (T, dim) at pos..; with `reply`, the held heads' output (T, dim)."""
+    def step(self, layer: int, x: torch.Tensor, pos: int, reply: bool = True,
+             slot: int = 0) -> torch.Tensor | None:
+        """Append the K/V of x (T, dim) at pos.. to slot's cache; with `reply`, the held heads'
+        output (T, dim)."""
+        held = self._held(layer)
+        T = x.shape[0]
+        cache = self._cache(held, layer, slot, pos, T)
+        cos, sin = self.rope(pos, T)
+        q = held.attention.append(x, cache.k, cache.v, pos, cos, sin)
+        cache.pos = pos + T
+        return held.attention.attend(q, cache.k, cache.v, pos) if reply else None
+
+    def ragged(self, layer: int, x: torch.Tensor, batch: Ragged, slots: list[int]) -> torch.Tensor:
+        """A batched step: x (N, dim) holds the rows of several sequences (batch: their positions
+        and RoPE tables, in the order of `slots`) -> the held heads' output (N, dim)."""
+        held = self._held(layer)
+        caches = [self._cache(held, layer, slot, seq.pos, b - a)
+                  for slot, (seq, a, b) in zip(slots, batch.spans())]
+        out = held.attention.ragged_over(x, batch, [(c.k, c.v, seq.pos) for c, seq in
+                                                    zip(caches, batch.caches)])
+        for c, (seq, a, b) in zip(caches, batch.spans()):
+            c.pos = seq.pos + b - a
+        return out
+
+    def _held(self, layer: int) -> _Layer:
         held = self.layers.get(layer)
         if held is None:
             raise HaloError(f"no attention groups of layer {layer} are held here")
-        if pos > held.pos:
-            raise HaloError(f"attention input of layer {layer} at position {pos}, but the cache "
-                            f"holds {held.pos}: it would have a hole")
-        T = x.shape[0]
-        self._reserve(held, pos + T)
-        cos, sin = self.rope(pos, T)
-        q = held.attention.append(x, held.k, held.v, pos, cos, sin)
-        held.pos = pos + T
-        return held.attention.attend(q, held.k, held.v, pos) if reply else None
+        return held
 
-    def _reserve(self, held: _Layer, length: int):
-        cap = held.k.shape[1]
+    def _cache(self, held: _Layer, layer: int, slot: int, pos: int, T: int) -> _Cache:
+        """Slot's cache, with room for pos + T positions; an input past its end is an error."""
+        cache = held.caches.get(slot)
+        if cache is None:
+            empty = torch.zeros(len(held.attention.ids), 0, self.args.head_dim)     # (n_kv, 0, hd)
+            cache = held.caches[slot] = _Cache(empty, empty.clone())
+        if pos > cache.pos:
+            raise HaloError(f"attention input of layer {layer} at position {pos}, but the cache "
+                            f"holds {cache.pos}: it would have a hole")
+        self._reserve(cache, pos + T)
+        return cache
+
+    def _reserve(self, cache: _Cache, length: int):
+        cap = cache.k.shape[1]
         if length <= cap:
             return
         new = min(max(length, 2 * cap, 64), max(self.args.max_seq_len, length))
         for name in ("k", "v"):
-            old = getattr(held, name)
+            old = getattr(cache, name)
             grown = torch.zeros(old.shape[0], new, old.shape[2])
-            grown[:, :held.pos] = old[:, :held.pos]
-            setattr(held, name, grown)
+            grown[:, :cache.pos] = old[:, :cache.pos]
+            setattr(cache, name, grown)
 
-    def export(self, layer: int, head: int) -> np.ndarray:
-        """The cache of one held head: (2 * pos, hd), keys then values."""
-        held = self.layers[layer]
-        i = int(np.searchsorted(held.attention.ids, head))
-        if i >= len(held.attention.ids) or held.attention.ids[i] != head:
-            raise HaloError(f"KV head {head} of layer {layer} is not held here")
-        return torch.cat([held.k[i, :held.pos], held.v[i, :held.pos]]).numpy()
-
-    def regroup(self, layer: int, ids: np.ndarray, imported: dict[int, np.ndarray] | None = None):
-        """Hold KV heads `ids` of `layer` from now on: heads kept keep their cache, new ones take
-        theirs from `imported` (head -> (2 * pos, hd)), or start empty at position 0."""
+    def regroup(self, layer: int, ids: np.ndarray):
+        """Hold KV heads `ids` of `layer` (at start: no cache yet)."""
         ids = np.sort(np.asarray(ids, dtype=np.int64))
-        old, imported = self.layers.get(layer), imported or {}
-        if old is not None and np.array_equal(old.attention.ids, ids):
-            return
-        if not len(ids):
-            self.layers.pop(layer, None)
-            return
-        pos = old.pos if old is not None else (len(next(iter(imported.values()))) // 2 if imported else 0)
-        hd = self.args.head_dim
-        k, v = torch.zeros(len(ids), max(pos, 1), hd), torch.zeros(len(ids), max(pos, 1), hd)
-        kept = {} if old is None else {int(h): i for i, h in enumerate(old.attention.ids)}
-        for i, head in enumerate(ids.tolist()):
-            if head in kept:
-                k[i, :pos], v[i, :pos] = old.k[kept[head], :pos], old.v[kept[head], :pos]
-            elif head in imported:
-                kv = torch.from_numpy(imported[head]).view(2, -1, hd)        # (2, pos, hd)
-                if kv.shape[1] != pos:
-                    raise HaloError(f"K/V of head {head} of layer {layer} holds {kv.shape[1]} "
-                                    f"positions, the layer {pos}")
-                k[i, :pos], v[i, :pos] = kv[0], kv[1]
-            elif pos:
-                raise HaloError(f"KV head {head} of layer {layer} arrived without its cache")
-        self.layers[layer] = _Layer(self.load(layer, ids), k, v, pos)
+        if len(ids):
+            self.layers[layer] = _Layer(self.load(layer, ids))
 
     def reassign(self, heads: dict[int, np.ndarray]):
-        """Hold `heads` (layer -> KV heads) from now on, every cache empty, to be refilled from
-        position 0 (a replay of the sequence so far: lead.py). A layer whose heads stay keeps its
+        """Hold `heads` (layer -> KV heads) from now on, every cache dropped, to be refilled from
+        position 0 (a replay of the sequences so far: lead.py). A layer whose heads stay keeps its
         weights; the others are read from the store now."""
         layers = {}
         for layer, ids in heads.items():
@@ -113,8 +119,7 @@ class HeldAttention:
                 continue
             old = self.layers.get(layer)
             same = old is not None and np.array_equal(old.attention.ids, ids)
-            empty = torch.zeros(len(ids), 1, self.args.head_dim)                # (n_kv, 1, hd)
-            layers[layer] = _Layer(old.attention if same else self.load(layer, ids), empty, empty.clone())
+            layers[layer] = _Layer(old.attention if same else self.load(layer, ids))
         self.layers = layers
 
     @property
@@ -129,4 +134,5 @@ class HeldAttention:
 
     @property
     def cache_bytes(self) -> int:
-        return sum(2 * h.k.numel() * h.k.element_size() for h in self.layers.values())
+        return sum(2 * c.k.numel() * c.k.element_size() for h in self.layers.values()
+                   for c in h.caches.values())

@@ -17,13 +17,15 @@ replace its parts from outside.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..errors import HaloError
+from ..model.llama import KVCache
 from ..net.framing import Kind, Message
-from .member import DECODING, LAST_ONLY, REPLAY, Member
+from .member import BATCH, DECODING, LAST_ONLY, REPLAY, Member, pack_feeds
 from .planner import Planner
 from .policy import SyncPolicy
 from .satellites import Satellites
@@ -69,7 +71,7 @@ class Lead(Member):
         self.unanswered: list[int] = []          # satellites heard from whose DONE did not come in time
         self.speeds: SpeedMeter | None = None    # the ranks' measured speeds, when re-planning (assembly)
         self._computed = 0.0                     # rank 0's compute seconds when the step began
-        self.history: list[int] = []             # the sequence's token ids so far, by position
+        self.history: dict[int, list[int]] = {}  # slot -> its sequence's token ids so far, by position
         self.chunk = 64                          # tokens per replayed step (--prefill-chunk: assembly)
         self.replay_due = False                  # members changed: recompute the K/V caches
         self.replays: list[tuple[int, int]] = []  # (step, positions) of each replay
@@ -92,21 +94,42 @@ class Lead(Member):
         return self.satellites.records
 
     # -- steps
-    def begin_step(self, tokens: torch.Tensor, pos: int, decoding: bool, last_only: bool):
-        """Plans, then STEP to every other member: its tokens (T,), first position, flags, plan.
-        A plan that changed the members first replays the sequence so far (`replay`)."""
+    def begin_step(self, tokens: torch.Tensor, pos: int, decoding: bool, last_only: bool, slot: int = 0):
+        """Plans, then STEP to every other member: one sequence's tokens (T,) from position pos
+        (its attention caches: slot's), flags, plan."""
+        version = self._begin([(slot, pos)], decoding)
+        self.slots = [slot]
+        self.history[slot].extend(tokens.tolist())
+        flags = (LAST_ONLY if last_only else 0) | (DECODING if decoding else 0)
+        ids = tokens.numpy().astype(np.int32).reshape(-1, 1)                      # (T, 1)
+        self._announce(ids, pos, flags, version, slot)
+
+    def begin_batch(self, feeds: list[tuple[int, int, list[int]]], decoding: bool):
+        """The same for a batched step: feeds are (slot, position, new token ids) per sequence."""
+        version = self._begin([(slot, pos) for slot, pos, _ in feeds], decoding)
+        self.slots = [slot for slot, _, _ in feeds]
+        for slot, _, ids in feeds:
+            self.history[slot].extend(ids)
+        self._announce(pack_feeds(feeds), 0, BATCH | (DECODING if decoding else 0), version)
+
+    def _begin(self, starts: list[tuple[int, int]], decoding: bool) -> int:
+        """A step's start: the plan it runs under (its version); (slot, position) of each sequence
+        in it. A plan that changed the members first replays the sequences so far (`replay`)."""
         self._next_step(decoding)
         self.rss.tick()
         self.satellites.discard_late(self.inbox.poll(0.0))      # replies of closed steps
         control, self.inbox.control = self.inbox.control, []
         version = self.planner.begin_step(self.step, decoding, self.links, control)
+        for slot, pos in starts:
+            del self.history.setdefault(slot, [])[pos:]
         if self.replay_due:
-            self.replay(pos, version)
+            self.replay(version)
             self._next_step(decoding)
-        del self.history[pos:]
-        self.history.extend(tokens.tolist())
-        flags = (LAST_ONLY if last_only else 0) | (DECODING if decoding else 0)
-        self._announce(tokens, pos, flags, version)
+        return version
+
+    def forget(self, slot: int):
+        """Slot's sequence is over: nothing of it to replay."""
+        self.history.pop(slot, None)
 
     def _next_step(self, decoding: bool):
         self.step += 1
@@ -115,11 +138,10 @@ class Lead(Member):
         self.satellites.begin_step(self.step, decoding)
         self.exchange.step = self.step
 
-    def _announce(self, tokens: torch.Tensor, pos: int, flags: int, version: int):
-        ids = tokens.numpy().astype(np.int32).reshape(-1, 1)                      # (T, 1)
+    def _announce(self, ids: np.ndarray, pos: int, flags: int, version: int, slot: int = 0):
         for r in self.members:
             if r != 0:
-                self.t.send(r, Kind.STEP, self.step, flags, ids, plan=version, pos=pos)
+                self.t.send(r, Kind.STEP, self.step, flags, ids, plan=version, pos=pos, seq=slot)
 
     def change_members(self, members: list[int], attention):
         """At the switch to a plan that demoted a member or promoted a satellite (planner.py):
@@ -137,21 +159,25 @@ class Lead(Member):
         self.replay_due = True
 
     @torch.inference_mode()
-    def replay(self, upto: int, version: int):
-        """Positions 0..upto-1 again, in steps of `chunk` tokens, under the plan just switched
-        to, without the head: every member refills its attention groups' K/V caches (those it
-        just gained have none) the way a prompt's prefill fills them; the satellites' MLP
-        groups computed by rank 0, as in any prefill."""
+    def replay(self, version: int):
+        """Every running sequence's positions so far again, in steps of `chunk` tokens, under the
+        plan just switched to, without the head: every member refills its attention groups' K/V
+        caches (those it just gained have none) the way a prompt's prefill fills them; the
+        satellites' MLP groups computed by rank 0, as in any prefill."""
         self.replay_due = False
-        ids = torch.tensor(self.history[:upto], dtype=torch.long)
-        cache = self.model.new_cache(max(upto, 1))      # positions only: the K/V live with the groups
-        for start in range(0, upto, self.chunk):
-            self._next_step(False)                      # each chunk a step of its own
-            chunk = ids[start:start + self.chunk]
-            self._announce(chunk, start, REPLAY, version)
-            cache.pos = start
-            self.model.layers(self.model.embed(chunk), cache)
-        self.replays.append((self.step, upto))
+        positions = 0
+        for slot, history in sorted(self.history.items()):
+            ids = torch.tensor(history, dtype=torch.long)
+            cache = self.model.new_cache(max(len(ids), 1))  # positions only: the K/V live with the groups
+            self.slots = [slot]
+            for start in range(0, len(ids), self.chunk):
+                self._next_step(False)                      # each chunk a step of its own
+                chunk = ids[start:start + self.chunk]
+                self._announce(chunk.numpy().astype(np.int32).reshape(-1, 1), start, REPLAY, version, slot)
+                cache.pos = start
+                self.model.layers(self.model.embed(chunk), cache)
+            positions += len(ids)
+        self.replays.append((self.step, positions))
 
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's MLP round: satellites' inputs out, own partial, theirs folded in, all-reduce."""
@@ -285,3 +311,36 @@ class TensorParallelSession:
 
     def close(self):
         """(The groups' K/V caches are reused by the next sequence, from position 0.)"""
+        self.lead.forget(0)
+
+
+@dataclass
+class Slot:
+    """A sequence of a TensorBatch: its slot (whose caches its attention groups use, on every
+    member) and the model's cache of it (positions only)."""
+    slot: int
+    cache: KVCache
+
+
+class TensorBatch:
+    """Rank 0's model as a batch of sequences (model/batch.py's BatchModel): a step announces
+    every sequence's tokens in one STEP, and every round of it carries all their rows. A step is
+    a decode step when each sequence feeds one token; one that carries a prompt's chunk is a
+    prefill step (HALO: rank 0 computes the satellites' groups, as in any prefill)."""
+
+    def __init__(self, model, lead: Lead, max_batch: int):
+        self.model, self.lead = model, lead
+        self.free = list(range(max_batch))      # slots not in use
+
+    def open(self, max_len: int) -> Slot:
+        return Slot(self.free.pop(0), self.model.new_cache(max_len))
+
+    def step(self, feeds: list[tuple[Slot, list[int]]]) -> torch.Tensor:
+        decoding = all(len(ids) == 1 for _, ids in feeds)
+        self.lead.begin_batch([(s.slot, s.cache.pos, list(ids)) for s, ids in feeds], decoding)
+        return self.model.step([(s.cache, ids) for s, ids in feeds])          # (B, vocab)
+
+    def close(self, state: Slot):
+        self.lead.forget(state.slot)
+        self.free.append(state.slot)
+        self.free.sort()

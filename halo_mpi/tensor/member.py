@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import HaloError
+from ..model.llama import KVCache, Ragged, last_rows
 from ..net.framing import Kind, Message, json_payload
 from ..net.transport import Transport
 from ..stats import RssTrace
@@ -25,7 +26,9 @@ from .exchange import ComputeClock, Exchange
 from .held import HeldGroups, StepPace, loading_stats
 from .satellite import Satellite
 
-LAST_ONLY, DECODING, REPLAY = 1, 2, 4   # STEP flags (the message's layer field); REPLAY: K/V only
+# STEP flags (the message's layer field): REPLAY: K/V only (no logits); BATCH: several sequences
+# (the payload packs them: pack_feeds), else one, the one of slot `seq`
+LAST_ONLY, DECODING, REPLAY, BATCH = 1, 2, 4, 8
 
 
 class Member:
@@ -49,11 +52,22 @@ class Member:
         self.roles_wanted: tuple | None = None  # a pending plan's (members, my KV heads per layer)
         self.notes: dict = {}                   # more statistics (a promoted satellite's)
         self.make_member = None                 # a demoted member's way back (assemble.joining_member)
+        self.slots: list[int] = [0]             # the step's sequences (attention caches), in row order
+        self.positions: dict[int, KVCache] = {}  # slot -> the model's cache: positions only (the K/V
+                                                #  live with the attention groups)
 
     # -- a block's parts
     def attend(self, layer: int, x: torch.Tensor, pos: int) -> torch.Tensor:
         with self.clock:
-            own = self.attention_groups.step(layer, x, pos) if layer in self.attention_groups.layers else None
+            own = (self.attention_groups.step(layer, x, pos, slot=self.slots[0])
+                   if layer in self.attention_groups.layers else None)
+        return self.exchange.allreduce(Kind.ATTN_PARTIAL, layer, own, x)
+
+    def attend_batch(self, layer: int, x: torch.Tensor, batch: Ragged) -> torch.Tensor:
+        """A batched step's attention round: x (N, dim) holds the rows of the step's sequences."""
+        with self.clock:
+            own = (self.attention_groups.ragged(layer, x, batch, self.slots)
+                   if layer in self.attention_groups.layers else None)
         return self.exchange.allreduce(Kind.ATTN_PARTIAL, layer, own, x)
 
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +97,6 @@ class Member:
     def run(self, first: list[Message] | None = None) -> dict:
         """Serve rank 0's steps until STOP; `first`: messages already taken (a promoted
         satellite's)."""
-        cache = self.model.new_cache(self.model.args.max_seq_len)   # empty: the caches are held
         self.exchange.sort(first or [])
         while True:
             m = self.next_message()
@@ -98,7 +111,7 @@ class Member:
                 self.roles_wanted = (plan["members"], plan["attention"]) if "members" in plan else None
                 self.read_budget = float("inf") if plan.get("urgent") else self.pace.read_budget()
             elif m.kind == Kind.STEP:
-                self.run_step(m, cache)
+                self.run_step(m)
             elif m.kind in (Kind.PARTIAL, Kind.ATTN_PARTIAL, Kind.LOGITS, Kind.INPUT):
                 continue               # a former member's round, or an input from before it joined
             else:
@@ -115,23 +128,47 @@ class Member:
         return self.exchange.others.pop(0)
 
     @torch.inference_mode()
-    def run_step(self, m: Message, cache):
-        """STEP: token ids (T,) int32 at position `pos`, under plan `plan`; flags in `layer`."""
+    def run_step(self, m: Message):
+        """STEP under plan `plan`, flags in `layer`: one sequence's token ids (T,) int32 at
+        position `pos` (slot `seq`), or several sequences' (BATCH: pack_feeds)."""
         self.pace.tick()
         self.read_plan(m.plan)
         self.rss.tick()
         self.exchange.step, self.decoding = m.step, bool(m.layer & DECODING)
         self.clock.step, computed = m.step, self.clock.seconds
-        tokens = torch.from_numpy(m.payload.reshape(-1).astype(np.int64))
-        cache.pos = m.pos
-        h = self.model.layers(self.model.embed(tokens), cache)
+        h, rows = self.batch_layers(m) if m.layer & BATCH else self.sequence_layers(m)
         if self.model.output is not None and not m.layer & REPLAY:
             with self.clock:
-                logits = self.model.head(h[-1:] if m.layer & LAST_ONLY else h)      # (1 or T, slice)
+                logits = self.model.head(h[rows])                   # (rows, slice)
             # seq: this step's compute microseconds, from which rank 0 learns this rank's speed
             us = min(int(1e6 * (self.clock.seconds - computed)), 2**31 - 1)
             self.t.send(0, Kind.LOGITS, m.step, self.model.args.n_layers, logits.numpy(), exact=True, seq=us)
         self.steps += 1
+
+    def sequence_layers(self, m: Message) -> tuple[torch.Tensor, object]:
+        """One sequence's step: h (T, dim) after the layers, and the rows whose logits rank 0 wants."""
+        self.slots = [m.seq]
+        cache = self.position(m.seq, m.pos)
+        tokens = torch.from_numpy(m.payload.reshape(-1).astype(np.int64))
+        h = self.model.layers(self.model.embed(tokens), cache)
+        return h, slice(-1, None) if m.layer & LAST_ONLY else slice(None)
+
+    def batch_layers(self, m: Message) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batched step: h (N, dim) after the layers, and each sequence's last row (B,)."""
+        feeds = unpack_feeds(m.payload)
+        self.slots = [slot for slot, _, _ in feeds]
+        caches = [self.position(slot, pos) for slot, pos, _ in feeds]
+        lengths = [len(ids) for _, _, ids in feeds]
+        tokens = torch.from_numpy(np.concatenate([ids for _, _, ids in feeds]).astype(np.int64))
+        return self.model.ragged(self.model.embed(tokens), caches, lengths), last_rows(lengths)
+
+    def position(self, slot: int, pos: int) -> KVCache:
+        """The model's cache of slot's sequence (positions only), at pos."""
+        cache = self.positions.get(slot)
+        if cache is None:
+            cache = self.positions[slot] = self.model.new_cache(self.model.args.max_seq_len)
+        cache.pos = pos
+        return cache
 
     def read_plan(self, version: int):
         """Between steps: read a pending plan's groups (READY once resident), and switch to it
@@ -213,6 +250,9 @@ class MemberAttention:
     def __call__(self, x, k_cache, v_cache, pos: int, cos, sin) -> torch.Tensor:
         return self.member.attend(self.layer, x, pos)
 
+    def ragged(self, x: torch.Tensor, batch: Ragged, layer: int) -> torch.Tensor:
+        return self.member.attend_batch(self.layer, x, batch)
+
 
 class MemberMLP:
     """Stands in for a block's MLP: (T, dim) -> (T, dim) summed over every rank's groups."""
@@ -223,3 +263,19 @@ class MemberMLP:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.member.mlp(self.layer, x)
+
+
+def pack_feeds(feeds: list[tuple[int, int, list[int]]]) -> np.ndarray:
+    """A batched STEP's payload from (slot, position, token ids) per sequence: (1 + 3B + N, 1)
+    int32, [B, (slot, pos, n) x B, every sequence's ids in order]."""
+    head = [len(feeds)] + [v for slot, pos, ids in feeds for v in (slot, pos, len(ids))]
+    return np.array(head + [t for _, _, ids in feeds for t in ids], np.int32).reshape(-1, 1)
+
+
+def unpack_feeds(payload: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+    """pack_feeds' (slot, position, ids) per sequence."""
+    flat = payload.reshape(-1)
+    n = int(flat[0])
+    spans = flat[1:1 + 3 * n].reshape(n, 3)                   # (B, 3): slot, pos, tokens
+    ends = 1 + 3 * n + np.cumsum(spans[:, 2])
+    return [(int(slot), int(pos), flat[end - k:end]) for (slot, pos, k), end in zip(spans, ends)]

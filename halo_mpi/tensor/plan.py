@@ -185,10 +185,12 @@ def wait_policy(plan: TensorPlan) -> WaitPolicy:
     return WaitPolicy.default(None if spin is None else spin / 1e6)
 
 
-def max_message_bytes(store: Store, prefill_chunk: int) -> int:
-    """A prefill chunk's hidden states, or one row of logits of the whole vocabulary, 1 MB at least."""
+def max_message_bytes(store: Store, prefill_chunk: int, max_batch: int = 1) -> int:
+    """A batched step's hidden states (a prefill chunk beside max_batch decoding rows), or
+    max_batch rows of logits of the whole vocabulary, 1 MB at least."""
     a = store.args
-    return HEADER.itemsize + max(prefill_chunk * a.dim * 4, a.vocab_size * 4, 1 << 20)
+    return HEADER.itemsize + max((prefill_chunk + max_batch) * a.dim * 4, max_batch * a.vocab_size * 4,
+                                 1 << 20)
 
 
 def emulated_loss(plan: TensorPlan) -> LinkLoss | None:

@@ -49,7 +49,8 @@ class TensorRank:
         self.rank = comm.Get_rank()
         if group is None:
             group = members_comm(comm, self.rank in plan.members)
-        self.transport = MPITransport(comm, max_message_bytes(store, plan.options.prefill_chunk),
+        self.transport = MPITransport(comm, max_message_bytes(store, plan.options.prefill_chunk,
+                                                                     plan.options.max_batch),
                                       emulated_loss(plan), peers=peers(plan, self.rank), wire=plan.wire,
                                       wait=wait_policy(plan), group=group)
         watch_ranks(self.transport, plan)
