@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import HaloError
+from ..model.linear import Linear
 from ..model.llama import KVCache, Ragged, last_rows
 from ..net.framing import Kind, Message, json_payload
 from ..net.transport import Transport
@@ -53,6 +54,7 @@ class Member:
         self.notes: dict = {}                   # more statistics (a promoted satellite's)
         self.make_member = None                 # a demoted member's way back (assemble.joining_member)
         self.slots: list[int] = [0]             # the step's sequences (attention caches), in row order
+        self.packed_bytes = 0                   # float32 weights reordered for batched steps
         self.positions: dict[int, KVCache] = {}  # slot -> the model's cache: positions only (the K/V
                                                 #  live with the attention groups)
 
@@ -155,12 +157,28 @@ class Member:
 
     def batch_layers(self, m: Message) -> tuple[torch.Tensor, torch.Tensor]:
         """A batched step: h (N, dim) after the layers, and each sequence's last row (B,)."""
+        self.pack_for_batches()
         feeds = unpack_feeds(m.payload)
         self.slots = [slot for slot, _, _ in feeds]
         caches = [self.position(slot, pos) for slot, pos, _ in feeds]
         lengths = [len(ids) for _, _, ids in feeds]
         tokens = torch.from_numpy(np.concatenate([ids for _, _, ids in feeds]).astype(np.int64))
         return self.model.ragged(self.model.embed(tokens), caches, lengths), last_rows(lengths)
+
+    def pack_for_batches(self):
+        """At the first batched step: float32 weights also kept in oneDNN's layout (see
+        model/linear.py: several rows at about one row's cost; their memory twice). Weights
+        read later (a re-plan's groups) and a memory budget's streamed ones are not packed."""
+        if self.packed_bytes or self.loading is not None:
+            return
+        linears = [lin for held in self.attention_groups.layers.values() for lin in held.attention.linears()]
+        linears += [lin for mlp in self.groups.mlps.values() if mlp is not None for lin in mlp.linears()]
+        head = self.head_slice if self.t.rank == 0 else self.model.output
+        linears += [head.linear] if head is not None else []
+        for lin in linears:
+            if isinstance(lin, Linear):
+                lin.pack_rows()
+                self.packed_bytes += lin.packed_bytes
 
     def position(self, slot: int, pos: int) -> KVCache:
         """The model's cache of slot's sequence (positions only), at pos."""
@@ -234,7 +252,7 @@ class Member:
                 "held_seconds": s.held_seconds, "groups": self.groups.count,
                 "attention_groups": self.attention_groups.count,
                 "head_rows": 0 if head is None else head.stop - head.start, "weight_bytes": self.weight_bytes,
-                "rss_mb_trace": self.rss.samples,
+                "rss_mb_trace": self.rss.samples, "packed_bytes": self.packed_bytes,
                 **loading_stats(self.loading, self.groups), **self.notes}
 
 
