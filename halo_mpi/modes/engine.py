@@ -17,6 +17,7 @@ before any weight is read), gives the `Workload`.
 """
 from __future__ import annotations
 
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -164,6 +165,18 @@ class Engine:
     def describe_mode(self) -> str:
         return "none"
 
+    def add_steps(self, stats: RunStats, lines: list[str]):
+        """A batched run's steps into its report: a line, each step's time and batch, and the
+        tokens per second of the steps (a sequence's decode times are its steps': summed over
+        the sequences they would count each step once per sequence in it)."""
+        steps = self.batcher.steps if self.batcher is not None else None
+        if steps is None or not steps.ms:
+            return
+        lines.append(describe_steps(steps))
+        stats.step_ms, stats.step_batch = list(steps.ms), list(steps.batch)
+        decode_s = sum(ms for ms, n in zip(steps.ms, steps.decoding) if n) / 1e3
+        stats.tokens_per_s = len(stats.decode_ms) / decode_s if decode_s else float("nan")
+
     def describe_batch(self) -> str:
         """What a step carries, for the server's log line and /health."""
         if self.max_batch > 1:
@@ -184,3 +197,13 @@ class Engine:
 def say(line: str):
     """A line on stderr from rank 0 while a mode opens (the plan, the memory budget)."""
     print(line, file=sys.stderr, flush=True)
+
+
+def describe_steps(steps) -> str:
+    """One line on a batched run's steps: how many, their batch, their time."""
+    decode = [ms for ms, n in zip(steps.ms, steps.decoding) if n]
+    tokens = sum(steps.decoding)
+    return (f"{len(steps.ms)} steps of up to {max(steps.batch)} sequences (median "
+            f"{statistics.median(steps.batch):g}): median {statistics.median(steps.ms):.1f} ms/step; "
+            f"{tokens} tokens decoded in {sum(decode) / 1e3:.2f} s of steps, "
+            f"{tokens / max(sum(decode) / 1e3, 1e-9):.1f} tokens/s in total")

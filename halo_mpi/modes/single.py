@@ -1,7 +1,6 @@
 """One process (`--parallel none`): the reference model, whole or under a memory budget."""
 from __future__ import annotations
 
-import statistics
 import time
 
 from ..loading.parts import budgeted_transformer, describe_loading
@@ -82,18 +81,12 @@ class SingleEngine(Engine):
             lines.append(describe_loading(loading, sum(len(r.tokens) for r in results)))
         decode_s = [s for r in results for s in r.decode_s]
         tokens_per_s = len(decode_s) / sum(decode_s) if decode_s else float("nan")
-        steps = self.batcher.steps if self.batcher is not None else None
-        if steps is not None and steps.ms:
-            lines.append(describe_steps(steps))
-            decode_step_s = sum(ms for ms, n in zip(steps.ms, steps.decoding) if n) / 1e3
-            tokens_per_s = len(decode_s) / decode_step_s if decode_step_s else float("nan")
         stats = RunStats("single", 1, self.options.dtype,
                          [SequenceStats.of(job.index, job.result) for job in self.jobs],
                          [RankStats(0, peak_rss_mb(), cpu_seconds(), weight_bytes=resident,
                                     extra={"loading": loading} if loading else {"packed_bytes": packed})],
-                         tokens_per_s, self.wall_s, config={"max_batch": self.max_batch},
-                         step_ms=list(steps.ms) if steps else [],
-                         step_batch=list(steps.batch) if steps else [])
+                         tokens_per_s, self.wall_s, config={"max_batch": self.max_batch})
+        self.add_steps(stats, lines)
         return Report(lines, stats)
 
     def close(self):
@@ -102,12 +95,3 @@ class SingleEngine(Engine):
             self.weights = None
         self.store.close()
 
-
-def describe_steps(steps) -> str:
-    """One line on a batched run's steps: how many, their batch, their time."""
-    decode = [ms for ms, n in zip(steps.ms, steps.decoding) if n]
-    tokens = sum(steps.decoding)
-    return (f"{len(steps.ms)} steps of up to {max(steps.batch)} sequences (median "
-            f"{statistics.median(steps.batch):g}): median {statistics.median(steps.ms):.1f} ms/step; "
-            f"{tokens} tokens decoded in {sum(decode) / 1e3:.2f} s of steps, "
-            f"{tokens / max(sum(decode) / 1e3, 1e-9):.1f} tokens/s in total")

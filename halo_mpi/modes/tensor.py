@@ -133,8 +133,11 @@ class TensorEngine(Engine):
         return TensorParallelSession(self.model, self.lead, max_len, self.options.prefill_chunk)
 
     def _report(self) -> Report:
-        stats = tensor_stats(self.plan, self.run, [job.result for job in self.jobs])
-        return Report([format_report(stats)], stats, lost_ranks(self.run))
+        jobs = sorted(self.jobs, key=lambda job: job.index)
+        stats = tensor_stats(self.plan, self.run, [job.result for job in jobs])
+        steps: list[str] = []
+        self.add_steps(stats, steps)          # (first: it sets the tokens/s the report prints)
+        return Report([format_report(stats)] + steps, stats, lost_ranks(self.run))
 
     def close(self):
         self.store.close()

@@ -21,7 +21,7 @@ from ..net.framing import HEADER
 from ..net.loss import LinkLoss
 from ..net.probe import LinkSurvey, measure_links
 from ..net.transport import WaitPolicy
-from ..net.wire import wire_report
+from ..net.wire import HEADER_BYTES, body_nbytes, segments, wire_report
 from ..options.tree import ModeOptions, check_tensor
 from ..store.hdf5 import Store
 from .importance import uniform_importance
@@ -156,27 +156,34 @@ def auto_backup(cluster: ClusterSpec, placed: Placement, unstable: frozenset, gr
     return share_in_room(need, room)
 
 
-def describe_wire(dim: int, wire: str) -> str:
+def describe_wire(dim: int, wire: str, batch: int = 1) -> str:
+    """The wire and its message per round: for one token, and for `batch` decoding sequences
+    (a batched step's round carries a row per sequence: more TCP segments to lose)."""
     w = wire_report(dim, wire)
-    return (f"wire {wire} ({w['message_bytes']} B per token and layer, {w['segments']} TCP "
-            f"segment{'s' if w['segments'] > 1 else ''})")
+    line = (f"wire {wire} ({w['message_bytes']} B per token and layer, {w['segments']} TCP "
+            f"segment{'s' if w['segments'] > 1 else ''}")
+    if batch > 1:
+        n = HEADER_BYTES + body_nbytes(batch, dim, wire)
+        line += f"; {n} B, {segments(n)} segments for a batch of {batch}"
+    return line + ")"
 
 
 def describe(plan: TensorPlan, store: Store) -> str:
     """What rank 0 prints before the run: mode, importance, loss, and the placement."""
-    t = plan.options.tensor
+    o = plan.options
+    t = o.tensor
     predictor = (t.placement != "static" and (t.sync == "halo" or t.sparsity > 0)
                  and store.calibration("predictor_current_A") is not None)
     roles = f"all-reduce among ranks {plan.members}" + (f", satellites {plan.satellites}" if plan.satellites
                                                         else "")
     measured = f"{plan.measured}\n" if plan.measured else ""
+    satellites = f", satellites {describe_wire(plan.dim, plan.wire, o.max_batch)}" if plan.satellites else ""
     return (f"{measured}tensor-parallel on {plan.size} ranks, sync {plan.policy.mode} ({roles}), "
             f"placement {t.placement}, "
             f"importance {plan.importance_source}{' + per-token predictor' if predictor else ''}, "
             f"link loss {plan.loss or 'none'}, unstable ranks {sorted(plan.policy.unstable) or 'none'}"
             f"{f', sparsity {t.sparsity:g}' if t.sparsity else ''}, "
-            f"members' {describe_wire(plan.dim, plan.members_wire)}"
-            f"{f', satellites {describe_wire(plan.dim, plan.wire)}' if plan.satellites else ''}\n"
+            f"members' {describe_wire(plan.dim, plan.members_wire, o.max_batch)}{satellites}\n"
             f"{describe_plan(plan.placement, plan.importance, plan.cluster)}")
 
 
