@@ -69,8 +69,19 @@ def test_bench_batch_reports_each_b_and_names_the_modes_that_do_not_batch(tiny_s
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["ms_per_token_per_sequence"] == r["ms_per_step_median"]
     assert rows[0]["step_vs_first"] == 1.0
-    assert "B=4" in done.stdout and "tensor: one sequence per step" in done.stdout
-    assert "no batched figure" in done.stdout
+    assert "B=4" in done.stdout and "no batched figure" in done.stdout
+
+
+def test_bench_batch_times_tensor_mode_under_mpiexec(tiny_store_path, tmp_path):
+    rows_path = tmp_path / "batch.json"
+    done = halo("bench", "--batch", "1,2", "--batch-modes", "strict,halo", "--weights", tiny_store_path,
+                "--tokens", 3, "--warmup", 1, "--repeat", 1, "--out", tmp_path, "--json", rows_path,
+                "--threads", 1, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(rows_path.read_text())
+    assert [(r["mode"], r["batch"]) for r in rows] == [("tensor strict -n 2", 1), ("tensor strict -n 2", 2),
+                                                       ("tensor halo -n 2", 1), ("tensor halo -n 2", 2)]
+    assert all(r["steps"] == 3 and r["tokens_per_s"] > 0 for r in rows)
 
 
 def test_bench_batch_refuses_a_bad_list(tiny_store_path):

@@ -133,3 +133,20 @@ def test_the_tensor_engine_batches_generate_like_the_single_process(tiny_store_p
         batches = list(engine.batcher.steps.batch)
     assert got == want
     assert max(batches) == 2
+
+
+def test_a_text_scored_as_batched_sequences_equals_each_part_alone(tiny_store_path):
+    """evaluate --sequences 3 in tensor mode (3 ranks as threads): the parts' values equal each
+    part scored alone by the single process."""
+    from halo_mpi.model.evaluate import split_text, teacher_forced_nll
+    from halo_mpi.model.generate import LocalSession
+    from halo_mpi.store.hdf5 import Store
+    ids = [5, 70, 33, 9, 120, 17, 3, 44, 8, 61, 7, 19, 23, 2, 90, 91]
+    with Store(str(tiny_store_path)) as store:
+        model = Transformer.from_store(store)
+        want = [v for part in split_text(ids, 3) for v in teacher_forced_nll(LocalSession(model, 8), part)]
+    o = ModeOptions.of(weights=str(tiny_store_path), parallel="tensor", wire_dtype="float32")
+    with TensorEngine(o, local_ranks=3) as engine:
+        got = engine.perplexity(ids, sequences=3)
+    assert len(got) == len(ids) - 3
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4

@@ -6,70 +6,125 @@ Every B runs `tokens` decode steps per round after `warmup` untimed ones, each s
 own prompt; the rounds take the batch sizes in turn, so that a noisy machine weighs on every B
 alike; each row gives the median over all its rounds' steps. A step of B sequences yields B
 tokens, one per sequence: ms/step is also each sequence's ms/token, tokens/s is B / step.
-Only the single process batches for now: the other modes are named as such, with no figure.
+With --batch-modes strict,halo, tensor mode too (one mpiexec per mode and store dtype, each rank
+with --threads threads: bench/rank.py's batch task times the same steps on rank 0).
 """
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
+import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
+from ..errors import HaloError
+from ..model.batch import BatchModel, LocalBatch
 from ..model.llama import Transformer
 from ..model.quant import QUANT_DTYPES
+from ..net.launch import mpiexec_path
+from ..options.tree import ModeOptions
 from ..store.hdf5 import Store
 from .decode import store_for
 
 PROMPT_LEN = 16
-UNBATCHED = {"tensor": "one sequence per step (tensor mode does not batch yet)",
-             "pipeline": "one sequence per stage per step (its ring keeps --num-sequences in flight "
+UNBATCHED = {"pipeline": "one sequence per stage per step (its ring keeps --num-sequences in flight "
                          "instead)"}
 
 
-def batch_step_times(model: Transformer, batch: int, steps: int, warmup: int) -> list[float]:
+def batch_step_times(model: BatchModel, batch: int, steps: int, warmup: int) -> list[float]:
     """Wall seconds of each of `steps` decode steps over `batch` sequences, after `warmup`."""
-    caches = [model.new_cache(PROMPT_LEN + warmup + steps + 1) for _ in range(batch)]
+    states = [model.open(PROMPT_LEN + warmup + steps + 1) for _ in range(batch)]
     prompts = [[100 + 7 * i + t for t in range(PROMPT_LEN)] for i in range(batch)]
-    logits = model.step(list(zip(caches, prompts)))                       # (B, vocab)
+    logits = model.step(list(zip(states, prompts)))                       # (B, vocab)
     times = []
     for i in range(warmup + steps):
         ids = logits.argmax(-1).tolist()                                  # greedy, real tokens
         t0 = time.perf_counter()
-        logits = model.step([(cache, [t]) for cache, t in zip(caches, ids)])
+        logits = model.step([(state, [t]) for state, t in zip(states, ids)])
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    for state in states:
+        model.close(state)
     return times
 
 
-def bench_batches(weights: str, batches: list[int], tokens: int, warmup: int, repeat: int,
-                  store_dtypes: list[str] | None = None, log=print) -> list[dict]:
-    """One row per (store dtype, B)."""
+def measure_batches(model: BatchModel, batches: list[int], tokens: int, warmup: int,
+                    repeat: int) -> dict[int, list[float]]:
+    """B -> every timed step of its rounds; the rounds take the batch sizes in turn."""
+    times: dict[int, list[float]] = {b: [] for b in batches}
+    with torch.inference_mode():
+        for _ in range(repeat):
+            for b in batches:
+                times[b] += batch_step_times(model, b, tokens, warmup)
+    return times
+
+
+@dataclass(frozen=True)
+class BatchBench:
+    """What `bench --batch` runs: each mode at each store dtype, each B."""
+    weights: str
+    batches: list[int]
+    tokens: int
+    warmup: int
+    repeat: int
+    store_dtypes: list[str] | None = None
+    modes: tuple[str, ...] = ("single",)     # single, strict, halo (tensor mode's syncs)
+    ranks: int = 2                           # tensor mode's ranks
+    threads: int = 1                         # torch threads per rank in tensor mode
+
+
+def bench_batches(cfg: BatchBench, log=print) -> list[dict]:
+    """One row per (mode, store dtype, B)."""
     rows = []
-    for store_dtype in store_dtypes or [None]:
-        path = weights if store_dtype is None else store_for(weights, store_dtype)
+    for store_dtype in cfg.store_dtypes or [None]:
+        path = cfg.weights if store_dtype is None else store_for(cfg.weights, store_dtype)
         with Store(path) as store:
-            model = Transformer.from_store(store)
-            model.pack_for_batches()                  # as a batching engine does
             dtype = store.store_dtype
-        times: dict[int, list[float]] = {b: [] for b in batches}
-        with torch.inference_mode():
-            for _ in range(repeat):
-                for b in batches:
-                    times[b] += batch_step_times(model, b, tokens, warmup)
-        for b in batches:
-            rows.append(batch_row(path, dtype, b, times[b], times[batches[0]]))
-            log(format_batch_row(rows[-1]))
-        del model
-    for mode, why in UNBATCHED.items():
-        log(f"{mode}: {why}; no batched figure")
+        for mode in cfg.modes:
+            times = single_times(path, cfg) if mode == "single" else tensor_times(path, mode, cfg)
+            for b in cfg.batches:
+                rows.append(batch_row(mode if mode == "single" else f"tensor {mode} -n {cfg.ranks}",
+                                      path, dtype, b, times[b], times[cfg.batches[0]]))
+                log(format_batch_row(rows[-1]))
+    if "single" in cfg.modes and len(cfg.modes) == 1:
+        log(f"tensor: --batch-modes strict,halo; pipeline: {UNBATCHED['pipeline']}; no batched figure")
     return rows
 
 
-def batch_row(path: str, store_dtype: str, batch: int, times: list[float], first: list[float]) -> dict:
+def single_times(path: str, cfg: BatchBench) -> dict[int, list[float]]:
+    with Store(path) as store:
+        model = Transformer.from_store(store)
+    model.pack_for_batches()                  # as a batching engine does
+    return measure_batches(LocalBatch(model), cfg.batches, cfg.tokens, cfg.warmup, cfg.repeat)
+
+
+def tensor_times(path: str, sync: str, cfg: BatchBench) -> dict[int, list[float]]:
+    """The same steps in tensor mode: one mpiexec of bench/rank.py's batch task."""
+    from .rank import Task, command
+    options = ModeOptions.of(weights=path, parallel="tensor", sync=sync, threads=cfg.threads,
+                             max_batch=max(cfg.batches))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "batch.json")
+        task = Task("batch", new_tokens=cfg.tokens, out=out,
+                    batches=",".join(map(str, cfg.batches)), warmup=cfg.warmup, repeat=cfg.repeat)
+        done = subprocess.run([mpiexec_path(), "-n", str(cfg.ranks), *command(options, task)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise HaloError(f"tensor {sync} -n {cfg.ranks} on {path} failed (exit {done.returncode}): "
+                            f"{last_line(done.stderr)}")
+        with open(out) as f:
+            return {int(b): t for b, t in json.load(f).items()}
+
+
+def batch_row(mode: str, path: str, store_dtype: str, batch: int, times: list[float],
+              first: list[float]) -> dict:
     step = statistics.median(times)
     base = statistics.median(first)
-    return {"mode": "single", "store": path, "store_dtype": store_dtype,
+    return {"mode": mode, "store": path, "store_dtype": store_dtype,
             "compute": ("int4 kernel, bfloat16 activations" if store_dtype in QUANT_DTYPES
                         else "float32: MKL sgemv for one row, oneDNN on reordered weights for more"),
             "threads": torch.get_num_threads(), "batch": batch, "steps": len(times),
@@ -82,15 +137,20 @@ def batch_row(path: str, store_dtype: str, batch: int, times: list[float], first
             "store_mb": os.path.getsize(path) / 1e6}
 
 
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no message"
+
+
 def format_batch_row(row: dict) -> str:
-    return (f"single {row['store_dtype']:7s} B={row['batch']}: median {row['ms_per_step_median']:.1f} "
+    return (f"{row['mode']} {row['store_dtype']:7s} B={row['batch']}: median {row['ms_per_step_median']:.1f} "
             f"ms/step (p95 {row['ms_per_step_p95']:.1f}; {row['step_vs_first']:.2f}x the first B's), "
             f"{row['tokens_per_s']:.1f} tokens/s in total ({row['tokens_per_s_vs_first']:.2f}x), "
             f"{row['ms_per_token_per_sequence']:.1f} ms/token per sequence, over {row['steps']} steps")
 
 
 def plot_batches(rows: list[dict], path: str) -> bool:
-    """tokens/s and ms/step against B, a line per store dtype; False without matplotlib."""
+    """tokens/s and ms/step against B, a line per mode and store dtype; False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -98,10 +158,11 @@ def plot_batches(rows: list[dict], path: str) -> bool:
     except ImportError:
         return False
     fig, (rate, step) = plt.subplots(1, 2, figsize=(10, 4))
-    for dtype in dict.fromkeys(r["store_dtype"] for r in rows):
-        mine = [r for r in rows if r["store_dtype"] == dtype]
-        rate.plot([r["batch"] for r in mine], [r["tokens_per_s"] for r in mine], "o-", label=dtype)
-        step.plot([r["batch"] for r in mine], [r["ms_per_step_median"] for r in mine], "o-", label=dtype)
+    for line in dict.fromkeys((r["mode"], r["store_dtype"]) for r in rows):
+        mine = [r for r in rows if (r["mode"], r["store_dtype"]) == line]
+        label = " ".join(line)
+        rate.plot([r["batch"] for r in mine], [r["tokens_per_s"] for r in mine], "o-", label=label)
+        step.plot([r["batch"] for r in mine], [r["ms_per_step_median"] for r in mine], "o-", label=label)
     rate.set(xlabel="sequences per step (B)", ylabel="tokens/s in total", title="throughput")
     step.set(xlabel="sequences per step (B)", ylabel="ms/step (median)", title="step time")
     for ax in (rate, step):

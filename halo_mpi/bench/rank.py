@@ -26,16 +26,22 @@ from ..stats import write_json
 @dataclasses.dataclass(frozen=True)
 class Task:
     """What a bench run does with the mode it opens."""
-    kind: str = "generate"        # generate | evaluate
+    kind: str = "generate"        # generate | evaluate | batch
     prompt: str = ""              # generate: the prompt, greedy, end-of-sequence ignored
     new_tokens: int = 0           # generate: tokens to generate
     eval_tokens: int = 0          # evaluate: held-out tokens to score
     out: str = ""                 # the JSON written by rank 0
     progress: str = ""            # generate: rank 0 appends a line to this file per token made
+    batches: str = "1"            # batch: the batch sizes timed (bench/batch.py), comma list
+    warmup: int = 4               # batch: untimed steps before each B's
+    repeat: int = 1               # batch: rounds taking the batch sizes in turn
+    sequences: int = 1            # evaluate: the text scored as this many sequences, batched
 
     def argv(self) -> list[str]:
         return ["--task", self.kind, "--prompt", self.prompt, "--new-tokens", str(self.new_tokens),
-                "--eval-tokens", str(self.eval_tokens), "--out", self.out, "--progress", self.progress]
+                "--eval-tokens", str(self.eval_tokens), "--out", self.out, "--progress", self.progress,
+                "--batches", self.batches, "--warmup", str(self.warmup), "--repeat", str(self.repeat),
+                "--sequences", str(self.sequences)]
 
 
 def command(options: ModeOptions, task: Task) -> list[str]:
@@ -47,15 +53,19 @@ def command(options: ModeOptions, task: Task) -> list[str]:
 def parse(words: list[str]) -> tuple[ModeOptions, Task]:
     p = argparse.ArgumentParser(prog="halo_mpi.bench.rank")
     add_options(p, ModeOptions)
-    p.add_argument("--task", choices=("generate", "evaluate"), required=True)
+    p.add_argument("--task", choices=("generate", "evaluate", "batch"), required=True)
     p.add_argument("--prompt", default="")
     p.add_argument("--new-tokens", type=int, default=0)
     p.add_argument("--eval-tokens", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--progress", default="")
+    p.add_argument("--batches", default="1")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--sequences", type=int, default=1)
     a = p.parse_args(words)
     return options_of(ModeOptions, a), Task(a.task, a.prompt, a.new_tokens, a.eval_tokens, a.out,
-                                            a.progress)
+                                            a.progress, a.batches, a.warmup, a.repeat, a.sequences)
 
 
 def progress_writer(path: str):
@@ -83,10 +93,12 @@ def workload(task: Task):
 def run(options: ModeOptions, task: Task, comm=None):
     from ..model.evaluate import perplexity
     with open_engine(options, comm, workload(task)) as engine:
+        if task.kind == "batch":
+            return time_batches(engine, task)
         if task.kind == "generate":
             engine.generate()
         else:
-            nll = engine.perplexity()
+            nll = engine.perplexity(sequences=task.sequences)
         report = engine.report()
     if report is None:
         return
@@ -96,6 +108,16 @@ def run(options: ModeOptions, task: Task, comm=None):
         write_json(task.out, {"perplexity": perplexity(nll), "tokens": len(nll)})
     if report.error is not None:
         raise report.error
+
+
+def time_batches(engine, task: Task):
+    """Rank 0 times decode steps over each batch size (bench/batch.py) and writes B -> seconds."""
+    from .batch import measure_batches
+    batches = [int(b) for b in task.batches.split(",")]
+    times = engine.call(lambda: measure_batches(engine.batch_model(), batches, task.new_tokens,
+                                                task.warmup, task.repeat))
+    if times is not None:
+        write_json(task.out, times)
 
 
 def main(words: list[str] | None = None):

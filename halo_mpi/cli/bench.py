@@ -6,6 +6,7 @@
     halo-mpi bench --budgets 100%,50%:prefetch,50%:no-prefetch --budget-ranks 1,2
     halo-mpi bench --scenario changing-loss --net testbed --ranks 3 --lossy-ranks 2 --phases 0,0.1,0.3,0
     halo-mpi bench --batch 1,2,4,8 --store-dtypes float32,q4 --out results
+    halo-mpi bench --batch 1,4,8 --batch-modes single,strict,halo --threads 1 --store-dtypes float32,q4
 """
 from __future__ import annotations
 
@@ -100,6 +101,12 @@ def add_decode_arguments(b):
                         "of this comma list (1,2,4,8): ms/step, tokens/s in total and per-sequence "
                         "ms/token, per --store-dtypes, --repeat rounds taking the B in turn; writes "
                         "batch.png to --out (the modes that do not batch are named, with no figure)")
+    d.add_argument("--batch-modes", default="single",
+                   help="with --batch: comma list among single, strict, halo; strict and halo run "
+                        "tensor mode on --batch-ranks ranks, one mpiexec per mode and store dtype, "
+                        "--threads threads per rank (default: %(default)s)")
+    d.add_argument("--batch-ranks", type=positive_int, default=2,
+                   help="with --batch: tensor mode's ranks (default: %(default)s)")
 
 
 def add_budget_arguments(b):
@@ -237,12 +244,19 @@ def bench_attention_drop(a):
 
 
 def bench_batch(a):
-    from ..bench.batch import bench_batches, plot_batches
+    from ..bench.batch import BatchBench, bench_batches, plot_batches
     set_threads(a.threads)
     batches = [int(b) for b in parse_floats(a.batch, "--batch")]
     if not batches or min(batches) < 1:
         raise HaloError(f"--batch {a.batch!r}: give sequence counts of 1 or more, e.g. 1,2,4,8")
-    rows = bench_batches(a.weights, batches, a.tokens, a.warmup, a.repeat, store_dtypes_of(a))
+    modes = tuple(a.batch_modes.split(","))
+    unknown = sorted(set(modes) - {"single", "strict", "halo"})
+    if unknown:
+        raise HaloError(f"--batch-modes: unknown {', '.join(unknown)}; choose among single, strict, halo")
+    if a.batch_ranks < 2 and set(modes) - {"single"}:
+        raise HaloError(f"--batch-ranks {a.batch_ranks}: tensor mode needs 2 ranks or more")
+    rows = bench_batches(BatchBench(a.weights, batches, a.tokens, a.warmup, a.repeat, store_dtypes_of(a),
+                                    modes, a.batch_ranks, a.threads or 1))
     os.makedirs(a.out, exist_ok=True)
     plotted = plot_batches(rows, os.path.join(a.out, "batch.png"))
     print(f"wrote {a.out}/batch.png" if plotted else "no plot: pip install matplotlib")

@@ -17,6 +17,10 @@ def add_parser(sub):
                                    "through the same engine, sync and emulated loss as generate.")
     e.add_argument("--text", help="a text file or folder instead of the default held-out text")
     e.add_argument("--tokens", type=positive_int, default=128, help="tokens to score (default: %(default)s)")
+    e.add_argument("--sequences", type=positive_int, default=1,
+                   help="score the text as this many consecutive parts decoded together, one "
+                        "batched step for all (a mode that batches, up to --max-batch); each part's "
+                        "first token is context only (default: %(default)s)")
     e.add_argument("--json", help="write the result to this JSON file")
     add_mode_options(e)
     e.set_defaults(func=run)
@@ -33,17 +37,19 @@ def run(a):
     from ..modes.engine import Workload
     options = mode_options(a)
     with open_mode(options, lambda tok, context: Workload(score=held_out_ids(a, tok))) as engine:
-        nll = engine.perplexity()
+        nll = engine.perplexity(sequences=a.sequences)
         report = engine.report()
     if report is None:
         return
     s = report.stats.as_json()
     config = {k: s["config"][k] for k in ("sync", "placement", "link_loss") if k in s["config"]}
     result = {"mode": s["mode"], "ranks": s["ranks_total"], "perplexity": perplexity(nll), "tokens": len(nll),
+              "sequences": a.sequences,
               "dropped_share_mean": s["dropped_share_mean"], **config}
     how = ", ".join([s["mode"]] + [str(config[k]) for k in ("sync", "placement") if k in config]
                     + ([f"loss {config['link_loss'] or 'none'}"] if "link_loss" in config else []))
-    print(f"perplexity {result['perplexity']:.3f} over {len(nll)} held-out tokens ({how}); dropped "
+    parts = f" in {a.sequences} batched sequences" if a.sequences > 1 else ""
+    print(f"perplexity {result['perplexity']:.3f} over {len(nll)} held-out tokens{parts} ({how}); dropped "
           f"importance share {result['dropped_share_mean']:.4f}")
     if a.json:
         write_json(a.json, result)

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import HaloError
 from ..model.batch import Batcher, BatchModel
-from ..model.evaluate import teacher_forced_nll
+from ..model.evaluate import batched_nll, split_text, teacher_forced_nll
 from ..model.generate import GenerationResult
 from ..model.jobs import Finished, Job, JobList, JobSource, run_job
 from ..net.launch import responsive
@@ -140,18 +140,35 @@ class Engine:
                 session.close()
         self.jobs.append(job)
 
-    def perplexity(self, ids: list[int] | None = None) -> list[float] | None:
+    def perplexity(self, ids: list[int] | None = None, sequences: int = 1) -> list[float] | None:
         """Rank 0: the negative log-likelihood of every token of `ids` (default: the workload's)
-        after the ones before it, one decode step per token."""
+        after the ones before it, one decode step per token. sequences > 1: ids cut into that
+        many parts scored together, a batched decode step for all of them (each part's first
+        token is only context)."""
+        if sequences > self.max_batch:
+            raise HaloError(f"--sequences {sequences}: this mode decodes {self.max_batch} "
+                            f"sequence{'s' if self.max_batch > 1 else ''} per step at most "
+                            f"({self.describe_batch()})")
+
         def work():
             score = ids if ids is not None else self.workload.score
-            session = self.session(len(score))
-            try:
-                with torch.inference_mode():
+            with torch.inference_mode():
+                if sequences > 1:
+                    return batched_nll(self.batch_model(), split_text(score, sequences))
+                session = self.session(len(score))
+                try:
                     return teacher_forced_nll(session, score)
-            finally:
-                session.close()
+                finally:
+                    session.close()
         return self._run(work)
+
+    def call(self, work: Callable[[], object]):
+        """Rank 0: work() (it may use `batch_model` or `session`) and its result; the other
+        ranks serve it (None). A benchmark's own loop over the mode."""
+        def inside():
+            with torch.inference_mode():
+                return work()
+        return self._run(inside)
 
     def health(self) -> dict:
         """Rank 0, at any time: what a server's /health says of the mode."""
