@@ -159,7 +159,7 @@ def lead_part(store: Store, plan: TensorPlan, transport: Transport, weights, log
                       HeldGroups({}, copies), replanner, frozenset(probes), log, room=room)
     load_head = head_loader(store, plan)
     planner.head = HeadRows(plan.vocab, load_head(*plan.vocab[0]), load_head, plan.members)
-    lead = Lead(parts, plan.members, plan.policy, None, planner,
+    lead = Lead(parts, plan.policy, None, planner,
                 halo_predictor=t.placement != "static" and plan.policy.mode == "halo")
     lead.satellites = Satellites(transport, lead.inbox, plan.satellites, plan.policy, store.args.n_layers,
                                  copies, planner.backups, keep_copies=weights is None)

@@ -91,11 +91,21 @@ class Exchange:
         return out
 
     def collect(self, kind: Kind, layer: int, sources: list[int]) -> dict[int, np.ndarray]:
-        """The messages of `kind` for (this step, layer) from `sources`, however long they take."""
+        """The messages of `kind` for (this step, layer) from `sources`, however long they take
+        (rank 0 in a decode step also times each member's: `judge`)."""
         keys = {r: (int(kind), self.step, layer, r) for r in sources}
         t0 = self.clock()
-        waiting = dict(keys)
-        on_time = {}
+        if self.measuring and self.links is not None and kind != Kind.LOGITS:
+            self.judge(self._timed(keys, t0))
+        else:
+            while any(k not in self.early for k in keys.values()):
+                self.sort(self.t.poll(1.0))
+        self.wait_s += self.clock() - t0
+        return {r: self.early.pop(k) for r, k in keys.items()}
+
+    def _timed(self, keys: dict[int, tuple], t0: float) -> dict[int, bool]:
+        """Waits for every key; source -> whether it came within LATE_S of t0."""
+        waiting, on_time = dict(keys), {}
         while waiting:
             if any(k not in self.early for k in waiting.values()):
                 self.sort(self.t.poll(1.0))
@@ -104,10 +114,7 @@ class Exchange:
                 if k in self.early:
                     del waiting[r]
                     on_time[r] = now - t0 <= LATE_S
-        self.wait_s += self.clock() - t0
-        if self.measuring and self.links is not None and kind != Kind.LOGITS:
-            self.judge(on_time)
-        return {r: self.early.pop(k) for r, k in keys.items()}
+        return on_time
 
     def judge(self, on_time: dict[int, bool]):
         """Rank 0: each member's round on time or late; not when every one of two or more was

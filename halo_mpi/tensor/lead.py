@@ -58,10 +58,10 @@ class LeadInbox:
 class Lead(Member):
     """Rank 0: a member (member.py) with the satellites, the planner and the step's announcement."""
 
-    def __init__(self, member_parts: dict, members: list[int], policy: SyncPolicy,
-                 satellites: Satellites, planner: Planner, halo_predictor: bool = False):
+    def __init__(self, member_parts: dict, policy: SyncPolicy, satellites: Satellites, planner: Planner,
+                 halo_predictor: bool = False):
         super().__init__(**member_parts)
-        self.members, self.policy = members, policy
+        self.policy = policy
         self.inbox = LeadInbox(self)
         self.satellites, self.planner = satellites, planner
         self.halo_predictor = halo_predictor     # per-token importance for the satellites' deadlines
@@ -75,6 +75,11 @@ class Lead(Member):
         self.chunk = 64                          # tokens per replayed step (--prefill-chunk: assembly)
         self.replay_due = False                  # members changed: recompute the K/V caches
         self.replays: list[tuple[int, int]] = []  # (step, positions) of each replay
+
+    @property
+    def members(self) -> list[int]:
+        """The stable members, rank 0 among them (the exchange's: the ranks it all-reduces over)."""
+        return self.exchange.members
 
     @property
     def vocab(self) -> list[tuple[int, int]]:
@@ -153,7 +158,6 @@ class Lead(Member):
         for r in set(members) - set(self.members):
             self.satellites.remove(r)
             self.t.fatal.add(r)              # it holds attention groups and head rows now
-        self.members = list(members)
         self.exchange.members, self.exchange.collective = sorted(members), False   # (the collective's
         self.attention_groups.reassign({l: p[0] for l, p in enumerate(attention)})  #  group had it)
         self.replay_due = True

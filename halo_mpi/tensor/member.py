@@ -25,7 +25,7 @@ from ..stats import RssTrace
 from .attention import HeldAttention
 from .exchange import ComputeClock, Exchange
 from .held import HeldGroups, StepPace, loading_stats
-from .satellite import Satellite
+from .satellite import Satellite, hand_over
 
 # STEP flags (the message's layer field): REPLAY: K/V only (no logits); BATCH: several sequences
 # (the payload packs them: pack_feeds), else one, the one of slot `seq`
@@ -225,10 +225,7 @@ class Member:
         """Demoted (planner.py): from rank 0's first input on, serve MLP partials as a satellite
         does, with the groups of the plan being read; its statistics are the satellite's."""
         satellite = Satellite(self.t, self.groups, self.clock, sparse=self.sparsity > 0, loading=self.loading)
-        satellite.plans = self.plans
-        satellite.notes = {"demoted": True, "member_steps": self.steps}
-        satellite.make_member = self.make_member          # (it may be promoted again)
-        satellite.rss = self.rss                           # one memory trace over its roles
+        hand_over(self, satellite, {"demoted": True, "member_steps": self.steps})
         return satellite.run(first=[first])
 
     def finish(self) -> dict:

@@ -77,8 +77,7 @@ class Satellite:
             raise HaloError(f"rank {self.t.rank} was made a member, but cannot become one here")
         members, heads, vocab = self.joining
         member = self.make_member(members, heads, vocab, self.held, self.clock)
-        member.plans, member.notes = self.plans, {"promoted": True, "satellite_computed": self.computed}
-        member.rss = self.rss                              # one memory trace over its roles
+        hand_over(self, member, {"promoted": True, "satellite_computed": self.computed})
         return member.run(first=messages)
 
     def _read_pending(self):
@@ -120,3 +119,11 @@ class Satellite:
                 "groups": self.held.count, "attention_groups": 0, "head_rows": 0, "weight_bytes": weights,
                 "rss_mb_trace": self.rss.samples,
                 **loading_stats(self.loading, self.held), **self.notes}
+
+
+def hand_over(old, new, notes: dict):
+    """What goes with a rank from one role to the next (a Member and a Satellite, either way):
+    the plans it read, its memory trace (one over its roles), its way back to membership, and
+    `notes` on the change for its statistics."""
+    new.plans, new.rss, new.notes = old.plans, old.rss, notes
+    new.make_member = old.make_member
