@@ -25,6 +25,7 @@ class LinkEstimate:
     outcome_window: int = 256
     on_time: int = 0
     late: int = 0
+    streak: int = 0              # on-time outcomes since the last late one
 
     def __post_init__(self):
         self.samples: deque = deque(maxlen=self.window)          # round trips, seconds
@@ -40,8 +41,10 @@ class LinkEstimate:
         self.recent.append(on_time)
         if on_time:
             self.on_time += 1
+            self.streak += 1
         else:
             self.late += 1
+            self.streak = 0
 
     @property
     def recent_rate(self) -> float:

@@ -22,8 +22,15 @@ MEMBER_WINDOW = 64     # a member's rounds judged by the last this many (a token
 DEMOTE_AFTER = 32      # all-reduce rounds of a member measured before it may be demoted
 DEMOTE_BELOW = 0.95    # on-time share of its recent rounds under which it is (2 late in 32: a
                        # stalled round holds every rank ~200 ms; one may be a descheduled rank)
-PROMOTE_AFTER = 32     # a satellite's partials all on time before it joins the members again
-                       # (doubled for each time it was demoted)
+PROMOTE_AFTER = 512    # a satellite's partials on time in a row before it joins the members again
+                       # (doubled for each time it was demoted). A satellite's message is one TCP
+                       # segment, a member's two or more: at 5% loss one in ~400 of the first
+                       # stalls against one in ~10 of the second, so a short clean record says
+                       # little: with 32 (or 64 after a demotion: 2 tokens of SmolLM2's 30 layers)
+                       # a rank at 5% went member -> satellite -> member 6 times in 64 tokens
+                       # (-n 3, emulated), each change a replay of seconds. 512 is ~17 tokens
+                       # of a clean link; at 5% the streak comes after ~35 tokens, after a demotion
+                       # ~160, after two practically never
 
 
 class Roles:
@@ -66,16 +73,15 @@ class Roles:
         return True
 
     def maybe_promote(self, satellite_links: dict):
-        """A satellite whose last PROMOTE_AFTER x 2^(its demotions) partials were all on time (at
-        most the window) joins the members again: the record it needs doubles each time it is
-        demoted, so a link that is clean only now and then stops flapping."""
+        """A satellite whose last PROMOTE_AFTER x 2^(its demotions) partials were all on time
+        joins the members again: the record it needs doubles each time it is demoted, so a link
+        that is clean only now and then stops flapping."""
         p = self.planner
         for r, link in sorted(satellite_links.items()):
             if r in self.members or r in p.unreachable or r in p.replanner.excluded:
                 continue
-            need = min(PROMOTE_AFTER * 2 ** self.demotions.get(r, 0), link.outcome_window)
-            recent = list(link.recent)[-need:]
-            if len(recent) >= need and all(recent):
+            need = PROMOTE_AFTER * 2 ** self.demotions.get(r, 0)
+            if link.streak >= need:
                 self.change(r, 1.0, sorted(self.members + [r]),
                             f"rank {r} promoted at step {p.step} (its last {need} partials on time): "
                             f"a member again")
