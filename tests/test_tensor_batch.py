@@ -15,8 +15,8 @@ from halo_mpi.modes.tensor import TensorEngine
 from halo_mpi.options.tree import ModeOptions
 from halo_mpi.tensor.lead import TensorBatch
 from halo_mpi.tensor.local import LocalCluster
-from halo_mpi.tensor.member import pack_feeds, unpack_feeds
 from halo_mpi.tensor.plan import make_plan
+from halo_mpi.tensor.slots import pack_feeds, unpack_feeds
 
 TOL = {"atol": 1e-3, "rtol": 1e-5}
 PROMPTS = [[5, 70, 33, 9, 120, 17], [7, 8, 1], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53]]

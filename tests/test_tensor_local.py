@@ -488,6 +488,15 @@ def test_link_estimate_ignores_retransmission_stalls():
     assert 0.007 < est.deadline() < 0.01
 
 
+def test_a_late_partial_restarts_a_satellites_record_for_promotion():
+    """Promotion needs PROMOTE_AFTER partials on time in a row (roles.py): one late one among
+    them starts the count again, however long the window of outcomes."""
+    est = LinkEstimate()
+    for ok in [True] * 700 + [False] + [True] * 300:
+        est.add_outcome(ok)
+    assert est.streak == 300 and est.recent_rate > 0.99
+
+
 def test_grace_counts_from_the_critical_partials_not_from_the_send():
     # round trips of 5-9 ms (every rank slow alike) but partials that trail the critical ones by
     # at most 1 ms: rank 0 waits ~1.5 x 1 ms + margin after the critical ones, not ~1.5 x 9 ms

@@ -10,8 +10,9 @@
 The model is loaded once; requests queue on rank 0 (halo_mpi/serve/). In one process and in
 tensor mode they join the running batch at the next step and leave when done (continuous
 batching, up to --max-batch sequences per step; a request's `n` choices are n sequences),
-pipeline mode runs up to --num-sequences at once on the ring. SIGTERM or Ctrl-C ends the streams (finish reason "shutdown") and every rank. On an address
-other than loopback the API asks for a key (--api-key or --api-key-file).
+pipeline mode runs up to --num-sequences at once on the ring. SIGTERM or Ctrl-C ends the
+streams (finish reason "shutdown") and every rank. On an address other than loopback the API
+asks for a key (--api-key or --api-key-file).
 """
 from __future__ import annotations
 

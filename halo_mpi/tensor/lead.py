@@ -16,19 +16,18 @@ replace its parts from outside.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..errors import HaloError
 from ..model.llama import KVCache
 from ..net.framing import Kind, Message
-from .member import BATCH, DECODING, LAST_ONLY, REPLAY, Member, pack_feeds
+from .member import Member
 from .planner import Planner
 from .policy import SyncPolicy
 from .satellites import Satellites
+from .slots import BATCH, DECODING, LAST_ONLY, REPLAY, pack_feeds
 from .speeds import SpeedMeter
 
 
@@ -103,7 +102,7 @@ class Lead(Member):
         """Plans, then STEP to every other member: one sequence's tokens (T,) from position pos
         (its attention caches: slot's), flags, plan."""
         version = self._begin([(slot, pos)], decoding)
-        self.slots = [slot]
+        self.sequences.slots = [slot]
         self.history[slot].extend(tokens.tolist())
         flags = (LAST_ONLY if last_only else 0) | (DECODING if decoding else 0)
         ids = tokens.numpy().astype(np.int32).reshape(-1, 1)                      # (T, 1)
@@ -112,7 +111,7 @@ class Lead(Member):
     def begin_batch(self, feeds: list[tuple[int, int, list[int]]], decoding: bool):
         """The same for a batched step: feeds are (slot, position, new token ids) per sequence."""
         version = self._begin([(slot, pos) for slot, pos, _ in feeds], decoding)
-        self.slots = [slot for slot, _, _ in feeds]
+        self.sequences.slots = [slot for slot, _, _ in feeds]
         for slot, _, ids in feeds:
             self.history[slot].extend(ids)
         self._announce(pack_feeds(feeds), 0, BATCH | (DECODING if decoding else 0), version)
@@ -173,7 +172,7 @@ class Lead(Member):
         for slot, history in sorted(self.history.items()):
             ids = torch.tensor(history, dtype=torch.long)
             cache = self.model.new_cache(max(len(ids), 1))  # positions only: the K/V live with the groups
-            self.slots = [slot]
+            self.sequences.slots = [slot]
             for start in range(0, len(ids), self.chunk):
                 self._next_step(False)                      # each chunk a step of its own
                 chunk = ids[start:start + self.chunk]
@@ -238,42 +237,6 @@ class Lead(Member):
                 self.speeds.add(r, us / 1e6)
 
     # -- the end
-    def finish(self, timeout: float = 20.0) -> dict[int, dict]:
-        """STOP every worker and collect its statistics; late partials are drained meanwhile. A
-        worker that does not answer within `timeout` (frozen, gone) is listed in `silent`: the
-        caller reports what it has and ends the job, never waits for it; a satellite still heard
-        from (its DONE stuck behind retransmissions on a lossy link) in `unanswered`: reported,
-        and the job ends as it should."""
-        if self.loading is not None:
-            self.loading.close()
-        self.t.pump(flush=True)   # held inputs go first: a worker must see them before its STOP
-        # STOP carries the plan in force: a satellite not asked since the switch (a probe) reports it
-        for r in range(1, self.t.size):
-            self.t.send(r, Kind.STOP, self.step + 1, -1, np.zeros((0, 1), np.float32),
-                        plan=self.planner.version)
-        done: dict[int, dict] = {}
-        end = time.perf_counter() + timeout
-        pending = self.inbox.take_others() + self.inbox.control
-        while True:
-            for m in pending:
-                if m.kind == Kind.DONE:
-                    done[m.source] = m.json()
-                    self.t.finished.add(m.source)   # it may exit now: a send to it could block MPI
-                elif m.kind in (Kind.PARTIAL, Kind.ATTN_PARTIAL, Kind.LOGITS):
-                    self.satellites.late_discarded[m.source] += 1
-                elif m.kind != Kind.READY:
-                    raise HaloError(f"rank 0 got an unexpected {m.kind.name} from rank {m.source}")
-            silent = set(self.t.silent())                                             # (unreachable:
-            waiting = set(range(1, self.t.size)) - set(done) - silent                 #  not waited for)
-            if not waiting or time.perf_counter() > end:
-                missing = set(range(1, self.t.size)) - set(done)
-                # a satellite still heard from is alive behind a late link: its figures are
-                # missing, its results never were (HALO went on without its late partials)
-                self.unanswered = sorted(r for r in missing - silent if r not in self.members)
-                self.silent = sorted(missing - set(self.unanswered))
-                return done
-            pending = self.t.poll(1.0)
-
     @property
     def weight_bytes(self) -> int:
         """Rank 0's resident weights: its MLP groups, copies of satellites', attention, head slice."""

@@ -15,6 +15,7 @@ from ..net.local import LocalHub
 from ..net.loss import LinkLoss
 from ..store.hdf5 import Store
 from .assemble import build
+from .ending import stop_workers
 from .lead import TensorParallelSession
 from .plan import TensorPlan, emulated_loss
 
@@ -45,7 +46,7 @@ class LocalCluster:
         return TensorParallelSession(self.model, self.lead, max_len, chunk)
 
     def stop(self) -> dict[int, dict]:
-        done = self.lead.finish(timeout=30)
+        done = stop_workers(self.lead, timeout=30)
         for th in self.threads:
             th.join(timeout=30)
         return done

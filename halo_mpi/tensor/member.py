@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import HaloError
-from ..model.linear import Linear
-from ..model.llama import KVCache, Ragged, last_rows
+from ..model.llama import Ragged
 from ..net.framing import Kind, Message, json_payload
 from ..net.transport import Transport
 from ..stats import RssTrace
@@ -26,10 +25,7 @@ from .attention import HeldAttention
 from .exchange import ComputeClock, Exchange
 from .held import HeldGroups, StepPace, loading_stats
 from .satellite import Satellite, hand_over
-
-# STEP flags (the message's layer field): REPLAY: K/V only (no logits); BATCH: several sequences
-# (the payload packs them: pack_feeds), else one, the one of slot `seq`
-LAST_ONLY, DECODING, REPLAY, BATCH = 1, 2, 4, 8
+from .slots import DECODING, REPLAY, Sequences, pack_rows
 
 
 class Member:
@@ -53,22 +49,20 @@ class Member:
         self.roles_wanted: tuple | None = None  # a pending plan's (members, my KV heads per layer)
         self.notes: dict = {}                   # more statistics (a promoted satellite's)
         self.make_member = None                 # a demoted member's way back (assemble.joining_member)
-        self.slots: list[int] = [0]             # the step's sequences (attention caches), in row order
         self.packed_bytes = 0                   # float32 weights reordered for batched steps
-        self.positions: dict[int, KVCache] = {}  # slot -> the model's cache: positions only (the K/V
-                                                #  live with the attention groups)
+        self.sequences = Sequences(self)        # the step's sequences: slots, positions
 
     # -- a block's parts
     def attend(self, layer: int, x: torch.Tensor, pos: int) -> torch.Tensor:
         with self.clock:
-            own = (self.attention_groups.step(layer, x, pos, slot=self.slots[0])
+            own = (self.attention_groups.step(layer, x, pos, slot=self.sequences.slots[0])
                    if layer in self.attention_groups.layers else None)
         return self.exchange.allreduce(Kind.ATTN_PARTIAL, layer, own, x)
 
     def attend_batch(self, layer: int, x: torch.Tensor, batch: Ragged) -> torch.Tensor:
         """A batched step's attention round: x (N, dim) holds the rows of the step's sequences."""
         with self.clock:
-            own = (self.attention_groups.ragged(layer, x, batch, self.slots)
+            own = (self.attention_groups.ragged(layer, x, batch, self.sequences.slots)
                    if layer in self.attention_groups.layers else None)
         return self.exchange.allreduce(Kind.ATTN_PARTIAL, layer, own, x)
 
@@ -138,7 +132,7 @@ class Member:
         self.rss.tick()
         self.exchange.step, self.decoding = m.step, bool(m.layer & DECODING)
         self.clock.step, computed = m.step, self.clock.seconds
-        h, rows = self.batch_layers(m) if m.layer & BATCH else self.sequence_layers(m)
+        h, rows = self.sequences.layers(m)
         if self.model.output is not None and not m.layer & REPLAY:
             with self.clock:
                 logits = self.model.head(h[rows])                   # (rows, slice)
@@ -147,46 +141,17 @@ class Member:
             self.t.send(0, Kind.LOGITS, m.step, self.model.args.n_layers, logits.numpy(), exact=True, seq=us)
         self.steps += 1
 
-    def sequence_layers(self, m: Message) -> tuple[torch.Tensor, object]:
-        """One sequence's step: h (T, dim) after the layers, and the rows whose logits rank 0 wants."""
-        self.slots = [m.seq]
-        cache = self.position(m.seq, m.pos)
-        tokens = torch.from_numpy(m.payload.reshape(-1).astype(np.int64))
-        h = self.model.layers(self.model.embed(tokens), cache)
-        return h, slice(-1, None) if m.layer & LAST_ONLY else slice(None)
-
-    def batch_layers(self, m: Message) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batched step: h (N, dim) after the layers, and each sequence's last row (B,)."""
-        self.pack_for_batches()
-        feeds = unpack_feeds(m.payload)
-        self.slots = [slot for slot, _, _ in feeds]
-        caches = [self.position(slot, pos) for slot, pos, _ in feeds]
-        lengths = [len(ids) for _, _, ids in feeds]
-        tokens = torch.from_numpy(np.concatenate([ids for _, _, ids in feeds]).astype(np.int64))
-        return self.model.ragged(self.model.embed(tokens), caches, lengths), last_rows(lengths)
-
     def pack_for_batches(self):
         """At the first batched step: float32 weights also kept in oneDNN's layout (see
         model/linear.py: several rows at about one row's cost; their memory twice). Weights
         read later (a re-plan's groups) and a memory budget's streamed ones are not packed."""
         if self.packed_bytes or self.loading is not None:
             return
-        linears = [lin for held in self.attention_groups.layers.values() for lin in held.attention.linears()]
-        linears += [lin for mlp in self.groups.mlps.values() if mlp is not None for lin in mlp.linears()]
         head = self.head_slice if self.t.rank == 0 else self.model.output
-        linears += [head.linear] if head is not None else []
-        for lin in linears:
-            if isinstance(lin, Linear):
-                lin.pack_rows()
-                self.packed_bytes += lin.packed_bytes
-
-    def position(self, slot: int, pos: int) -> KVCache:
-        """The model's cache of slot's sequence (positions only), at pos."""
-        cache = self.positions.get(slot)
-        if cache is None:
-            cache = self.positions[slot] = self.model.new_cache(self.model.args.max_seq_len)
-        cache.pos = pos
-        return cache
+        self.packed_bytes = pack_rows(
+            [lin for held in self.attention_groups.layers.values() for lin in held.attention.linears()]
+            + [lin for mlp in self.groups.mlps.values() if mlp is not None for lin in mlp.linears()]
+            + ([head.linear] if head is not None else []))
 
     def read_plan(self, version: int):
         """Between steps: read a pending plan's groups (READY once resident), and switch to it
@@ -279,18 +244,3 @@ class MemberMLP:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.member.mlp(self.layer, x)
 
-
-def pack_feeds(feeds: list[tuple[int, int, list[int]]]) -> np.ndarray:
-    """A batched STEP's payload from (slot, position, token ids) per sequence: (1 + 3B + N, 1)
-    int32, [B, (slot, pos, n) x B, every sequence's ids in order]."""
-    head = [len(feeds)] + [v for slot, pos, ids in feeds for v in (slot, pos, len(ids))]
-    return np.array(head + [t for _, _, ids in feeds for t in ids], np.int32).reshape(-1, 1)
-
-
-def unpack_feeds(payload: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
-    """pack_feeds' (slot, position, ids) per sequence."""
-    flat = payload.reshape(-1)
-    n = int(flat[0])
-    spans = flat[1:1 + 3 * n].reshape(n, 3)                   # (B, 3): slot, pos, tokens
-    ends = 1 + 3 * n + np.cumsum(spans[:, 2])
-    return [(int(slot), int(pos), flat[end - k:end]) for (slot, pos, k), end in zip(spans, ends)]

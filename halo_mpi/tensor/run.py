@@ -19,6 +19,7 @@ from ..net.transport import MPITransport
 from ..stats import cpu_seconds, peak_rss_mb
 from ..store.hdf5 import Store
 from .assemble import build, roles_change
+from .ending import stop_workers
 from .lead import Lead
 from .plan import TensorPlan, emulated_loss, max_message_bytes, wait_policy
 
@@ -65,7 +66,7 @@ class TensorRank:
         result, workers = None, {}
         if self.rank == 0:      # (an error ends the job: net.launch.abort; no STOP then)
             result = drive(self.lead, self.model)
-            workers = self.lead.finish()
+            workers = stop_workers(self.lead)
         else:
             self.part.run()
         wall = time.perf_counter() - t0
