@@ -147,3 +147,18 @@ def test_ctrl_c_on_mpiexec_prints_one_line(tiny_store_path):
         _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert err.count("halo-mpi: interrupted") == 1 and "halo-mpi: interrupted on rank 0" in err, err
+
+
+@pytest.mark.parametrize("sync", ["strict", "halo"])
+def test_prompts_batched_in_tensor_mode_print_what_one_at_a_time_prints(tiny_store_path, tmp_path, sync):
+    """generate --parallel tensor with three prompts at -n 2: batched (--max-batch 8, each
+    sequence printed whole as it finishes) the same texts as one at a time (--max-batch 1)."""
+    args = ("--parallel", "tensor", "--sync", sync, "--wire-dtype", "float32", "--prompt", "once",
+            "--prompt", "the cat")
+    one = generate(2, tiny_store_path, *args, "--max-batch", 1)
+    many = generate(2, tiny_store_path, *args, "--max-batch", 8, "--stats-json", tmp_path / "s.json")
+    assert one.returncode == 0 and many.returncode == 0, many.stderr
+    texts = dict(line[1:].split("] ", 1) for line in many.stdout.splitlines())    # "[i] text"
+    assert [texts[str(i)] for i in range(3)] == one.stdout.splitlines()
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert max(stats["step_batch"]) == 3 and "steps of up to 3 sequences" in many.stderr
