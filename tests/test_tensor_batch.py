@@ -44,8 +44,7 @@ def run_schedule(batch, schedule=SCHEDULE, before_step=None) -> list[list[torch.
     """Each sequence's logits after its prompt and each of its tokens, the steps as scheduled
     through a BatchModel; a sequence's state closed after its last step."""
     states, fed, got = {}, {}, {i: [] for i in range(len(PROMPTS))}
-    last = {i: max(k for k, step in enumerate(schedule) if any(j == i for j, _ in step))
-            for i in range(len(PROMPTS))}
+    last = {i: k for k, step in enumerate(schedule) for i, _ in step}     # each one's last step
     for k, step in enumerate(schedule):
         if before_step is not None:
             before_step(k)
@@ -150,3 +149,23 @@ def test_a_text_scored_as_batched_sequences_equals_each_part_alone(tiny_store_pa
         got = engine.perplexity(ids, sequences=3)
     assert len(got) == len(ids) - 3
     assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
+
+
+def test_weights_are_packed_once_and_a_re_plans_pieces_too(kv3_store):
+    """Packing for batched steps happens once (with bfloat16 compute nothing is packed: it must
+    not be tried again every step), and a layer made of a re-plan's pieces packs like one."""
+    from halo_mpi.tensor.held import Pieces
+    plan = make_plan(kv3_store, 2, ModeOptions.of(sync="strict", dtype="bfloat16"))
+    cluster = LocalCluster(kv3_store, plan)
+    lead = cluster.lead
+    with torch.inference_mode():
+        run_schedule(TensorBatch(cluster.model, lead, 4), SCHEDULE[:2])
+    assert lead.packed and lead.packed_bytes == 0
+    cluster.stop()
+    plan = make_plan(kv3_store, 2, ModeOptions.of(sync="strict"))
+    cluster = LocalCluster(kv3_store, plan)
+    lead = cluster.lead
+    lead.groups.mlps[0] = Pieces([lead.groups.mlps[0]])
+    lead.pack_for_batches()
+    cluster.stop()
+    assert lead.packed_bytes > 0 and all(lin.packed is not None for lin in lead.groups.mlps[0].linears())

@@ -119,8 +119,7 @@ class TensorEngine(Engine):
 
     def batch_model(self) -> TensorBatch:
         """The model as a batch; float32 weights also kept in oneDNN's layout from here on, on
-        every member (each at its first batched step: Member.pack_for_batches)."""
-        self.lead.pack_for_batches()
+        every member (rank 0 now, the others at their first batched step: Member.pack_for_batches)."""
         return TensorBatch(self.model, self.lead, self.max_batch)
 
     def describe_batch(self) -> str:

@@ -62,6 +62,9 @@ class Pieces:
         self.pieces = [p for q in pieces for p in (q.pieces if isinstance(q, Pieces) else [q])]
         self.ids = np.concatenate([p.ids for p in self.pieces])
 
+    def linears(self) -> list:
+        return [lin for p in self.pieces for lin in p.linears()]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.pieces[0](x)
         for p in self.pieces[1:]:
@@ -99,6 +102,9 @@ class Restricted:
         full = np.zeros(len(self.mask), bool)
         full[self.mask] = keep
         return self.module.subset(x, full)
+
+    def linears(self) -> list:
+        return self.module.linears()
 
     @property
     def nbytes(self) -> int:

@@ -298,6 +298,7 @@ class TensorBatch:
     def __init__(self, model, lead: Lead, max_batch: int):
         self.model, self.lead = model, lead
         self.free = list(range(max_batch))      # slots not in use
+        lead.pack_for_batches()
 
     def open(self, max_len: int) -> Slot:
         return Slot(self.free.pop(0), self.model.new_cache(max_len))

@@ -50,6 +50,7 @@ class Member:
         self.notes: dict = {}                   # more statistics (a promoted satellite's)
         self.make_member = None                 # a demoted member's way back (assemble.joining_member)
         self.packed_bytes = 0                   # float32 weights reordered for batched steps
+        self.packed = False                     # (once, at the first batched step)
         self.sequences = Sequences(self)        # the step's sequences: slots, positions
 
     # -- a block's parts
@@ -145,8 +146,9 @@ class Member:
         """At the first batched step: float32 weights also kept in oneDNN's layout (see
         model/linear.py: several rows at about one row's cost; their memory twice). Weights
         read later (a re-plan's groups) and a memory budget's streamed ones are not packed."""
-        if self.packed_bytes or self.loading is not None:
+        if self.packed or self.loading is not None:
             return
+        self.packed = True
         head = self.head_slice if self.t.rank == 0 else self.model.output
         self.packed_bytes = pack_rows(
             [lin for held in self.attention_groups.layers.values() for lin in held.attention.linears()]
