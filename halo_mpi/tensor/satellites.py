@@ -40,6 +40,10 @@ UNANSWERED_LIMIT = 24
 # keep measuring its link (3 answers a token for SmolLM2), without the round's bookkeeping on the
 # other layers. By the layer alone, a probe whose groups lie in other layers was never asked again.
 PROBE_EVERY = 10
+# A probe whose last this many partials came on time in a row looks recovered: it is asked on
+# every layer, so that the record a promotion needs (roles.py: 512 partials and more) comes within
+# tens of tokens rather than hundreds (rank 0 waits for no probe: this costs its link only)
+PROBATION = 64
 
 
 @dataclass
@@ -101,11 +105,17 @@ class Satellites:
     def to_ask(self, layer: int, placed: list[np.ndarray], keep: np.ndarray | None,
                probes=frozenset()) -> list[int]:
         """The satellites whose partials of `layer` count: those holding groups of it (HALO prefill
-        asks none; a probe rank, one layer in PROBE_EVERY, taking turns with the step)."""
+        asks none; a probe rank, one layer in PROBE_EVERY, taking turns with the step, or every
+        layer once its record looks recovered: PROBATION)."""
         if not self.decoding and self.policy.mode == "halo" and keep is None:
             return []            # prefill: rank 0 computes their groups itself (module docstring)
         turn = (layer + self.step) % PROBE_EVERY == 0
-        return [r for r in self.holding(layer, placed, keep) if turn or r not in probes]
+        return [r for r in self.holding(layer, placed, keep)
+                if turn or r not in probes or self.on_probation(r)]
+
+    def on_probation(self, rank: int) -> bool:
+        link = self.links.get(rank)
+        return link is not None and link.streak >= PROBATION
 
     def send(self, layer: int, x: torch.Tensor, peers: list[int], placed: list[np.ndarray],
              keep: np.ndarray | None, version: int):
