@@ -22,15 +22,15 @@ MEMBER_WINDOW = 64     # a member's rounds judged by the last this many (a token
 DEMOTE_AFTER = 32      # all-reduce rounds of a member measured before it may be demoted
 DEMOTE_BELOW = 0.95    # on-time share of its recent rounds under which it is (2 late in 32: a
                        # stalled round holds every rank ~200 ms; one may be a descheduled rank)
-PROMOTE_AFTER = 512    # a satellite's partials on time in a row before it joins the members again
-                       # (doubled for each time it was demoted). A satellite's message is one TCP
+PROMOTE_AFTER = 256    # a satellite's partials on time in a row before it joins the members again,
+                       # doubled for each time it was demoted. A satellite's message is one TCP
                        # segment, a member's two or more: at 5% loss one in ~400 of the first
                        # stalls against one in ~10 of the second, so a short clean record says
-                       # little: with 32 (or 64 after a demotion: 2 tokens of SmolLM2's 30 layers)
-                       # a rank at 5% went member -> satellite -> member 6 times in 64 tokens
-                       # (-n 3, emulated), each change a replay of seconds. 512 is ~17 tokens
-                       # of a clean link; at 5% the streak comes after ~35 tokens, after a demotion
-                       # ~160, after two practically never
+                       # little: with 32 (64 after a demotion: 2 tokens of SmolLM2's 30 layers) a
+                       # rank at 5% went member -> satellite -> member 6 times in 64 tokens (-n 3,
+                       # emulated), each change a replay of seconds. After one demotion 512 (~17
+                       # tokens of a clean satellite) come in ~35 tokens at 5%, after two 1024 in
+                       # ~160, after three practically never
 
 
 class Roles:
