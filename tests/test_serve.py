@@ -235,7 +235,7 @@ def test_sigterm_cuts_the_streams_refuses_the_queue_and_every_rank_exits_0(real_
     import openai
     ranks, extra = MODES[mode]
     port = free_port()
-    batch = ("--max-batch", "2") if mode == "single" else ()
+    batch = ("--max-batch", "2") if mode in ("single", "tensor") else ()
     live = LiveServer(serve_cmd(real_store_path, port, ranks, *extra, *batch), port)
     others: list = []
 
@@ -251,7 +251,7 @@ def test_sigterm_cuts_the_streams_refuses_the_queue_and_every_rank_exits_0(real_
                                                 max_tokens=500, temperature=0, stream=True))
         next(stream)                                      # it runs
         # one more runs in pipeline mode and in the batch of 2, then one queues
-        slots = ranks if mode == "pipeline" else 2 if mode == "single" else 1
+        slots = ranks if mode == "pipeline" else 2
         threads = [threading.Thread(target=ask, args=(client,)) for _ in range(slots)]
         for t in threads:
             t.start()

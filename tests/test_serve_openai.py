@@ -295,3 +295,20 @@ def test_max_batch_one_serves_one_sequence_per_step(tiny_store_path):
     finally:
         code, err = server.stop()
     assert code == 0 and "one sequence per step" in err, err
+
+
+def test_tensor_mode_serves_a_requests_choices_in_shared_steps(tiny_store_path):
+    """Tensor mode batches too (-n 2, strict): a request's 3 choices run in the same steps, each
+    the greedy answer, and /health says what a step carries."""
+    port = free_port()
+    server = LiveServer(serve_cmd(tiny_store_path, port, 2, "--parallel", "tensor", "--sync", "strict"), port)
+    try:
+        r = completion(server.client(), n=3, max_tokens=5, temperature=0)
+        health = server.health()
+    finally:
+        code, err = server.stop()
+    assert len({c.text for c in r.choices}) == 1 and [c.index for c in r.choices] == [0, 1, 2]
+    assert health["max_batch"] == 8 and "every sequence's rows" in health["batching"]
+    shared = sum(n for b, n in health["steps_by_batch"].items() if int(b) >= 2)
+    assert shared >= 4 and max(int(b) for b in health["steps_by_batch"]) == 3, health
+    assert code == 0, err[-2000:]
