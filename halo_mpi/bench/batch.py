@@ -1,30 +1,48 @@
 """Batched decode speed: one step over B sequences against one over a single sequence.
 
     halo-mpi bench --batch 1,2,4,8 --store-dtypes float32,q4 --tokens 48 --repeat 3
+    halo-mpi bench --batch 1,2,4 --batch-modes pipeline --batch-ranks 2      # mpiexec -n 2 each
 
-Every B runs `tokens` decode steps per round after `warmup` untimed ones, each sequence on its
-own prompt; the rounds take the batch sizes in turn, so that a noisy machine weighs on every B
-alike; each row gives the median over all its rounds' steps. A step of B sequences yields B
-tokens, one per sequence: ms/step is also each sequence's ms/token, tokens/s is B / step.
-Only the single process batches for now: the other modes are named as such, with no figure.
+Single process: every B runs `tokens` decode steps per round after `warmup` untimed ones, each
+sequence on its own prompt; the rounds take the batch sizes in turn, so that a noisy machine
+weighs on every B alike; each row gives the median over all its rounds' steps. A step of B
+sequences yields B tokens, one per sequence: ms/step is also each sequence's ms/token, tokens/s
+is B / step.
+
+Pipeline mode: each B is one `mpiexec -n N` run per round (bench/rank.py) with S = N x B
+sequences in flight and --max-batch B, so that every stage can hold a batch of B while the
+others hold theirs (B = 1: the unbatched ring, N sequences in flight). A ring's step and a
+sequence's token are different things there: ms/step is the slowest stage's median step (its
+block over the sequences it took together; how many, on average, is in the row), ms/token per
+sequence the median gap between a sequence's tokens after `warmup`, tokens/s in total S / that
+gap. The N ranks share this machine's cores (each gets cores / N threads): on one machine the
+ring's stages take turns on the same cores, which is not what separate devices would give.
+Tensor mode does not batch yet: it is named as such, with no figure.
 """
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
+import tempfile
 import time
 
 import torch
 
+from ..errors import HaloError
 from ..model.llama import Transformer
 from ..model.quant import QUANT_DTYPES
+from ..net.launch import mpiexec_path
+from ..options.tree import ModeOptions
+from ..stats import RunStats
 from ..store.hdf5 import Store
 from .decode import store_for
+from .rank import Task, command
 
 PROMPT_LEN = 16
-UNBATCHED = {"tensor": "one sequence per step (tensor mode does not batch yet)",
-             "pipeline": "one sequence per stage per step (its ring keeps --num-sequences in flight "
-                         "instead)"}
+PIPELINE_PROMPT = "The history of the city of Paris begins"
+UNBATCHED = {"tensor": "one sequence per step (tensor mode does not batch yet)"}
 
 
 def batch_step_times(model: Transformer, batch: int, steps: int, warmup: int) -> list[float]:
@@ -61,8 +79,6 @@ def bench_batches(weights: str, batches: list[int], tokens: int, warmup: int, re
             rows.append(batch_row(path, dtype, b, times[b], times[batches[0]]))
             log(format_batch_row(rows[-1]))
         del model
-    for mode, why in UNBATCHED.items():
-        log(f"{mode}: {why}; no batched figure")
     return rows
 
 
@@ -82,6 +98,71 @@ def batch_row(path: str, store_dtype: str, batch: int, times: list[float], first
             "store_mb": os.path.getsize(path) / 1e6}
 
 
+def bench_pipeline_batches(weights: str, batches: list[int], tokens: int, warmup: int, repeat: int,
+                           store_dtypes: list[str] | None = None, ranks: int = 2, threads: int = 0,
+                           log=print, timeout: float = 900.0) -> list[dict]:
+    """One row per (store dtype, B): the ring at -n ranks (see the module), the B in turn."""
+    rows = []
+    for store_dtype in store_dtypes or [None]:
+        path = weights if store_dtype is None else store_for(weights, store_dtype)
+        with Store(path) as store:
+            dtype = store.store_dtype
+        runs: dict[int, list[RunStats]] = {b: [] for b in batches}
+        for _ in range(repeat):
+            for b in batches:
+                runs[b].append(pipeline_run(path, b, ranks, tokens, warmup, threads, timeout))
+        for b in batches:
+            rows.append(pipeline_row(path, dtype, b, ranks, runs[b], warmup))
+            log(format_pipeline_row(rows[-1]))
+    return rows
+
+
+def pipeline_run(path: str, batch: int, ranks: int, tokens: int, warmup: int, threads: int,
+                 timeout: float) -> RunStats:
+    """One generate of ranks x batch greedy sequences on the ring under mpiexec: its statistics."""
+    options = ModeOptions.of(parallel="pipeline", weights=path, max_batch=batch, threads=threads,
+                             num_sequences=ranks * batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "gen.json")
+        task = Task("generate", PIPELINE_PROMPT, warmup + tokens + 1, out=out, sequences=ranks * batch)
+        done = subprocess.run([mpiexec_path(), "-n", str(ranks), *command(options, task)],
+                              capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise HaloError(f"bench --batch: the pipeline run at -n {ranks}, B={batch} failed: {tail}")
+        with open(out) as f:
+            return RunStats.from_json(json.load(f))
+
+
+def pipeline_row(path: str, store_dtype: str, batch: int, ranks: int, runs: list[RunStats],
+                 warmup: int) -> dict:
+    gaps = [ms for run in runs for s in run.sequences for ms in s.decode_ms[warmup:]]
+    per_token = statistics.median(gaps)
+    stage_ms = [statistics.median(r.extra["step_ms_median"] for r in (run.ranks[k] for run in runs))
+                for k in range(ranks)]
+    by_batch: dict[int, int] = {}
+    for run in runs:
+        for r in run.ranks:
+            for b, n in r.extra["steps_by_batch"].items():
+                by_batch[int(b)] = by_batch.get(int(b), 0) + n
+    return {"mode": "pipeline", "ranks": ranks, "store": path, "store_dtype": store_dtype,
+            "threads_per_rank": runs[0].ranks[0].extra.get("threads"),
+            "batch": batch, "in_flight": ranks * batch, "tokens": len(gaps),
+            "ms_per_step_median": max(stage_ms), "stage_ms_per_step": stage_ms,
+            "sequences_per_step_mean": sum(b * n for b, n in by_batch.items()) / sum(by_batch.values()),
+            "steps_by_batch": dict(sorted(by_batch.items())),
+            "ms_per_token_per_sequence": per_token, "tokens_per_s": ranks * batch * 1e3 / per_token,
+            "run_tokens_per_s": statistics.median(run.tokens_per_s for run in runs)}
+
+
+def format_pipeline_row(row: dict) -> str:
+    return (f"pipeline -n {row['ranks']} {row['store_dtype']:7s} B={row['batch']} ({row['in_flight']} "
+            f"in flight): median {row['ms_per_step_median']:.1f} ms/step (slowest stage; "
+            f"{row['sequences_per_step_mean']:.1f} sequences a step on average), "
+            f"{row['tokens_per_s']:.1f} tokens/s in total, {row['ms_per_token_per_sequence']:.1f} "
+            f"ms/token per sequence, over {row['tokens']} tokens")
+
+
 def format_batch_row(row: dict) -> str:
     return (f"single {row['store_dtype']:7s} B={row['batch']}: median {row['ms_per_step_median']:.1f} "
             f"ms/step (p95 {row['ms_per_step_p95']:.1f}; {row['step_vs_first']:.2f}x the first B's), "
@@ -98,10 +179,11 @@ def plot_batches(rows: list[dict], path: str) -> bool:
     except ImportError:
         return False
     fig, (rate, step) = plt.subplots(1, 2, figsize=(10, 4))
-    for dtype in dict.fromkeys(r["store_dtype"] for r in rows):
-        mine = [r for r in rows if r["store_dtype"] == dtype]
-        rate.plot([r["batch"] for r in mine], [r["tokens_per_s"] for r in mine], "o-", label=dtype)
-        step.plot([r["batch"] for r in mine], [r["ms_per_step_median"] for r in mine], "o-", label=dtype)
+    for line in dict.fromkeys((r["mode"], r["store_dtype"]) for r in rows):
+        mine = [r for r in rows if (r["mode"], r["store_dtype"]) == line]
+        label = " ".join(line)
+        rate.plot([r["batch"] for r in mine], [r["tokens_per_s"] for r in mine], "o-", label=label)
+        step.plot([r["batch"] for r in mine], [r["ms_per_step_median"] for r in mine], "o-", label=label)
     rate.set(xlabel="sequences per step (B)", ylabel="tokens/s in total", title="throughput")
     step.set(xlabel="sequences per step (B)", ylabel="ms/step (median)", title="step time")
     for ax in (rate, step):

@@ -32,10 +32,12 @@ class Task:
     eval_tokens: int = 0          # evaluate: held-out tokens to score
     out: str = ""                 # the JSON written by rank 0
     progress: str = ""            # generate: rank 0 appends a line to this file per token made
+    sequences: int = 1            # generate: this many jobs, the i-th prompt "i. prompt" (i > 0)
 
     def argv(self) -> list[str]:
         return ["--task", self.kind, "--prompt", self.prompt, "--new-tokens", str(self.new_tokens),
-                "--eval-tokens", str(self.eval_tokens), "--out", self.out, "--progress", self.progress]
+                "--eval-tokens", str(self.eval_tokens), "--out", self.out, "--progress", self.progress,
+                "--sequences", str(self.sequences)]
 
 
 def command(options: ModeOptions, task: Task) -> list[str]:
@@ -53,9 +55,10 @@ def parse(words: list[str]) -> tuple[ModeOptions, Task]:
     p.add_argument("--eval-tokens", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--progress", default="")
+    p.add_argument("--sequences", type=int, default=1)
     a = p.parse_args(words)
     return options_of(ModeOptions, a), Task(a.task, a.prompt, a.new_tokens, a.eval_tokens, a.out,
-                                            a.progress)
+                                            a.progress, a.sequences)
 
 
 def progress_writer(path: str):
@@ -73,8 +76,11 @@ def progress_writer(path: str):
 def workload(task: Task):
     def prepare(tok, context: int) -> Workload:
         if task.kind == "generate":
-            return Workload(jobs=[Job(tok.encode(task.prompt), task.new_tokens,
-                                      on_token=progress_writer(task.progress))])
+            # every sequence its own prompt (a batch of one repeated prompt would be no test)
+            prompts = [task.prompt] + [f"{i}. {task.prompt}" for i in range(1, task.sequences)]
+            return Workload(jobs=[Job(tok.encode(prompt), task.new_tokens, index=i,
+                                      on_token=progress_writer(task.progress) if i == 0 else None)
+                                  for i, prompt in enumerate(prompts)])
         from ..model.texts import evaluation_text
         return Workload(score=tok.encode(evaluation_text())[: task.eval_tokens + 1])
     return prepare

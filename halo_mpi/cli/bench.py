@@ -6,6 +6,7 @@
     halo-mpi bench --budgets 100%,50%:prefetch,50%:no-prefetch --budget-ranks 1,2
     halo-mpi bench --scenario changing-loss --net testbed --ranks 3 --lossy-ranks 2 --phases 0,0.1,0.3,0
     halo-mpi bench --batch 1,2,4,8 --store-dtypes float32,q4 --out results
+    halo-mpi bench --batch 1,2,4 --batch-modes pipeline --batch-ranks 2     # the ring under mpiexec
 """
 from __future__ import annotations
 
@@ -96,10 +97,18 @@ def add_decode_arguments(b):
                         "has that dtype, else <stem>-<dtype>.h5 beside it (default: --weights only)")
     d.add_argument("--profile", action="store_true", help="with --decode: profile one decode step")
     d.add_argument("--batch", metavar="LIST",
-                   help="instead: batched decode in one process, a step over B sequences for each B "
-                        "of this comma list (1,2,4,8): ms/step, tokens/s in total and per-sequence "
-                        "ms/token, per --store-dtypes, --repeat rounds taking the B in turn; writes "
-                        "batch.png to --out (the modes that do not batch are named, with no figure)")
+                   help="instead: batched decode, a step over B sequences for each B of this comma "
+                        "list (1,2,4,8): ms/step, tokens/s in total and per-sequence ms/token, per "
+                        "--store-dtypes and --batch-modes, --repeat rounds taking the B in turn; "
+                        "writes batch.png to --out (the modes that do not batch are named, with no "
+                        "figure)")
+    d.add_argument("--batch-modes", default="single,pipeline",
+                   help="with --batch: comma list among single (one process) and pipeline (the ring "
+                        "under mpiexec -n --batch-ranks, ranks x B sequences in flight, --max-batch "
+                        "B) (default: %(default)s)")
+    d.add_argument("--batch-ranks", type=positive_int, default=2,
+                   help="with --batch: ranks of the pipeline runs, sharing this machine's cores "
+                        "(default: %(default)s)")
 
 
 def add_budget_arguments(b):
@@ -237,12 +246,24 @@ def bench_attention_drop(a):
 
 
 def bench_batch(a):
-    from ..bench.batch import bench_batches, plot_batches
+    from ..bench.batch import UNBATCHED, bench_batches, bench_pipeline_batches, plot_batches
     set_threads(a.threads)
     batches = [int(b) for b in parse_floats(a.batch, "--batch")]
     if not batches or min(batches) < 1:
         raise HaloError(f"--batch {a.batch!r}: give sequence counts of 1 or more, e.g. 1,2,4,8")
-    rows = bench_batches(a.weights, batches, a.tokens, a.warmup, a.repeat, store_dtypes_of(a))
+    modes = a.batch_modes.split(",")
+    if not modes or set(modes) - {"single", "pipeline"}:
+        raise HaloError(f"--batch-modes {a.batch_modes!r}: a comma list among single, pipeline")
+    if "pipeline" in modes and a.batch_ranks < 2:
+        raise HaloError("--batch-ranks: the pipeline runs need 2 ranks or more")
+    rows = []
+    if "single" in modes:
+        rows += bench_batches(a.weights, batches, a.tokens, a.warmup, a.repeat, store_dtypes_of(a))
+    if "pipeline" in modes:
+        rows += bench_pipeline_batches(a.weights, batches, a.tokens, a.warmup, a.repeat,
+                                       store_dtypes_of(a), a.batch_ranks, a.threads)
+    for mode, why in UNBATCHED.items():
+        print(f"{mode}: {why}; no batched figure")
     os.makedirs(a.out, exist_ok=True)
     plotted = plot_batches(rows, os.path.join(a.out, "batch.png"))
     print(f"wrote {a.out}/batch.png" if plotted else "no plot: pip install matplotlib")

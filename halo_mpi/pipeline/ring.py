@@ -49,6 +49,7 @@ from .stage import Feed, Stage, take_step
 
 WAIT = 0.05             # longest single wait for a message before checking for cancellation, s
 NO_ROWS = np.zeros((0, 1), np.float32)
+DRAIN = 256             # most messages one poll gathers (a bound, far above any --max-batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,18 +104,26 @@ class Ring:
             self.transport.send(dest, kind, step, layer, payload, seq=seq, plan=capacity, pos=prompt_len)
 
     def poll(self, timeout: float) -> list[Message]:
-        """Arrived messages in arrival order, waiting up to timeout (sleeping) for the first."""
+        """Arrived messages in arrival order, waiting up to timeout (sleeping) for the first; then
+        every other one already here: the MPI transport keeps one receive posted per peer, so a
+        single poll hands over at most one message from the previous stage, and a stage would
+        never see the several sequences waiting for it."""
         if self._loopback:
             got = list(self._loopback)
             self._loopback.clear()
-            return got + (self.transport.poll(0.0) if self.transport else [])
-        if self.transport is None:
+        elif self.transport is None:
             if timeout == 0.0:          # a look between rounds (a prompt still being fed)
                 return []
             raise RuntimeError("a one-rank ring has nothing in flight but is asked to wait")
-        t0 = time.perf_counter()
-        got = self.transport.poll(timeout)
-        self.wait_s += time.perf_counter() - t0
+        else:
+            t0 = time.perf_counter()
+            got = self.transport.poll(timeout)
+            self.wait_s += time.perf_counter() - t0
+        while self.transport is not None and got and len(got) < DRAIN:
+            more = self.transport.poll(0.0)
+            if not more:
+                break
+            got += more
         return got
 
     def pass_on(self, plan: Plan, seq: int, step: int, h: torch.Tensor, span: tuple[int, int]):
@@ -210,7 +219,7 @@ def rank_stats(ring: Ring, stage: Stage, clock: Clock) -> dict:
             **({"loading": stage.loading.stats()} if stage.loading else {}),
             "compute_s": clock.compute_s, "wait_s": ring.wait_s, "wall_s": wall,
             "busy_share": clock.compute_s / wall if wall else 0.0, "peak_rss_mb": peak_rss_mb(),
-            "cpu_s": cpu_seconds(),
+            "cpu_s": cpu_seconds(), "threads": torch.get_num_threads(),
             "rss_mb": rss_mb(),
             "messages_sent": ring.transport.stats.sent if ring.transport else 0,
             "messages_received": ring.transport.stats.received if ring.transport else 0}
