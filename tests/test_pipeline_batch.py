@@ -132,3 +132,23 @@ def test_mpi_batched_ring_equals_the_reference(deep_store_path, deep_model, max_
     several = steps_with_several(run)
     assert (several[0] > 0 if max_batch > 1 else several == [0] * len(run.ranks)), run.ranks
     assert all(max(map(int, r["steps_by_batch"])) <= max_batch for r in run.ranks)
+
+
+@pytest.mark.slow
+def test_batched_ring_of_the_real_model_equals_the_reference(real_store_path):
+    """SmolLM2 (float32, packed for oneDNN on every stage), -n 2 as threads, 6 sequences with up to
+    4 a step: each one's tokens and logits as the single-process reference."""
+    from test_pipeline import jobs_of
+
+    from halo_mpi.model.tokenizer import Tokenizer
+    from halo_mpi.store.hdf5 import Store
+    with Store(str(real_store_path)) as store:
+        tok = Tokenizer.from_store(store)
+        prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):",
+                   "The sky is blue because", "1, 2, 3, 4,", "In the beginning"]
+        requests = jobs_of([(tok.encode(p), 6) for p in prompts])
+        run = run_local(store, requests, ring_options(num_sequences=6, max_batch=4, prefill_chunk=4), 2,
+                        keep_logits=True)
+        model = Transformer.from_store(store)
+    assert_same_as_reference(run, model, requests)
+    assert steps_with_several(run)[0] > 0 and run.ranks[0]["packed_bytes"] > 0
