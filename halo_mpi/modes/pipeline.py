@@ -72,7 +72,8 @@ class PipelineEngine(Engine):
         if self.max_batch > 1:
             return (f"each stage runs the sequences waiting at it together, up to {self.max_batch} "
                     f"in one step (rank 0: its head likewise); {ring}")
-        why = "--max-batch 1" if self.options.max_batch == 1 else "its memory budget streams the attention"
+        why = ("--max-batch 1" if self.options.max_batch == 1 else "one in flight" if self.plan.in_flight == 1
+               else "its memory budget streams the attention")
         return f"one sequence per stage per step ({why}); {ring}"
 
     def health(self) -> dict:

@@ -44,8 +44,9 @@ class Stage:
         self.model, self.rank, self.plan = model, rank, plan
         self.loading = loading                   # BudgetedWeights under --mem-budget, else None
         self.caches: dict[int, KVCache] = {}     # seq -> its cache for this rank's layers
-        # sequences one step may carry: the plan's --max-batch where the blocks have a ragged path
-        self.max_batch = plan.max_batch if ragged_ready(model) else 1
+        # sequences one step may carry: --max-batch where the blocks have a ragged path, and no
+        # more than can be in flight (one in flight: never batched, so never packed either)
+        self.max_batch = min(plan.max_batch, plan.in_flight) if ragged_ready(model) else 1
         self.steps = StepLog()                   # each step's time and sequences
 
     def prepare_batches(self):
