@@ -1,8 +1,9 @@
 """Pipeline mode (`--parallel pipeline`): the ring under MPI, or its thread twin in one process.
 
-`generate` keeps up to --num-sequences jobs in flight on the ring (its recurrent pipeline is the
-natural batch: a finishing job frees its slot for the next); a session runs one sequence at a
-time through the ring (`perplexity`).
+`generate` keeps up to --num-sequences jobs in flight on the ring (a finishing job frees its slot
+for the next), and each stage runs the ones waiting at it together, up to --max-batch a step
+(pipeline/stage.py): the batching happens inside the ring, so `generate` runs the Conductor, not
+the engine's Batcher. A session runs one sequence at a time through the ring (`perplexity`).
 """
 from __future__ import annotations
 
