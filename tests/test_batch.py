@@ -169,3 +169,16 @@ def test_sampler_state_is_per_sequence(tiny_model):
         Batcher(LocalBatch(tiny_model), 8, prefill_chunk=64).run(JobList(jobs))
         want = generate(LocalSession(tiny_model, 14), PROMPTS[0], 8, Sampler(frequency_penalty=1.5)).tokens
     assert jobs[0].result.tokens == jobs[1].result.tokens == want
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_a_packed_linear_gives_every_row_count_what_the_plain_one_does(rows):
+    """Fewer rows than the packed layout's are padded with zero rows (faster on oneDNN); the
+    result keeps only the rows given."""
+    from halo_mpi.model.linear import Linear
+    torch.manual_seed(rows)
+    w, x = torch.randn(96, 40), torch.randn(rows, 40)
+    packed = Linear(w)
+    packed.pack_rows()
+    y = packed(x)
+    assert y.shape == (rows, 96) and float((y - x @ w.T).abs().max()) < 1e-4

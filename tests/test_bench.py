@@ -59,17 +59,27 @@ def test_the_scaling_script_runs_every_configuration_and_prints_one_table(deep_s
     assert all(float(row.split("|")[3]) > 0 for row in rows)
 
 
-def test_bench_batch_reports_each_b_and_names_the_modes_that_do_not_batch(tiny_store_path, tmp_path):
+def test_bench_batch_reports_each_b_in_one_process_and_on_the_ring(tiny_store_path, tmp_path):
     rows_path = tmp_path / "batch.json"
-    done = halo("bench", "--batch", "1,2,4", "--weights", tiny_store_path, "--tokens", 3, "--warmup", 1,
-                "--repeat", 2, "--out", tmp_path, "--json", rows_path, "--threads", 1, timeout=300)
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]     # the venv's mpiexec
+    done = halo("bench", "--batch", "1,2,4", "--batch-modes", "single,pipeline", "--weights", tiny_store_path,
+                "--tokens", 3, "--warmup", 1,
+                "--repeat", 2, "--out", tmp_path, "--json", rows_path, "--threads", 1, timeout=300,
+                env={"PATH": path})
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(rows_path.read_text())
-    assert [r["batch"] for r in rows] == [1, 2, 4] and all(r["steps"] == 6 for r in rows)
-    for r in rows:
+    single = [r for r in rows if r["mode"] == "single"]
+    assert [r["batch"] for r in single] == [1, 2, 4] and all(r["steps"] == 6 for r in single)
+    for r in single:
         assert r["tokens_per_s"] > 0 and r["ms_per_token_per_sequence"] == r["ms_per_step_median"]
-    assert rows[0]["step_vs_first"] == 1.0
-    assert "B=4" in done.stdout and "no batched figure" in done.stdout
+    assert single[0]["step_vs_first"] == 1.0
+    ring = [r for r in rows if r["mode"] == "pipeline"]
+    assert [(r["batch"], r["in_flight"], r["ranks"]) for r in ring] == [(1, 2, 2), (2, 4, 2), (4, 8, 2)]
+    for r in ring:      # 2 runs x 2B sequences x 3 timed gaps each
+        assert r["tokens"] == 2 * r["in_flight"] * 3 and r["tokens_per_s"] > 0
+        assert max(map(int, r["steps_by_batch"])) <= r["batch"] and r["ms_per_step_median"] > 0
+        assert len(r["stage_ms_per_step"]) == 2 and r["threads_per_rank"] == 1
+    assert "B=4" in done.stdout and "pipeline -n 2" in done.stdout
 
 
 def test_bench_batch_times_tensor_mode_under_mpiexec(tiny_store_path, tmp_path):

@@ -282,15 +282,15 @@ def test_local_ring_zero_new_tokens(deep_store, deep_model):
 
 @pytest.mark.parametrize("failing_rank", [0, 1, 2])
 def test_local_ring_failure_on_one_rank_ends_all(deep_store, monkeypatch, failing_rank):
-    from halo_mpi.pipeline import ring
-    run = ring.Stage.run
+    from halo_mpi.pipeline import stage
+    run = stage.Stage.run
 
-    def failing_run(self, seq, step, h, capacity):
-        if self.rank == failing_rank and step > 0:
+    def failing_run(self, feeds):
+        if self.rank == failing_rank and any(f.step > 0 for f in feeds):
             raise RuntimeError("injected failure")
-        return run(self, seq, step, h, capacity)
+        return run(self, feeds)
 
-    monkeypatch.setattr(ring.Stage, "run", failing_run)
+    monkeypatch.setattr(stage.Stage, "run", failing_run)
     with pytest.raises(RuntimeError, match="injected failure"):
         run_local(deep_store, make_requests(3, deep_store.args.vocab_size), ring_options(), 3)
 

@@ -35,7 +35,8 @@ class Task:
     batches: str = "1"            # batch: the batch sizes timed (bench/batch.py), comma list
     warmup: int = 4               # batch: untimed steps before each B's
     repeat: int = 1               # batch: rounds taking the batch sizes in turn
-    sequences: int = 1            # evaluate: the text scored as this many sequences, batched
+    sequences: int = 1            # generate: this many jobs, the i-th prompt "i. prompt" (i > 0);
+                                  # evaluate: the text scored as this many parts, batched
 
     def argv(self) -> list[str]:
         return ["--task", self.kind, "--prompt", self.prompt, "--new-tokens", str(self.new_tokens),
@@ -83,8 +84,11 @@ def progress_writer(path: str):
 def workload(task: Task):
     def prepare(tok, context: int) -> Workload:
         if task.kind == "generate":
-            return Workload(jobs=[Job(tok.encode(task.prompt), task.new_tokens,
-                                      on_token=progress_writer(task.progress))])
+            # every sequence its own prompt (a batch of one repeated prompt would be no test)
+            prompts = [task.prompt] + [f"{i}. {task.prompt}" for i in range(1, task.sequences)]
+            return Workload(jobs=[Job(tok.encode(prompt), task.new_tokens, index=i,
+                                      on_token=progress_writer(task.progress) if i == 0 else None)
+                                  for i, prompt in enumerate(prompts)])
         from ..model.texts import evaluation_text
         return Workload(score=tok.encode(evaluation_text())[: task.eval_tokens + 1])
     return prepare

@@ -7,6 +7,7 @@
     halo-mpi bench --scenario changing-loss --net testbed --ranks 3 --lossy-ranks 2 --phases 0,0.1,0.3,0
     halo-mpi bench --batch 1,2,4,8 --store-dtypes float32,q4 --out results
     halo-mpi bench --batch 1,4,8 --batch-modes single,strict,halo --threads 1 --store-dtypes float32,q4
+    halo-mpi bench --batch 1,2,4 --batch-modes pipeline --batch-ranks 2     # the ring under mpiexec
 """
 from __future__ import annotations
 
@@ -97,16 +98,19 @@ def add_decode_arguments(b):
                         "has that dtype, else <stem>-<dtype>.h5 beside it (default: --weights only)")
     d.add_argument("--profile", action="store_true", help="with --decode: profile one decode step")
     d.add_argument("--batch", metavar="LIST",
-                   help="instead: batched decode in one process, a step over B sequences for each B "
-                        "of this comma list (1,2,4,8): ms/step, tokens/s in total and per-sequence "
-                        "ms/token, per --store-dtypes, --repeat rounds taking the B in turn; writes "
-                        "batch.png to --out (the modes that do not batch are named, with no figure)")
+                   help="instead: batched decode, a step over B sequences for each B of this comma "
+                        "list (1,2,4,8): ms/step, tokens/s in total and per-sequence ms/token, per "
+                        "--store-dtypes and --batch-modes, --repeat rounds taking the B in turn; "
+                        "writes batch.png to --out")
     d.add_argument("--batch-modes", default="single",
-                   help="with --batch: comma list among single, strict, halo; strict and halo run "
-                        "tensor mode on --batch-ranks ranks, one mpiexec per mode and store dtype, "
-                        "--threads threads per rank (default: %(default)s)")
+                   help="with --batch: comma list among single (one process), strict and halo "
+                        "(tensor mode on --batch-ranks ranks, one mpiexec per mode and store dtype) "
+                        "and pipeline (the ring under mpiexec -n --batch-ranks, ranks x B sequences "
+                        "in flight, --max-batch B); under mpiexec --threads threads per rank "
+                        "(default: %(default)s)")
     d.add_argument("--batch-ranks", type=positive_int, default=2,
-                   help="with --batch: tensor mode's ranks (default: %(default)s)")
+                   help="with --batch: ranks of the tensor and pipeline runs, sharing this machine's "
+                        "cores (default: %(default)s)")
 
 
 def add_budget_arguments(b):
@@ -250,13 +254,14 @@ def bench_batch(a):
     if not batches or min(batches) < 1:
         raise HaloError(f"--batch {a.batch!r}: give sequence counts of 1 or more, e.g. 1,2,4,8")
     modes = tuple(a.batch_modes.split(","))
-    unknown = sorted(set(modes) - {"single", "strict", "halo"})
+    unknown = sorted(set(modes) - {"single", "strict", "halo", "pipeline"})
     if unknown:
-        raise HaloError(f"--batch-modes: unknown {', '.join(unknown)}; choose among single, strict, halo")
+        raise HaloError(f"--batch-modes: unknown {', '.join(unknown)}; choose among single, strict, "
+                        f"halo, pipeline")
     if a.batch_ranks < 2 and set(modes) - {"single"}:
-        raise HaloError(f"--batch-ranks {a.batch_ranks}: tensor mode needs 2 ranks or more")
+        raise HaloError(f"--batch-ranks {a.batch_ranks}: tensor and pipeline runs need 2 ranks or more")
     rows = bench_batches(BatchBench(a.weights, batches, a.tokens, a.warmup, a.repeat, store_dtypes_of(a),
-                                    modes, a.batch_ranks, a.threads or 1))
+                                    modes, a.batch_ranks, a.threads))
     os.makedirs(a.out, exist_ok=True)
     plotted = plot_batches(rows, os.path.join(a.out, "batch.png"))
     print(f"wrote {a.out}/batch.png" if plotted else "no plot: pip install matplotlib")

@@ -15,6 +15,8 @@ sgemm pack the whole weight on every call, so on this AMD CPU 4 rows cost 4-6x o
 reordered once (`pack_rows`) streams it without repacking: four rows in ~1.1x one row's time,
 but one row ~1.5x slower than MKL's sgemv. So a batching model keeps both: W_t for one row, the
 reordered copy for several (twice the float32 weights' memory: nbytes, then packed_bytes).
+Fewer rows than the layout is tuned for (4) run slower on it than 4 do (the head, one thread: 1,
+2, 4 rows 6.1, 9.4, 6.7 ms), so 2 or 3 rows are padded to 4 (6.2 ms for 2).
 """
 from __future__ import annotations
 
@@ -39,11 +41,18 @@ class Linear:
         else:
             self.w = w.to(dtype).contiguous()           # (out, in)
         self.packed = None                              # oneDNN's reordered W, after pack_rows
+        self.packed_rows = 0                            # the rows its layout is tuned for
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.dtype == torch.float32:
             if self.packed is not None and x.shape[0] > 1:
-                return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+                n = x.shape[0]
+                if n < self.packed_rows:
+                    # fewer rows than the layout's run slower than that many (the head, one
+                    # thread: 2 rows 9.4 ms, 4 rows 6.7): pad with zero rows, keep the first n
+                    x = torch.cat([x, x.new_zeros(self.packed_rows - n, x.shape[1])])   # (rows, in)
+                y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+                return y[:n]                                                         # (n, out)
             return torch.matmul(x, self.w_t)
         return F.linear(x.to(self.dtype), self.w).float()
 
@@ -52,6 +61,7 @@ class Linear:
         its layout is tuned for); float32 only, where oneDNN is built in (else nothing)."""
         if self.dtype == torch.float32 and self.packed is None and torch.backends.mkldnn.is_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.w_t.T.contiguous(), rows)
+            self.packed_rows = rows
 
     @classmethod
     def from_row_chunks(cls, out_features: int, in_features: int, chunks, dtype: torch.dtype = torch.float32):
@@ -60,7 +70,7 @@ class Linear:
         W read at once would)."""
         lin = cls.__new__(cls)
         lin.dtype, lin.out_features, lin.in_features = dtype, out_features, in_features
-        lin.packed = None
+        lin.packed, lin.packed_rows = None, 0
         if dtype == torch.float32:
             lin.w_t = torch.empty(in_features, out_features)            # (in, out)
         else:

@@ -145,6 +145,9 @@ class Engine:
         after the ones before it, one decode step per token. sequences > 1: ids cut into that
         many parts scored together, a batched decode step for all of them (each part's first
         token is only context)."""
+        if sequences > 1 and type(self).batch_model is Engine.batch_model:
+            raise HaloError(f"--sequences {sequences}: {self.describe_mode()} scores one sequence at "
+                            f"a time (its batches form inside the mode, not through batch_model)")
         if sequences > self.max_batch:
             raise HaloError(f"--sequences {sequences}: this mode decodes {self.max_batch} "
                             f"sequence{'s' if self.max_batch > 1 else ''} per step at most "

@@ -1,8 +1,9 @@
 """Pipeline mode (`--parallel pipeline`): the ring under MPI, or its thread twin in one process.
 
-`generate` keeps up to --num-sequences jobs in flight on the ring (its recurrent pipeline is the
-natural batch: a finishing job frees its slot for the next); a session runs one sequence at a
-time through the ring (`perplexity`).
+`generate` keeps up to --num-sequences jobs in flight on the ring (a finishing job frees its slot
+for the next), and each stage runs the ones waiting at it together, up to --max-batch a step
+(pipeline/stage.py): the batching happens inside the ring, so `generate` runs the Conductor, not
+the engine's Batcher. A session runs one sequence at a time through the ring (`perplexity`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from ..model.jobs import Finished, Job, JobList, JobSource
 from ..model.tokenizer import Tokenizer
 from ..net.launch import collective
 from ..options.tree import ModeOptions
-from ..pipeline.ring import Conductor, RingSession, rank_stats, serve, stop_ring
+from ..pipeline.conductor import Conductor, RingSession
+from ..pipeline.ring import rank_stats, serve, stop_ring
 from ..pipeline.run import LocalRing, PipelineRun, RingRank
 from ..store.hdf5 import Store
 from .engine import Engine, Prepare, Report, Workload
@@ -58,17 +60,33 @@ class PipelineEngine(Engine):
     def describe_mode(self) -> str:
         return f"pipeline ({self.plan.in_flight} in flight)"
 
+    @property
+    def max_batch(self) -> int:
+        """Sequences one step of rank 0's stage may carry (--max-batch; 1 where a memory budget
+        streams the attention). Batching happens inside the ring, so `generate` runs the
+        Conductor, not the Batcher."""
+        return self.stage.max_batch
+
     def describe_batch(self) -> str:
-        """No batched step (max_batch 1): each stage takes one sequence a step, the ring keeps
-        several in flight."""
-        return (f"one sequence per stage per step, up to {self.plan.in_flight} in flight on the ring "
-                f"(--num-sequences)")
+        """What a step carries, for the server's start line and /health."""
+        ring = f"up to {self.plan.in_flight} sequences in flight on the ring (--num-sequences)"
+        if self.max_batch > 1:
+            return (f"each stage runs the sequences waiting at it together, up to {self.max_batch} "
+                    f"in one step (rank 0: its head likewise); {ring}")
+        why = ("--max-batch 1" if self.options.max_batch == 1 else "one in flight" if self.plan.in_flight == 1
+               else "its memory budget streams the attention")
+        return f"one sequence per stage per step ({why}); {ring}"
 
     def health(self) -> dict:
-        """Adds each rank's share of the layers (a server's /health and /metrics)."""
-        n = self.plan.n_layers
+        """Adds each rank's share of the layers (a server's /health and /metrics) and rank 0's
+        steps: sequences in its last one, steps per batch size, the recent median ms."""
+        n, steps = self.plan.n_layers, self.stage.steps
+        conductor = self.conductor
         return {**super().health(), "rank_stats": [{"rank": r, "layer_share": len(layers) / n}
-                                                   for r, layers in enumerate(self.plan.split)]}
+                                                   for r, layers in enumerate(self.plan.split)],
+                "batch": steps.batch[-1] if steps.batch else None,
+                "in_flight": len(conductor.active) if conductor is not None else 0,
+                "steps_by_batch": dict(steps.by_batch), "step_ms_recent": steps.recent_ms()}
 
     def _run(self, work):
         if self.comm is not None:
@@ -94,7 +112,11 @@ class PipelineEngine(Engine):
 
     def generate(self, source: JobSource | None = None,
                  on_finish: Finished | None = None) -> list[Job] | None:
-        """Up to --num-sequences jobs at once on the ring (the plan's in-flight count)."""
+        """Up to --num-sequences jobs at once on the ring (the plan's in-flight count), each stage
+        batching the sequences waiting at it (float32 weights packed for that first, every rank)."""
+        for stage in getattr(self.part, "stages", [self.stage]):
+            stage.prepare_batches()
+
         def work():
             jobs = source if source is not None else JobList(self.workload.jobs)
             self.conductor = Conductor(self.ring, self.stage, self.clock, self._finished(on_finish))

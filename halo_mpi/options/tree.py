@@ -191,7 +191,7 @@ class PipelineOptions:
     num_sequences: int = option(
         "--num-sequences", 0, non_negative_int,
         help="pipeline mode: sequences in flight at once on the ring (0: every prompt given at "
-             "once; a server: one per rank)")
+             "once; a server: --max-batch per rank, so that every stage can run a full batch)")
 
 
 @dataclass(frozen=True)
@@ -224,8 +224,9 @@ class ModeOptions:
         "--max-batch", 8, positive_int,
         help="sequences decoded together, one step for all (continuous batching: generate's "
              "prompts, a server's requests join and leave between steps); 1: one at a time. "
-             "One process and tensor mode (every round of a step carries all its sequences' "
-             "rows); pipeline mode keeps --num-sequences on its ring")
+             "Tensor mode: every round of a step carries all its sequences' rows. Pipeline "
+             "mode: the most sequences a stage runs in one step, of those waiting at it "
+             "(--num-sequences circulate)")
     rank_timeout: float = option(
         "--rank-timeout", 60.0, positive_float, format=number, metavar="S",
         help="a rank silent for S seconds (no message, no heartbeat: frozen or dead) is "

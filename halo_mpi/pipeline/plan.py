@@ -29,6 +29,7 @@ class Plan:
     dim: int
     n_layers: int
     dtype: str
+    max_batch: int = 1          # sequences one stage step may carry (--max-batch)
 
     @property
     def size(self) -> int:
@@ -56,9 +57,10 @@ def make_plan(args: ModelArgs, jobs: list[Job], size: int, o: ModeOptions,
 
 def serving_plan(args: ModelArgs, size: int, o: ModeOptions, devices: list[Device] | None = None,
                  kv_tokens: int = 0, bytes_per_weight: float | None = None) -> Plan:
-    """The plan of a server, whose prompts come later: --num-sequences at once (0: one per rank);
-    `kv_tokens`, the KV cache tokens the split may count on."""
-    in_flight = o.pipeline.num_sequences or size
+    """The plan of a server, whose prompts come later: --num-sequences at once (0: --max-batch per
+    rank, so that every stage can be busy with a full batch); `kv_tokens`, the KV cache tokens the
+    split may count on."""
+    in_flight = o.pipeline.num_sequences or size * o.max_batch
     return ring_plan(args, size, o, in_flight, kv_tokens or in_flight * args.max_seq_len, devices,
                      bytes_per_weight)
 
@@ -68,7 +70,8 @@ def ring_plan(args: ModelArgs, size: int, o: ModeOptions, in_flight: int, kv_tok
     """bytes_per_weight: a quantized store's (its weights stay so in memory); None: the dtype's."""
     costs = stage_costs(args, o.dtype, kv_tokens, bytes_per_weight) if devices else None
     return Plan(split=split_layers(args.n_layers, size, devices, costs), in_flight=in_flight,
-                chunk=o.prefill_chunk, dim=args.dim, n_layers=args.n_layers, dtype=o.dtype)
+                chunk=o.prefill_chunk, dim=args.dim, n_layers=args.n_layers, dtype=o.dtype,
+                max_batch=o.max_batch)
 
 
 def quantized_bytes(store) -> float | None:

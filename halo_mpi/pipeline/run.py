@@ -21,8 +21,10 @@ from ..net.transport import MPITransport
 from ..options.tree import ModeOptions
 from ..stats import RankStats, RunStats, SequenceStats
 from ..store.hdf5 import Store
+from .conductor import Sequence, conduct
 from .plan import Plan, load_stage_model, make_plan, quantized_bytes, serving_plan
-from .ring import Cancelled, Clock, Ring, Sequence, Stage, conduct, rank_stats, serve, stop_ring
+from .ring import Cancelled, Clock, Ring, rank_stats, serve, stop_ring
+from .stage import Stage
 
 
 @dataclass
@@ -58,7 +60,8 @@ class PipelineRun:
         ranks = [RankStats(*(r.get(k, 0) for k in common),
                            {k: v for k, v in r.items() if k not in common + ("weight_bytes",)},
                            r.get("weight_bytes", 0)) for r in self.ranks]
-        config = {"num_sequences": self.plan.in_flight, "split": [[r.start, r.stop] for r in self.plan.split]}
+        config = {"num_sequences": self.plan.in_flight, "max_batch": self.plan.max_batch,
+                  "split": [[r.start, r.stop] for r in self.plan.split]}
         return RunStats("pipeline", self.plan.size, self.plan.dtype,
                         [SequenceStats.of(s.index, s.result) for s in self.sequences], ranks,
                         self.tokens_per_s, self.wall_s, config=config)
@@ -83,10 +86,23 @@ class PipelineRun:
 def rank_line(r: dict) -> str:
     a, b = r["layers"]
     ends = " + embedding, head" if r["embedding_and_head"] else ""
+    packed = r.get("packed_bytes", 0)
+    packed = f" +{packed / 1e6:.0f} MB reordered for batched steps" if packed else ""
     return (f"rank {r['rank']}: layers {a}-{b - 1} ({b - a}){ends}, {r['parameters'] / 1e6:.1f} M "
-            f"parameters ({r['weight_bytes'] / 1e6:.0f} MB) | busy {100 * r['busy_share']:.0f}% "
+            f"parameters ({r['weight_bytes'] / 1e6:.0f} MB{packed}) | {describe_steps(r)} | busy "
+            f"{100 * r['busy_share']:.0f}% "
             f"(compute {r['compute_s']:.2f} s, wait {r['wait_s']:.2f} s) | peak RSS "
             f"{r['peak_rss_mb']:.0f} MB (now {r['rss_mb']:.0f} MB)")
+
+
+def describe_steps(r: dict) -> str:
+    """A rank's steps: how many carried each number of sequences, and the median step."""
+    by_batch = {int(b): n for b, n in r.get("steps_by_batch", {}).items()}
+    if not by_batch:
+        return "no steps"
+    counts = ", ".join(f"{n} x {b}" for b, n in sorted(by_batch.items()))
+    return (f"{sum(by_batch.values())} steps (steps x sequences: {counts}; up to {r['max_batch']}), "
+            f"median {r['step_ms_median']:.1f} ms")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +177,7 @@ class RingRank:
 def run_rank(ring: Ring, stage: Stage, jobs: list[Job] | None, clock: Clock, on_finish=None,
              cancelled=None, keep_logits: bool = False) -> PipelineRun | None:
     """Roles are dispatched here: rank 0 conducts, the others serve. Rank 0 returns the run."""
+    stage.prepare_batches()
     if ring.rank != 0:
         serve(ring, stage, clock, cancelled)
         return None
@@ -227,6 +244,8 @@ def run_local(store, jobs: list[Job], o: ModeOptions, size: int, devices=None,
               keep_logits: bool = False) -> PipelineRun:
     """A fixed list of jobs on the thread twin (tests): the run as rank 0 knows it."""
     local = LocalRing(store, o, size, jobs, devices)
+    for stage in local.stages:
+        stage.prepare_batches()
     try:
         sequences = conduct(local.rings[0], local.stages[0], local.clocks[0], jobs, None, local.cancelled,
                             keep_logits)
