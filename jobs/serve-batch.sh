@@ -3,6 +3,7 @@
 # given: total tokens/s and time to first token (jobs/serve_load.py).
 #   bash jobs/serve-batch.sh [--max-batch 8] [other serve flags]   (STORES="float32 q4" by default)
 #   PARALLEL=pipeline RANKS=2 bash jobs/serve-batch.sh --max-batch 8   # mpiexec -n 2, pipeline mode
+#   PARALLEL=tensor RANKS=2 bash jobs/serve-batch.sh                  # tensor mode (HALO sync)
 # RANKS > 1 launches the server under mpiexec (MPIEXEC, default: beside PY); OUT: the results
 # folder (default results), where each run writes serve-<name>-<clients>.json and the log.
 set -euo pipefail
