@@ -19,8 +19,9 @@ def add_parser(sub):
     e.add_argument("--tokens", type=positive_int, default=128, help="tokens to score (default: %(default)s)")
     e.add_argument("--sequences", type=positive_int, default=1,
                    help="score the text as this many consecutive parts decoded together, one "
-                        "batched step for all (a mode that batches, up to --max-batch); each part's "
-                        "first token is context only (default: %(default)s)")
+                        "batched step for all (one process and tensor mode, up to --max-batch; "
+                        "pipeline mode scores one sequence at a time); each part's first token is "
+                        "context only (default: %(default)s)")
     e.add_argument("--json", help="write the result to this JSON file")
     add_mode_options(e)
     e.set_defaults(func=run)
