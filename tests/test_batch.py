@@ -182,3 +182,16 @@ def test_a_packed_linear_gives_every_row_count_what_the_plain_one_does(rows):
     packed.pack_rows()
     y = packed(x)
     assert y.shape == (rows, 96) and float((y - x @ w.T).abs().max()) < 1e-4
+
+
+def test_weights_are_packed_only_once_two_sequences_share_a_step(tiny_store):
+    """A run of one sequence never pays the reordered copy's memory; the first step of two does."""
+    model = Transformer.from_store(tiny_store)
+    batch = LocalBatch(model)
+    a, b = batch.open(16), batch.open(16)
+    with torch.inference_mode():
+        batch.step([(a, PROMPTS[0])])
+        batch.step([(a, [3])])
+        assert model.packed_bytes() == 0
+        batch.step([(a, [4]), (b, PROMPTS[1])])
+    assert model.packed_bytes() > 0

@@ -47,15 +47,20 @@ class BatchModel(Protocol):
 
 
 class LocalBatch:
-    """The single-process model as a BatchModel (its ragged `step`)."""
+    """The single-process model as a BatchModel (its ragged `step`). pack: keep the float32
+    weights reordered for several rows (model/linear.py; twice their memory) from the first step
+    that carries two sequences or more, so that a run of one sequence never pays for it."""
 
-    def __init__(self, model: Transformer):
-        self.model = model
+    def __init__(self, model: Transformer, pack: bool = True):
+        self.model, self.pack = model, pack
 
     def open(self, max_len: int):
         return self.model.new_cache(max_len)
 
     def step(self, feeds):
+        if self.pack and len(feeds) > 1:
+            self.model.pack_for_batches()
+            self.pack = False
         return self.model.step(feeds)
 
     def close(self, state):

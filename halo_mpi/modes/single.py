@@ -56,11 +56,10 @@ class SingleEngine(Engine):
         return f"one sequence per step ({why})"
 
     def batch_model(self) -> LocalBatch:
-        """The model as a batch; float32 weights are also kept in oneDNN's layout from here on
-        (model/linear.py: several rows at about one row's cost; their memory twice)."""
-        if self.weights is None:          # a budget's streamed weights are never packed
-            self.model.pack_for_batches()
-        return LocalBatch(self.model)
+        """The model as a batch; float32 weights are also kept in oneDNN's layout from its first
+        step of two sequences or more (model/linear.py: several rows at about one row's cost;
+        their memory twice). A budget's streamed weights are never packed."""
+        return LocalBatch(self.model, pack=self.weights is None)
 
     def describe_mode(self) -> str:
         return "single process"

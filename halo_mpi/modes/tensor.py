@@ -118,8 +118,8 @@ class TensorEngine(Engine):
         return self.options.max_batch
 
     def batch_model(self) -> TensorBatch:
-        """The model as a batch; float32 weights also kept in oneDNN's layout from here on, on
-        every member (rank 0 now, the others at their first batched step: Member.pack_for_batches)."""
+        """The model as a batch; float32 weights also kept in oneDNN's layout on every member
+        from the first step that carries two sequences or more (Member.pack_for_batches)."""
         return TensorBatch(self.model, self.lead, self.max_batch)
 
     def describe_batch(self) -> str:

@@ -293,18 +293,20 @@ class TensorBatch:
     """Rank 0's model as a batch of sequences (model/batch.py's BatchModel): a step announces
     every sequence's tokens in one STEP, and every round of it carries all their rows. A step is
     a decode step when each sequence feeds one token; one that carries a prompt's chunk is a
-    prefill step (HALO: rank 0 computes the satellites' groups, as in any prefill)."""
+    prefill step (HALO: rank 0 computes the satellites' groups, as in any prefill). Every member
+    packs its float32 weights at the first step that carries two sequences or more."""
 
     def __init__(self, model, lead: Lead, max_batch: int):
         self.model, self.lead = model, lead
         self.free = list(range(max_batch))      # slots not in use
-        lead.pack_for_batches()
 
     def open(self, max_len: int) -> Slot:
         return Slot(self.free.pop(0), self.model.new_cache(max_len))
 
     def step(self, feeds: list[tuple[Slot, list[int]]]) -> torch.Tensor:
         decoding = all(len(ids) == 1 for _, ids in feeds)
+        if len(feeds) > 1:                      # (a run of one sequence never pays the memory)
+            self.lead.pack_for_batches()
         self.lead.begin_batch([(s.slot, s.cache.pos, list(ids)) for s, ids in feeds], decoding)
         return self.model.step([(s.cache, ids) for s, ids in feeds])          # (B, vocab)
 

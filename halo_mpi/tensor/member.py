@@ -143,9 +143,9 @@ class Member:
         self.steps += 1
 
     def pack_for_batches(self):
-        """At the first batched step: float32 weights also kept in oneDNN's layout (see
-        model/linear.py: several rows at about one row's cost; their memory twice). Weights
-        read later (a re-plan's groups) and a memory budget's streamed ones are not packed."""
+        """At the first step of two sequences or more: float32 weights also kept in oneDNN's
+        layout (see model/linear.py: several rows at about one row's cost; their memory twice).
+        Weights read later (a re-plan's groups) and a memory budget's streamed ones are not."""
         if self.packed or self.loading is not None:
             return
         self.packed = True

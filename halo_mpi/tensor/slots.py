@@ -61,8 +61,9 @@ class Sequences:
             tokens = torch.from_numpy(m.payload.reshape(-1).astype(np.int64))
             h = model.layers(model.embed(tokens), self.at(m.seq, m.pos))
             return h, slice(-1, None) if m.layer & LAST_ONLY else slice(None)
-        self.member.pack_for_batches()
         feeds = unpack_feeds(m.payload)
+        if len(feeds) > 1:                      # (as rank 0: TensorBatch.step)
+            self.member.pack_for_batches()
         self.slots = [slot for slot, _, _ in feeds]
         caches = [self.at(slot, pos) for slot, pos, _ in feeds]
         lengths = [len(ids) for _, _, ids in feeds]
