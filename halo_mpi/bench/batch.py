@@ -41,7 +41,7 @@ from ..options.tree import ModeOptions
 from ..stats import RunStats
 from ..store.hdf5 import Store
 from .decode import store_for
-from .rank import Task, command
+from .rank import Task, command, last_line
 
 PROMPT_LEN = 16
 PIPELINE_PROMPT = "The history of the city of Paris begins"
@@ -158,8 +158,8 @@ def pipeline_run(path: str, batch: int, ranks: int, tokens: int, warmup: int, th
         done = subprocess.run([mpiexec_path(), "-n", str(ranks), *command(options, task)],
                               capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
-            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise HaloError(f"bench --batch: the pipeline run at -n {ranks}, B={batch} failed: {tail}")
+            raise HaloError(f"bench --batch: the pipeline run at -n {ranks}, B={batch} failed: "
+                            f"{last_line(done.stderr)}")
         with open(out) as f:
             return RunStats.from_json(json.load(f))
 
@@ -208,11 +208,6 @@ def batch_row(mode: str, path: str, store_dtype: str, batch: int, times: list[fl
             "step_vs_first": step / base,                 # the step's time against the first B's
             "tokens_per_s_vs_first": (batch / step) / (1 / base),
             "store_mb": os.path.getsize(path) / 1e6}
-
-
-def last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "no message"
 
 
 def format_batch_row(row: dict) -> str:

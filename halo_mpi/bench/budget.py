@@ -24,7 +24,7 @@ from ..net.launch import mpiexec_path
 from ..options.tree import ModeOptions
 from ..options.values import Budget
 from ..stats import RunStats
-from .rank import Task, command
+from .rank import Task, command, last_line
 
 PROMPT = "The history of the printing press"
 
@@ -67,8 +67,7 @@ def run_one(cfg: BudgetBench, ranks: int, spec: str) -> dict:
         done = subprocess.run([mpiexec_path(), "-n", str(ranks), *cmd], capture_output=True, text=True,
                               timeout=cfg.timeout)
         if done.returncode != 0:
-            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise HaloError(f"bench run ({ranks} ranks, budget {spec}) failed: {tail}")
+            raise HaloError(f"bench run ({ranks} ranks, budget {spec}) failed: {last_line(done.stderr)}")
         with open(out) as f:
             stats = RunStats.from_json(json.load(f))
     timed = stats.decode_ms[cfg.warmup:]

@@ -24,7 +24,7 @@ from ..options.tree import ModeOptions
 from ..stats import RunStats, write_json
 from ..store.hdf5 import Store
 from ..testbed.bed import Testbed
-from .rank import Task, command
+from .rank import Task, command, last_line
 
 PROMPT = "The history of the city begins"
 MODES = {  # mode -> what it sets in the mode options
@@ -80,16 +80,14 @@ def launch(cfg: BenchConfig, options: ModeOptions, task: Task, loss: float):
             done = tb.run(cmd[3:], module="mpi4py", timeout=cfg.timeout, capture=True)
             drops = tb.drop_counters()
         if done.returncode != 0:
-            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise HaloError(f"bench run on the testbed failed: {tail}")
+            raise HaloError(f"bench run on the testbed failed: {last_line(done.stderr)}")
         done.drops = drops
         return done
     full = [mpiexec_path(), "-n", str(n), *cmd]
     done = subprocess.run(full, capture_output=True, text=True, timeout=cfg.timeout)
     if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise HaloError(f"bench run failed ({options.parallel}, {options.tensor.sync}, loss {loss:g}): "
-                        f"{tail}")
+                        f"{last_line(done.stderr)}")
     return done
 
 

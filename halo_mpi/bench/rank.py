@@ -51,6 +51,11 @@ def command(options: ModeOptions, task: Task) -> list[str]:
     return [sys.executable, "-m", "mpi4py", "-m", "halo_mpi.bench.rank", *argv(options), *task.argv()]
 
 
+def last_line(stderr: str) -> str:
+    """A failed run's last line of stderr (its error), for the bench's own one-line error."""
+    return (stderr.strip().splitlines() or ["no output"])[-1]
+
+
 def parse(words: list[str]) -> tuple[ModeOptions, Task]:
     p = argparse.ArgumentParser(prog="halo_mpi.bench.rank")
     add_options(p, ModeOptions)

@@ -135,3 +135,14 @@ def make_linear(w, dtype: torch.dtype = torch.float32):
     if isinstance(w, QMatrix):
         return QuantLinear(w)
     return Linear(torch.from_numpy(w) if isinstance(w, np.ndarray) else w, dtype)
+
+
+def pack_linears(linears: list) -> int:
+    """Each float32 Linear among `linears` also kept in oneDNN's layout for several rows
+    (`Linear.pack_rows`; others are left as they are); returns the bytes of the copies."""
+    n = 0
+    for lin in linears:
+        if isinstance(lin, Linear):
+            lin.pack_rows()
+            n += lin.packed_bytes
+    return n

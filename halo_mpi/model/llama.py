@@ -29,7 +29,7 @@ from ..errors import HaloError
 from .config import ModelArgs
 from .embedding import StoreEmbedding
 from .groups import GroupMLP
-from .linear import DTYPES, Linear, make_linear
+from .linear import DTYPES, Linear, make_linear, pack_linears
 from .qlinear import QuantRows
 from .quant import from_records, records_dtype
 
@@ -291,12 +291,8 @@ class Transformer:
     def pack_for_batches(self):
         """Every float32 weight also kept in oneDNN's layout for several rows at once (see
         model/linear.py: a batched step's matmuls then cost about one row's); doubles their memory."""
-        for b in self.blocks.values():
-            for linear in b.attention.linears() + b.feed_forward.linears():
-                if isinstance(linear, Linear):
-                    linear.pack_rows()
-        if isinstance(self.output, Linear):
-            self.output.pack_rows()
+        pack_linears([self.output] + [lin for b in self.blocks.values()
+                                      for lin in b.attention.linears() + b.feed_forward.linears()])
 
     def packed_bytes(self) -> int:
         """Bytes of the copies pack_for_batches made (beside weight_bytes)."""

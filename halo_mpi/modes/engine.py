@@ -73,6 +73,12 @@ class Engine:
         return 1
 
     @property
+    def scores_batched(self) -> bool:
+        """Whether `batch_model` serves several sequences (generate, perplexity --sequences):
+        true where a mode batches through it; pipeline mode batches inside its ring instead."""
+        return self.max_batch > 1
+
+    @property
     def leads(self) -> bool:
         return self.rank == 0
 
@@ -145,7 +151,7 @@ class Engine:
         after the ones before it, one decode step per token. sequences > 1: ids cut into that
         many parts scored together, a batched decode step for all of them (each part's first
         token is only context)."""
-        if sequences > 1 and type(self).batch_model is Engine.batch_model:
+        if sequences > 1 and not self.scores_batched:
             raise HaloError(f"--sequences {sequences}: {self.describe_mode()} scores one sequence at "
                             f"a time (its batches form inside the mode, not through batch_model)")
         if sequences > self.max_batch:

@@ -67,6 +67,8 @@ class PipelineEngine(Engine):
         Conductor, not the Batcher."""
         return self.stage.max_batch
 
+    scores_batched = False        # (no batch_model: the ring forms its own batches)
+
     def describe_batch(self) -> str:
         """What a step carries, for the server's start line and /health."""
         ring = f"up to {self.plan.in_flight} sequences in flight on the ring (--num-sequences)"

@@ -209,7 +209,7 @@ class DeadlineGather:
             return True
         if self._fresh(m, w):
             self.missed.pop(m.source, None)
-        self._judge_late_arrival(m, w)
+        self.judge_late(m, w.bound)          # a covered peer's: judged by when it came
         w.discarded[m.source] += 1           # a closed step or layer, or an old plan: never mixed in
         return False
 
@@ -242,11 +242,6 @@ class DeadlineGather:
             if now - sent > bound.get(key[2], 0.0) or len(self.judged_later) > SENT_KEPT:
                 del self.judged_later[key]
                 self.links[key[2]].add_outcome(False)
-
-    def _judge_late_arrival(self, m: Message, w: _Layer):
-        """A covered peer's partial after its layer closed: on time if it came within its link's
-        round-trip bound of its input, as if it had been waited for."""
-        self.judge_late(m, w.bound)
 
     def judge_late(self, m: Message, bound: dict[int, float] | None = None):
         """A covered peer's partial met after its layer closed (in a gather, or set aside while

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import HaloError
+from ..model.linear import pack_linears
 from ..model.llama import Ragged
 from ..net.framing import Kind, Message, json_payload
 from ..net.transport import Transport
@@ -25,7 +26,7 @@ from .attention import HeldAttention
 from .exchange import ComputeClock, Exchange
 from .held import HeldGroups, StepPace, loading_stats
 from .satellite import Satellite, hand_over
-from .slots import DECODING, REPLAY, Sequences, pack_rows
+from .slots import DECODING, REPLAY, Sequences
 
 
 class Member:
@@ -150,7 +151,7 @@ class Member:
             return
         self.packed = True
         head = self.head_slice if self.t.rank == 0 else self.model.output
-        self.packed_bytes = pack_rows(
+        self.packed_bytes = pack_linears(
             [lin for held in self.attention_groups.layers.values() for lin in held.attention.linears()]
             + [lin for mlp in self.groups.mlps.values() if mlp is not None for lin in mlp.linears()]
             + ([head.linear] if head is not None else []))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..model.linear import Linear
 from ..model.llama import KVCache, last_rows
 from ..net.framing import Message
 
@@ -70,13 +69,3 @@ class Sequences:
         tokens = torch.from_numpy(np.concatenate([ids for _, _, ids in feeds]).astype(np.int64))
         return model.ragged(model.embed(tokens), caches, lengths), last_rows(lengths)
 
-
-def pack_rows(linears: list) -> int:
-    """Each float32 Linear also kept in oneDNN's layout for several rows (model/linear.py);
-    returns the bytes of the copies made."""
-    n = 0
-    for lin in linears:
-        if isinstance(lin, Linear):
-            lin.pack_rows()
-            n += lin.packed_bytes
-    return n
